@@ -1,0 +1,116 @@
+#pragma once
+/// \file
+/// CheckpointCallback: Keras's ModelCheckpoint for LibTorch.
+///
+///     auto checkpoint = std::make_shared<torchfit::CheckpointCallback>(
+///         torchfit::CheckpointOptions("ckpt/{epoch:02d}-{val_loss:.4f}.pt")
+///             .monitor("val_accuracy")
+///             .save_best_only(true));
+///     trainer.fit(x, y, torchfit::FitOptions().epochs(10).callbacks({checkpoint}));
+///     spdlog::info("best {} in {}", *checkpoint->best(), checkpoint->last_saved_path());
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "torchfit/callbacks/monitor.h"
+
+namespace torchfit {
+
+/// When to save: at each epoch end, or every n batches.
+class SaveFreq {
+ public:
+  /// At the end of every epoch (the default).
+  static SaveFreq epoch() { return SaveFreq(0); }
+  /// When n batches have run since the last save; the count carries across
+  /// epochs. Throws `ValueError` if n <= 0.
+  static SaveFreq batches(int64_t n);
+
+  bool is_epoch() const { return every_n_batches_ == 0; }
+  /// n for `batches(n)`, 0 for `epoch()`.
+  int64_t every_n_batches() const { return every_n_batches_; }
+
+ private:
+  explicit SaveFreq(int64_t n) : every_n_batches_(n) {}
+  int64_t every_n_batches_;
+};
+
+/// Options of CheckpointCallback, with chainable setters; see Keras's ModelCheckpoint.
+class CheckpointOptions {
+ public:
+  /// `filepath` may hold fmt/Python-style fields: `{epoch:02d}` (1-based),
+  /// `{batch}` (1-based, batch-level saves only) and any log key (`{val_loss:.4f}`).
+  explicit CheckpointOptions(std::string filepath) : filepath_(std::move(filepath)) {}
+
+  CheckpointOptions& monitor(std::string value) { monitor_ = std::move(value); return *this; }
+  CheckpointOptions& verbose(int value) { verbose_ = value; return *this; }
+  CheckpointOptions& save_best_only(bool value) { save_best_only_ = value; return *this; }
+  CheckpointOptions& save_weights_only(bool value) { save_weights_only_ = value; return *this; }
+  CheckpointOptions& mode(Mode value) { mode_ = value; return *this; }
+  CheckpointOptions& save_freq(SaveFreq value) { save_freq_ = value; return *this; }
+  /// The initial "best": with save_best_only, only a better value saves.
+  CheckpointOptions& initial_value_threshold(double value) {
+    initial_value_threshold_ = value;
+    return *this;
+  }
+  /// fsync the file and its directory on commit (default true). Turn off only for comparisons.
+  CheckpointOptions& fsync(bool value) { fsync_ = value; return *this; }
+
+  const std::string& filepath() const { return filepath_; }
+  const std::string& monitor() const { return monitor_; }
+  int verbose() const { return verbose_; }
+  bool save_best_only() const { return save_best_only_; }
+  bool save_weights_only() const { return save_weights_only_; }
+  Mode mode() const { return mode_; }
+  const SaveFreq& save_freq() const { return save_freq_; }
+  const std::optional<double>& initial_value_threshold() const { return initial_value_threshold_; }
+  bool fsync() const { return fsync_; }
+
+ private:
+  std::string filepath_;
+  std::string monitor_ = "val_loss";
+  int verbose_ = 0;
+  bool save_best_only_ = false;
+  bool save_weights_only_ = false;
+  Mode mode_ = Mode::Auto;
+  SaveFreq save_freq_ = SaveFreq::epoch();
+  std::optional<double> initial_value_threshold_;
+  bool fsync_ = true;
+};
+
+/// Saves the model (weights only, or a full checkpoint) at epoch ends or every n
+/// batches, optionally only when the monitored quantity improves.
+class CheckpointCallback : public MonitorCallback {
+ public:
+  /// Throws `ValueError` for an empty filepath or a bad save_freq.
+  explicit CheckpointCallback(CheckpointOptions options);
+
+  const CheckpointOptions& options() const { return options_; }
+  /// Path of the last file this callback saved; empty before the first save.
+  const std::string& last_saved_path() const { return last_saved_path_; }
+
+  void on_epoch_begin(int64_t epoch, const Logs& logs) override;
+  void on_epoch_end(int64_t epoch, const Logs& logs) override;
+  void on_train_batch_end(int64_t batch, const Logs& logs) override;
+
+  std::string state_key() const override;
+  CallbackState state() const override;
+  void load_state(const CallbackState& state) override;
+
+  /// `filepath` formatted with 1-based `epoch`, optional 1-based `batch` and the
+  /// logs. Throws `ValueError` naming the template, the missing key and the
+  /// available keys.
+  static std::string format_filepath(const std::string& filepath, int64_t epoch,
+                                     std::optional<int64_t> batch, const Logs& logs);
+
+ private:
+  void save_model(int64_t epoch, std::optional<int64_t> batch, const Logs& logs);
+  bool should_save(int64_t epoch, const Logs& logs, const std::string& path);
+
+  CheckpointOptions options_;
+  int64_t current_epoch_ = 0;
+  int64_t batches_since_last_save_ = 0;
+  std::string last_saved_path_;
+};
+
+}  // namespace torchfit

@@ -1,0 +1,52 @@
+#pragma once
+/// \file
+/// The monitor-and-mode logic shared by CheckpointCallback and the other callbacks
+/// that watch a quantity (as Keras's MonitorCallback).
+
+#include <optional>
+#include <string>
+
+#include "torchfit/callback.h"
+#include "torchfit/mode.h"
+
+namespace torchfit {
+
+/// Watches one log key and decides what counts as an improvement.
+class MonitorCallback : public Callback {
+ public:
+  const std::string& monitor() const { return monitor_; }
+  /// The configured mode; `Auto` until resolved by `on_train_begin`.
+  Mode mode() const { return mode_; }
+  /// Best value seen so far (or the initial threshold); empty before any.
+  std::optional<double> best() const { return best_; }
+
+  /// Resolves `Mode::Auto` against the trainer's metrics.
+  void on_train_begin(const Logs& logs) override;
+
+ protected:
+  /// `name` is the callback's class name, used in messages.
+  MonitorCallback(std::string name, std::string monitor, Mode mode,
+                  std::optional<double> baseline, double min_delta = 0.0);
+
+  /// Strictly better than `reference` by more than min_delta; NaN never is.
+  /// An empty reference is beaten by any number.
+  bool is_improvement(double value, std::optional<double> reference) const;
+  /// The monitored value in `logs`, if present.
+  std::optional<double> current(const Logs& logs) const;
+
+  const std::string& name() const { return name_; }
+
+  std::string name_;
+  std::string monitor_;
+  Mode mode_;
+  std::optional<double> best_;
+  double min_delta_;
+};
+
+/// Resolves `Mode::Auto` for `monitor`: `loss`/`val_loss` are minimised, otherwise
+/// the direction of the metric of that name (after stripping `val_`). Throws
+/// `ValueError` naming `owner` and `monitor` when no direction is known.
+Mode resolve_mode(Mode mode, const std::string& monitor, const Trainer* trainer,
+                  const std::string& owner);
+
+}  // namespace torchfit

@@ -1,0 +1,29 @@
+#pragma once
+/// \file
+/// The exceptions torchfit throws. Catch `torchfit::Error` to catch them all.
+
+#include <stdexcept>
+#include <string>
+
+namespace torchfit {
+
+/// Base of every torchfit exception.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A bad option or argument; the message names the offending value.
+class ValueError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A checkpoint could not be written or read: I/O failures, corrupt or mismatched files.
+/// The message names the path and what is wrong.
+class CheckpointError : public Error {
+ public:
+  using Error::Error;
+};
+
+}  // namespace torchfit

@@ -1,0 +1,71 @@
+#pragma once
+/// \file
+/// Checkpoint files. Every write goes to a temporary file in the target's
+/// directory, is fsynced, renamed over the target and the directory fsynced, so
+/// the target never holds a half-written file.
+///
+/// Two kinds of file:
+/// - weights: a `torch.save`-compatible pickle of a dict from dotted names to
+///   tensors (Python: `model.load_state_dict(torch.load(path))`);
+/// - full: a LibTorch archive with sub-archives "model" and "optimizer" plus
+///   the trainer's progress and the callbacks' state.
+///
+///     torchfit::save_weights(*model, "model.pt");
+///     torchfit::load_weights(*model, "model.pt");
+
+#include <map>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+#include "torchfit/callback.h"
+#include "torchfit/trainer_state.h"
+
+namespace torch::nn {
+class Module;
+}
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace torchfit {
+
+/// Name-to-tensor map in the order of Python's `state_dict()` keys' sort.
+using TensorMap = std::map<std::string, at::Tensor>;
+
+/// The module's parameters and buffers under their dotted names, detached.
+TensorMap state_dict(const torch::nn::Module& module);
+
+/// Writes the module's parameters and buffers as a weights file.
+void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync = true);
+
+/// Writes a full checkpoint.
+void save_checkpoint(const std::string& path, const torch::nn::Module& module,
+                     const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
+                     const std::map<std::string, CallbackState>& callbacks, bool fsync = true);
+
+/// Reads the model weights of either kind of file. Throws `CheckpointError`
+/// naming the path when it cannot be read.
+TensorMap read_weights(const std::string& path);
+
+/// Copies `weights` into the module after checking that names, shapes and dtypes
+/// all match; otherwise throws `CheckpointError` naming `path` and the key, and
+/// leaves the module untouched.
+void assign_weights(torch::nn::Module& module, const TensorMap& weights, const std::string& path);
+
+/// `read_weights` then `assign_weights`.
+void load_weights(torch::nn::Module& module, const std::string& path);
+
+/// What a full checkpoint restores besides the weights.
+struct CheckpointContents {
+  TensorMap weights;
+  TrainerState trainer;
+  std::map<std::string, CallbackState> callbacks;
+};
+
+/// Restores model and optimizer from a full checkpoint, all or nothing, and
+/// returns the rest. Throws `CheckpointError` for weights-only or foreign files.
+CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
+                                   torch::optim::Optimizer& optimizer);
+
+}  // namespace torchfit

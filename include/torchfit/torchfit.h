@@ -1,0 +1,15 @@
+#pragma once
+/// \file
+/// Everything public in torchfit.
+
+#include "torchfit/callback.h"
+#include "torchfit/callbacks/checkpoint.h"
+#include "torchfit/callbacks/monitor.h"
+#include "torchfit/error.h"
+#include "torchfit/log.h"
+#include "torchfit/logs.h"
+#include "torchfit/metrics.h"
+#include "torchfit/mode.h"
+#include "torchfit/serialize.h"
+#include "torchfit/trainer.h"
+#include "torchfit/trainer_state.h"

@@ -1,0 +1,209 @@
+#include "torchfit/callbacks/checkpoint.h"
+
+#include <cmath>
+#include <filesystem>
+#include <limits>
+
+#include <fmt/args.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "torchfit/error.h"
+#include "torchfit/log.h"
+#include "torchfit/serialize.h"
+#include "torchfit/trainer.h"
+
+namespace torchfit {
+namespace {
+
+/// The names of the replacement fields in a Python/fmt-style template.
+std::vector<std::string> field_names(const std::string& pattern) {
+  std::vector<std::string> names;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    if (pattern[i] != '{') continue;
+    if (i + 1 < pattern.size() && pattern[i + 1] == '{') {
+      ++i;
+      continue;
+    }
+    size_t end = pattern.find_first_of(":}!", i + 1);
+    if (end == std::string::npos) break;
+    names.push_back(pattern.substr(i + 1, end - i - 1));
+    i = end;
+  }
+  return names;
+}
+
+std::string format_number(double value) { return fmt::format("{:.5f}", value); }
+
+}  // namespace
+
+SaveFreq SaveFreq::batches(int64_t n) {
+  if (n <= 0) {
+    throw ValueError(fmt::format(
+        "Unrecognized save_freq: batches({}). Expected SaveFreq::epoch() or SaveFreq::batches(n) "
+        "with n > 0",
+        n));
+  }
+  return SaveFreq(n);
+}
+
+CheckpointCallback::CheckpointCallback(CheckpointOptions options)
+    : MonitorCallback("CheckpointCallback", options.monitor(), options.mode(),
+                      options.initial_value_threshold()),
+      options_(std::move(options)) {
+  if (options_.filepath().empty()) {
+    throw ValueError("CheckpointCallback: filepath must not be empty");
+  }
+  if (options_.save_freq().every_n_batches() < 0) {
+    throw ValueError(fmt::format("Unrecognized save_freq: batches({})",
+                                 options_.save_freq().every_n_batches()));
+  }
+}
+
+std::string CheckpointCallback::format_filepath(const std::string& filepath, int64_t epoch,
+                                                std::optional<int64_t> batch, const Logs& logs) {
+  fmt::dynamic_format_arg_store<fmt::format_context> args;
+  Logs available;
+  args.push_back(fmt::arg("epoch", epoch + 1));
+  available["epoch"] = 0;
+  if (batch && !logs.count("batch")) {
+    args.push_back(fmt::arg("batch", *batch + 1));
+    available["batch"] = 0;
+  }
+  for (const auto& [key, value] : logs) {
+    if (available.count(key)) continue;
+    args.push_back(fmt::arg(key.c_str(), value));
+    available[key] = value;
+  }
+  std::string reason;
+  for (const auto& name : field_names(filepath)) {
+    if (!available.count(name)) {
+      reason = fmt::format("missing key '{}'", name);
+      break;
+    }
+  }
+  if (reason.empty()) {
+    try {
+      return fmt::vformat(filepath, args);
+    } catch (const fmt::format_error& e) {
+      reason = e.what();
+    }
+  }
+  throw ValueError(fmt::format(
+      "Failed to format this callback filepath: \"{}\". Reason: {}; available keys: {}", filepath,
+      reason, join_keys(available)));
+}
+
+void CheckpointCallback::on_epoch_begin(int64_t epoch, const Logs&) { current_epoch_ = epoch; }
+
+void CheckpointCallback::on_epoch_end(int64_t epoch, const Logs& logs) {
+  if (options_.save_freq().is_epoch()) save_model(epoch, std::nullopt, logs);
+}
+
+void CheckpointCallback::on_train_batch_end(int64_t batch, const Logs& logs) {
+  if (options_.save_freq().is_epoch()) return;
+  if (++batches_since_last_save_ < options_.save_freq().every_n_batches()) return;
+  batches_since_last_save_ = 0;
+  save_model(current_epoch_, batch, logs);
+}
+
+bool CheckpointCallback::should_save(int64_t epoch, const Logs& logs, const std::string& path) {
+  auto log = logger();
+  bool verbose = options_.verbose() > 0;
+  if (!options_.save_best_only()) {
+    if (verbose) log->info("Epoch {}: saving model to {}", epoch + 1, path);
+    return true;
+  }
+  auto value = current(logs);
+  if (!value) {
+    log->warn("Can save best model only with {} available, saving anyway", monitor_);
+    return true;
+  }
+  double unset = mode_ == Mode::Max ? -std::numeric_limits<double>::infinity()
+                                    : std::numeric_limits<double>::infinity();
+  std::string best_str = format_number(best_.value_or(unset));
+  if (std::isnan(*value)) {
+    log->warn("Epoch {}: {} is NaN, not saving; best stays {}", epoch + 1, monitor_, best_str);
+    return false;
+  }
+  if (!is_improvement(*value, best_)) {
+    if (verbose) log->info("Epoch {}: {} did not improve from {}", epoch + 1, monitor_, best_str);
+    return false;
+  }
+  if (verbose) {
+    log->info("Epoch {}: {} improved from {} to {}, saving model to {}", epoch + 1, monitor_,
+              best_str, format_number(*value), path);
+  }
+  best_ = *value;
+  return true;
+}
+
+void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch,
+                                    const Logs& logs) {
+  // Formatted before the decision, as Keras does, so a bad template fails early.
+  std::string path = format_filepath(options_.filepath(), epoch, batch, logs);
+  auto previous_best = best_;
+  if (!should_save(epoch, logs, path)) return;
+  if (std::filesystem::is_directory(path)) {
+    best_ = previous_best;
+    throw CheckpointError(fmt::format(
+        "Please specify a non-directory filepath for CheckpointCallback. Filepath used is an "
+        "existing directory: {}",
+        path));
+  }
+  if (trainer_ == nullptr) {
+    throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
+  }
+  try {
+    if (options_.save_weights_only()) {
+      save_weights(trainer_->model(), path, options_.fsync());
+    } else {
+      auto previous_path = last_saved_path_;
+      last_saved_path_ = path;  // the saved state names the file it lives in
+      try {
+        torchfit::save_checkpoint(path, trainer_->model(), trainer_->optimizer(),
+                                  trainer_->state(), trainer_->callback_states(),
+                                  options_.fsync());
+      } catch (...) {
+        last_saved_path_ = previous_path;
+        throw;
+      }
+    }
+  } catch (...) {
+    best_ = previous_best;
+    throw;
+  }
+  last_saved_path_ = path;
+  if (options_.verbose() > 0) {
+    logger()->info("Epoch {}: finished saving model to {}", epoch + 1, path);
+  }
+}
+
+std::string CheckpointCallback::state_key() const {
+  return "CheckpointCallback:" + options_.filepath();
+}
+
+CallbackState CheckpointCallback::state() const {
+  CallbackState out;
+  if (best_) out["best"] = fmt::format("{}", *best_);
+  out["batches_since_last_save"] = std::to_string(batches_since_last_save_);
+  out["last_saved_path"] = last_saved_path_;
+  return out;
+}
+
+void CheckpointCallback::load_state(const CallbackState& state) {
+  auto field = [&](const char* name) -> const std::string* {
+    auto it = state.find(name);
+    return it == state.end() ? nullptr : &it->second;
+  };
+  try {
+    if (auto* best = field("best")) best_ = std::stod(*best);
+    if (auto* count = field("batches_since_last_save")) batches_since_last_save_ = std::stoll(*count);
+  } catch (const std::exception&) {
+    throw CheckpointError(fmt::format("CheckpointCallback {}: corrupt saved state",
+                                      options_.filepath()));
+  }
+  if (auto* path = field("last_saved_path")) last_saved_path_ = *path;
+}
+
+}  // namespace torchfit

@@ -1,0 +1,112 @@
+#include "detail/atomic_file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include <fmt/format.h>
+
+#include "torchfit/error.h"
+
+namespace torchfit::detail {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string unique_temp_path(const std::string& target) {
+  static std::atomic<uint64_t> counter{0};
+  static const uint64_t salt = std::random_device{}();
+  fs::path p(target);
+  auto name = fmt::format(".{}{}{}.{:x}", p.filename().string(), kTempMarker, ::getpid(),
+                          salt + counter.fetch_add(1));
+  return (p.parent_path() / name).string();
+}
+
+void fsync_directory(const std::string& target) {
+  auto dir = fs::path(target).parent_path();
+  if (dir.empty()) dir = ".";
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw CheckpointError(errno_message("Failed opening directory", dir.string(), errno));
+  int rc = ::fsync(fd);
+  int error = errno;
+  ::close(fd);
+  if (rc != 0) throw CheckpointError(errno_message("Failed syncing directory", dir.string(), error));
+}
+
+}  // namespace
+
+std::string errno_message(const std::string& what, const std::string& path, int error) {
+  return fmt::format("{} {}: {}", what, path, std::strerror(error));
+}
+
+void create_parent_directories(const std::string& path) {
+  auto dir = fs::path(path).parent_path();
+  if (dir.empty()) return;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) {
+    throw CheckpointError(
+        fmt::format("Failed creating directory {}: {}", dir.string(), ec.message()));
+  }
+}
+
+AtomicFile::AtomicFile(std::string target, bool fsync)
+    : target_(std::move(target)), temp_path_(unique_temp_path(target_)), fsync_(fsync) {
+  fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw CheckpointError(errno_message("Failed opening file", temp_path_, errno) +
+                                     fmt::format(" (while writing {})", target_));
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_) ::unlink(temp_path_.c_str());
+}
+
+void AtomicFile::write(const void* data, size_t size) {
+  auto* bytes = static_cast<const char*>(data);
+  while (size > 0) {
+    ssize_t n = ::write(fd_, bytes, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw CheckpointError(errno_message("Failed writing file", target_, errno));
+    }
+    bytes += n;
+    size -= static_cast<size_t>(n);
+  }
+}
+
+void AtomicFile::commit() {
+  if (fsync_ && ::fsync(fd_) != 0) {
+    throw CheckpointError(errno_message("Failed syncing file", target_, errno));
+  }
+  int rc = ::close(fd_);
+  fd_ = -1;
+  if (rc != 0) throw CheckpointError(errno_message("Failed closing file", target_, errno));
+  if (::rename(temp_path_.c_str(), target_.c_str()) != 0) {
+    throw CheckpointError(errno_message("Failed renaming a temporary file onto", target_, errno));
+  }
+  committed_ = true;
+  if (fsync_) fsync_directory(target_);
+}
+
+size_t ArchiveSink::operator()(const void* data, size_t size) noexcept {
+  if (!error_.empty()) return size;
+  try {
+    file_.write(data, size);
+  } catch (const std::exception& e) {
+    error_ = e.what();
+  }
+  return size;
+}
+
+void ArchiveSink::check() const {
+  if (!error_.empty()) throw CheckpointError(error_);
+}
+
+}  // namespace torchfit::detail

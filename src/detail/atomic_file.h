@@ -1,0 +1,58 @@
+#pragma once
+// Crash-safe file commits: temp file in the same directory, fsync, rename, fsync dir.
+
+#include <cstddef>
+#include <string>
+
+namespace torchfit::detail {
+
+/// Marker in the names of our temporary files, so leftovers can be recognised.
+inline constexpr const char* kTempMarker = ".torchfit-tmp.";
+
+/// A file written under a unique temporary name next to `target` and renamed over
+/// it by `commit()`. Destroyed uncommitted, it removes the temporary file, so a
+/// failed write leaves the previous target intact and nothing behind.
+class AtomicFile {
+ public:
+  AtomicFile(std::string target, bool fsync);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  /// Appends all of `data`; throws CheckpointError with the path and errno text.
+  void write(const void* data, size_t size);
+  /// Flushes, fsyncs, renames over the target and fsyncs the directory.
+  void commit();
+
+  const std::string& temp_path() const { return temp_path_; }
+  const std::string& target() const { return target_; }
+
+ private:
+  std::string target_;
+  std::string temp_path_;
+  bool fsync_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+/// A writer callback for LibTorch's archive writers that never throws (their
+/// destructors write too): the first error is kept and raised by `check()`.
+class ArchiveSink {
+ public:
+  explicit ArchiveSink(AtomicFile& file) : file_(file) {}
+  size_t operator()(const void* data, size_t size) noexcept;
+  /// Rethrows the first write error, if any.
+  void check() const;
+
+ private:
+  AtomicFile& file_;
+  std::string error_;
+};
+
+/// Creates the parent directories of `path` if missing; throws CheckpointError.
+void create_parent_directories(const std::string& path);
+
+/// "<what> <path>: <strerror(errno)>"
+std::string errno_message(const std::string& what, const std::string& path, int error);
+
+}  // namespace torchfit::detail

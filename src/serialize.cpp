@@ -1,0 +1,302 @@
+#include "torchfit/serialize.h"
+
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <sstream>
+
+#include <caffe2/serialize/inline_container.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/import_read.h>
+#include <torch/csrc/jit/serialization/pickler.h>
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include "detail/atomic_file.h"
+#include "torchfit/error.h"
+
+namespace torchfit {
+namespace {
+
+constexpr const char* kFormatKey = "torchfit_format";
+constexpr const char* kFullFormat = "torchfit.checkpoint.v1";
+
+std::string describe(const at::Tensor& t) {
+  return fmt::format("shape [{}] dtype {}", fmt::join(t.sizes(), ", "),
+                     std::string(c10::toString(t.scalar_type())));
+}
+
+/// Writes through an AtomicFile with LibTorch's zip writer and commits.
+template <typename WriteFn>
+void commit_archive(const std::string& path, bool fsync, WriteFn&& write_archive) {
+  if (std::filesystem::is_directory(path)) {
+    throw CheckpointError(fmt::format(
+        "Please specify a non-directory filepath for the checkpoint. Filepath used is an "
+        "existing directory: {}",
+        path));
+  }
+  detail::create_parent_directories(path);
+  detail::AtomicFile file(path, fsync);
+  detail::ArchiveSink sink(file);
+  std::function<size_t(const void*, size_t)> writer = [&sink](const void* data, size_t size) {
+    return sink(data, size);
+  };
+  try {
+    write_archive(writer);
+  } catch (const c10::Error& e) {
+    sink.check();  // an I/O error explains a failing writer best
+    throw CheckpointError(fmt::format("Failed writing checkpoint {}: {}", path, e.what_without_backtrace()));
+  }
+  sink.check();
+  file.commit();
+}
+
+void flatten_archive(torch::serialize::InputArchive& archive, const std::string& prefix,
+                     TensorMap& out) {
+  for (const auto& key : archive.keys()) {
+    c10::IValue value;
+    if (archive.try_read(key, value) && value.isTensor()) {
+      out[prefix + key] = value.toTensor();
+      continue;
+    }
+    torch::serialize::InputArchive child;
+    if (archive.try_read(key, child)) flatten_archive(child, prefix + key + ".", out);
+  }
+}
+
+void load_archive(torch::serialize::InputArchive& archive, const std::string& path) {
+  if (!std::filesystem::exists(path)) {
+    throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
+  }
+  try {
+    archive.load_from(path, at::Device(at::kCPU));
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: not a readable LibTorch archive ({})",
+                                      path, e.what_without_backtrace()));
+  }
+}
+
+bool is_full_checkpoint(torch::serialize::InputArchive& archive) {
+  c10::IValue format;
+  return archive.try_read(kFormatKey, format) && format.isString() &&
+         format.toStringRef() == kFullFormat;
+}
+
+TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path) {
+  if (!value.isGenericDict()) {
+    throw CheckpointError(fmt::format(
+        "Failed reading checkpoint {}: expected a dict of tensors, found {}", path,
+        value.tagKind()));
+  }
+  TensorMap out;
+  for (const auto& entry : value.toGenericDict()) {
+    if (!entry.key().isString() || !entry.value().isTensor()) {
+      throw CheckpointError(fmt::format(
+          "Failed reading checkpoint {}: expected a dict from names to tensors, found an "
+          "entry of {} -> {}",
+          path, entry.key().tagKind(), entry.value().tagKind()));
+    }
+    out[entry.key().toStringRef()] = entry.value().toTensor();
+  }
+  return out;
+}
+
+/// Checks that `weights` fit the module exactly; returns the module's tensors by name.
+TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights,
+                        const std::string& path) {
+  TensorMap expected = state_dict(module);
+  for (const auto& [name, target] : expected) {
+    auto it = weights.find(name);
+    if (it == weights.end()) {
+      throw CheckpointError(fmt::format(
+          "Checkpoint {} does not match the model: missing key '{}' ({})", path, name,
+          describe(target)));
+    }
+    const auto& source = it->second;
+    if (source.sizes() != target.sizes() || source.scalar_type() != target.scalar_type()) {
+      throw CheckpointError(fmt::format(
+          "Checkpoint {} does not match the model: key '{}' has {} in the checkpoint but {} "
+          "in the model",
+          path, name, describe(source), describe(target)));
+    }
+  }
+  for (const auto& [name, source] : weights) {
+    if (!expected.count(name)) {
+      throw CheckpointError(fmt::format(
+          "Checkpoint {} does not match the model: unexpected key '{}' ({})", path, name,
+          describe(source)));
+    }
+  }
+  return expected;
+}
+
+void copy_weights(TensorMap& targets, const TensorMap& weights) {
+  at::NoGradGuard no_grad;
+  for (auto& [name, target] : targets) target.copy_(weights.at(name));
+}
+
+}  // namespace
+
+TensorMap state_dict(const torch::nn::Module& module) {
+  TensorMap out;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    out[item.key()] = item.value().detach();
+  }
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+    out[item.key()] = item.value().detach();
+  }
+  return out;
+}
+
+void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync) {
+  c10::Dict<std::string, at::Tensor> dict;
+  for (const auto& [name, tensor] : state_dict(module)) dict.insert(name, tensor);
+
+  std::vector<char> pickle;
+  torch::jit::Pickler pickler(
+      [&pickle](const char* data, size_t size) { pickle.insert(pickle.end(), data, data + size); },
+      nullptr, nullptr, nullptr);
+  pickler.protocol();
+  pickler.pushIValue(c10::IValue(dict));
+  pickler.stop();
+
+  commit_archive(path, fsync, [&](const std::function<size_t(const void*, size_t)>& writer) {
+    caffe2::serialize::PyTorchStreamWriter zip(writer);
+    torch::jit::writeArchiveAndTensors("data", pickle.data(), pickle.size(), pickler.tensorData(),
+                                       zip);
+    zip.writeEndOfFile();
+  });
+}
+
+void save_checkpoint(const std::string& path, const torch::nn::Module& module,
+                     const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
+                     const std::map<std::string, CallbackState>& callbacks, bool fsync) {
+  torch::serialize::OutputArchive archive;
+  archive.write(kFormatKey, c10::IValue(std::string(kFullFormat)));
+  torch::serialize::OutputArchive model_archive;
+  module.save(model_archive);
+  archive.write("model", model_archive);
+  torch::serialize::OutputArchive optimizer_archive;
+  optimizer.save(optimizer_archive);
+  archive.write("optimizer", optimizer_archive);
+  archive.write("trainer_epoch", c10::IValue(trainer.epoch));
+  archive.write("trainer_global_step", c10::IValue(trainer.global_step));
+  archive.write("trainer_batch_in_epoch", c10::IValue(trainer.batch_in_epoch));
+  c10::Dict<std::string, c10::Dict<std::string, std::string>> states;
+  for (const auto& [key, state] : callbacks) {
+    c10::Dict<std::string, std::string> fields;
+    for (const auto& [field, value] : state) fields.insert(field, value);
+    states.insert(key, fields);
+  }
+  archive.write("callbacks", c10::IValue(states));
+
+  commit_archive(path, fsync, [&](const std::function<size_t(const void*, size_t)>& writer) {
+    archive.save_to(writer);
+  });
+}
+
+TensorMap read_weights(const std::string& path) {
+  if (!std::filesystem::exists(path)) {
+    throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
+  }
+  if (std::filesystem::is_directory(path)) {
+    throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path));
+  }
+  bool is_archive = false;
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    is_archive = reader.hasRecord("constants.pkl");
+    if (!is_archive) {
+      auto value = torch::jit::readArchiveAndTensors("data", "", "data/", c10::nullopt,
+                                                     c10::nullopt, at::Device(at::kCPU), reader);
+      return weights_from_ivalue(value, path);
+    }
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path,
+                                      e.what_without_backtrace()));
+  }
+  torch::serialize::InputArchive archive;
+  load_archive(archive, path);
+  TensorMap out;
+  torch::serialize::InputArchive model_archive;
+  if (is_full_checkpoint(archive)) {
+    archive.read("model", model_archive);
+    flatten_archive(model_archive, "", out);
+  } else {
+    flatten_archive(archive, "", out);  // a plain torch::save(module) archive
+  }
+  return out;
+}
+
+void assign_weights(torch::nn::Module& module, const TensorMap& weights, const std::string& path) {
+  TensorMap targets = check_weights(module, weights, path);
+  copy_weights(targets, weights);
+}
+
+void load_weights(torch::nn::Module& module, const std::string& path) {
+  assign_weights(module, read_weights(path), path);
+}
+
+CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
+                                   torch::optim::Optimizer& optimizer) {
+  torch::serialize::InputArchive archive;
+  load_archive(archive, path);
+  if (!is_full_checkpoint(archive)) {
+    throw CheckpointError(fmt::format(
+        "Checkpoint {} is not a full torchfit checkpoint (a weights-only file? use "
+        "load_weights)",
+        path));
+  }
+  CheckpointContents contents;
+  try {
+    torch::serialize::InputArchive model_archive;
+    archive.read("model", model_archive);
+    flatten_archive(model_archive, "", contents.weights);
+    c10::IValue value;
+    archive.read("trainer_epoch", value);
+    contents.trainer.epoch = value.toInt();
+    archive.read("trainer_global_step", value);
+    contents.trainer.global_step = value.toInt();
+    archive.read("trainer_batch_in_epoch", value);
+    contents.trainer.batch_in_epoch = value.toInt();
+    archive.read("callbacks", value);
+    for (const auto& entry : value.toGenericDict()) {
+      CallbackState& state = contents.callbacks[entry.key().toStringRef()];
+      for (const auto& field : entry.value().toGenericDict()) {
+        state[field.key().toStringRef()] = field.value().toStringRef();
+      }
+    }
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path,
+                                      e.what_without_backtrace()));
+  }
+  TensorMap targets = check_weights(module, contents.weights, path);
+
+  // Keep the optimizer's current state so a failed load changes nothing.
+  std::ostringstream backup;
+  {
+    torch::serialize::OutputArchive saved;
+    optimizer.save(saved);
+    saved.save_to(backup);
+  }
+  try {
+    torch::serialize::InputArchive optimizer_archive;
+    archive.read("optimizer", optimizer_archive);
+    optimizer.load(optimizer_archive);
+  } catch (const c10::Error& e) {
+    std::istringstream in(backup.str());
+    torch::serialize::InputArchive saved;
+    saved.load_from(in);
+    optimizer.load(saved);
+    throw CheckpointError(fmt::format(
+        "Checkpoint {} does not match the optimizer: {}", path, e.what_without_backtrace()));
+  }
+  copy_weights(targets, contents.weights);
+  return contents;
+}
+
+}  // namespace torchfit
