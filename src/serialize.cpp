@@ -69,13 +69,29 @@ void flatten_archive(torch::serialize::InputArchive& archive, const std::string&
 }
 
 void load_archive(torch::serialize::InputArchive& archive, const std::string& path) {
-  if (!std::filesystem::exists(path)) {
-    throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
-  }
   try {
     archive.load_from(path, at::Device(at::kCPU));
   } catch (const c10::Error& e) {
     throw CheckpointError(fmt::format("Failed reading checkpoint {}: not a readable LibTorch archive ({})",
+                                      path, e.what_without_backtrace()));
+  }
+}
+
+enum class ArchiveKind { Pickle, Module };
+
+/// Opens `path` as a zip archive and tells a pickled object from a module archive.
+ArchiveKind archive_kind(const std::string& path) {
+  if (!std::filesystem::exists(path)) {
+    throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
+  }
+  if (std::filesystem::is_directory(path)) {
+    throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path));
+  }
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    return reader.hasRecord("constants.pkl") ? ArchiveKind::Module : ArchiveKind::Pickle;
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: not a PyTorch zip archive ({})",
                                       path, e.what_without_backtrace()));
   }
 }
@@ -200,24 +216,16 @@ void save_checkpoint(const std::string& path, const torch::nn::Module& module,
 }
 
 TensorMap read_weights(const std::string& path) {
-  if (!std::filesystem::exists(path)) {
-    throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
-  }
-  if (std::filesystem::is_directory(path)) {
-    throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path));
-  }
-  bool is_archive = false;
-  try {
-    caffe2::serialize::PyTorchStreamReader reader(path);
-    is_archive = reader.hasRecord("constants.pkl");
-    if (!is_archive) {
+  if (archive_kind(path) == ArchiveKind::Pickle) {
+    try {
+      caffe2::serialize::PyTorchStreamReader reader(path);
       auto value = torch::jit::readArchiveAndTensors("data", "", "data/", c10::nullopt,
                                                      c10::nullopt, at::Device(at::kCPU), reader);
       return weights_from_ivalue(value, path);
+    } catch (const c10::Error& e) {
+      throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path,
+                                        e.what_without_backtrace()));
     }
-  } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path,
-                                      e.what_without_backtrace()));
   }
   torch::serialize::InputArchive archive;
   load_archive(archive, path);
@@ -243,6 +251,11 @@ void load_weights(torch::nn::Module& module, const std::string& path) {
 
 CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
                                    torch::optim::Optimizer& optimizer) {
+  if (archive_kind(path) == ArchiveKind::Pickle) {
+    throw CheckpointError(fmt::format(
+        "Checkpoint {} is not a full torchfit checkpoint: it holds weights only (use load_weights)",
+        path));
+  }
   torch::serialize::InputArchive archive;
   load_archive(archive, path);
   if (!is_full_checkpoint(archive)) {

@@ -16,21 +16,45 @@
 namespace torchfit {
 namespace {
 
-/// The names of the replacement fields in a Python/fmt-style template.
-std::vector<std::string> field_names(const std::string& pattern) {
+constexpr const char* kPercentSuffix = "__percent";
+
+/// A template with its replacement-field names. Python's `%` presentation type,
+/// which fmt lacks, becomes a field `<name>__percent` formatted with `f` and a
+/// literal '%' after it.
+struct ParsedTemplate {
+  std::string pattern;
   std::vector<std::string> names;
+  std::vector<std::string> percent_names;
+};
+
+ParsedTemplate parse_template(const std::string& pattern) {
+  ParsedTemplate out;
   for (size_t i = 0; i < pattern.size(); ++i) {
-    if (pattern[i] != '{') continue;
-    if (i + 1 < pattern.size() && pattern[i + 1] == '{') {
+    char c = pattern[i];
+    bool doubled = i + 1 < pattern.size() && pattern[i + 1] == c;
+    if ((c == '{' || c == '}') && doubled) {
+      out.pattern.append(2, c);
       ++i;
       continue;
     }
-    size_t end = pattern.find_first_of(":}!", i + 1);
-    if (end == std::string::npos) break;
-    names.push_back(pattern.substr(i + 1, end - i - 1));
+    size_t end = c == '{' ? pattern.find('}', i + 1) : std::string::npos;
+    if (end == std::string::npos) {
+      out.pattern += c;  // left for fmt to report
+      continue;
+    }
+    std::string field = pattern.substr(i + 1, end - i - 1);
+    std::string name = field.substr(0, field.find_first_of(":!"));
+    out.names.push_back(name);
+    if (field.size() > name.size() && field.back() == '%' && field[name.size()] == ':') {
+      out.percent_names.push_back(name);
+      field = name + kPercentSuffix + field.substr(name.size(), field.size() - name.size() - 1) + "f";
+      out.pattern += "{" + field + "}%";
+    } else {
+      out.pattern += "{" + field + "}";
+    }
     i = end;
   }
-  return names;
+  return out;
 }
 
 std::string format_number(double value) { return fmt::format("{:.5f}", value); }
@@ -65,26 +89,30 @@ std::string CheckpointCallback::format_filepath(const std::string& filepath, int
   fmt::dynamic_format_arg_store<fmt::format_context> args;
   Logs available;
   args.push_back(fmt::arg("epoch", epoch + 1));
-  available["epoch"] = 0;
+  available["epoch"] = static_cast<double>(epoch + 1);
   if (batch && !logs.count("batch")) {
     args.push_back(fmt::arg("batch", *batch + 1));
-    available["batch"] = 0;
+    available["batch"] = static_cast<double>(*batch + 1);
   }
   for (const auto& [key, value] : logs) {
     if (available.count(key)) continue;
     args.push_back(fmt::arg(key.c_str(), value));
     available[key] = value;
   }
+  auto parsed = parse_template(filepath);
   std::string reason;
-  for (const auto& name : field_names(filepath)) {
+  for (const auto& name : parsed.names) {
     if (!available.count(name)) {
       reason = fmt::format("missing key '{}'", name);
       break;
     }
   }
+  for (const auto& name : parsed.percent_names) {
+    if (available.count(name)) args.push_back(fmt::arg((name + kPercentSuffix).c_str(), 100.0 * available[name]));
+  }
   if (reason.empty()) {
     try {
-      return fmt::vformat(filepath, args);
+      return fmt::vformat(parsed.pattern, args);
     } catch (const fmt::format_error& e) {
       reason = e.what();
     }

@@ -1,0 +1,356 @@
+// Keras's model_checkpoint_test.py scenarios, ported, plus our own edge cases.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "support.h"
+
+namespace torchfit::test {
+namespace {
+
+class CheckpointTest : public TorchfitTest {
+ protected:
+  void SetUp() override {
+    TorchfitTest::SetUp();
+    data_ = make_data();
+    setup_ = make_setup();
+  }
+
+  History fit(std::shared_ptr<Callback> callback, int64_t epochs = 1, int64_t batch_size = 5) {
+    return setup_.trainer->fit(data_.x_train, data_.y_train,
+                               FitOptions()
+                                   .epochs(epochs)
+                                   .batch_size(batch_size)
+                                   .seed(1)
+                                   .validation_data(data_.x_test, data_.y_test)
+                                   .callbacks({std::move(callback)}));
+  }
+
+  std::shared_ptr<CheckpointCallback> checkpoint(const CheckpointOptions& options) {
+    return std::make_shared<CheckpointCallback>(options);
+  }
+
+  /// Drives a callback's epoch hooks with scripted logs instead of training.
+  void script(CheckpointCallback& cb, const std::vector<double>& values,
+              const std::string& key = "val_loss") {
+    cb.set_trainer(setup_.trainer.get());
+    cb.on_train_begin({});
+    for (size_t i = 0; i < values.size(); ++i) {
+      cb.on_epoch_begin(static_cast<int64_t>(i), {});
+      cb.on_epoch_end(static_cast<int64_t>(i), {{"loss", 1.0}, {key, values[i]}});
+    }
+    cb.on_train_end({});
+  }
+
+  Dataset data_;
+  Harness setup_;
+};
+
+TEST_F(CheckpointTest, CreatesMissingSubdirectory) {
+  auto file = path("subdir/checkpoint.pt");
+  fit(checkpoint(CheckpointOptions(file).monitor("val_loss")));
+  EXPECT_TRUE(fs::exists(file));
+}
+
+TEST_F(CheckpointTest, DoesNotCreateDirectoryWithoutSaving) {
+  fit(checkpoint(CheckpointOptions(path("never/checkpoint.pt"))
+                     .save_best_only(true)
+                     .initial_value_threshold(0.0)
+                     .mode(Mode::Min)));
+  EXPECT_FALSE(fs::exists(path("never")));
+}
+
+TEST_F(CheckpointTest, ModeMinOnValLoss) {
+  auto file = path("checkpoint.pt");
+  fit(checkpoint(CheckpointOptions(file).monitor("val_loss").mode(Mode::Min)));
+  EXPECT_TRUE(fs::exists(file));
+}
+
+TEST_F(CheckpointTest, ModeMaxOnValAccuracy) {
+  auto file = path("checkpoint.pt");
+  fit(checkpoint(CheckpointOptions(file).monitor("val_accuracy").mode(Mode::Max)));
+  EXPECT_TRUE(fs::exists(file));
+}
+
+TEST_F(CheckpointTest, SaveBestOnlySavesOnFirstEpoch) {
+  auto file = path("checkpoint.pt");
+  auto cb = checkpoint(CheckpointOptions(file).monitor("val_accuracy").mode(Mode::Max).save_best_only(true));
+  auto history = fit(cb);
+  EXPECT_TRUE(fs::exists(file));
+  ASSERT_TRUE(cb->best().has_value());
+  EXPECT_EQ(*cb->best(), history.history.at("val_accuracy").at(0));
+  EXPECT_EQ(cb->last_saved_path(), file);
+}
+
+TEST_F(CheckpointTest, UnknownMonitorWarnsAndSaves) {
+  auto file = path("checkpoint.pt");
+  LogCapture capture;
+  fit(checkpoint(CheckpointOptions(file).monitor("unknown").mode(Mode::Min).save_best_only(true)));
+  EXPECT_TRUE(fs::exists(file));
+  EXPECT_NE(capture.text().find("Can save best model only with unknown available"), std::string::npos)
+      << capture.text();
+}
+
+TEST_F(CheckpointTest, AutoModeWithUnknownDirectionFailsAtTrainBegin) {
+  auto cb = checkpoint(CheckpointOptions(path("c.pt")).monitor("unknown").save_best_only(true));
+  try {
+    fit(cb);
+    FAIL() << "expected ValueError";
+  } catch (const ValueError& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("monitor=unknown"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("Mode::Max"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("Mode::Min"), std::string::npos) << msg;
+  }
+  EXPECT_TRUE(files().empty());
+}
+
+TEST_F(CheckpointTest, AutoModeResolvesAtTrainBegin) {
+  auto loss = checkpoint(CheckpointOptions(path("a.pt")).monitor("val_loss"));
+  auto accuracy = checkpoint(CheckpointOptions(path("b.pt")).monitor("accuracy").save_freq(SaveFreq::batches(2)));
+  for (auto& cb : {loss, accuracy}) {
+    cb->set_trainer(setup_.trainer.get());
+    EXPECT_EQ(cb->mode(), Mode::Auto);
+    cb->on_train_begin({});
+  }
+  EXPECT_EQ(loss->mode(), Mode::Min);
+  EXPECT_EQ(accuracy->mode(), Mode::Max);
+}
+
+void expect_every_third_epoch(const fs::path& dir, const std::string& suffix) {
+  for (int epoch = 1; epoch <= 10; ++epoch) {
+    auto name = fmt::format("checkpoint.epoch{:02d}{}", epoch, suffix);
+    EXPECT_EQ(fs::exists(dir / name), epoch % 3 == 0) << name;
+  }
+}
+
+TEST_F(CheckpointTest, IntegerSaveFreqFullSaves) {
+  // batch size 6 gives 5 batches an epoch, so 15 batches save every third epoch.
+  fit(checkpoint(CheckpointOptions(path("checkpoint.epoch{epoch:02d}.pt")).save_freq(SaveFreq::batches(15))),
+      10, 6);
+  expect_every_third_epoch(dir(), ".pt");
+  EXPECT_EQ(files().size(), 3u);
+}
+
+TEST_F(CheckpointTest, IntegerSaveFreqWeightsOnly) {
+  fit(checkpoint(CheckpointOptions(path("checkpoint.epoch{epoch:02d}.weights.pt"))
+                     .save_freq(SaveFreq::batches(15))
+                     .save_weights_only(true)),
+      10, 6);
+  expect_every_third_epoch(dir(), ".weights.pt");
+  EXPECT_EQ(files().size(), 3u);
+}
+
+TEST_F(CheckpointTest, BatchInFilename) {
+  for (bool weights_only : {false, true}) {
+    auto sub = weights_only ? std::string("weights") : std::string("full");
+    fit(checkpoint(CheckpointOptions(path(sub + "/checkpoint.epoch{epoch:02d}batch{batch:02d}.pt"))
+                       .save_freq(SaveFreq::batches(1))
+                       .save_weights_only(weights_only)),
+        5, 15);
+    std::vector<std::string> expected;
+    for (int epoch = 1; epoch <= 5; ++epoch) {
+      for (int batch = 1; batch <= 2; ++batch) {
+        expected.push_back(fmt::format("checkpoint.epoch{:02d}batch{:02d}.pt", epoch, batch));
+      }
+    }
+    EXPECT_EQ(files(sub), expected) << sub;
+  }
+}
+
+TEST_F(CheckpointTest, BatchCountCarriesAcrossEpochs) {
+  // 2 batches an epoch, a save every 3 batches: epoch 2 batch 1, epoch 3 batch 2, ...
+  fit(checkpoint(CheckpointOptions(path("e{epoch}b{batch}.pt")).save_freq(SaveFreq::batches(3))), 6, 15);
+  EXPECT_EQ(files(), (std::vector<std::string>{"e2b1.pt", "e3b2.pt", "e5b1.pt", "e6b2.pt"}));
+}
+
+TEST_F(CheckpointTest, InvalidSaveFreqIsRejected) {
+  for (int64_t n : {0, -3}) {
+    try {
+      SaveFreq::batches(n);
+      FAIL() << "expected ValueError for " << n;
+    } catch (const ValueError& e) {
+      EXPECT_NE(std::string(e.what()).find(fmt::format("Unrecognized save_freq: batches({})", n)),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  EXPECT_NO_THROW(SaveFreq::batches(3));
+  EXPECT_NO_THROW(CheckpointCallback(CheckpointOptions("x.pt").save_freq(SaveFreq::epoch())));
+}
+
+TEST_F(CheckpointTest, EmptyFilepathIsRejected) {
+  EXPECT_THROW(CheckpointCallback(CheckpointOptions("")), ValueError);
+}
+
+TEST_F(CheckpointTest, InitialValueThresholdZeroBlocksMinSave) {
+  auto file = path("checkpoint.pt");
+  for (auto mode : {Mode::Min, Mode::Auto}) {
+    auto cb = checkpoint(CheckpointOptions(file).monitor("val_loss").mode(mode).save_best_only(true).initial_value_threshold(0));
+    fit(cb);
+    EXPECT_FALSE(fs::exists(file));
+    EXPECT_EQ(cb->best(), 0.0);
+  }
+}
+
+TEST_F(CheckpointTest, InitialValueThresholdBelowAccuracySaves) {
+  auto file = path("checkpoint.pt");
+  fit(checkpoint(CheckpointOptions(file)
+                     .monitor("val_accuracy")
+                     .mode(Mode::Max)
+                     .save_best_only(true)
+                     .initial_value_threshold(-0.01)));
+  EXPECT_TRUE(fs::exists(file));
+}
+
+TEST_F(CheckpointTest, SaveBestOnlyAutoValLossSavesFirstEpoch) {
+  auto file = path("checkpoint.pt");
+  fit(checkpoint(CheckpointOptions(file).save_best_only(true)));
+  EXPECT_TRUE(fs::exists(file));
+}
+
+TEST_F(CheckpointTest, TiesAndNaNDoNotSave) {
+  auto cb = checkpoint(CheckpointOptions(path("{epoch:02d}.pt")).save_best_only(true).save_weights_only(true));
+  LogCapture capture;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  script(*cb, {0.5, 0.5, 0.4, nan, 0.45, 0.39999});
+  EXPECT_EQ(files(), (std::vector<std::string>{"01.pt", "03.pt", "06.pt"}));
+  EXPECT_EQ(cb->best(), 0.39999);
+  EXPECT_NE(capture.text().find("Epoch 4: val_loss is NaN, not saving; best stays 0.40000"), std::string::npos)
+      << capture.text();
+}
+
+TEST_F(CheckpointTest, NaNFirstValueNeverBecomesBest) {
+  auto cb = checkpoint(CheckpointOptions(path("{epoch:02d}.pt")).save_best_only(true).save_weights_only(true));
+  script(*cb, {std::numeric_limits<double>::quiet_NaN(), 3.0});
+  EXPECT_EQ(files(), (std::vector<std::string>{"02.pt"}));
+  EXPECT_EQ(cb->best(), 3.0);
+}
+
+TEST_F(CheckpointTest, MaxModeKeepsHighest) {
+  auto cb = checkpoint(CheckpointOptions(path("{epoch}.pt")).monitor("val_accuracy").save_best_only(true).save_weights_only(true));
+  script(*cb, {0.2, 0.1, 0.3, 0.3}, "val_accuracy");
+  EXPECT_EQ(files(), (std::vector<std::string>{"1.pt", "3.pt"}));
+  EXPECT_EQ(cb->best(), 0.3);
+}
+
+TEST_F(CheckpointTest, BestPersistsAcrossFitCalls) {
+  auto cb = checkpoint(CheckpointOptions(path("{epoch}-{val_loss:.1f}.pt")).save_best_only(true).save_weights_only(true));
+  script(*cb, {0.5, 0.3});
+  script(*cb, {0.4, 0.35});  // a second fit with worse values saves nothing
+  EXPECT_EQ(files(), (std::vector<std::string>{"1-0.5.pt", "2-0.3.pt"}));
+  EXPECT_EQ(cb->best(), 0.3);
+}
+
+TEST_F(CheckpointTest, VerboseMessagesMatchKeras) {
+  auto cb = checkpoint(CheckpointOptions(path("{epoch:02d}.pt")).save_best_only(true).verbose(1).save_weights_only(true));
+  LogCapture capture;
+  script(*cb, {0.51234, 0.6, 0.49876});
+  auto lines = capture.lines();
+  std::vector<std::string> expected = {
+      fmt::format("Epoch 1: val_loss improved from inf to 0.51234, saving model to {}\n", path("01.pt")),
+      fmt::format("Epoch 1: finished saving model to {}\n", path("01.pt")),
+      "Epoch 2: val_loss did not improve from 0.51234\n",
+      fmt::format("Epoch 3: val_loss improved from 0.51234 to 0.49876, saving model to {}\n", path("03.pt")),
+      fmt::format("Epoch 3: finished saving model to {}\n", path("03.pt")),
+  };
+  EXPECT_EQ(lines, expected);
+}
+
+TEST_F(CheckpointTest, VerboseWithoutSaveBestOnly) {
+  auto cb = checkpoint(CheckpointOptions(path("{epoch}.pt")).verbose(1).save_weights_only(true));
+  LogCapture capture;
+  script(*cb, {1.0});
+  ASSERT_FALSE(capture.lines().empty());
+  EXPECT_EQ(capture.lines()[0], fmt::format("Epoch 1: saving model to {}\n", path("1.pt")));
+}
+
+TEST_F(CheckpointTest, MissingTemplateKeyFailsBeforeDeciding) {
+  // Even with a threshold that would block the save, the template is checked first.
+  const std::string pattern = path("ckpt_{val_acc:.2f}.pt");
+  auto cb = checkpoint(CheckpointOptions(pattern).save_best_only(true).mode(Mode::Min).initial_value_threshold(-1));
+  try {
+    fit(cb);
+    FAIL() << "expected ValueError";
+  } catch (const ValueError& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find(fmt::format("Failed to format this callback filepath: \"{}\"", pattern)), std::string::npos) << msg;
+    EXPECT_NE(msg.find("missing key 'val_acc'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("available keys: accuracy, epoch, loss, val_accuracy, val_loss"), std::string::npos) << msg;
+  }
+}
+
+TEST_F(CheckpointTest, FormatsPythonStyleSpecs) {
+  Logs logs{{"val_loss", 0.123456}, {"accuracy", 0.5}};
+  EXPECT_EQ(CheckpointCallback::format_filepath("ckpt/{epoch:02d}-{val_loss:.2f}.pt", 2, std::nullopt, logs),
+            "ckpt/03-0.12.pt");
+  EXPECT_EQ(CheckpointCallback::format_filepath("{epoch:03d}b{batch}-{accuracy:.1%}", 0, 4, logs), "001b5-50.0%");
+  EXPECT_EQ(CheckpointCallback::format_filepath("{{literal}}-{epoch}", 0, std::nullopt, logs), "{literal}-1");
+  EXPECT_EQ(CheckpointCallback::format_filepath("{accuracy:%}|{val_loss:e}|{epoch:>3}", 4, std::nullopt, logs),
+            "50.000000%|1.234560e-01|  5");
+  // {batch} exists only for batch-level saves.
+  EXPECT_THROW(CheckpointCallback::format_filepath("{batch}", 0, std::nullopt, logs), ValueError);
+  try {
+    CheckpointCallback::format_filepath("{epoch:.2q}", 0, std::nullopt, logs);
+    FAIL();
+  } catch (const ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("Failed to format this callback filepath: \"{epoch:.2q}\""), std::string::npos);
+  }
+}
+
+TEST_F(CheckpointTest, ExistingDirectoryFilepathFails) {
+  fs::create_directories(path("taken"));
+  try {
+    fit(checkpoint(CheckpointOptions(path("taken"))));
+    FAIL() << "expected CheckpointError";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("existing directory: " + path("taken")), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(CheckpointTest, LoadingReproducesTrainedWeights) {
+  for (bool weights_only : {false, true}) {
+    auto file = path(weights_only ? "weights.pt" : "full.pt");
+    setup_ = make_setup();
+    fit(checkpoint(CheckpointOptions(file).save_weights_only(weights_only)), 3);
+    auto fresh = make_setup();
+    fresh.trainer->load_weights(file);
+    expect_same_weights(*setup_.model, *fresh.model);
+    EXPECT_TRUE(torch::equal(setup_.trainer->predict(data_.x_test), fresh.trainer->predict(data_.x_test)));
+  }
+}
+
+TEST_F(CheckpointTest, LoadCheckpointRestoresBestAndEpoch) {
+  auto file = path("best.pt");
+  auto options = CheckpointOptions(file).monitor("val_loss").save_best_only(true);
+  auto first = checkpoint(options);
+  auto history = fit(first, 3);
+  const auto& losses = history.history.at("val_loss");
+  auto best_epoch = std::min_element(losses.begin(), losses.end()) - losses.begin() + 1;
+  ASSERT_EQ(first->best(), losses[best_epoch - 1]);
+
+  auto resumed = make_setup();
+  resumed.trainer->load_checkpoint(file);
+  EXPECT_EQ(resumed.trainer->state().epoch, best_epoch);
+  EXPECT_EQ(resumed.trainer->state().global_step, best_epoch * 6);
+
+  // A fit with no epochs left still hands the callback its saved state.
+  auto second = checkpoint(options);
+  EXPECT_FALSE(second->best().has_value());
+  resumed.trainer->fit(data_.x_train, data_.y_train,
+                       FitOptions().epochs(best_epoch).batch_size(5).callbacks({second}));
+  EXPECT_EQ(second->best(), first->best());
+  EXPECT_EQ(second->last_saved_path(), file);
+
+  // The next fit continues from the restored epoch.
+  auto again = make_setup();
+  again.trainer->load_checkpoint(file);
+  auto more = again.trainer->fit(data_.x_train, data_.y_train,
+                                 FitOptions().epochs(5).batch_size(5).validation_data(data_.x_test, data_.y_test));
+  std::vector<int64_t> expected_epochs;
+  for (int64_t e = best_epoch; e < 5; ++e) expected_epochs.push_back(e);
+  EXPECT_EQ(more.epoch, expected_epochs);
+}
+
+}  // namespace
+}  // namespace torchfit::test

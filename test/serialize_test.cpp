@@ -1,0 +1,203 @@
+// Checkpoint files: round trips, the commit protocol, and bad files.
+#include <fstream>
+
+#include "support.h"
+
+namespace torchfit::test {
+namespace {
+
+class SerializeTest : public TorchfitTest {};
+
+void write_bytes(const std::string& file, const std::string& bytes) {
+  std::ofstream(file, std::ios::binary) << bytes;
+}
+
+std::string read_bytes(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+template <typename Fn>
+void expect_error(Fn&& fn, const std::vector<std::string>& fragments) {
+  try {
+    fn();
+    FAIL() << "expected CheckpointError";
+  } catch (const CheckpointError& e) {
+    for (const auto& fragment : fragments) {
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos)
+          << "'" << fragment << "' not in: " << e.what();
+    }
+  }
+}
+
+TEST_F(SerializeTest, WeightsFileIsAPickledDictWithDottedNames) {
+  Mlp model;
+  save_weights(*model, path("w.pt"));
+  auto bytes = read_bytes(path("w.pt"));
+  auto value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  ASSERT_TRUE(value.isGenericDict());
+  std::vector<std::string> keys;
+  for (const auto& entry : value.toGenericDict()) {
+    keys.push_back(entry.key().toStringRef());
+    EXPECT_TRUE(torch::equal(entry.value().toTensor(), state_dict(*model).at(keys.back())));
+  }
+  std::sort(keys.begin(), keys.end());
+  EXPECT_EQ(keys, (std::vector<std::string>{"fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"}));
+}
+
+TEST_F(SerializeTest, BuffersAreSaved) {
+  auto model = torch::nn::Sequential(torch::nn::Linear(3, 4), torch::nn::BatchNorm1d(4));
+  model->forward(torch::randn({8, 3}));  // updates the running stats
+  save_weights(*model, path("bn.pt"));
+  auto fresh = torch::nn::Sequential(torch::nn::Linear(3, 4), torch::nn::BatchNorm1d(4));
+  load_weights(*fresh, path("bn.pt"));
+  expect_same_weights(*model, *fresh);
+  EXPECT_TRUE(state_dict(*fresh).count("1.running_mean"));
+}
+
+TEST_F(SerializeTest, PlainTorchSaveArchiveLoads) {
+  Mlp model, fresh;
+  torch::save(model, path("plain.pt"));
+  load_weights(*fresh, path("plain.pt"));
+  expect_same_weights(*model, *fresh);
+}
+
+TEST_F(SerializeTest, SaveReplacesAtomicallyAndLeavesNoTemporaries) {
+  Mlp first, second;
+  save_weights(*first, path("w.pt"));
+  save_weights(*second, path("w.pt"));
+  EXPECT_EQ(files(), (std::vector<std::string>{"w.pt"}));
+  Mlp loaded;
+  load_weights(*loaded, path("w.pt"));
+  expect_same_weights(*second, *loaded);
+}
+
+TEST_F(SerializeTest, FailedSaveKeepsPreviousFile) {
+  Mlp model;
+  save_weights(*model, path("w.pt"));
+  auto before = read_bytes(path("w.pt"));
+  // A parent that is a regular file cannot be created as a directory.
+  write_bytes(path("blocker"), "x");
+  expect_error([&] { save_weights(*model, path("blocker/w.pt")); }, {path("blocker")});
+  fs::create_directories(path("dir.pt"));
+  expect_error([&] { save_weights(*model, path("dir.pt")); }, {"existing directory: " + path("dir.pt")});
+  EXPECT_EQ(read_bytes(path("w.pt")), before);
+  EXPECT_EQ(files(), (std::vector<std::string>{"blocker", "dir.pt", "w.pt"}));
+}
+
+TEST_F(SerializeTest, MissingFileError) {
+  Mlp model;
+  expect_error([&] { load_weights(*model, path("nope.pt")); }, {path("nope.pt"), "does not exist"});
+}
+
+TEST_F(SerializeTest, CorruptFilesFailAndLeaveModelUnchanged) {
+  Mlp model, reference;
+  load_weights(*reference, [&] { save_weights(*model, path("ref.pt")); return path("ref.pt"); }());
+  save_weights(*model, path("good.pt"));
+  auto good = read_bytes(path("good.pt"));
+  std::vector<std::pair<std::string, std::string>> cases = {
+      {"empty.pt", ""},
+      {"text.pt", "this is not a checkpoint"},
+      {"truncated.pt", good.substr(0, good.size() / 2)},
+      {"tail.pt", good.substr(good.size() / 2)},
+  };
+  Mlp target;
+  auto before = state_dict(*target);
+  for (const auto& [name, bytes] : cases) {
+    write_bytes(path(name), bytes);
+    expect_error([&] { load_weights(*target, path(name)); }, {path(name)});
+  }
+  for (const auto& [name, tensor] : state_dict(*target)) EXPECT_TRUE(torch::equal(tensor, before.at(name))) << name;
+}
+
+TEST_F(SerializeTest, MismatchedArchitectureNamesTheKey) {
+  auto wide = torch::nn::Sequential(torch::nn::Linear(3, 7));
+  auto narrow = torch::nn::Sequential(torch::nn::Linear(3, 5));
+  save_weights(*wide, path("wide.pt"));
+  auto before = state_dict(*narrow);
+  expect_error([&] { load_weights(*narrow, path("wide.pt")); },
+               {path("wide.pt"), "key '0.bias'", "shape [7]", "shape [5]"});
+  for (const auto& [name, tensor] : state_dict(*narrow)) EXPECT_TRUE(torch::equal(tensor, before.at(name)));
+
+  auto deeper = torch::nn::Sequential(torch::nn::Linear(3, 7), torch::nn::Linear(7, 2));
+  expect_error([&] { load_weights(*deeper, path("wide.pt")); }, {"missing key '1.bias'"});
+  auto shallow = torch::nn::Sequential();
+  shallow->push_back(torch::nn::Linear(3, 7));
+  save_weights(*deeper, path("deeper.pt"));
+  expect_error([&] { load_weights(*shallow, path("deeper.pt")); }, {"unexpected key '1.bias'"});
+
+  auto doubles = torch::nn::Sequential(torch::nn::Linear(3, 7));
+  doubles->to(torch::kDouble);
+  expect_error([&] { load_weights(*doubles, path("wide.pt")); }, {"dtype Float", "dtype Double"});
+}
+
+TEST_F(SerializeTest, FullCheckpointRestoresOptimizerState) {
+  auto data = make_data();
+  auto model = Mlp();
+  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(0.01));
+  Trainer trainer(model, adam, ce_loss);
+  trainer.fit(data.x_train, data.y_train, FitOptions().epochs(2).batch_size(5).seed(3));
+  trainer.save_checkpoint(path("full.pt"));
+
+  auto model2 = Mlp();
+  auto adam2 = std::make_shared<torch::optim::Adam>(model2->parameters(), torch::optim::AdamOptions(0.01));
+  Trainer restored(model2, adam2, ce_loss);
+  restored.load_checkpoint(path("full.pt"));
+  EXPECT_EQ(restored.state().epoch, 2);
+  EXPECT_EQ(restored.state().global_step, 12);
+  // Both continue identically only if the Adam moments and step counts came back.
+  trainer.fit(data.x_train, data.y_train, FitOptions().epochs(3).initial_epoch(2).batch_size(5).seed(3));
+  restored.fit(data.x_train, data.y_train, FitOptions().epochs(3).batch_size(5).seed(3));
+  expect_same_weights(*model, *model2);
+}
+
+TEST_F(SerializeTest, LoadCheckpointRejectsWeightsOnlyFileAndKeepsState) {
+  auto s = make_setup();
+  s.trainer->save_weights(path("w.pt"));
+  auto before = state_dict(*s.model);
+  expect_error([&] { s.trainer->load_checkpoint(path("w.pt")); }, {path("w.pt"), "not a full torchfit checkpoint"});
+  for (const auto& [name, tensor] : state_dict(*s.model)) EXPECT_TRUE(torch::equal(tensor, before.at(name)));
+}
+
+TEST_F(SerializeTest, LoadCheckpointOfOtherArchitectureKeepsModelAndOptimizer) {
+  auto data = make_data();
+  auto other = torch::nn::Sequential(torch::nn::Linear(3, 3));
+  auto other_sgd = std::make_shared<torch::optim::SGD>(other->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  Trainer other_trainer(other, other_sgd, ce_loss);
+  other_trainer.fit(data.x_train, data.y_train, FitOptions().batch_size(5));
+  other_trainer.save_checkpoint(path("other.pt"));
+
+  auto s = make_setup();
+  auto before = state_dict(*s.model);
+  expect_error([&] { s.trainer->load_checkpoint(path("other.pt")); }, {path("other.pt"), "does not match the model"});
+  for (const auto& [name, tensor] : state_dict(*s.model)) EXPECT_TRUE(torch::equal(tensor, before.at(name)));
+  EXPECT_EQ(s.trainer->state().epoch, 0);
+}
+
+TEST_F(SerializeTest, WeightsOnlyFileLoadsInPython) {
+  const char* python = "/usr/bin/python3";
+  if (!fs::exists(python) || std::system("/usr/bin/python3 -c 'import torch' 2>/dev/null") != 0) {
+    GTEST_SKIP() << "Debian's python3 with python3-torch is not installed";
+  }
+  Mlp model;
+  save_weights(*model, path("w.pt"));
+  auto script = fmt::format(
+      "import torch\n"
+      "d = torch.load('{}')\n"
+      "assert isinstance(d, dict), type(d)\n"
+      "m = torch.nn.Sequential()\n"
+      "m.add_module('fc1', torch.nn.Linear(3, 5)); m.add_module('fc2', torch.nn.Linear(5, 3))\n"
+      "m.load_state_dict(d)\n"
+      "print(sorted(d), d['fc1.weight'].view(torch.int32).flatten().tolist())\n",
+      path("w.pt"));
+  write_bytes(path("check.py"), script);
+  auto command = fmt::format("{} {} > {} 2>&1", python, path("check.py"), path("out.txt"));
+  ASSERT_EQ(std::system(command.c_str()), 0) << read_bytes(path("out.txt"));
+  auto bits = model->fc1->weight.detach().view(torch::kInt32).flatten();
+  auto expected = fmt::format("['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight'] [{}]\n",
+                              fmt::join(bits.data_ptr<int32_t>(), bits.data_ptr<int32_t>() + bits.numel(), ", "));
+  EXPECT_EQ(read_bytes(path("out.txt")), expected);
+}
+
+}  // namespace
+}  // namespace torchfit::test

@@ -1,0 +1,80 @@
+#pragma once
+// Shared test fixtures: a seeded small MLP problem, temp dirs and log capture.
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <torch/torch.h>
+
+#include <torchfit/torchfit.h>
+
+namespace torchfit::test {
+
+namespace fs = std::filesystem;
+
+/// 3 -> 5 -> 3 classifier, as in Keras's checkpoint tests.
+struct MlpImpl : torch::nn::Module {
+  MlpImpl() {
+    fc1 = register_module("fc1", torch::nn::Linear(3, 5));
+    fc2 = register_module("fc2", torch::nn::Linear(5, 3));
+  }
+  torch::Tensor forward(torch::Tensor x) { return fc2(torch::relu(fc1(x))); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+/// Cross-entropy as a Trainer::LossFn (the functional form has a third, defaulted parameter).
+inline torch::Tensor ce_loss(const torch::Tensor& output, const torch::Tensor& target) {
+  return torch::nn::functional::cross_entropy(output, target);
+}
+
+/// Separable 3-class data: class centers plus noise.
+struct Dataset {
+  torch::Tensor x_train, y_train, x_test, y_test;
+};
+Dataset make_data(int64_t train = 30, int64_t test = 30, uint64_t seed = 42);
+
+/// A trainer over a fresh Mlp with SGD, cross-entropy and accuracy.
+struct Harness {
+  Mlp model;
+  std::shared_ptr<torch::optim::SGD> optimizer;
+  std::unique_ptr<Trainer> trainer;
+};
+Harness make_setup(double lr = 0.1);
+
+/// Seeds torch and provides a fresh temporary directory per test.
+class TorchfitTest : public ::testing::Test {
+ protected:
+  void SetUp() override;
+  void TearDown() override;
+  /// Path inside this test's temporary directory.
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  const fs::path& dir() const { return dir_; }
+  /// Sorted file names in `sub` (relative to the temp dir).
+  std::vector<std::string> files(const std::string& sub = "") const;
+
+  fs::path dir_;
+};
+
+/// Captures what the "torchfit" logger prints while alive.
+class LogCapture {
+ public:
+  LogCapture();
+  ~LogCapture();
+  /// The messages, without pattern decoration.
+  std::vector<std::string> lines() const;
+  /// All messages joined with newlines.
+  std::string text() const;
+
+ private:
+  std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink_;
+};
+
+/// Element-wise equal state dicts (same keys, bitwise equal values).
+void expect_same_weights(const torch::nn::Module& a, const torch::nn::Module& b);
+
+}  // namespace torchfit::test

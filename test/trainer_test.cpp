@@ -1,0 +1,226 @@
+// Trainer: fit/evaluate/predict, options, data loaders, metrics and bad input.
+#include "support.h"
+
+namespace torchfit::test {
+namespace {
+
+class TrainerTest : public TorchfitTest {};
+
+template <typename Fn>
+void expect_value_error(Fn&& fn, const std::string& fragment) {
+  try {
+    fn();
+    FAIL() << "expected ValueError containing " << fragment;
+  } catch (const ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(TrainerTest, LearnsSeparableData) {
+  auto data = make_data(300, 100);
+  auto s = make_setup(0.1);
+  auto history = s.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(20).batch_size(16));
+  EXPECT_LT(history.history["loss"].back(), history.history["loss"].front());
+  EXPECT_GT(s.trainer->evaluate(data.x_test, data.y_test)["accuracy"], 0.9);
+}
+
+TEST_F(TrainerTest, SameSeedGivesSameWeights) {
+  auto data = make_data();
+  torch::manual_seed(5);
+  auto a = make_setup();
+  torch::manual_seed(5);
+  auto b = make_setup();
+  expect_same_weights(*a.model, *b.model);
+  a.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(3).batch_size(4).seed(9));
+  b.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(3).batch_size(4).seed(9));
+  expect_same_weights(*a.model, *b.model);
+}
+
+TEST_F(TrainerTest, BadInputNamesTheValue) {
+  auto data = make_data();
+  auto s = make_setup();
+  auto& t = *s.trainer;
+  expect_value_error([&] { t.fit(data.x_train, data.y_train.narrow(0, 0, 29)); },
+                     "x has 30 samples, y has 29");
+  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().batch_size(0)); }, "Invalid batch_size: 0");
+  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().batch_size(-4)); }, "Invalid batch_size: -4");
+  expect_value_error([&] { t.fit(data.x_train.narrow(0, 0, 0), data.y_train.narrow(0, 0, 0)); }, "empty (0 samples)");
+  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().validation_split(1.0)); },
+                     "Invalid validation_split: 1");
+  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().validation_split(-0.1)); },
+                     "Invalid validation_split: -0.1");
+  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().validation_split(0.99)); },
+                     "validation_split 0.99 of 30 samples leaves 0 for training and 30 for validation");
+  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().epochs(-1)); }, "Invalid epochs: -1");
+  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().initial_epoch(-2)); }, "Invalid initial_epoch: -2");
+  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().validation_data(data.x_test, data.y_test.narrow(0, 0, 3))); },
+                     "validation_data: x and y have different lengths");
+  expect_value_error([&] { t.evaluate(data.x_test, data.y_test, 0); }, "Invalid batch_size: 0");
+  expect_value_error([&] { t.predict(torch::empty({0, 3})); }, "predict: x must be a non-empty tensor");
+  expect_value_error([&] { t.fit(torch::tensor(1.0), torch::tensor(1.0)); }, "need a batch dimension");
+}
+
+TEST_F(TrainerTest, BadConstructorArguments) {
+  auto model = Mlp();
+  auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
+  auto loss = [](const torch::Tensor& o, const torch::Tensor& t) { return torch::nn::functional::cross_entropy(o, t); };
+  expect_value_error([&] { Trainer(model, nullptr, loss); }, "optimizer must not be null");
+  expect_value_error([&] { Trainer(model, sgd, nullptr); }, "loss function must not be empty");
+  expect_value_error([&] { Trainer(model, sgd, loss, {metrics::accuracy(), metrics::accuracy()}); },
+                     "metric 'accuracy' is given twice");
+  expect_value_error([&] { Trainer(model, sgd, loss, {Metric{"loss", metrics::mse().fn, Mode::Min}}); },
+                     "invalid metric name 'loss'");
+  expect_value_error([&] { Trainer(model, sgd, loss, {Metric{"f1", metrics::mse().fn, Mode::Auto}}); },
+                     "metric 'f1' needs a direction");
+}
+
+TEST_F(TrainerTest, NonScalarLossIsRejected) {
+  auto data = make_data();
+  auto model = Mlp();
+  auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
+  Trainer trainer(model, sgd, [](const torch::Tensor& o, const torch::Tensor&) { return o; });
+  expect_value_error([&] { trainer.fit(data.x_train, data.y_train); }, "must return a scalar; got shape [30, 3]");
+}
+
+/// Records the mode and grad state seen in forward.
+struct ProbeImpl : torch::nn::Module {
+  ProbeImpl() { fc = register_module("fc", torch::nn::Linear(3, 3)); }
+  torch::Tensor forward(torch::Tensor x) {
+    seen.emplace_back(is_training(), torch::GradMode::is_enabled());
+    return fc(x);
+  }
+  torch::nn::Linear fc{nullptr};
+  std::vector<std::pair<bool, bool>> seen;
+};
+TORCH_MODULE(Probe);
+
+TEST_F(TrainerTest, TrainAndEvalModes) {
+  auto data = make_data(10, 5);
+  Probe probe;
+  auto sgd = std::make_shared<torch::optim::SGD>(probe->parameters(), 0.1);
+  Trainer trainer(probe, sgd, ce_loss);
+  probe->eval();
+  trainer.fit(data.x_train, data.y_train, FitOptions().batch_size(10).validation_data(data.x_test, data.y_test));
+  ASSERT_EQ(probe->seen.size(), 2u);
+  EXPECT_EQ(probe->seen[0], std::make_pair(true, true));    // training step
+  EXPECT_EQ(probe->seen[1], std::make_pair(false, false));  // validation
+  EXPECT_FALSE(probe->is_training());                      // the caller's mode is restored
+  probe->seen.clear();
+  probe->train();
+  trainer.evaluate(data.x_test, data.y_test);
+  auto out = trainer.predict(data.x_test, 2);
+  EXPECT_EQ(out.sizes(), (std::vector<int64_t>{5, 3}));
+  EXPECT_FALSE(out.requires_grad());
+  for (const auto& seen : probe->seen) EXPECT_EQ(seen, std::make_pair(false, false));
+  EXPECT_TRUE(probe->is_training());
+}
+
+TEST_F(TrainerTest, ValidationSplitHoldsOutTheLastSamples) {
+  auto data = make_data(20, 1);
+  auto s = make_setup();
+  auto history = s.trainer->fit(data.x_train, data.y_train, FitOptions().batch_size(4).validation_split(0.25));
+  auto held_out = s.trainer->evaluate(data.x_train.narrow(0, 15, 5), data.y_train.narrow(0, 15, 5), 4);
+  EXPECT_DOUBLE_EQ(history.history.at("val_loss").at(0), held_out.at("loss"));
+  EXPECT_EQ(s.trainer->state().global_step, 4);  // 15 training samples in batches of 4
+}
+
+TEST_F(TrainerTest, InitialEpochAndStateCounters) {
+  auto data = make_data();
+  auto s = make_setup();
+  auto history = s.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(4).initial_epoch(2).batch_size(10));
+  EXPECT_EQ(history.epoch, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(s.trainer->state().epoch, 4);
+  EXPECT_EQ(s.trainer->state().global_step, 6);
+  EXPECT_EQ(s.trainer->state().batch_in_epoch, 0);
+  // As in Keras, a plain second fit starts again at epoch 0.
+  EXPECT_EQ(s.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(1)).epoch, (std::vector<int64_t>{0}));
+}
+
+/// x/y pairs as a LibTorch dataset.
+class XYDataset : public torch::data::datasets::Dataset<XYDataset> {
+ public:
+  XYDataset(torch::Tensor x, torch::Tensor y) : x_(std::move(x)), y_(std::move(y)) {}
+  torch::data::Example<> get(size_t i) override {
+    return {x_[static_cast<int64_t>(i)], y_[static_cast<int64_t>(i)]};
+  }
+  torch::optional<size_t> size() const override { return static_cast<size_t>(x_.size(0)); }
+
+ private:
+  torch::Tensor x_, y_;
+};
+
+TEST_F(TrainerTest, FitsDataLoaders) {
+  auto data = make_data(300, 100);
+  auto stacked = torch::data::make_data_loader(
+      XYDataset(data.x_train, data.y_train).map(torch::data::transforms::Stack<>()),
+      torch::data::DataLoaderOptions().batch_size(16));
+  auto s = make_setup();
+  auto recorder_batches = std::make_shared<int64_t>(0);
+  auto history = s.trainer->fit(stacked, FitOptions().epochs(10).validation_data(data.x_test, data.y_test));
+  EXPECT_EQ(history.epoch.size(), 10u);
+  EXPECT_EQ(s.trainer->state().global_step, 10 * 19);  // ceil(300 / 16) batches an epoch
+  EXPECT_GT(history.history.at("val_accuracy").back(), 0.9);
+
+  // Unstacked loaders yield vectors of examples; a raw reference works too.
+  auto unstacked = torch::data::make_data_loader(XYDataset(data.x_train, data.y_train),
+                                                 torch::data::DataLoaderOptions().batch_size(50));
+  auto more = s.trainer->fit(*unstacked, FitOptions().epochs(1));
+  EXPECT_EQ(s.trainer->state().global_step, 10 * 19 + 6);
+  EXPECT_EQ(more.history.at("loss").size(), 1u);
+}
+
+TEST_F(TrainerTest, AcceptsModuleHolders) {
+  auto data = make_data();
+  torch::nn::Sequential seq(torch::nn::Linear(3, 8), torch::nn::ReLU(), torch::nn::Linear(8, 3));
+  auto adam = std::make_shared<torch::optim::Adam>(seq->parameters(), 0.01);
+  Trainer trainer(seq, adam, ce_loss, {metrics::accuracy()});
+  auto history = trainer.fit(data.x_train, data.y_train, FitOptions().epochs(2).batch_size(10));
+  EXPECT_EQ(history.epoch.size(), 2u);
+}
+
+TEST_F(TrainerTest, LbfgsRunsThroughTheClosure) {
+  auto data = make_data();
+  auto model = Mlp();
+  auto lbfgs = std::make_shared<torch::optim::LBFGS>(model->parameters(), torch::optim::LBFGSOptions(0.5));
+  Trainer trainer(model, lbfgs, ce_loss);
+  auto history = trainer.fit(data.x_train, data.y_train, FitOptions().epochs(3).batch_size(30));
+  EXPECT_LT(history.history["loss"].back(), history.history["loss"].front());
+}
+
+TEST_F(TrainerTest, Metrics) {
+  auto scores = torch::tensor({{0.1, 0.9}, {0.8, 0.2}, {0.3, 0.7}, {0.6, 0.4}});
+  auto labels = torch::tensor({1, 0, 0, 0});
+  auto accuracy = metrics::accuracy();
+  EXPECT_EQ(accuracy.name, "accuracy");
+  EXPECT_EQ(accuracy.direction, Mode::Max);
+  EXPECT_DOUBLE_EQ(accuracy.fn(scores, labels).item<double>(), 0.75);
+  auto one_hot = torch::nn::functional::one_hot(labels, 2);
+  EXPECT_DOUBLE_EQ(accuracy.fn(scores, one_hot).item<double>(), 0.75);
+  auto probabilities = torch::tensor({{0.2}, {0.7}, {0.9}, {0.4}});
+  auto binary = torch::tensor({0.0, 1.0, 0.0, 0.0});
+  EXPECT_DOUBLE_EQ(accuracy.fn(probabilities, binary).item<double>(), 0.75);
+
+  auto out = torch::tensor({1.0, 2.0, 4.0});
+  auto target = torch::tensor({1.0, 0.0, 1.0});
+  EXPECT_EQ(metrics::mse().name, "mse");
+  EXPECT_EQ(metrics::mse().direction, Mode::Min);
+  EXPECT_DOUBLE_EQ(metrics::mse().fn(out, target).item<double>(), 13.0 / 3);
+  EXPECT_EQ(metrics::mae().direction, Mode::Min);
+  EXPECT_DOUBLE_EQ(metrics::mae().fn(out, target).item<double>(), 5.0 / 3);
+}
+
+TEST_F(TrainerTest, CustomMetricDirectionDrivesAutoMode) {
+  auto data = make_data();
+  auto model = Mlp();
+  auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
+  Metric error{"error", [](const torch::Tensor& o, const torch::Tensor& t) {
+                 return 1.0 - metrics::accuracy().fn(o, t);
+               }, Mode::Min};
+  Trainer trainer(model, sgd, ce_loss, {error});
+  auto cb = std::make_shared<CheckpointCallback>(CheckpointOptions(path("c.pt")).monitor("val_error"));
+  trainer.fit(data.x_train, data.y_train, FitOptions().batch_size(5).validation_split(0.2).callbacks({cb}));
+  EXPECT_EQ(cb->mode(), Mode::Min);
+}
+
+}  // namespace
+}  // namespace torchfit::test
