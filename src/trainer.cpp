@@ -9,6 +9,7 @@
 #include <fmt/ranges.h>
 #include <torch/optim/optimizer.h>
 
+#include "torchfit/callbacks/progbar_logger.h"
 #include "torchfit/error.h"
 #include "torchfit/serialize.h"
 
@@ -227,6 +228,7 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
   }
   auto history = std::make_shared<History>();
   callbacks.push_back(history);
+  if (options.verbose() > 0) callbacks.push_back(std::make_shared<ProgbarLogger>(options.verbose(), options.epochs()));
 
   callbacks.load_states(pending_callback_states_);
   pending_callback_states_.clear();

@@ -5,6 +5,7 @@
 #include "torchfit/callback.h"
 #include "torchfit/callbacks/checkpoint.h"
 #include "torchfit/callbacks/monitor.h"
+#include "torchfit/callbacks/progbar_logger.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
 #include "torchfit/logs.h"

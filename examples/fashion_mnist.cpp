@@ -1,0 +1,149 @@
+// Trains a small classifier on Fashion-MNIST with a save-best checkpoint, then
+// reloads the best file and reports its test accuracy.
+//
+//   fashion_mnist [--epochs N] [--data DIR] [--cache DIR] [--out DIR] [--min-accuracy A]
+//
+// The data are Debian's dataset-fashion-mnist gzipped IDX files, unpacked once to
+// the cache directory for torch::data::datasets::MNIST.
+#include <zlib.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include <torchfit/torchfit.h>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* kFiles[] = {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"};
+
+/// Gunzips `source` to `target` through a temporary file, so a killed run leaves no half file.
+void gunzip(const fs::path& source, const fs::path& target) {
+  gzFile in = gzopen(source.c_str(), "rb");
+  if (in == nullptr) throw std::runtime_error(fmt::format("Failed opening {}", source.string()));
+  auto temp = target.string() + ".partial";
+  std::ofstream out(temp, std::ios::binary);
+  char buffer[1 << 16];
+  int n;
+  while ((n = gzread(in, buffer, sizeof buffer)) > 0) out.write(buffer, n);
+  bool ok = n == 0 && out.good();
+  gzclose(in);
+  out.close();
+  if (!ok) throw std::runtime_error(fmt::format("Failed unpacking {} to {}", source.string(), temp));
+  fs::rename(temp, target);
+}
+
+fs::path unpack(const fs::path& data_dir, const fs::path& cache_dir) {
+  fs::create_directories(cache_dir);
+  for (const char* name : kFiles) {
+    auto target = cache_dir / name;
+    if (fs::exists(target)) continue;
+    auto source = data_dir / (std::string(name) + ".gz");
+    if (!fs::exists(source)) {
+      throw std::runtime_error(fmt::format(
+          "{} not found; install Debian's dataset-fashion-mnist (third_party/install.sh)", source.string()));
+    }
+    gunzip(source, target);
+  }
+  return cache_dir;
+}
+
+struct NetImpl : torch::nn::Module {
+  NetImpl() {
+    fc1 = register_module("fc1", torch::nn::Linear(784, 256));
+    fc2 = register_module("fc2", torch::nn::Linear(256, 10));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = x.view({x.size(0), -1});
+    return fc2(torch::relu(fc1(x)));
+  }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(Net);
+
+torchfit::Trainer make_trainer(const Net& net) {
+  auto adam = std::make_shared<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(1e-3));
+  auto loss = [](const torch::Tensor& output, const torch::Tensor& target) {
+    return torch::nn::functional::cross_entropy(output, target);
+  };
+  return torchfit::Trainer(net, adam, loss, {torchfit::metrics::accuracy()});
+}
+
+std::map<std::string, std::string> parse_args(int argc, char** argv) {
+  std::map<std::string, std::string> args;
+  for (int i = 1; i < argc; ++i) {
+    std::string key = argv[i];
+    if (key.rfind("--", 0) != 0 || i + 1 >= argc) {
+      throw std::runtime_error(fmt::format("Bad argument '{}'; expected --name value pairs", key));
+    }
+    args[key.substr(2)] = argv[++i];
+  }
+  return args;
+}
+
+std::string arg(const std::map<std::string, std::string>& args, const std::string& key, std::string fallback) {
+  auto it = args.find(key);
+  return it == args.end() ? fallback : it->second;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  auto args = parse_args(argc, argv);
+  const char* home = std::getenv("HOME");
+  auto default_cache = fs::path(home ? home : "/tmp") / ".cache" / "torchfit" / "fashion-mnist";
+  auto data_dir = arg(args, "data", "/usr/share/datasets/fashion-mnist");
+  auto cache_dir = unpack(data_dir, arg(args, "cache", default_cache.string()));
+  auto out_dir = fs::path(arg(args, "out", "fashion_mnist_checkpoints"));
+  int64_t epochs = std::stoll(arg(args, "epochs", "5"));
+  double min_accuracy = std::stod(arg(args, "min-accuracy", "0.85"));
+
+  torch::manual_seed(0);
+  torch::data::datasets::MNIST train(cache_dir.string(), torch::data::datasets::MNIST::Mode::kTrain);
+  torch::data::datasets::MNIST test(cache_dir.string(), torch::data::datasets::MNIST::Mode::kTest);
+  spdlog::info("Fashion-MNIST: {} training and {} test images from {}", train.images().size(0),
+               test.images().size(0), cache_dir.string());
+
+  Net net;
+  auto trainer = make_trainer(net);
+  auto checkpoint = std::make_shared<torchfit::CheckpointCallback>(
+      torchfit::CheckpointOptions((out_dir / "best.pt").string())
+          .monitor("val_accuracy")
+          .save_best_only(true)
+          .verbose(1));
+  trainer.fit(train.images(), train.targets(),
+              torchfit::FitOptions()
+                  .epochs(epochs)
+                  .batch_size(128)
+                  .validation_split(0.1)
+                  .seed(0)
+                  .verbose(2)
+                  .callbacks({checkpoint}));
+
+  // A fresh model restored from the best checkpoint.
+  Net restored;
+  auto evaluator = make_trainer(restored);
+  evaluator.load_weights(checkpoint->last_saved_path());
+  auto logs = evaluator.evaluate(test.images(), test.targets(), 1000);
+  spdlog::info("Best checkpoint {} (val_accuracy {:.4f}): test accuracy {:.4f}, test loss {:.4f}",
+               checkpoint->last_saved_path(), checkpoint->best().value_or(0.0), logs.at("accuracy"),
+               logs.at("loss"));
+  if (logs.at("accuracy") < min_accuracy) {
+    spdlog::error("Test accuracy {:.4f} is below {:.2f}", logs.at("accuracy"), min_accuracy);
+    return 1;
+  }
+  return 0;
+} catch (const std::exception& e) {
+  spdlog::error("{}", e.what());
+  return 1;
+}
