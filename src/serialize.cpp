@@ -22,7 +22,16 @@
 namespace torchfit {
 namespace {
 
+// The model sits at the archive's root, as torch::save(module) writes it, so
+// torch::load(module, path) reads a full checkpoint too. Our own entries share a
+// prefix that flatten_archive skips.
+constexpr const char* kReservedPrefix = "torchfit_";
 constexpr const char* kFormatKey = "torchfit_format";
+constexpr const char* kOptimizerKey = "torchfit_optimizer";
+constexpr const char* kEpochKey = "torchfit_epoch";
+constexpr const char* kGlobalStepKey = "torchfit_global_step";
+constexpr const char* kBatchInEpochKey = "torchfit_batch_in_epoch";
+constexpr const char* kCallbacksKey = "torchfit_callbacks";
 constexpr const char* kFullFormat = "torchfit.checkpoint.v1";
 
 std::string describe(const at::Tensor& t) {
@@ -58,6 +67,7 @@ void commit_archive(const std::string& path, bool fsync, WriteFn&& write_archive
 void flatten_archive(torch::serialize::InputArchive& archive, const std::string& prefix,
                      TensorMap& out) {
   for (const auto& key : archive.keys()) {
+    if (prefix.empty() && key.rfind(kReservedPrefix, 0) == 0) continue;
     c10::IValue value;
     if (archive.try_read(key, value) && value.isTensor()) {
       out[prefix + key] = value.toTensor();
@@ -192,23 +202,21 @@ void save_checkpoint(const std::string& path, const torch::nn::Module& module,
                      const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
                      const std::map<std::string, CallbackState>& callbacks, bool fsync) {
   torch::serialize::OutputArchive archive;
+  module.save(archive);
   archive.write(kFormatKey, c10::IValue(std::string(kFullFormat)));
-  torch::serialize::OutputArchive model_archive;
-  module.save(model_archive);
-  archive.write("model", model_archive);
   torch::serialize::OutputArchive optimizer_archive;
   optimizer.save(optimizer_archive);
-  archive.write("optimizer", optimizer_archive);
-  archive.write("trainer_epoch", c10::IValue(trainer.epoch));
-  archive.write("trainer_global_step", c10::IValue(trainer.global_step));
-  archive.write("trainer_batch_in_epoch", c10::IValue(trainer.batch_in_epoch));
+  archive.write(kOptimizerKey, optimizer_archive);
+  archive.write(kEpochKey, c10::IValue(trainer.epoch));
+  archive.write(kGlobalStepKey, c10::IValue(trainer.global_step));
+  archive.write(kBatchInEpochKey, c10::IValue(trainer.batch_in_epoch));
   c10::Dict<std::string, c10::Dict<std::string, std::string>> states;
   for (const auto& [key, state] : callbacks) {
     c10::Dict<std::string, std::string> fields;
     for (const auto& [field, value] : state) fields.insert(field, value);
     states.insert(key, fields);
   }
-  archive.write("callbacks", c10::IValue(states));
+  archive.write(kCallbacksKey, c10::IValue(states));
 
   commit_archive(path, fsync, [&](const std::function<size_t(const void*, size_t)>& writer) {
     archive.save_to(writer);
@@ -230,13 +238,7 @@ TensorMap read_weights(const std::string& path) {
   torch::serialize::InputArchive archive;
   load_archive(archive, path);
   TensorMap out;
-  torch::serialize::InputArchive model_archive;
-  if (is_full_checkpoint(archive)) {
-    archive.read("model", model_archive);
-    flatten_archive(model_archive, "", out);
-  } else {
-    flatten_archive(archive, "", out);  // a plain torch::save(module) archive
-  }
+  flatten_archive(archive, "", out);  // full checkpoints and plain torch::save(module) archives
   return out;
 }
 
@@ -266,17 +268,15 @@ CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& m
   }
   CheckpointContents contents;
   try {
-    torch::serialize::InputArchive model_archive;
-    archive.read("model", model_archive);
-    flatten_archive(model_archive, "", contents.weights);
+    flatten_archive(archive, "", contents.weights);
     c10::IValue value;
-    archive.read("trainer_epoch", value);
+    archive.read(kEpochKey, value);
     contents.trainer.epoch = value.toInt();
-    archive.read("trainer_global_step", value);
+    archive.read(kGlobalStepKey, value);
     contents.trainer.global_step = value.toInt();
-    archive.read("trainer_batch_in_epoch", value);
+    archive.read(kBatchInEpochKey, value);
     contents.trainer.batch_in_epoch = value.toInt();
-    archive.read("callbacks", value);
+    archive.read(kCallbacksKey, value);
     for (const auto& entry : value.toGenericDict()) {
       CallbackState& state = contents.callbacks[entry.key().toStringRef()];
       for (const auto& field : entry.value().toGenericDict()) {
@@ -298,7 +298,7 @@ CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& m
   }
   try {
     torch::serialize::InputArchive optimizer_archive;
-    archive.read("optimizer", optimizer_archive);
+    archive.read(kOptimizerKey, optimizer_archive);
     optimizer.load(optimizer_archive);
   } catch (const c10::Error& e) {
     std::istringstream in(backup.str());

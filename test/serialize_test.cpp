@@ -151,6 +151,14 @@ TEST_F(SerializeTest, FullCheckpointRestoresOptimizerState) {
   expect_same_weights(*model, *model2);
 }
 
+TEST_F(SerializeTest, FullCheckpointLoadsWithPlainTorchLoad) {
+  auto s = make_setup();
+  s.trainer->save_checkpoint(path("full.pt"));
+  Mlp plain;
+  torch::load(plain, path("full.pt"));
+  expect_same_weights(*s.model, *plain);
+}
+
 TEST_F(SerializeTest, LoadCheckpointRejectsWeightsOnlyFileAndKeepsState) {
   auto s = make_setup();
   s.trainer->save_weights(path("w.pt"));

@@ -7,8 +7,9 @@
 /// Two kinds of file:
 /// - weights: a `torch.save`-compatible pickle of a dict from dotted names to
 ///   tensors (Python: `model.load_state_dict(torch.load(path))`);
-/// - full: a LibTorch archive with sub-archives "model" and "optimizer" plus
-///   the trainer's progress and the callbacks' state.
+/// - full: a LibTorch archive holding the model as `torch::save(module)` writes
+///   it (so `torch::load(module, path)` reads it), plus entries prefixed
+///   `torchfit_`: the optimizer, the trainer's progress and the callbacks' state.
 ///
 ///     torchfit::save_weights(*model, "model.pt");
 ///     torchfit::load_weights(*model, "model.pt");
