@@ -17,6 +17,9 @@
 #include <torch/serialize/output-archive.h>
 
 #include "detail/atomic_file.h"
+#include "detail/checkpoint_format.h"
+#include "detail/module_tree.h"
+#include "detail/zip.h"
 #include "torchfit/error.h"
 
 namespace torchfit {
@@ -39,7 +42,7 @@ std::string describe(const at::Tensor& t) {
                      std::string(c10::toString(t.scalar_type())));
 }
 
-/// Writes through an AtomicFile with LibTorch's zip writer and commits.
+/// Commits `path` with whatever `write_archive(sink)` streams into the sink.
 template <typename WriteFn>
 void commit_archive(const std::string& path, bool fsync, WriteFn&& write_archive) {
   if (std::filesystem::is_directory(path)) {
@@ -50,18 +53,61 @@ void commit_archive(const std::string& path, bool fsync, WriteFn&& write_archive
   }
   detail::create_parent_directories(path);
   detail::AtomicFile file(path, fsync);
-  detail::ArchiveSink sink(file);
-  std::function<size_t(const void*, size_t)> writer = [&sink](const void* data, size_t size) {
-    return sink(data, size);
-  };
+  detail::ChecksumSink sink(file);
   try {
-    write_archive(writer);
+    write_archive(sink);
   } catch (const c10::Error& e) {
-    sink.check();  // an I/O error explains a failing writer best
+    sink.finish();  // raises the I/O error that made the writer fail, if any
     throw CheckpointError(fmt::format("Failed writing checkpoint {}: {}", path, e.what_without_backtrace()));
   }
-  sink.check();
   file.commit();
+}
+
+/// LibTorch's writers take a std::function; this one feeds the sink.
+std::function<size_t(const void*, size_t)> writer_for(detail::ChecksumSink& sink) {
+  return [&sink](const void* data, size_t size) { return sink(data, size); };
+}
+
+/// Pickles `value` as torch.save does: "data.pkl" plus one record per storage.
+void write_pickle(detail::ChecksumSink& sink, const c10::IValue& value) {
+  std::vector<char> pickle;
+  torch::jit::Pickler pickler(
+      [&pickle](const char* data, size_t size) { pickle.insert(pickle.end(), data, data + size); },
+      nullptr, nullptr, nullptr);
+  pickler.protocol();
+  pickler.pushIValue(value);
+  pickler.stop();
+
+  std::vector<torch::jit::WriteableTensorData> storages;
+  uint64_t payload = pickle.size();
+  for (const auto& tensor : pickler.tensorData()) {
+    storages.push_back(torch::jit::getWriteableTensorData(tensor));
+    payload += storages.back().sizeInBytes();
+  }
+  if (!detail::ZipWriter::fits(payload, storages.size() + 2)) {
+    // zip64 territory: LibTorch's writer handles it (at its slower CRC speed).
+    caffe2::serialize::PyTorchStreamWriter zip(writer_for(sink));
+    torch::jit::writeArchiveAndTensors("data", pickle.data(), pickle.size(), pickler.tensorData(), zip);
+    zip.writeEndOfFile();
+    sink.finish();
+    return;
+  }
+  detail::ZipWriter zip(sink, "archive");
+  for (size_t i = 0; i < storages.size(); ++i) {
+    zip.add("data/" + std::to_string(i), storages[i].data(), storages[i].sizeInBytes());
+  }
+  zip.add("data.pkl", pickle.data(), pickle.size());
+  zip.add("version", "3\n", 2);
+  zip.finish();
+}
+
+/// Loading verifies files that carry our checksum; files of other tools (no
+/// checksum) are left to the zip reader.
+void verify_for_load(const std::string& path) {
+  auto integrity = detail::check_integrity(path);
+  if (integrity.status == detail::Integrity::Status::Corrupt) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, integrity.reason));
+  }
 }
 
 void flatten_archive(torch::serialize::InputArchive& archive, const std::string& prefix,
@@ -89,14 +135,16 @@ void load_archive(torch::serialize::InputArchive& archive, const std::string& pa
 
 enum class ArchiveKind { Pickle, Module };
 
-/// Opens `path` as a zip archive and tells a pickled object from a module archive.
-ArchiveKind archive_kind(const std::string& path) {
+/// Checks that `path` is an existing, undamaged zip and tells a pickled object
+/// from a module archive.
+ArchiveKind open_checked(const std::string& path) {
   if (!std::filesystem::exists(path)) {
     throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
   }
   if (std::filesystem::is_directory(path)) {
     throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path));
   }
+  verify_for_load(path);
   try {
     caffe2::serialize::PyTorchStreamReader reader(path);
     return reader.hasRecord("constants.pkl") ? ArchiveKind::Module : ArchiveKind::Pickle;
@@ -167,44 +215,20 @@ void copy_weights(TensorMap& targets, const TensorMap& weights) {
 
 }  // namespace
 
-TensorMap state_dict(const torch::nn::Module& module) {
-  TensorMap out;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-    out[item.key()] = item.value().detach();
-  }
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
-    out[item.key()] = item.value().detach();
-  }
-  return out;
-}
+namespace detail {
 
-void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync) {
+void write_weights(ChecksumSink& sink, const ModuleTree& tree) {
   c10::Dict<std::string, at::Tensor> dict;
-  for (const auto& [name, tensor] : state_dict(module)) dict.insert(name, tensor);
-
-  std::vector<char> pickle;
-  torch::jit::Pickler pickler(
-      [&pickle](const char* data, size_t size) { pickle.insert(pickle.end(), data, data + size); },
-      nullptr, nullptr, nullptr);
-  pickler.protocol();
-  pickler.pushIValue(c10::IValue(dict));
-  pickler.stop();
-
-  commit_archive(path, fsync, [&](const std::function<size_t(const void*, size_t)>& writer) {
-    caffe2::serialize::PyTorchStreamWriter zip(writer);
-    torch::jit::writeArchiveAndTensors("data", pickle.data(), pickle.size(), pickler.tensorData(),
-                                       zip);
-    zip.writeEndOfFile();
-  });
+  for (const auto& [name, tensor] : tree.flatten()) dict.insert(name, tensor);
+  write_pickle(sink, c10::IValue(dict));
 }
 
-void save_checkpoint(const std::string& path, const torch::nn::Module& module,
-                     const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
-                     const std::map<std::string, CallbackState>& callbacks, bool fsync) {
+void write_full(ChecksumSink& sink, const ModuleTree& tree, const torch::optim::Optimizer& optimizer,
+                const TrainerState& trainer, const std::map<std::string, CallbackState>& callbacks) {
   torch::serialize::OutputArchive archive;
-  module.save(archive);
+  tree.write(archive);
   archive.write(kFormatKey, c10::IValue(std::string(kFullFormat)));
-  torch::serialize::OutputArchive optimizer_archive;
+  torch::serialize::OutputArchive optimizer_archive(archive.compilation_unit());
   optimizer.save(optimizer_archive);
   archive.write(kOptimizerKey, optimizer_archive);
   archive.write(kEpochKey, c10::IValue(trainer.epoch));
@@ -217,14 +241,55 @@ void save_checkpoint(const std::string& path, const torch::nn::Module& module,
     states.insert(key, fields);
   }
   archive.write(kCallbacksKey, c10::IValue(states));
+  archive.save_to(writer_for(sink));
+  sink.finish();
+}
 
-  commit_archive(path, fsync, [&](const std::function<size_t(const void*, size_t)>& writer) {
-    archive.save_to(writer);
+}  // namespace detail
+
+TensorMap state_dict(const torch::nn::Module& module) {
+  TensorMap out;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    out[item.key()] = item.value().detach();
+  }
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+    out[item.key()] = item.value().detach();
+  }
+  return out;
+}
+
+void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync) {
+  auto tree = detail::ModuleTree::of(module);
+  commit_archive(path, fsync, [&](detail::ChecksumSink& sink) { write_weights(sink, tree); });
+}
+
+void save_checkpoint(const std::string& path, const torch::nn::Module& module,
+                     const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
+                     const std::map<std::string, CallbackState>& callbacks, bool fsync) {
+  auto tree = detail::ModuleTree::of(module);
+  commit_archive(path, fsync, [&](detail::ChecksumSink& sink) {
+    write_full(sink, tree, optimizer, trainer, callbacks);
   });
 }
 
+VerifyResult verify_checkpoint(const std::string& path) {
+  if (!std::filesystem::is_regular_file(path)) {
+    return {false, fmt::format("{} does not exist or is not a regular file", path)};
+  }
+  try {
+    auto integrity = detail::check_integrity(path);
+    if (integrity.status != detail::Integrity::Status::Intact) return {false, integrity.reason};
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    if (!reader.hasRecord("data.pkl")) return {false, "the archive has no data.pkl record"};
+  } catch (const std::exception& e) {
+    return {false, e.what()};
+  }
+  return {true, ""};
+}
+
 TensorMap read_weights(const std::string& path) {
-  if (archive_kind(path) == ArchiveKind::Pickle) {
+  auto kind = open_checked(path);
+  if (kind == ArchiveKind::Pickle) {
     try {
       caffe2::serialize::PyTorchStreamReader reader(path);
       auto value = torch::jit::readArchiveAndTensors("data", "", "data/", c10::nullopt,
@@ -253,7 +318,8 @@ void load_weights(torch::nn::Module& module, const std::string& path) {
 
 CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
                                    torch::optim::Optimizer& optimizer) {
-  if (archive_kind(path) == ArchiveKind::Pickle) {
+  auto kind = open_checked(path);
+  if (kind == ArchiveKind::Pickle) {
     throw CheckpointError(fmt::format(
         "Checkpoint {} is not a full torchfit checkpoint: it holds weights only (use load_weights)",
         path));

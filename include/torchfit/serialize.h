@@ -4,7 +4,8 @@
 /// directory, is fsynced, renamed over the target and the directory fsynced, so
 /// the target never holds a half-written file.
 ///
-/// Two kinds of file:
+/// Each file torchfit writes carries a CRC32 of its content, checked on load
+/// (see `verify_checkpoint`). Two kinds of file:
 /// - weights: a `torch.save`-compatible pickle of a dict from dotted names to
 ///   tensors (Python: `model.load_state_dict(torch.load(path))`);
 /// - full: a LibTorch archive holding the model as `torch::save(module)` writes
@@ -44,6 +45,19 @@ void save_weights(const torch::nn::Module& module, const std::string& path, bool
 void save_checkpoint(const std::string& path, const torch::nn::Module& module,
                      const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
                      const std::map<std::string, CallbackState>& callbacks, bool fsync = true);
+
+/// Whether a checkpoint is complete and intact, and if not, why.
+struct VerifyResult {
+  bool ok = false;
+  std::string reason;
+  explicit operator bool() const { return ok; }
+};
+
+/// Checks a checkpoint file: its zip structure and the CRC32 of its whole
+/// content, stored in the zip's end-of-archive comment when torchfit wrote it.
+/// Files written by other tools carry no checksum and are reported as such.
+/// Never throws.
+VerifyResult verify_checkpoint(const std::string& path);
 
 /// Reads the model weights of either kind of file. Throws `CheckpointError`
 /// naming the path when it cannot be read.

@@ -68,8 +68,31 @@ AtomicFile::~AtomicFile() {
   if (!committed_) ::unlink(temp_path_.c_str());
 }
 
+namespace {
+constexpr size_t kBufferSize = 1 << 20;
+}
+
 void AtomicFile::write(const void* data, size_t size) {
   auto* bytes = static_cast<const char*>(data);
+  if (buffer_.size() + size <= kBufferSize) {
+    if (buffer_.capacity() < kBufferSize) buffer_.reserve(kBufferSize);
+    buffer_.append(bytes, size);
+    return;
+  }
+  flush();
+  if (size < kBufferSize) {
+    buffer_.append(bytes, size);
+  } else {
+    write_fd(bytes, size);
+  }
+}
+
+void AtomicFile::flush() {
+  write_fd(buffer_.data(), buffer_.size());
+  buffer_.clear();
+}
+
+void AtomicFile::write_fd(const char* bytes, size_t size) {
   while (size > 0) {
     ssize_t n = ::write(fd_, bytes, size);
     if (n < 0) {
@@ -82,6 +105,7 @@ void AtomicFile::write(const void* data, size_t size) {
 }
 
 void AtomicFile::commit() {
+  flush();
   if (fsync_ && ::fsync(fd_) != 0) {
     throw CheckpointError(errno_message("Failed syncing file", target_, errno));
   }
@@ -93,20 +117,6 @@ void AtomicFile::commit() {
   }
   committed_ = true;
   if (fsync_) fsync_directory(target_);
-}
-
-size_t ArchiveSink::operator()(const void* data, size_t size) noexcept {
-  if (!error_.empty()) return size;
-  try {
-    file_.write(data, size);
-  } catch (const std::exception& e) {
-    error_ = e.what();
-  }
-  return size;
-}
-
-void ArchiveSink::check() const {
-  if (!error_.empty()) throw CheckpointError(error_);
 }
 
 }  // namespace torchfit::detail

@@ -19,7 +19,8 @@ class AtomicFile {
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
 
-  /// Appends all of `data`; throws CheckpointError with the path and errno text.
+  /// Appends all of `data` (small writes are buffered); throws CheckpointError
+  /// with the path and errno text.
   void write(const void* data, size_t size);
   /// Flushes, fsyncs, renames over the target and fsyncs the directory.
   void commit();
@@ -31,22 +32,12 @@ class AtomicFile {
   std::string target_;
   std::string temp_path_;
   bool fsync_;
+  void write_fd(const char* data, size_t size);
+  void flush();
+
   int fd_ = -1;
   bool committed_ = false;
-};
-
-/// A writer callback for LibTorch's archive writers that never throws (their
-/// destructors write too): the first error is kept and raised by `check()`.
-class ArchiveSink {
- public:
-  explicit ArchiveSink(AtomicFile& file) : file_(file) {}
-  size_t operator()(const void* data, size_t size) noexcept;
-  /// Rethrows the first write error, if any.
-  void check() const;
-
- private:
-  AtomicFile& file_;
-  std::string error_;
+  std::string buffer_;
 };
 
 /// Creates the parent directories of `path` if missing; throws CheckpointError.
