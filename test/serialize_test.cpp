@@ -81,7 +81,7 @@ TEST_F(SerializeTest, FailedSaveKeepsPreviousFile) {
   expect_error([&] { save_weights(*model, path("blocker/w.pt")); }, {path("blocker")});
   fs::create_directories(path("dir.pt"));
   expect_error([&] { save_weights(*model, path("dir.pt")); }, {"existing directory: " + path("dir.pt")});
-  EXPECT_EQ(read_bytes(path("w.pt")), before);
+  EXPECT_TRUE(read_bytes(path("w.pt")) == before) << "the previous checkpoint changed";
   EXPECT_EQ(files(), (std::vector<std::string>{"blocker", "dir.pt", "w.pt"}));
 }
 
@@ -90,24 +90,77 @@ TEST_F(SerializeTest, MissingFileError) {
   expect_error([&] { load_weights(*model, path("nope.pt")); }, {path("nope.pt"), "does not exist"});
 }
 
-TEST_F(SerializeTest, CorruptFilesFailAndLeaveModelUnchanged) {
-  Mlp model, reference;
-  load_weights(*reference, [&] { save_weights(*model, path("ref.pt")); return path("ref.pt"); }());
+TEST_F(SerializeTest, VerifyAcceptsBothKinds) {
+  auto s = make_setup();
+  s.trainer->save_weights(path("w.pt"));
+  s.trainer->save_checkpoint(path("full.pt"));
+  for (const auto* name : {"w.pt", "full.pt"}) {
+    auto result = verify_checkpoint(path(name));
+    EXPECT_TRUE(result.ok) << name << ": " << result.reason;
+    EXPECT_TRUE(static_cast<bool>(result));
+  }
+}
+
+TEST_F(SerializeTest, VerifyReportsWhy) {
+  Mlp model;
   save_weights(*model, path("good.pt"));
   auto good = read_bytes(path("good.pt"));
-  std::vector<std::pair<std::string, std::string>> cases = {
-      {"empty.pt", ""},
-      {"text.pt", "this is not a checkpoint"},
-      {"truncated.pt", good.substr(0, good.size() / 2)},
-      {"tail.pt", good.substr(good.size() / 2)},
+  auto reason = [&](const std::string& bytes) {
+    write_bytes(path("bad.pt"), bytes);
+    auto result = verify_checkpoint(path("bad.pt"));
+    EXPECT_FALSE(result.ok);
+    return result.reason;
   };
-  Mlp target;
-  auto before = state_dict(*target);
+  EXPECT_EQ(reason(""), "the file is empty");
+  EXPECT_NE(reason("hello world").find("does not start with a zip record"), std::string::npos);
+  for (size_t cut : {size_t{10}, good.size() / 3, good.size() - 30, good.size() - 1}) {
+    EXPECT_NE(reason(good.substr(0, cut)).find("truncated"), std::string::npos) << cut;
+  }
+  auto flipped = good;
+  flipped[100] ^= 0x01;  // inside the first tensor's data
+  EXPECT_NE(reason(flipped).find("checksum mismatch"), std::string::npos);
+  EXPECT_NE(verify_checkpoint(path("missing.pt")).reason.find("does not exist"), std::string::npos);
+  torch::save(model, path("plain.pt"));
+  EXPECT_NE(verify_checkpoint(path("plain.pt")).reason.find("no torchfit checksum"), std::string::npos);
+}
+
+TEST_F(SerializeTest, CorruptFilesFailAndLeaveModelUnchanged) {
+  auto s = make_setup();
+  s.trainer->save_weights(path("good.pt"));
+  s.trainer->save_checkpoint(path("good_full.pt"));
+  std::vector<std::pair<std::string, std::string>> cases = {{"empty.pt", ""}, {"text.pt", "this is not a checkpoint"}};
+  for (const auto* source : {"good.pt", "good_full.pt"}) {
+    auto good = read_bytes(path(source));
+    for (size_t cut : {size_t{1}, size_t{100}, good.size() / 2, good.size() - 23, good.size() - 1}) {
+      cases.emplace_back(fmt::format("{}.cut{}", source, cut), good.substr(0, cut));
+    }
+    for (size_t at : {size_t{200}, good.size() / 2, good.size() - 40}) {
+      auto flipped = good;
+      flipped[at] = static_cast<char>(flipped[at] ^ 0x10);
+      cases.emplace_back(fmt::format("{}.flip{}", source, at), flipped);
+    }
+  }
+  auto target = make_setup();
+  auto before = state_dict(*target.model);
   for (const auto& [name, bytes] : cases) {
     write_bytes(path(name), bytes);
-    expect_error([&] { load_weights(*target, path(name)); }, {path(name)});
+    SCOPED_TRACE(name);
+    expect_error([&] { target.trainer->load_weights(path(name)); }, {path(name)});
+    expect_error([&] { target.trainer->load_checkpoint(path(name)); }, {path(name)});
   }
-  for (const auto& [name, tensor] : state_dict(*target)) EXPECT_TRUE(torch::equal(tensor, before.at(name))) << name;
+  for (const auto& [name, tensor] : state_dict(*target.model)) EXPECT_TRUE(torch::equal(tensor, before.at(name))) << name;
+  EXPECT_EQ(target.trainer->state().epoch, 0);
+}
+
+TEST_F(SerializeTest, DamagedFileErrorSaysWhat) {
+  Mlp model;
+  save_weights(*model, path("w.pt"));
+  auto bytes = read_bytes(path("w.pt"));
+  bytes[70] ^= 0x40;
+  write_bytes(path("w.pt"), bytes);
+  expect_error([&] { load_weights(*model, path("w.pt")); }, {"Checkpoint " + path("w.pt") + " is damaged: checksum mismatch"});
+  write_bytes(path("cut.pt"), bytes.substr(0, bytes.size() / 2));
+  expect_error([&] { load_weights(*model, path("cut.pt")); }, {path("cut.pt") + " is damaged: truncated"});
 }
 
 TEST_F(SerializeTest, MismatchedArchitectureNamesTheKey) {

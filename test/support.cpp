@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <fstream>
+#include <iterator>
 
 #include <spdlog/spdlog.h>
 
@@ -74,6 +76,11 @@ std::string LogCapture::text() const {
   std::string out;
   for (const auto& line : lines()) out += line;  // formatted lines end with '\n'
   return out;
+}
+
+std::string read_file(const std::string& file) {
+  std::ifstream in(file, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
 void expect_same_weights(const torch::nn::Module& a, const torch::nn::Module& b) {

@@ -74,6 +74,9 @@ class LogCapture {
   std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink_;
 };
 
+/// The bytes of a file.
+std::string read_file(const std::string& file);
+
 /// Element-wise equal state dicts (same keys, bitwise equal values).
 void expect_same_weights(const torch::nn::Module& a, const torch::nn::Module& b);
 

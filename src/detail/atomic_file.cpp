@@ -4,7 +4,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <signal.h>
+
 #include <atomic>
+#include <mutex>
+#include <set>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -39,7 +43,46 @@ void fsync_directory(const std::string& target) {
   if (rc != 0) throw CheckpointError(errno_message("Failed syncing directory", dir.string(), error));
 }
 
+/// Whether `name` is one of our temporary files; sets the writer's pid.
+bool parse_temp_name(const std::string& name, pid_t& pid) {
+  auto marker = name.find(kTempMarker);
+  if (name.empty() || name[0] != '.' || marker == std::string::npos) return false;
+  auto rest = name.substr(marker + std::strlen(kTempMarker));
+  auto dot = rest.find('.');
+  if (dot == std::string::npos || dot == 0 || dot + 1 == rest.size()) return false;
+  auto digits = rest.substr(0, dot), hex = rest.substr(dot + 1);
+  if (digits.find_first_not_of("0123456789") != std::string::npos) return false;
+  if (hex.find_first_not_of("0123456789abcdef") != std::string::npos) return false;
+  pid = static_cast<pid_t>(std::stol(digits));
+  return true;
+}
+
+/// Once per directory and process, before our first write there: removes the
+/// temporary files of writers that are gone (or of an earlier process with our pid).
+void clean_directory_once(const fs::path& dir) {
+  static std::mutex mutex;
+  static std::set<std::string> cleaned;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!cleaned.insert(dir.string()).second) return;
+  remove_stale_temporaries(dir.string());
+}
+
 }  // namespace
+
+std::vector<std::string> remove_stale_temporaries(const std::string& directory) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  fs::directory_iterator it(directory.empty() ? "." : directory, ec);
+  if (ec) return removed;
+  for (const auto& entry : it) {
+    pid_t pid = 0;
+    auto name = entry.path().filename().string();
+    if (!parse_temp_name(name, pid) || !entry.is_regular_file(ec)) continue;
+    bool writer_gone = pid == ::getpid() || (::kill(pid, 0) != 0 && errno == ESRCH);
+    if (writer_gone && fs::remove(entry.path(), ec)) removed.push_back(entry.path().string());
+  }
+  return removed;
+}
 
 std::string errno_message(const std::string& what, const std::string& path, int error) {
   return fmt::format("{} {}: {}", what, path, std::strerror(error));
@@ -58,6 +101,7 @@ void create_parent_directories(const std::string& path) {
 
 AtomicFile::AtomicFile(std::string target, bool fsync)
     : target_(std::move(target)), temp_path_(unique_temp_path(target_)), fsync_(fsync) {
+  clean_directory_once(fs::path(target_).parent_path());
   fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd_ < 0) throw CheckpointError(errno_message("Failed opening file", temp_path_, errno) +
                                      fmt::format(" (while writing {})", target_));

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <string>
+#include <vector>
 
 namespace torchfit::detail {
 
@@ -39,6 +40,11 @@ class AtomicFile {
   bool committed_ = false;
   std::string buffer_;
 };
+
+/// Removes the temporary files in `directory` left by writers that no longer run
+/// (named `.<target>.torchfit-tmp.<pid>.<hex>`); touches nothing else. Returns
+/// the removed paths. AtomicFile calls it once per directory and process.
+std::vector<std::string> remove_stale_temporaries(const std::string& directory);
 
 /// Creates the parent directories of `path` if missing; throws CheckpointError.
 void create_parent_directories(const std::string& path);

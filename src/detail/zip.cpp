@@ -229,7 +229,10 @@ Integrity check_integrity(const std::string& path) {
                      std::memcmp(tail + kEndSize, kCommentPrefix, std::strlen(kCommentPrefix)) == 0;
   if (!has_comment) {
     unsigned char end[kEndSize];
-    bool plain_end = size >= kEndSize && (read_at(size - kEndSize, end, kEndSize), get32(end) == kEndSig);
+    // A plain end record with no comment, as other tools write it; a comment
+    // length that runs past the end means the file was cut.
+    bool plain_end = size >= kEndSize && (read_at(size - kEndSize, end, kEndSize), get32(end) == kEndSig) &&
+                     get16(end + 20) == 0;
     if (plain_end) return {Status::NoChecksum, "the file carries no torchfit checksum (written by another tool)"};
     return {Status::Corrupt, fmt::format("truncated or damaged: no end-of-archive record in the last bytes of {} bytes", size)};
   }

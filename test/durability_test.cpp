@@ -1,0 +1,169 @@
+// Crash safety: leftover temporaries, a full disk, and SIGKILL at random points.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/mount.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "support.h"
+
+extern char** environ;
+
+namespace torchfit::test {
+namespace {
+
+class DurabilityTest : public TorchfitTest {};
+
+bool is_temporary(const std::string& name) { return name.find(".torchfit-tmp.") != std::string::npos; }
+
+void touch(const std::string& file) { std::ofstream(file) << "partial"; }
+
+TEST_F(DurabilityTest, StaleTemporariesAreRemovedOnTheNextWriteThere) {
+  const auto stale = path(".w.pt.torchfit-tmp.999999999.1f");  // no such pid
+  const auto own = path(fmt::format(".w.pt.torchfit-tmp.{}.2a", ::getpid()));
+  const auto live = path(".w.pt.torchfit-tmp.1.3b");  // pid 1 is alive
+  const auto foreign = path(".w.pt.torchfit-tmp.notapid.4c");
+  const auto unrelated = path("notes.txt");
+  for (const auto& f : {stale, own, live, foreign, unrelated}) touch(f);
+  Mlp model;
+  save_weights(*model, path("w.pt"));
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_FALSE(fs::exists(own));
+  EXPECT_TRUE(fs::exists(live));
+  EXPECT_TRUE(fs::exists(foreign));
+  EXPECT_TRUE(fs::exists(unrelated));
+  EXPECT_TRUE(verify_checkpoint(path("w.pt")).ok);
+}
+
+/// A tmpfs of `bytes` mounted on a fresh directory; skips the test where mounting is refused.
+class SmallDisk {
+ public:
+  SmallDisk(const fs::path& where, size_t bytes) : where_(where) {
+    fs::create_directories(where_);
+    auto options = fmt::format("size={}", bytes);
+    if (::mount("tmpfs", where_.c_str(), "tmpfs", 0, options.c_str()) != 0) {
+      error_ = std::strerror(errno);
+    }
+  }
+  ~SmallDisk() {
+    if (error_.empty()) ::umount2(where_.c_str(), MNT_DETACH);
+  }
+  /// Empty when mounted; otherwise why not.
+  const std::string& error() const { return error_; }
+
+ private:
+  fs::path where_;
+  std::string error_;
+};
+
+TEST_F(DurabilityTest, DiskFullKeepsThePreviousCheckpoint) {
+  SmallDisk disk(dir() / "small", 256 * 1024);
+  if (!disk.error().empty()) GTEST_SKIP() << "cannot mount a tmpfs here (" << disk.error() << "); needs root";
+  auto target = path("small/ckpt.pt");
+  auto small = torch::nn::Linear(4, 4);
+  save_weights(*small, target);
+  auto before = read_file(target);
+  auto big = torch::nn::Linear(512, 512);  // 1 MiB of weights
+  try {
+    save_weights(*big, target);
+    FAIL() << "expected CheckpointError";
+  } catch (const CheckpointError& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find(target), std::string::npos) << msg;
+    EXPECT_NE(msg.find("No space left on device"), std::string::npos) << msg;
+  }
+  EXPECT_TRUE(read_file(target) == before) << "the previous checkpoint changed";
+  EXPECT_EQ(files("small"), (std::vector<std::string>{"ckpt.pt"}));
+  EXPECT_TRUE(verify_checkpoint(target).ok);
+
+  // Through the callback, the error reaches fit and the old file survives.
+  auto data = make_data();
+  auto model = torch::nn::Sequential(torch::nn::Linear(3, 512), torch::nn::Linear(512, 512), torch::nn::Linear(512, 3));
+  auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
+  Trainer trainer(model, sgd, ce_loss);
+  auto cb = std::make_shared<CheckpointCallback>(CheckpointOptions(target));
+  EXPECT_THROW(trainer.fit(data.x_train, data.y_train, FitOptions().callbacks({cb})), CheckpointError);
+  EXPECT_TRUE(read_file(target) == before) << "the previous checkpoint changed";
+  EXPECT_EQ(files("small"), (std::vector<std::string>{"ckpt.pt"}));
+}
+
+// The child side of KillTest: saves until killed. Runs only when the parent
+// sets TORCHFIT_KILL_CHILD_DIR.
+TEST(KillChild, SaveForever) {
+  const char* dir = std::getenv("TORCHFIT_KILL_CHILD_DIR");
+  if (dir == nullptr) GTEST_SKIP() << "only run as the child of KillTest";
+  auto data = make_data(40, 10);
+  auto model = torch::nn::Sequential(torch::nn::Linear(3, 256), torch::nn::ReLU(), torch::nn::Linear(256, 3));
+  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-3);
+  Trainer trainer(model, adam, ce_loss);
+  std::string base = dir;
+  auto best = std::make_shared<CheckpointCallback>(
+      CheckpointOptions(base + "/best.pt").monitor("loss").save_best_only(true).save_freq(SaveFreq::batches(1)));
+  auto every = std::make_shared<CheckpointCallback>(
+      CheckpointOptions(base + "/e{epoch:03d}b{batch}.pt").save_freq(SaveFreq::batches(3)).save_weights_only(true));
+  auto full = std::make_shared<CheckpointCallback>(CheckpointOptions(base + "/last.pt").save_freq(SaveFreq::batches(2)));
+  trainer.fit(data.x_train, data.y_train, FitOptions().epochs(1000000).batch_size(4).callbacks({best, every, full}));
+}
+
+pid_t spawn_child(const std::string& dir) {
+  std::string self = fs::read_symlink("/proc/self/exe").string();
+  std::string filter = "--gtest_filter=KillChild.SaveForever";
+  std::string env_dir = "TORCHFIT_KILL_CHILD_DIR=" + dir;
+  std::vector<char*> argv = {self.data(), filter.data(), nullptr};
+  std::vector<char*> envp;
+  for (char** e = environ; *e != nullptr; ++e) envp.push_back(*e);
+  envp.push_back(env_dir.data());
+  envp.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  pid_t pid = 0;
+  int rc = posix_spawn(&pid, self.c_str(), &actions, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) throw std::runtime_error(std::string("posix_spawn: ") + std::strerror(rc));
+  return pid;
+}
+
+TEST_F(DurabilityTest, SigkillAtRandomPointsNeverLeavesABadCheckpoint) {
+  std::mt19937 rng(1234);
+  const int rounds = 30;
+  int checked = 0, temporaries = 0;
+  auto round_dir = path("run");
+  for (int round = 0; round < rounds; ++round) {
+    pid_t pid = spawn_child(round_dir);
+    // Past start-up (about 0.3 s to load libtorch), into the saves.
+    std::this_thread::sleep_for(std::chrono::milliseconds(350 + rng() % 400));
+    ASSERT_EQ(::kill(pid, SIGKILL), 0);
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "the child ended on its own, status " << status;
+    for (const auto& name : files("run")) {
+      if (is_temporary(name)) {
+        ++temporaries;
+        continue;
+      }
+      auto file = round_dir + "/" + name;
+      auto result = verify_checkpoint(file);
+      ASSERT_TRUE(result.ok) << "round " << round << ": " << file << ": " << result.reason;
+      auto model = torch::nn::Sequential(torch::nn::Linear(3, 256), torch::nn::ReLU(), torch::nn::Linear(256, 3));
+      ASSERT_NO_THROW(load_weights(*model, file)) << file;
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, rounds);  // the child really saved
+  RecordProperty("checked_files", checked);
+  RecordProperty("temporaries_seen", temporaries);
+  // The next start in the directory clears what the killed writers left.
+  Mlp model;
+  save_weights(*model, round_dir + "/probe.pt");
+  for (const auto& name : files("run")) EXPECT_FALSE(is_temporary(name)) << name;
+}
+
+}  // namespace
+}  // namespace torchfit::test
