@@ -57,7 +57,7 @@ void commit_archive(const std::string& path, bool fsync, WriteFn&& write_archive
   try {
     write_archive(sink);
   } catch (const c10::Error& e) {
-    sink.finish();  // raises the I/O error that made the writer fail, if any
+    sink.raise_if_failed();  // an I/O error explains a failing writer best
     throw CheckpointError(fmt::format("Failed writing checkpoint {}: {}", path, e.what_without_backtrace()));
   }
   file.commit();
@@ -217,14 +217,15 @@ void copy_weights(TensorMap& targets, const TensorMap& weights) {
 
 namespace detail {
 
-void write_weights(ChecksumSink& sink, const ModuleTree& tree) {
+void commit_weights(const std::string& path, const ModuleTree& tree, bool fsync) {
   c10::Dict<std::string, at::Tensor> dict;
   for (const auto& [name, tensor] : tree.flatten()) dict.insert(name, tensor);
-  write_pickle(sink, c10::IValue(dict));
+  commit_archive(path, fsync, [&](ChecksumSink& sink) { write_pickle(sink, c10::IValue(dict)); });
 }
 
-void write_full(ChecksumSink& sink, const ModuleTree& tree, const torch::optim::Optimizer& optimizer,
-                const TrainerState& trainer, const std::map<std::string, CallbackState>& callbacks) {
+void commit_full(const std::string& path, const ModuleTree& tree, const torch::optim::Optimizer& optimizer,
+                 const TrainerState& trainer, const std::map<std::string, CallbackState>& callbacks,
+                 bool fsync) {
   torch::serialize::OutputArchive archive;
   tree.write(archive);
   archive.write(kFormatKey, c10::IValue(std::string(kFullFormat)));
@@ -241,8 +242,10 @@ void write_full(ChecksumSink& sink, const ModuleTree& tree, const torch::optim::
     states.insert(key, fields);
   }
   archive.write(kCallbacksKey, c10::IValue(states));
-  archive.save_to(writer_for(sink));
-  sink.finish();
+  commit_archive(path, fsync, [&](ChecksumSink& sink) {
+    archive.save_to(writer_for(sink));
+    sink.finish();
+  });
 }
 
 }  // namespace detail
@@ -259,17 +262,13 @@ TensorMap state_dict(const torch::nn::Module& module) {
 }
 
 void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync) {
-  auto tree = detail::ModuleTree::of(module);
-  commit_archive(path, fsync, [&](detail::ChecksumSink& sink) { write_weights(sink, tree); });
+  detail::commit_weights(path, detail::ModuleTree::of(module), fsync);
 }
 
 void save_checkpoint(const std::string& path, const torch::nn::Module& module,
                      const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
                      const std::map<std::string, CallbackState>& callbacks, bool fsync) {
-  auto tree = detail::ModuleTree::of(module);
-  commit_archive(path, fsync, [&](detail::ChecksumSink& sink) {
-    write_full(sink, tree, optimizer, trainer, callbacks);
-  });
+  detail::commit_full(path, detail::ModuleTree::of(module), optimizer, trainer, callbacks, fsync);
 }
 
 VerifyResult verify_checkpoint(const std::string& path) {

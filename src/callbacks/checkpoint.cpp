@@ -8,9 +8,12 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "detail/async_writer.h"
+#include "detail/atomic_file.h"
+#include "detail/checkpoint_format.h"
+#include "detail/snapshot.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
-#include "torchfit/serialize.h"
 #include "torchfit/trainer.h"
 
 namespace torchfit {
@@ -170,41 +173,98 @@ void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch,
                                     const Logs& logs) {
   // Formatted before the decision, as Keras does, so a bad template fails early.
   std::string path = format_filepath(options_.filepath(), epoch, batch, logs);
+  wait();  // one save in flight at most; its failure surfaces here
   auto previous_best = best_;
+  auto previous_path = last_saved_path_;
   if (!should_save(epoch, logs, path)) return;
-  if (std::filesystem::is_directory(path)) {
-    best_ = previous_best;
-    throw CheckpointError(fmt::format(
-        "Please specify a non-directory filepath for CheckpointCallback. Filepath used is an "
-        "existing directory: {}",
-        path));
-  }
-  if (trainer_ == nullptr) {
-    throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
-  }
   try {
-    if (options_.save_weights_only()) {
-      save_weights(trainer_->model(), path, options_.fsync());
-    } else {
-      auto previous_path = last_saved_path_;
-      last_saved_path_ = path;  // the saved state names the file it lives in
-      try {
-        torchfit::save_checkpoint(path, trainer_->model(), trainer_->optimizer(),
-                                  trainer_->state(), trainer_->callback_states(),
-                                  options_.fsync());
-      } catch (...) {
-        last_saved_path_ = previous_path;
-        throw;
-      }
+    if (std::filesystem::is_directory(path)) {
+      throw CheckpointError(fmt::format(
+          "Please specify a non-directory filepath for CheckpointCallback. Filepath used is an "
+          "existing directory: {}",
+          path));
     }
+    if (trainer_ == nullptr) {
+      throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
+    }
+    last_saved_path_ = path;  // a full checkpoint's saved state names the file it lives in
+    write(epoch, path);
   } catch (...) {
     best_ = previous_best;
+    last_saved_path_ = previous_path;
     throw;
   }
-  last_saved_path_ = path;
-  if (options_.verbose() > 0) {
-    logger()->info("Epoch {}: finished saving model to {}", epoch + 1, path);
+  best_before_pending_ = previous_best;
+  path_before_pending_ = previous_path;
+}
+
+void CheckpointCallback::write(int64_t epoch, const std::string& path) {
+  const bool weights_only = options_.save_weights_only();
+  const bool fsync = options_.fsync();
+  const bool verbose = options_.verbose() > 0;
+  auto finished = [epoch, path, verbose] {
+    if (verbose) logger()->info("Epoch {}: finished saving model to {}", epoch + 1, path);
+  };
+  if (options_.async_save()) {
+    if (!writer_) {
+      snapshot_ = std::make_unique<detail::Snapshot>();
+      writer_ = std::make_unique<detail::AsyncWriter>();
+    }
+    if (weights_only || snapshot_->capture_optimizer(trainer_->optimizer())) {
+      snapshot_->capture_model(trainer_->model());
+      const detail::Snapshot* snapshot = snapshot_.get();
+      if (weights_only) {
+        writer_->submit([=] {
+          detail::commit_weights(path, snapshot->model(), fsync);
+          finished();
+        });
+      } else {
+        writer_->submit([=, state = trainer_->state(), callbacks = trainer_->callback_states()] {
+          detail::commit_full(path, snapshot->model(), snapshot->optimizer(), state, callbacks, fsync);
+          finished();
+        });
+      }
+      return;
+    }
+    if (!warned_sync_fallback_) {
+      logger()->warn("CheckpointCallback {}: async_save cannot snapshot this optimizer's state; saving full "
+                     "checkpoints synchronously",
+                     options_.filepath());
+      warned_sync_fallback_ = true;
+    }
   }
+  auto tree = detail::ModuleTree::of(trainer_->model());
+  if (weights_only) {
+    detail::commit_weights(path, tree, fsync);
+  } else {
+    detail::commit_full(path, tree, trainer_->optimizer(), trainer_->state(), trainer_->callback_states(), fsync);
+  }
+  finished();
+}
+
+void CheckpointCallback::wait() {
+  if (!writer_) return;
+  try {
+    writer_->wait();
+  } catch (...) {
+    best_ = best_before_pending_;
+    last_saved_path_ = path_before_pending_;
+    throw;
+  }
+}
+
+void CheckpointCallback::on_train_begin(const Logs& logs) {
+  MonitorCallback::on_train_begin(logs);
+  // Leftovers of a killed run in the directory we write to (up to the first field).
+  auto literal = options_.filepath().substr(0, options_.filepath().find('{'));
+  auto dir = std::filesystem::path(literal).parent_path();
+  if (std::filesystem::is_directory(dir)) detail::remove_stale_temporaries(dir.string());
+}
+
+void CheckpointCallback::on_train_end(const Logs&) { wait(); }
+
+CheckpointCallback::~CheckpointCallback() {
+  writer_.reset();  // waits for the save in flight, which reads the snapshot
 }
 
 std::string CheckpointCallback::state_key() const {

@@ -14,13 +14,13 @@ class Optimizer;
 
 namespace torchfit::detail {
 
-class ChecksumSink;
 struct ModuleTree;
 
-/// A torch.save-compatible pickled dict of the tree's tensors.
-void write_weights(ChecksumSink& sink, const ModuleTree& tree);
-/// A LibTorch module archive: the tree at the root plus our `torchfit_` entries.
-void write_full(ChecksumSink& sink, const ModuleTree& tree, const torch::optim::Optimizer& optimizer,
-                const TrainerState& trainer, const std::map<std::string, CallbackState>& callbacks);
+/// Commits a torch.save-compatible pickled dict of the tree's tensors to `path`.
+void commit_weights(const std::string& path, const ModuleTree& tree, bool fsync);
+/// Commits a LibTorch module archive: the tree at the root plus our `torchfit_` entries.
+void commit_full(const std::string& path, const ModuleTree& tree, const torch::optim::Optimizer& optimizer,
+                 const TrainerState& trainer, const std::map<std::string, CallbackState>& callbacks,
+                 bool fsync);
 
 }  // namespace torchfit::detail

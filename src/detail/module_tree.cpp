@@ -9,24 +9,30 @@ namespace {
 
 void copy_tensors(std::vector<std::pair<std::string, at::Tensor>>& target,
                   const std::vector<std::pair<std::string, at::Tensor>>& source) {
-  at::NoGradGuard no_grad;
   if (target.size() != source.size()) target.assign(source.size(), {});
   for (size_t i = 0; i < source.size(); ++i) {
-    const auto& [name, value] = source[i];
-    auto& [target_name, buffer] = target[i];
-    target_name = name;
-    bool reusable = buffer.defined() && buffer.sizes() == value.sizes() &&
-                    buffer.scalar_type() == value.scalar_type() && buffer.is_contiguous();
-    if (!reusable) {
-      // Pinned host memory makes the device-to-host copy asynchronous-capable.
-      auto options = value.options().device(at::kCPU).pinned_memory(value.is_cuda());
-      buffer = at::empty(value.sizes(), options);
-    }
-    buffer.copy_(value);
+    target[i].first = source[i].first;
+    copy_into(target[i].second, source[i].second);
   }
 }
 
 }  // namespace
+
+void copy_into(at::Tensor& buffer, const at::Tensor& value) {
+  if (!value.defined()) {
+    buffer = at::Tensor();
+    return;
+  }
+  at::NoGradGuard no_grad;
+  bool reusable = buffer.defined() && buffer.sizes() == value.sizes() &&
+                  buffer.scalar_type() == value.scalar_type() && buffer.is_contiguous();
+  if (!reusable) {
+    // Pinned host memory for device tensors, so the device-to-host copy runs at full speed.
+    auto options = value.options().device(at::kCPU).pinned_memory(value.is_cuda());
+    buffer = at::empty(value.sizes(), options);
+  }
+  buffer.copy_(value);
+}
 
 ModuleTree ModuleTree::of(const torch::nn::Module& module) {
   ModuleTree tree;

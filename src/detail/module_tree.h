@@ -17,6 +17,10 @@ class OutputArchive;
 
 namespace torchfit::detail {
 
+/// Copies `value` into `buffer`, reusing the buffer when its shape and dtype
+/// match and allocating a CPU tensor otherwise; an undefined value clears it.
+void copy_into(at::Tensor& buffer, const at::Tensor& value);
+
 struct ModuleTree {
   std::vector<std::pair<std::string, at::Tensor>> parameters;
   std::vector<std::pair<std::string, at::Tensor>> buffers;

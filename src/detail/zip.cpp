@@ -96,8 +96,12 @@ void ChecksumSink::write_with_crc(const void* data, size_t size, uint32_t crc) n
   }
 }
 
-void ChecksumSink::finish() {
+void ChecksumSink::raise_if_failed() const {
   if (!error_.empty()) throw CheckpointError(error_);
+}
+
+void ChecksumSink::finish() {
+  raise_if_failed();
   auto* end = reinterpret_cast<const unsigned char*>(tail_.data());
   if (tail_.size() != kEndSize || get32(end) != kEndSig || get16(end + 20) != 0) {
     throw CheckpointError(fmt::format("Failed writing {}: the zip writer did not end with a plain end record",

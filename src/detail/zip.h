@@ -26,6 +26,8 @@ class ChecksumSink {
   uint64_t position() const { return position_; }
   /// Writes the held-back end record with the checksum comment; throws CheckpointError.
   void finish();
+  /// Throws the first write error, if any.
+  void raise_if_failed() const;
 
  private:
   void pass_through(const char* data, size_t size, uint32_t crc, bool have_crc);

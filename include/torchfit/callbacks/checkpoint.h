@@ -10,12 +10,18 @@
 ///     spdlog::info("best {} in {}", *checkpoint->best(), checkpoint->last_saved_path());
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
 #include "torchfit/callbacks/monitor.h"
 
 namespace torchfit {
+
+namespace detail {
+class AsyncWriter;
+class Snapshot;
+}  // namespace detail
 
 /// When to save: at each epoch end, or every n batches.
 class SaveFreq {
@@ -55,6 +61,11 @@ class CheckpointOptions {
   }
   /// fsync the file and its directory on commit (default true). Turn off only for comparisons.
   CheckpointOptions& fsync(bool value) { fsync_ = value; return *this; }
+  /// Save in the background (default false): the training thread only copies the
+  /// state into reusable buffers; a writer thread serializes and commits. At most
+  /// one save is in flight; a writer error is raised at the next save or at the
+  /// end of training.
+  CheckpointOptions& async_save(bool value) { async_save_ = value; return *this; }
 
   const std::string& filepath() const { return filepath_; }
   const std::string& monitor() const { return monitor_; }
@@ -65,6 +76,7 @@ class CheckpointOptions {
   const SaveFreq& save_freq() const { return save_freq_; }
   const std::optional<double>& initial_value_threshold() const { return initial_value_threshold_; }
   bool fsync() const { return fsync_; }
+  bool async_save() const { return async_save_; }
 
  private:
   std::string filepath_;
@@ -76,6 +88,7 @@ class CheckpointOptions {
   SaveFreq save_freq_ = SaveFreq::epoch();
   std::optional<double> initial_value_threshold_;
   bool fsync_ = true;
+  bool async_save_ = false;
 };
 
 /// Saves the model (weights only, or a full checkpoint) at epoch ends or every n
@@ -84,11 +97,18 @@ class CheckpointCallback : public MonitorCallback {
  public:
   /// Throws `ValueError` for an empty filepath or a bad save_freq.
   explicit CheckpointCallback(CheckpointOptions options);
+  /// Waits for an async save in flight.
+  ~CheckpointCallback() override;
 
   const CheckpointOptions& options() const { return options_; }
   /// Path of the last file this callback saved; empty before the first save.
+  /// With async_save the file is complete once `wait()` returns.
   const std::string& last_saved_path() const { return last_saved_path_; }
+  /// Waits for an async save in flight and raises its error, if any.
+  void wait();
 
+  void on_train_begin(const Logs& logs) override;
+  void on_train_end(const Logs& logs) override;
   void on_epoch_begin(int64_t epoch, const Logs& logs) override;
   void on_epoch_end(int64_t epoch, const Logs& logs) override;
   void on_train_batch_end(int64_t batch, const Logs& logs) override;
@@ -106,11 +126,20 @@ class CheckpointCallback : public MonitorCallback {
  private:
   void save_model(int64_t epoch, std::optional<int64_t> batch, const Logs& logs);
   bool should_save(int64_t epoch, const Logs& logs, const std::string& path);
+  /// Writes `path` now, or hands a snapshot to the writer thread.
+  void write(int64_t epoch, const std::string& path);
 
   CheckpointOptions options_;
   int64_t current_epoch_ = 0;
   int64_t batches_since_last_save_ = 0;
   std::string last_saved_path_;
+  // Async saves: the writer, the reusable snapshot, and what to restore if the
+  // save in flight fails.
+  std::unique_ptr<detail::Snapshot> snapshot_;
+  std::unique_ptr<detail::AsyncWriter> writer_;
+  std::optional<double> best_before_pending_;
+  std::string path_before_pending_;
+  bool warned_sync_fallback_ = false;
 };
 
 }  // namespace torchfit

@@ -1,0 +1,38 @@
+#pragma once
+// One background thread that runs at most one save at a time; its errors are
+// kept and raised on the caller's thread.
+
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+namespace torchfit::detail {
+
+class AsyncWriter {
+ public:
+  AsyncWriter();
+  /// Waits for the job in flight; an error it raised is logged, not thrown.
+  ~AsyncWriter();
+  AsyncWriter(const AsyncWriter&) = delete;
+  AsyncWriter& operator=(const AsyncWriter&) = delete;
+
+  /// Runs `job` in the background. Call `wait()` first: one job at a time.
+  void submit(std::function<void()> job);
+  /// Blocks until no job is in flight, then rethrows the error of the last job, once.
+  void wait();
+
+ private:
+  void run();
+
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::function<void()> job_;
+  bool busy_ = false;
+  bool stopping_ = false;
+  std::exception_ptr error_;
+  std::thread thread_;
+};
+
+}  // namespace torchfit::detail

@@ -1,0 +1,157 @@
+// Async saves: same bytes as sync saves, errors raised on the training thread.
+#include <fstream>
+
+#include "support.h"
+
+namespace torchfit::test {
+namespace {
+
+class AsyncTest : public TorchfitTest {
+ protected:
+  void SetUp() override {
+    TorchfitTest::SetUp();
+    data_ = make_data(40, 10);
+  }
+
+  /// A trainer over a fresh model with Adam (its moments must travel too).
+  std::unique_ptr<Trainer> make_trainer(Mlp& model) {
+    torch::manual_seed(3);
+    model = Mlp();
+    auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 0.01);
+    return std::make_unique<Trainer>(model, adam, ce_loss, std::vector<Metric>{metrics::accuracy()});
+  }
+
+  Dataset data_;
+};
+
+TEST_F(AsyncTest, AsyncSavesHoldTheSameTensorsAsSyncSaves) {
+  for (bool weights_only : {true, false}) {
+    SCOPED_TRACE(weights_only ? "weights" : "full");
+    auto sub = std::string(weights_only ? "w" : "f");
+    auto options = [&](const std::string& kind, bool async) {
+      return CheckpointOptions(path(sub + kind + "/e{epoch}b{batch}.pt"))
+          .save_freq(SaveFreq::batches(3))
+          .save_weights_only(weights_only)
+          .async_save(async);
+    };
+    auto sync = std::make_shared<CheckpointCallback>(options("sync", false));
+    auto async = std::make_shared<CheckpointCallback>(options("async", true));
+    Mlp model;
+    auto trainer = make_trainer(model);
+    trainer->fit(data_.x_train, data_.y_train, FitOptions().epochs(3).batch_size(4).seed(5).callbacks({async, sync}));
+    auto names = files(sub + "sync");
+    ASSERT_EQ(names.size(), 10u);  // 30 batches, a save every 3
+    ASSERT_EQ(files(sub + "async"), names);
+    for (const auto& name : names) {
+      auto a = path(sub + "async/" + name), s = path(sub + "sync/" + name);
+      ASSERT_TRUE(verify_checkpoint(a).ok) << a;
+      auto wa = read_weights(a), ws = read_weights(s);
+      ASSERT_EQ(wa.size(), ws.size());
+      for (const auto& [key, tensor] : ws) EXPECT_TRUE(torch::equal(tensor, wa.at(key))) << name << " " << key;
+    }
+    if (!weights_only) {
+      // Restored from either file, the optimizer continues identically.
+      Mlp from_sync, from_async;
+      auto a = make_trainer(from_async), s = make_trainer(from_sync);
+      s->load_checkpoint(path(sub + "sync/" + names[4]));
+      a->load_checkpoint(path(sub + "async/" + names[4]));
+      EXPECT_EQ(a->state().global_step, s->state().global_step);
+      EXPECT_EQ(a->state().epoch, s->state().epoch);
+      s->fit(data_.x_train, data_.y_train, FitOptions().epochs(3).batch_size(4).seed(5));
+      a->fit(data_.x_train, data_.y_train, FitOptions().epochs(3).batch_size(4).seed(5));
+      expect_same_weights(*from_sync, *from_async);
+    }
+  }
+}
+
+TEST_F(AsyncTest, FileIsCompleteWhenFitReturns) {
+  auto cb = std::make_shared<CheckpointCallback>(CheckpointOptions(path("last.pt")).async_save(true));
+  Mlp model;
+  auto trainer = make_trainer(model);
+  trainer->fit(data_.x_train, data_.y_train, FitOptions().epochs(2).batch_size(8).callbacks({cb}));
+  auto result = verify_checkpoint(path("last.pt"));
+  EXPECT_TRUE(result.ok) << result.reason;
+  Mlp loaded;
+  load_weights(*loaded, path("last.pt"));
+  expect_same_weights(*model, *loaded);
+}
+
+TEST_F(AsyncTest, WriterErrorSurfacesAtTheNextSave) {
+  std::ofstream(path("blocker")) << "a file where a directory should be";
+  auto target = path("blocker/{epoch}.pt");
+  auto cb = std::make_shared<CheckpointCallback>(
+      CheckpointOptions(target).monitor("loss").save_best_only(true).save_weights_only(true).async_save(true));
+  Mlp model;
+  auto trainer = make_trainer(model);
+  try {
+    trainer->fit(data_.x_train, data_.y_train, FitOptions().epochs(3).batch_size(8).callbacks({cb}));
+    FAIL() << "expected CheckpointError";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find(path("blocker")), std::string::npos) << e.what();
+  }
+  // The failed save's best was rolled back; the run stopped at the second save point.
+  EXPECT_FALSE(cb->best().has_value());
+  EXPECT_EQ(cb->last_saved_path(), "");
+  EXPECT_EQ(trainer->state().epoch, 2);
+}
+
+TEST_F(AsyncTest, WriterErrorSurfacesAtTrainEnd) {
+  std::ofstream(path("blocker")) << "x";
+  auto cb = std::make_shared<CheckpointCallback>(CheckpointOptions(path("blocker/w.pt")).async_save(true));
+  Mlp model;
+  auto trainer = make_trainer(model);
+  EXPECT_THROW(trainer->fit(data_.x_train, data_.y_train, FitOptions().epochs(1).callbacks({cb})), CheckpointError);
+}
+
+TEST_F(AsyncTest, DestructorWaitsForTheSaveInFlight) {
+  Mlp model;
+  auto trainer = make_trainer(model);
+  {
+    CheckpointCallback cb(CheckpointOptions(path("w.pt")).save_weights_only(true).async_save(true));
+    cb.set_trainer(trainer.get());
+    cb.on_train_begin({});
+    cb.on_epoch_begin(0, {});
+    cb.on_epoch_end(0, {{"val_loss", 1.0}});
+  }
+  EXPECT_TRUE(verify_checkpoint(path("w.pt")).ok);
+}
+
+/// An optimizer type the snapshot does not know.
+class PlainSgd : public torch::optim::Optimizer {
+ public:
+  PlainSgd(std::vector<torch::Tensor> params, double lr)
+      : Optimizer({torch::optim::OptimizerParamGroup(std::move(params))},
+                  std::make_unique<torch::optim::SGDOptions>(lr)),
+        lr_(lr) {}
+  torch::Tensor step(LossClosure closure = nullptr) override {
+    torch::Tensor loss;
+    if (closure) loss = closure();
+    torch::NoGradGuard no_grad;
+    for (auto& p : param_groups()[0].params()) p.add_(p.grad(), -lr_);
+    return loss;
+  }
+  void save(torch::serialize::OutputArchive& archive) const override { archive.write("lr", torch::IValue(lr_)); }
+  void load(torch::serialize::InputArchive& archive) override {
+    torch::IValue lr;
+    archive.read("lr", lr);
+    lr_ = lr.toDouble();
+  }
+
+ private:
+  double lr_;
+};
+
+TEST_F(AsyncTest, UnknownOptimizerFallsBackToSyncFullSaves) {
+  auto model = Mlp();
+  auto plain = std::make_shared<PlainSgd>(model->parameters(), 0.1);
+  Trainer trainer(model, plain, ce_loss);
+  auto cb = std::make_shared<CheckpointCallback>(CheckpointOptions(path("{epoch}.pt")).async_save(true));
+  LogCapture capture;
+  trainer.fit(data_.x_train, data_.y_train, FitOptions().epochs(2).batch_size(40).callbacks({cb}));
+  EXPECT_EQ(files(), (std::vector<std::string>{"1.pt", "2.pt"}));
+  EXPECT_TRUE(verify_checkpoint(path("2.pt")).ok);
+  EXPECT_NE(capture.text().find("async_save cannot snapshot this optimizer's state"), std::string::npos) << capture.text();
+}
+
+}  // namespace
+}  // namespace torchfit::test
