@@ -2,15 +2,18 @@
 
 #include <sys/stat.h>
 
+#include <cstring>
 #include <filesystem>
 #include <sstream>
 
+#include <c10/core/CPUAllocator.h>
 #include <caffe2/serialize/inline_container.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/import_read.h>
 #include <torch/csrc/jit/serialization/pickler.h>
+#include <torch/csrc/jit/serialization/unpickler.h>
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/input-archive.h>
@@ -135,16 +138,17 @@ void load_archive(torch::serialize::InputArchive& archive, const std::string& pa
 
 enum class ArchiveKind { Pickle, Module };
 
-/// Checks that `path` is an existing, undamaged zip and tells a pickled object
-/// from a module archive.
-ArchiveKind open_checked(const std::string& path) {
+void check_file(const std::string& path) {
   if (!std::filesystem::exists(path)) {
     throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
   }
   if (std::filesystem::is_directory(path)) {
     throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path));
   }
-  verify_for_load(path);
+}
+
+/// Tells a pickled object from a module archive.
+ArchiveKind archive_kind(const std::string& path) {
   try {
     caffe2::serialize::PyTorchStreamReader reader(path);
     return reader.hasRecord("constants.pkl") ? ArchiveKind::Module : ArchiveKind::Pickle;
@@ -152,12 +156,6 @@ ArchiveKind open_checked(const std::string& path) {
     throw CheckpointError(fmt::format("Failed reading checkpoint {}: not a PyTorch zip archive ({})",
                                       path, e.what_without_backtrace()));
   }
-}
-
-bool is_full_checkpoint(torch::serialize::InputArchive& archive) {
-  c10::IValue format;
-  return archive.try_read(kFormatKey, format) && format.isString() &&
-         format.toStringRef() == kFullFormat;
 }
 
 TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path) {
@@ -177,6 +175,78 @@ TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path)
     out[entry.key().toStringRef()] = entry.value().toTensor();
   }
   return out;
+}
+
+/// The tensors of a weights file we wrote, unpickled with their storages
+/// allocated but not yet read; `spans` says where each storage's bytes lie.
+struct PendingWeights {
+  TensorMap tensors;
+  std::map<const void*, detail::RecordSpan> spans;
+
+  /// The read that fills `tensor`'s storage.
+  detail::ReadJob fill(const at::Tensor& tensor) const {
+    auto* data = tensor.storage().data();
+    return {spans.at(data), const_cast<void*>(data)};
+  }
+};
+
+/// Unpickles the "data.pkl" of a weights file we wrote (the pickle is small;
+/// the storages are only allocated).
+PendingWeights unpickle_weights(const detail::FileReader& file,
+                                const std::map<std::string, detail::RecordSpan>& records) {
+  const auto& path = file.path();
+  const auto pickle_span = records.at("data.pkl");
+  const std::string pickle = file.read_at(pickle_span.offset, pickle_span.size);
+  size_t position = 0;
+  auto reader = [&](char* buffer, size_t n) -> size_t {
+    n = std::min(n, pickle.size() - position);
+    std::memcpy(buffer, pickle.data() + position, n);
+    position += n;
+    return n;
+  };
+  PendingWeights pending;
+  auto read_record = [&](const std::string& key) -> at::DataPtr {
+    auto it = records.find("data/" + key);
+    if (it == records.end()) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: no record for storage {}", path, key));
+    }
+    auto data = c10::GetCPUAllocator()->allocate(it->second.size);
+    pending.spans[data.get()] = it->second;
+    return data;
+  };
+  torch::jit::Unpickler unpickler(reader, nullptr, nullptr, read_record, at::Device(at::kCPU));
+  pending.tensors = weights_from_ivalue(unpickler.parse_ivalue(), path);
+  for (const auto& [name, tensor] : pending.tensors) {
+    auto it = pending.spans.find(tensor.storage().data());
+    if (it == pending.spans.end() || tensor.storage().nbytes() > it->second.size) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: tensor '{}' overruns its record", path, name));
+    }
+  }
+  return pending;
+}
+
+/// For a weights file we wrote and that verifies, its unpickled tensors with
+/// storages not yet read; nothing for other files (after checking they are not
+/// damaged).
+std::optional<PendingWeights> open_weights(const detail::FileReader& file) {
+  auto integrity = detail::check_integrity(file);
+  if (integrity.status == detail::Integrity::Status::Corrupt) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), integrity.reason));
+  }
+  if (integrity.status != detail::Integrity::Status::Intact) return std::nullopt;
+  auto records = detail::list_records(file);
+  if (!records || !records->count("data.pkl") || records->count("constants.pkl")) return std::nullopt;
+  try {
+    return unpickle_weights(file, *records);
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", file.path(), e.what_without_backtrace()));
+  }
+}
+
+bool is_full_checkpoint(torch::serialize::InputArchive& archive) {
+  c10::IValue format;
+  return archive.try_read(kFormatKey, format) && format.isString() &&
+         format.toStringRef() == kFullFormat;
 }
 
 /// Checks that `weights` fit the module exactly; returns the module's tensors by name.
@@ -287,8 +357,18 @@ VerifyResult verify_checkpoint(const std::string& path) {
 }
 
 TensorMap read_weights(const std::string& path) {
-  auto kind = open_checked(path);
-  if (kind == ArchiveKind::Pickle) {
+  check_file(path);
+  {
+    detail::FileReader file(path);
+    if (auto pending = open_weights(file)) {
+      std::vector<detail::ReadJob> jobs;
+      for (const auto& [data, span] : pending->spans) jobs.push_back({span, const_cast<void*>(data)});
+      detail::read_parallel(file, jobs);
+      return std::move(pending->tensors);
+    }
+  }
+  // Module archives, zip64 files and files of other tools go through LibTorch's reader.
+  if (archive_kind(path) == ArchiveKind::Pickle) {
     try {
       caffe2::serialize::PyTorchStreamReader reader(path);
       auto value = torch::jit::readArchiveAndTensors("data", "", "data/", c10::nullopt,
@@ -312,13 +392,39 @@ void assign_weights(torch::nn::Module& module, const TensorMap& weights, const s
 }
 
 void load_weights(torch::nn::Module& module, const std::string& path) {
-  assign_weights(module, read_weights(path), path);
+  check_file(path);
+  detail::FileReader file(path);
+  auto pending = open_weights(file);
+  if (!pending) return assign_weights(module, read_weights(path), path);
+  // Verified and matched before anything is written: then each tensor's bytes go
+  // straight from the file into the parameter, where layouts allow.
+  TensorMap targets = check_weights(module, pending->tensors, path);
+  std::vector<detail::ReadJob> direct, staged;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  for (auto& [name, target] : targets) {
+    const auto& source = pending->tensors.at(name);
+    auto job = pending->fill(source);
+    bool in_place = target.device().is_cpu() && target.is_contiguous() && source.is_contiguous() &&
+                    source.storage_offset() == 0 && source.nbytes() == job.span.size;
+    if (in_place) {
+      direct.push_back({job.span, target.data_ptr()});
+    } else {
+      staged.push_back(job);
+      copies.emplace_back(target, source);
+    }
+  }
+  direct.insert(direct.end(), staged.begin(), staged.end());
+  detail::read_parallel(file, direct);
+  at::NoGradGuard no_grad;
+  for (auto& [target, source] : copies) target.copy_(source);
+  for (auto& [name, target] : targets) target.unsafeGetTensorImpl()->bump_version();
 }
 
 CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
                                    torch::optim::Optimizer& optimizer) {
-  auto kind = open_checked(path);
-  if (kind == ArchiveKind::Pickle) {
+  check_file(path);
+  verify_for_load(path);
+  if (archive_kind(path) == ArchiveKind::Pickle) {
     throw CheckpointError(fmt::format(
         "Checkpoint {} is not a full torchfit checkpoint: it holds weights only (use load_weights)",
         path));

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -50,12 +51,34 @@ uint32_t crc32_of(const void* data, size_t size, uint32_t crc = 0) {
   return libdeflate_crc32(crc, data, size);
 }
 
+/// Runs `first` here and `second` on a helper thread; rethrows either's error.
+template <typename First, typename Second>
+void run_pair(First&& first, Second&& second) {
+  std::exception_ptr error;
+  std::thread helper([&] {
+    try {
+      second();
+    } catch (...) {
+      error = std::current_exception();
+    }
+  });
+  try {
+    first();
+  } catch (...) {
+    helper.join();
+    throw;
+  }
+  helper.join();
+  if (error) std::rethrow_exception(error);
+}
+
+constexpr uint64_t kParallelThreshold = 4 * kChunk;
+
 }  // namespace
 
-void ChecksumSink::pass_through(const char* data, size_t size, uint32_t crc, bool have_crc) {
+void ChecksumSink::pass_through(const char* data, size_t size) {
   if (size == 0) return;
-  crc_ = have_crc ? static_cast<uint32_t>(crc32_combine(crc_, crc, static_cast<z_off_t>(size)))
-                  : crc32_of(data, size, crc_);
+  crc_ = crc32_of(data, size, crc_);
   file_.write(data, size);
 }
 
@@ -66,14 +89,14 @@ size_t ChecksumSink::operator()(const void* data, size_t size) noexcept {
     auto* bytes = static_cast<const char*>(data);
     position_ += size;
     if (size >= kEndSize) {
-      pass_through(tail_.data(), tail_.size(), 0, false);
-      pass_through(bytes, size - kEndSize, 0, false);
+      pass_through(tail_.data(), tail_.size());
+      pass_through(bytes, size - kEndSize);
       tail_.assign(bytes + size - kEndSize, bytes + size);
     } else {
       tail_.insert(tail_.end(), bytes, bytes + size);
       if (tail_.size() > kEndSize) {
         size_t flush = tail_.size() - kEndSize;
-        pass_through(tail_.data(), flush, 0, false);
+        pass_through(tail_.data(), flush);
         tail_.erase(tail_.begin(), tail_.begin() + static_cast<std::ptrdiff_t>(flush));
       }
     }
@@ -83,17 +106,21 @@ size_t ChecksumSink::operator()(const void* data, size_t size) noexcept {
   return size;
 }
 
-void ChecksumSink::write_with_crc(const void* data, size_t size, uint32_t crc) noexcept {
+void ChecksumSink::write_uncounted(const void* data, size_t size) noexcept {
   if (!error_.empty()) return;
   try {
     // Large payloads are never the end record: flush the tail, then the payload.
-    pass_through(tail_.data(), tail_.size(), 0, false);
+    pass_through(tail_.data(), tail_.size());
     tail_.clear();
-    pass_through(static_cast<const char*>(data), size, crc, true);
+    file_.write(data, size);
     position_ += size;
   } catch (const std::exception& e) {
     error_ = e.what();
   }
+}
+
+void ChecksumSink::count(uint32_t crc, size_t size) {
+  crc_ = static_cast<uint32_t>(crc32_combine(crc_, crc, static_cast<z_off_t>(size)));
 }
 
 void ChecksumSink::raise_if_failed() const {
@@ -109,7 +136,7 @@ void ChecksumSink::finish() {
   }
   tail_[20] = static_cast<char>(kCommentSize & 0xff);
   tail_[21] = static_cast<char>(kCommentSize >> 8);
-  pass_through(tail_.data(), tail_.size(), 0, false);
+  pass_through(tail_.data(), tail_.size());
   auto comment = fmt::format("{}{:08x}", kCommentPrefix, crc_);
   file_.write(comment.data(), comment.size());
   tail_.clear();
@@ -143,14 +170,15 @@ void ZipWriter::add(const std::string& name, const void* data, size_t size) {
   header.append(padding, 'Z');
   sink_(header.data(), header.size());
 
+  // The CRC runs on a second thread while this one writes the same bytes.
   uint32_t crc = 0;
-  auto* bytes = static_cast<const char*>(data);
-  for (size_t done = 0; done < size; done += kChunk) {
-    size_t n = std::min(kChunk, size - done);
-    uint32_t chunk_crc = crc32_of(bytes + done, n);  // while the chunk is in cache
-    sink_.write_with_crc(bytes + done, n, chunk_crc);
-    crc = static_cast<uint32_t>(crc32_combine(crc, chunk_crc, static_cast<z_off_t>(n)));
+  if (size >= kParallelThreshold) {
+    run_pair([&] { sink_.write_uncounted(data, size); }, [&] { crc = crc32_of(data, size); });
+  } else {
+    crc = crc32_of(data, size);
+    sink_.write_uncounted(data, size);
   }
+  sink_.count(crc, size);
   std::string descriptor;
   put32(descriptor, kDescriptorSig);
   put32(descriptor, crc);
@@ -197,64 +225,155 @@ void ZipWriter::finish() {
   sink_.finish();
 }
 
-Integrity check_integrity(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw CheckpointError(errno_message("Failed opening checkpoint", path, errno));
-  struct FdCloser {
-    int fd;
-    ~FdCloser() { ::close(fd); }
-  } closer{fd};
+FileReader::FileReader(std::string path) : path_(std::move(path)) {
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw CheckpointError(errno_message("Failed opening checkpoint", path_, errno));
   struct stat st {};
-  if (::fstat(fd, &st) != 0) throw CheckpointError(errno_message("Failed reading checkpoint", path, errno));
-  auto size = static_cast<uint64_t>(st.st_size);
-  using Status = Integrity::Status;
-  if (size == 0) return {Status::Corrupt, "the file is empty"};
+  if (::fstat(fd_, &st) != 0) {
+    int error = errno;
+    ::close(fd_);
+    throw CheckpointError(errno_message("Failed reading checkpoint", path_, error));
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+}
 
-  auto read_at = [&](uint64_t offset, void* buffer, size_t n) {
-    size_t done = 0;
-    while (done < n) {
-      ssize_t r = ::pread(fd, static_cast<char*>(buffer) + done, n - done, static_cast<off_t>(offset + done));
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) throw CheckpointError(errno_message("Failed reading checkpoint", path, errno));
-      if (r == 0) throw CheckpointError(fmt::format("Failed reading checkpoint {}: unexpected end of file", path));
-      done += static_cast<size_t>(r);
+FileReader::~FileReader() { ::close(fd_); }
+
+void FileReader::read_at(uint64_t offset, void* buffer, size_t n) const {
+  size_t done = 0;
+  while (done < n) {
+    ssize_t r = ::pread(fd_, static_cast<char*>(buffer) + done, n - done, static_cast<off_t>(offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw CheckpointError(errno_message("Failed reading checkpoint", path_, errno));
+    if (r == 0) throw CheckpointError(fmt::format("Failed reading checkpoint {}: unexpected end of file", path_));
+    done += static_cast<size_t>(r);
+  }
+}
+
+std::string FileReader::read_at(uint64_t offset, size_t n) const {
+  std::string out(n, '\0');
+  read_at(offset, out.data(), n);
+  return out;
+}
+
+namespace {
+
+/// CRC32 of bytes [begin, end) of the file, read in cache-sized chunks.
+uint32_t crc32_range(const FileReader& file, uint64_t begin, uint64_t end) {
+  std::vector<char> buffer(std::min<uint64_t>(kChunk, end - begin));
+  uint32_t crc = 0;
+  for (uint64_t offset = begin; offset < end; offset += kChunk) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, end - offset));
+    file.read_at(offset, buffer.data(), n);
+    crc = crc32_of(buffer.data(), n, crc);
+  }
+  return crc;
+}
+
+/// CRC32 of the first `size` bytes, split over two threads for large files.
+uint32_t crc32_prefix(const FileReader& file, uint64_t size) {
+  if (size < kParallelThreshold) return crc32_range(file, 0, size);
+  uint64_t half = size / 2;
+  uint32_t first = 0, second = 0;
+  run_pair([&] { first = crc32_range(file, 0, half); }, [&] { second = crc32_range(file, half, size); });
+  return static_cast<uint32_t>(crc32_combine(first, second, static_cast<z_off_t>(size - half)));
+}
+
+}  // namespace
+
+void read_parallel(const FileReader& file, const std::vector<ReadJob>& jobs) {
+  uint64_t total = 0;
+  for (const auto& job : jobs) total += job.span.size;
+  // Cut the byte stream in two halves, splitting the job that straddles the middle.
+  std::vector<ReadJob> halves[2];
+  uint64_t seen = 0, middle = total < kParallelThreshold ? total : total / 2;
+  for (const auto& job : jobs) {
+    uint64_t begin = seen, end = seen + job.span.size;
+    seen = end;
+    if (end <= middle) {
+      halves[0].push_back(job);
+    } else if (begin >= middle) {
+      halves[1].push_back(job);
+    } else {
+      uint64_t head = middle - begin;
+      halves[0].push_back({{job.span.offset, head}, job.destination});
+      halves[1].push_back({{job.span.offset + head, job.span.size - head}, static_cast<char*>(job.destination) + head});
     }
+  }
+  auto run = [&file](const std::vector<ReadJob>& part) {
+    for (const auto& job : part) file.read_at(job.span.offset, job.destination, job.span.size);
   };
+  if (halves[1].empty()) return run(halves[0]);
+  run_pair([&] { run(halves[0]); }, [&] { run(halves[1]); });
+}
 
-  unsigned char first[4] = {};
-  read_at(0, first, std::min<uint64_t>(4, size));
-  if (size < 4 || get32(first) != kLocalHeaderSig) {
+Integrity check_integrity(const FileReader& file) {
+  using Status = Integrity::Status;
+  const uint64_t size = file.size();
+  if (size == 0) return {Status::Corrupt, "the file is empty"};
+  if (size < 4 || get32(reinterpret_cast<const unsigned char*>(file.read_at(0, 4).data())) != kLocalHeaderSig) {
     return {Status::Corrupt, "not a checkpoint: the file does not start with a zip record"};
   }
   const size_t trailer = kEndSize + kCommentSize;
-  unsigned char tail[kEndSize + kCommentSize];
-  if (size >= trailer) read_at(size - trailer, tail, trailer);
-  bool has_comment = size >= trailer && get32(tail) == kEndSig && get16(tail + 20) == kCommentSize &&
-                     std::memcmp(tail + kEndSize, kCommentPrefix, std::strlen(kCommentPrefix)) == 0;
+  std::string tail = file.read_at(size - std::min<uint64_t>(size, trailer), std::min<uint64_t>(size, trailer));
+  auto* t = reinterpret_cast<const unsigned char*>(tail.data());
+  bool has_comment = tail.size() == trailer && get32(t) == kEndSig && get16(t + 20) == kCommentSize &&
+                     std::memcmp(t + kEndSize, kCommentPrefix, std::strlen(kCommentPrefix)) == 0;
   if (!has_comment) {
-    unsigned char end[kEndSize];
     // A plain end record with no comment, as other tools write it; a comment
     // length that runs past the end means the file was cut.
-    bool plain_end = size >= kEndSize && (read_at(size - kEndSize, end, kEndSize), get32(end) == kEndSig) &&
-                     get16(end + 20) == 0;
-    if (plain_end) return {Status::NoChecksum, "the file carries no torchfit checksum (written by another tool)"};
-    return {Status::Corrupt, fmt::format("truncated or damaged: no end-of-archive record in the last bytes of {} bytes", size)};
+    const unsigned char* plain = tail.size() >= kEndSize ? t + tail.size() - kEndSize : nullptr;
+    if (plain != nullptr && get32(plain) == kEndSig && get16(plain + 20) == 0) {
+      return {Status::NoChecksum, "the file carries no torchfit checksum (written by another tool)"};
+    }
+    return {Status::Corrupt,
+            fmt::format("truncated or damaged: no end-of-archive record in the last bytes of {} bytes", size)};
   }
-  std::string stored(reinterpret_cast<const char*>(tail + kEndSize + std::strlen(kCommentPrefix)), 8);
-  std::vector<char> buffer(kChunk);
-  uint32_t crc = 0;
-  uint64_t covered = size - kCommentSize;
-  for (uint64_t offset = 0; offset < covered; offset += kChunk) {
-    size_t n = static_cast<size_t>(std::min<uint64_t>(kChunk, covered - offset));
-    read_at(offset, buffer.data(), n);
-    crc = crc32_of(buffer.data(), n, crc);
-  }
-  auto computed = fmt::format("{:08x}", crc);
+  std::string stored(reinterpret_cast<const char*>(t + kEndSize + std::strlen(kCommentPrefix)), 8);
+  auto computed = fmt::format("{:08x}", crc32_prefix(file, size - kCommentSize));
   if (computed != stored) {
-    return {Status::Corrupt, fmt::format("checksum mismatch (stored {}, computed {}): the content is corrupt",
-                                         stored, computed)};
+    return {Status::Corrupt,
+            fmt::format("checksum mismatch (stored {}, computed {}): the content is corrupt", stored, computed)};
   }
   return {Status::Intact, ""};
+}
+
+Integrity check_integrity(const std::string& path) { return check_integrity(FileReader(path)); }
+
+std::optional<std::map<std::string, RecordSpan>> list_records(const FileReader& file) {
+  const uint64_t size = file.size();
+  if (size < kEndSize + kCommentSize) return std::nullopt;
+  std::string end_record = file.read_at(size - kEndSize - kCommentSize, kEndSize);
+  auto* end = reinterpret_cast<const unsigned char*>(end_record.data());
+  if (get32(end) != kEndSig) return std::nullopt;
+  uint64_t count = get16(end + 10), directory_size = get32(end + 12), directory_offset = get32(end + 16);
+  if (count == 0xffff || directory_offset == 0xffffffff || directory_offset + directory_size > size) {
+    return std::nullopt;  // zip64 or damaged: leave it to LibTorch's reader
+  }
+  std::string directory = file.read_at(directory_offset, directory_size);
+  auto* bytes = reinterpret_cast<const unsigned char*>(directory.data());
+  std::map<std::string, RecordSpan> records;
+  uint64_t at = 0;
+  for (uint64_t i = 0; i < count; ++i) {
+    if (at + 46 > directory_size || get32(bytes + at) != kCentralHeaderSig) return std::nullopt;
+    const unsigned char* h = bytes + at;
+    uint64_t record_size = get32(h + 24), local = get32(h + 42);
+    size_t name_size = get16(h + 28), extra = get16(h + 30), comment = get16(h + 32);
+    if (get16(h + 10) != 0 || record_size == 0xffffffff || local + kLocalHeaderSize > size ||
+        at + 46 + name_size > directory_size) {
+      return std::nullopt;
+    }
+    std::string name(reinterpret_cast<const char*>(h + 46), name_size);
+    std::string local_header = file.read_at(local, kLocalHeaderSize);
+    auto* l = reinterpret_cast<const unsigned char*>(local_header.data());
+    if (get32(l) != kLocalHeaderSig) return std::nullopt;
+    uint64_t data = local + kLocalHeaderSize + get16(l + 26) + get16(l + 28);
+    if (data + record_size > size) return std::nullopt;
+    auto slash = name.find('/');
+    records[slash == std::string::npos ? name : name.substr(slash + 1)] = {data, record_size};
+    at += 46 + name_size + extra + comment;
+  }
+  return records;
 }
 
 }  // namespace torchfit::detail

@@ -5,6 +5,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,8 +22,11 @@ class ChecksumSink {
  public:
   explicit ChecksumSink(AtomicFile& file) : file_(file) {}
   size_t operator()(const void* data, size_t size) noexcept;
-  /// Appends bytes whose CRC32 the caller already computed.
-  void write_with_crc(const void* data, size_t size, uint32_t crc) noexcept;
+  /// Appends bytes whose CRC32 the caller computes itself and hands to
+  /// `count()` before anything else is written.
+  void write_uncounted(const void* data, size_t size) noexcept;
+  /// Folds the CRC32 of the bytes of the last `write_uncounted` into the checksum.
+  void count(uint32_t crc, size_t size);
   /// Bytes written so far (including those held back).
   uint64_t position() const { return position_; }
   /// Writes the held-back end record with the checksum comment; throws CheckpointError.
@@ -30,7 +35,7 @@ class ChecksumSink {
   void raise_if_failed() const;
 
  private:
-  void pass_through(const char* data, size_t size, uint32_t crc, bool have_crc);
+  void pass_through(const char* data, size_t size);
   AtomicFile& file_;
   std::vector<char> tail_;  // the last bytes, which may be the end record
   uint32_t crc_ = 0;        // of every byte passed to file_
@@ -62,14 +67,55 @@ class ZipWriter {
   std::vector<Entry> entries_;
 };
 
+/// A file open for positional reads.
+class FileReader {
+ public:
+  /// Throws CheckpointError naming the path and errno text if it cannot be opened.
+  explicit FileReader(std::string path);
+  ~FileReader();
+  FileReader(const FileReader&) = delete;
+  FileReader& operator=(const FileReader&) = delete;
+
+  uint64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+  /// Reads exactly `n` bytes at `offset`; throws CheckpointError on errors or EOF.
+  void read_at(uint64_t offset, void* buffer, size_t n) const;
+  std::string read_at(uint64_t offset, size_t n) const;
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  uint64_t size_ = 0;
+};
+
+/// Where a record's data lies in the file.
+struct RecordSpan {
+  uint64_t offset;
+  uint64_t size;
+};
+
+/// The records of a zip ZipWriter wrote, by name without the archive prefix;
+/// empty for layouts it does not know (zip64, other writers).
+std::optional<std::map<std::string, RecordSpan>> list_records(const FileReader& file);
+
+/// A span of the file to read into memory.
+struct ReadJob {
+  RecordSpan span;
+  void* destination;
+};
+
+/// Runs the reads, split over two threads by bytes for large totals.
+void read_parallel(const FileReader& file, const std::vector<ReadJob>& jobs);
+
 /// The result of checking a file's integrity.
 struct Integrity {
   enum class Status { Intact, NoChecksum, Corrupt } status;
   std::string reason;  // why it is not intact
 };
 
-/// Checks the structure and the whole-file checksum of `path`. Throws only for
-/// files that cannot be opened.
+/// Checks the structure and the whole-file checksum of `file` (on two threads).
+Integrity check_integrity(const FileReader& file);
+/// The same for a path; throws only for files that cannot be opened.
 Integrity check_integrity(const std::string& path);
 
 }  // namespace torchfit::detail

@@ -1,0 +1,225 @@
+// Save and load overhead of torchfit checkpoints against the physical limits and
+// the usual alternatives, on the same bytes, in the same directory, in one run.
+//
+//   save_bench [--sizes 1,8,64,128,512] [--small 2000] [--reps 3] [--dir bench_out]
+//              [--json save_bench.json] [--python /usr/bin/python3]
+//
+// Sizes are MiB of float32 state in 4 tensors; --small adds a case of that many
+// 4 KiB tensors (0 to skip).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <torch/torch.h>
+#include <torchfit/torchfit.h>
+
+#include "bench_util.h"
+
+namespace fs = std::filesystem;
+using namespace torchfit;
+using bench::median_seconds;
+
+namespace {
+
+struct BlobImpl : torch::nn::Module {
+  explicit BlobImpl(const std::vector<int64_t>& numels) {
+    for (size_t i = 0; i < numels.size(); ++i) register_parameter("p" + std::to_string(i), torch::randn({numels[i]}));
+  }
+  torch::Tensor forward(torch::Tensor x) { return x; }
+};
+TORCH_MODULE(Blob);
+
+struct Case {
+  std::string name;
+  std::vector<int64_t> numels;
+};
+
+void check(bool ok, const std::string& what) {
+  if (!ok) throw std::runtime_error(what + ": " + std::strerror(errno));
+}
+
+void raw_write(const std::string& path, const std::vector<torch::Tensor>& tensors) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  check(fd >= 0, "open " + path);
+  for (const auto& t : tensors) {
+    auto* p = static_cast<const char*>(t.data_ptr());
+    size_t left = t.nbytes();
+    while (left > 0) {
+      ssize_t n = ::write(fd, p, left);
+      check(n > 0, "write " + path);
+      p += n;
+      left -= static_cast<size_t>(n);
+    }
+  }
+  check(::fsync(fd) == 0, "fsync " + path);
+  ::close(fd);
+}
+
+void raw_read(const std::string& path, char* buffer, size_t size) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  check(fd >= 0, "open " + path);
+  size_t done = 0;
+  while (done < size) {
+    ssize_t n = ::read(fd, buffer + done, size - done);
+    check(n > 0, "read " + path);
+    done += static_cast<size_t>(n);
+  }
+  ::close(fd);
+}
+
+/// Resets the peak-RSS counter (Linux >= 4.0) and returns the current RSS in bytes.
+double reset_peak_rss() {
+  std::ofstream("/proc/self/clear_refs") << "5";
+  return 0;
+}
+
+double status_kib(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1));
+  }
+  return 0;
+}
+
+/// Drives a CheckpointCallback by hand: one save per call.
+struct Saver {
+  std::shared_ptr<CheckpointCallback> callback;
+  int64_t epoch = 0;
+  Saver(Trainer& trainer, CheckpointOptions options) : callback(std::make_shared<CheckpointCallback>(options)) {
+    callback->set_trainer(&trainer);
+    callback->on_train_begin({});
+  }
+  void save() {
+    callback->on_epoch_begin(epoch, {});
+    callback->on_epoch_end(epoch++, {{"val_loss", 1.0}});
+  }
+};
+
+std::string python_timings(const std::string& python, const Case& c, const std::string& path, int reps) {
+  std::string numels;
+  for (auto n : c.numels) numels += (numels.empty() ? "" : ",") + std::to_string(n);
+  auto script = fs::path(__FILE__).parent_path() / "python_save.py";
+  auto command = fmt::format("{} {} --numels {} --path {} --reps {}", python, script.string(), numels, path, reps);
+  std::string out;
+  if (FILE* pipe = ::popen(command.c_str(), "r")) {
+    char buffer[512];
+    while (std::fgets(buffer, sizeof buffer, pipe)) out += buffer;
+    if (::pclose(pipe) != 0) out.clear();
+  }
+  return out;
+}
+
+double json_number(const std::string& json, const std::string& key) {
+  auto at = json.find("\"" + key + "\":");
+  return at == std::string::npos ? 0.0 : std::stod(json.substr(at + key.size() + 3));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  bench::Args args(argc, argv);
+  int reps = static_cast<int>(args.number("reps", 3));
+  auto dir = fs::path(args.get("dir", "bench_out"));
+  auto python = args.get("python", "/usr/bin/python3");
+  fs::create_directories(dir);
+
+  std::vector<Case> cases;
+  std::stringstream sizes(args.get("sizes", "1,8,64,128,512"));
+  for (std::string mib; std::getline(sizes, mib, ',');) {
+    int64_t numel = static_cast<int64_t>(std::stod(mib) * (1 << 20) / 4 / 4);
+    cases.push_back({mib + " MiB", std::vector<int64_t>(4, numel)});
+  }
+  auto small = static_cast<int64_t>(args.number("small", 2000));
+  if (small > 0) cases.push_back({fmt::format("{} x 4 KiB", small), std::vector<int64_t>(small, 1024)});
+
+  torch::manual_seed(0);
+  bench::JsonRows json;
+  fmt::print("| state | bytes | memcpy ms | raw write+fsync ms | torch::save ms | sync weights ms | sync full ms | async block ms | async durable ms | python torch.save ms | raw read ms | load ms | P1 block/memcpy | P1 block/torch::save | P2 raw/sync | P4 raw read/load | P5 peak/bytes | P6 python/sync |\n");
+  fmt::print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const auto& c : cases) {
+    Blob model(c.numels);
+    auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
+    Trainer trainer(model, sgd, [](const torch::Tensor& o, const torch::Tensor&) { return o.sum(); });
+    std::vector<torch::Tensor> tensors;
+    size_t bytes = 0;
+    for (const auto& p : model->parameters()) {
+      tensors.push_back(p.detach());
+      bytes += p.nbytes();
+    }
+    auto path = [&](const std::string& name) { return (dir / name).string(); };
+
+    std::vector<char> target(bytes, 1);
+    double memcpy_s = median_seconds(reps, [&] {
+      size_t offset = 0;
+      for (const auto& t : tensors) {
+        std::memcpy(target.data() + offset, t.data_ptr(), t.nbytes());
+        offset += t.nbytes();
+      }
+    });
+    double raw_s = median_seconds(reps, [&] { raw_write(path("raw.bin"), tensors); });
+    double torch_save_s = median_seconds(reps, [&] { torch::save(model, path("torch_save.pt")); });
+    Saver weights(trainer, CheckpointOptions(path("weights.pt")).save_weights_only(true));
+    double sync_weights_s = median_seconds(reps, [&] { weights.save(); });
+    Saver full(trainer, CheckpointOptions(path("full.pt")));
+    double sync_full_s = median_seconds(reps, [&] { full.save(); });
+
+    Saver async(trainer, CheckpointOptions(path("async.pt")).save_weights_only(true).async_save(true));
+    // The first async save allocates the snapshot buffers: measure its peak memory.
+    double rss_before = status_kib("VmRSS");
+    reset_peak_rss();
+    async.save();
+    async.callback->wait();
+    double peak_extra = (status_kib("VmHWM") - rss_before) * 1024.0;
+    double block_s = median_seconds(reps, [&] { async.save(); }, [&] { async.callback->wait(); });
+    double durable_s = median_seconds(reps, [&] {
+      async.save();
+      async.callback->wait();
+    });
+
+    raw_write(path("raw.bin"), tensors);
+    double raw_read_s = median_seconds(reps, [&] { raw_read(path("raw.bin"), target.data(), bytes); });
+    Blob loaded(c.numels);
+    double load_s = median_seconds(reps, [&] { load_weights(*loaded, path("weights.pt")); });
+
+    auto py = python_timings(python, c, path("python.pt"), reps);
+    double python_s = json_number(py, "save_s");
+
+    auto ms = [](double s) { return fmt::format("{:.2f}", s * 1e3); };
+    auto ratio = [](double a, double b) { return b > 0 ? fmt::format("{:.2f}", a / b) : std::string("n/a"); };
+    fmt::print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+               c.name, bytes, ms(memcpy_s), ms(raw_s), ms(torch_save_s), ms(sync_weights_s), ms(sync_full_s),
+               ms(block_s), ms(durable_s), python_s > 0 ? ms(python_s) : "n/a", ms(raw_read_s), ms(load_s),
+               ratio(block_s, memcpy_s), ratio(block_s, torch_save_s), ratio(raw_s, sync_weights_s),
+               ratio(raw_read_s, load_s), ratio(peak_extra, static_cast<double>(bytes)), ratio(python_s, sync_weights_s));
+    std::fflush(stdout);
+    json.add({{"bytes", static_cast<double>(bytes)},
+              {"memcpy_s", memcpy_s},
+              {"raw_write_fsync_s", raw_s},
+              {"torch_save_s", torch_save_s},
+              {"sync_weights_s", sync_weights_s},
+              {"sync_full_s", sync_full_s},
+              {"async_block_s", block_s},
+              {"async_durable_s", durable_s},
+              {"python_torch_save_s", python_s},
+              {"python_torch_save_fsync_s", json_number(py, "save_fsync_s")},
+              {"raw_read_s", raw_read_s},
+              {"load_weights_s", load_s},
+              {"async_peak_extra_bytes", peak_extra}},
+             {{"state", c.name}});
+  }
+  auto json_path = args.get("json", (dir / "save_bench.json").string());
+  std::ofstream(json_path) << json.str();
+  fmt::print("\nJSON: {}\n", json_path);
+  for (const auto* name : {"raw.bin", "torch_save.pt", "weights.pt", "full.pt", "async.pt"}) fs::remove(dir / name);
+  return 0;
+} catch (const std::exception& e) {
+  fmt::print(stderr, "save_bench: {}\n", e.what());
+  return 1;
+}
