@@ -1,7 +1,7 @@
 // Save and load overhead of torchfit checkpoints against the physical limits and
 // the usual alternatives, on the same bytes, in the same directory, in one run.
 //
-//   save_bench [--sizes 1,8,64,128,512] [--small 2000] [--reps 3] [--dir bench_out]
+//   save_bench [--sizes 1,8,64,128,512] [--small 2000] [--reps 7] [--dir bench_out]
 //              [--json save_bench.json] [--python /usr/bin/python3]
 //
 // Sizes are MiB of float32 state in 4 tensors; --small adds a case of that many
@@ -125,7 +125,7 @@ double json_number(const std::string& json, const std::string& key) {
 
 int main(int argc, char** argv) try {
   bench::Args args(argc, argv);
-  int reps = static_cast<int>(args.number("reps", 3));
+  int reps = static_cast<int>(args.number("reps", 7));
   auto dir = fs::path(args.get("dir", "bench_out"));
   auto python = args.get("python", "/usr/bin/python3");
   fs::create_directories(dir);

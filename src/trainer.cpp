@@ -345,6 +345,7 @@ void Trainer::load_checkpoint(const std::string& path) {
   state_ = contents.trainer;
   resume_epoch_ = contents.trainer.epoch;
   pending_callback_states_ = std::move(contents.callbacks);
+  resumed_from_ = path;
 }
 
 void Trainer::save_weights(const std::string& path) const { torchfit::save_weights(*model_, path); }

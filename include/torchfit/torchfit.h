@@ -4,6 +4,7 @@
 
 #include "torchfit/callback.h"
 #include "torchfit/callbacks/checkpoint.h"
+#include "torchfit/callbacks/early_stopping.h"
 #include "torchfit/callbacks/monitor.h"
 #include "torchfit/callbacks/progbar_logger.h"
 #include "torchfit/error.h"

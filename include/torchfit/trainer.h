@@ -198,6 +198,8 @@ class Trainer {
   /// The metric registered under `name`, if any.
   const Metric* find_metric(const std::string& name) const;
   const TrainerState& state() const { return state_; }
+  /// The file the last `load_checkpoint` restored (retention never deletes it); empty if none.
+  const std::string& resumed_from() const { return resumed_from_; }
   /// State of the callbacks of the running `fit`, plus any restored by
   /// `load_checkpoint` that no callback has claimed yet.
   std::map<std::string, CallbackState> callback_states() const;
@@ -222,6 +224,7 @@ class Trainer {
   /// Set by load_checkpoint, consumed by the next fit.
   std::optional<int64_t> resume_epoch_;
   std::map<std::string, CallbackState> pending_callback_states_;
+  std::string resumed_from_;
 };
 
 }  // namespace torchfit

@@ -1,7 +1,10 @@
 #include "torchfit/callbacks/checkpoint.h"
 
+#include <algorithm>
 #include <cmath>
+#include <sstream>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 
 #include <fmt/args.h>
@@ -14,6 +17,7 @@
 #include "detail/snapshot.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
+#include "torchfit/serialize.h"
 #include "torchfit/trainer.h"
 
 namespace torchfit {
@@ -84,6 +88,13 @@ CheckpointCallback::CheckpointCallback(CheckpointOptions options)
   if (options_.save_freq().every_n_batches() < 0) {
     throw ValueError(fmt::format("Unrecognized save_freq: batches({})",
                                  options_.save_freq().every_n_batches()));
+  }
+  if (options_.save_top_k() < -1) {
+    throw ValueError(fmt::format("Invalid save_top_k: {} (must be -1 to keep all, or >= 0)", options_.save_top_k()));
+  }
+  if (options_.max_to_keep() == 0 || options_.max_to_keep() < -1) {
+    throw ValueError(
+        fmt::format("Invalid max_to_keep: {} (must be >= 1, or -1 to keep all)", options_.max_to_keep()));
   }
 }
 
@@ -174,9 +185,17 @@ void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch,
   // Formatted before the decision, as Keras does, so a bad template fails early.
   std::string path = format_filepath(options_.filepath(), epoch, batch, logs);
   wait();  // one save in flight at most; its failure surfaces here
-  auto previous_best = best_;
-  auto previous_path = last_saved_path_;
+  const Record before = record();
   if (!should_save(epoch, logs, path)) return;
+  auto score = current(logs);
+  if (score && std::isnan(*score)) score.reset();
+  if (!ranks_in_top_k(path, score)) {
+    if (options_.verbose() > 0) {
+      logger()->info("Epoch {}: {} is not among the {} best, not saving", epoch + 1, monitor_, options_.save_top_k());
+    }
+    restore(before);
+    return;
+  }
   try {
     if (std::filesystem::is_directory(path)) {
       throw CheckpointError(fmt::format(
@@ -188,22 +207,93 @@ void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch,
       throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
     }
     last_saved_path_ = path;  // a full checkpoint's saved state names the file it lives in
-    write(epoch, path);
+    write(epoch, path, plan_retention(path, score));
   } catch (...) {
-    best_ = previous_best;
-    last_saved_path_ = previous_path;
+    restore(before);
     throw;
   }
-  best_before_pending_ = previous_best;
-  path_before_pending_ = previous_path;
+  before_pending_ = before;
 }
 
-void CheckpointCallback::write(int64_t epoch, const std::string& path) {
+CheckpointCallback::Record CheckpointCallback::record() const {
+  return {best_, last_saved_path_, top_k_, recent_};
+}
+
+void CheckpointCallback::restore(const Record& record) {
+  best_ = record.best;
+  last_saved_path_ = record.last_saved_path;
+  top_k_ = record.top_k;
+  recent_ = record.recent;
+}
+
+bool CheckpointCallback::ranks_in_top_k(const std::string& path, std::optional<double> score) const {
+  const int64_t k = options_.save_top_k();
+  if (k == -1) return true;
+  if (k == 0) return false;
+  if (!score) return true;  // unranked: kept, and never evicted by rank
+  bool replaces_own_entry = std::any_of(top_k_.begin(), top_k_.end(), [&](const auto& e) { return e.first == path; });
+  return replaces_own_entry || static_cast<int64_t>(top_k_.size()) < k ||
+         is_improvement(*score, top_k_.back().second);
+}
+
+std::vector<std::string> CheckpointCallback::plan_retention(const std::string& path, std::optional<double> score) {
+  std::vector<std::string> candidates;
+  auto drop = [&](auto& table, auto matches) {
+    table.erase(std::remove_if(table.begin(), table.end(), matches), table.end());
+  };
+  if (options_.save_top_k() > 0 && score) {
+    drop(top_k_, [&](const auto& e) { return e.first == path; });
+    top_k_.emplace_back(path, *score);
+    // Best first; a later file wins a tie, as it replaced the earlier in ranking.
+    std::stable_sort(top_k_.begin(), top_k_.end(), [&](const auto& a, const auto& b) {
+      return is_improvement(a.second, b.second);
+    });
+    while (static_cast<int64_t>(top_k_.size()) > options_.save_top_k()) {
+      candidates.push_back(top_k_.back().first);
+      top_k_.pop_back();
+    }
+  }
+  if (options_.max_to_keep() > 0 && !options_.save_best_only()) {
+    drop(recent_, [&](const std::string& p) { return p == path; });
+    recent_.push_back(path);
+    while (static_cast<int64_t>(recent_.size()) > options_.max_to_keep()) {
+      candidates.push_back(recent_.front());
+      recent_.erase(recent_.begin());
+    }
+  }
+  // Delete only what no table still keeps, never the new file or the one the run resumed from.
+  std::vector<std::string> evict;
+  const std::string resumed = trainer_ ? trainer_->resumed_from() : std::string();
+  for (const auto& candidate : candidates) {
+    bool kept = candidate == path || candidate == resumed ||
+                std::any_of(top_k_.begin(), top_k_.end(), [&](const auto& e) { return e.first == candidate; }) ||
+                std::find(recent_.begin(), recent_.end(), candidate) != recent_.end() ||
+                std::find(evict.begin(), evict.end(), candidate) != evict.end();
+    if (!kept) evict.push_back(candidate);
+  }
+  return evict;
+}
+
+void CheckpointCallback::write(int64_t epoch, const std::string& path, std::vector<std::string> evict) {
+  // Our own state goes in even when we are driven outside a fit.
+  auto callback_states = [this] {
+    auto states = trainer_->callback_states();
+    states[state_key()] = state();
+    return states;
+  };
   const bool weights_only = options_.save_weights_only();
   const bool fsync = options_.fsync();
   const bool verbose = options_.verbose() > 0;
-  auto finished = [epoch, path, verbose] {
+  const bool save_last = options_.save_last();
+  // After the commit, and only then: retention deletes and the latest pointer.
+  auto finished = [epoch, path, verbose, save_last, fsync, evict = std::move(evict)] {
     if (verbose) logger()->info("Epoch {}: finished saving model to {}", epoch + 1, path);
+    for (const auto& old : evict) {
+      std::error_code ec;
+      if (std::filesystem::remove(old, ec) && verbose) logger()->info("Removed {} (retention)", old);
+      if (ec) logger()->warn("Could not remove old checkpoint {}: {}", old, ec.message());
+    }
+    if (save_last) detail::write_latest_pointer(path, fsync);
   };
   if (options_.async_save()) {
     if (!writer_) {
@@ -219,7 +309,7 @@ void CheckpointCallback::write(int64_t epoch, const std::string& path) {
           finished();
         });
       } else {
-        writer_->submit([=, state = trainer_->state(), callbacks = trainer_->callback_states()] {
+        writer_->submit([=, state = trainer_->state(), callbacks = callback_states()] {
           detail::commit_full(path, snapshot->model(), snapshot->optimizer(), state, callbacks, fsync);
           finished();
         });
@@ -237,7 +327,7 @@ void CheckpointCallback::write(int64_t epoch, const std::string& path) {
   if (weights_only) {
     detail::commit_weights(path, tree, fsync);
   } else {
-    detail::commit_full(path, tree, trainer_->optimizer(), trainer_->state(), trainer_->callback_states(), fsync);
+    detail::commit_full(path, tree, trainer_->optimizer(), trainer_->state(), callback_states(), fsync);
   }
   finished();
 }
@@ -247,8 +337,7 @@ void CheckpointCallback::wait() {
   try {
     writer_->wait();
   } catch (...) {
-    best_ = best_before_pending_;
-    last_saved_path_ = path_before_pending_;
+    restore(before_pending_);
     throw;
   }
 }
@@ -267,6 +356,34 @@ CheckpointCallback::~CheckpointCallback() {
   writer_.reset();  // waits for the save in flight, which reads the snapshot
 }
 
+std::optional<std::string> latest_checkpoint(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return std::nullopt;
+  std::ifstream pointer(fs::path(dir) / kLatestPointer);
+  std::string name;
+  if (pointer && std::getline(pointer, name) && !name.empty()) {
+    auto path = (fs::path(dir) / name).string();
+    if (verify_checkpoint(path).ok) return path;
+  }
+  // No usable pointer: the newest file that verifies.
+  std::optional<std::string> newest;
+  fs::file_time_type newest_time;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    auto file = entry.path().filename().string();
+    if (!entry.is_regular_file(ec) || file == kLatestPointer || file.find(detail::kTempMarker) != std::string::npos) {
+      continue;
+    }
+    auto time = entry.last_write_time(ec);
+    bool newer = !newest || time > newest_time || (time == newest_time && entry.path().string() > *newest);
+    if (newer && verify_checkpoint(entry.path().string()).ok) {
+      newest = entry.path().string();
+      newest_time = time;
+    }
+  }
+  return newest;
+}
+
 std::string CheckpointCallback::state_key() const {
   return "CheckpointCallback:" + options_.filepath();
 }
@@ -276,6 +393,11 @@ CallbackState CheckpointCallback::state() const {
   if (best_) out["best"] = fmt::format("{}", *best_);
   out["batches_since_last_save"] = std::to_string(batches_since_last_save_);
   out["last_saved_path"] = last_saved_path_;
+  std::string top_k, recent;
+  for (const auto& [path, score] : top_k_) top_k += fmt::format("{}\t{}\n", score, path);
+  for (const auto& path : recent_) recent += path + "\n";
+  out["top_k"] = top_k;
+  out["recent"] = recent;
   return out;
 }
 
@@ -292,6 +414,25 @@ void CheckpointCallback::load_state(const CallbackState& state) {
                                       options_.filepath()));
   }
   if (auto* path = field("last_saved_path")) last_saved_path_ = *path;
+  auto lines = [](const std::string& text) {
+    std::vector<std::string> out;
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+      if (!line.empty()) out.push_back(line);
+    }
+    return out;
+  };
+  if (auto* text = field("top_k")) {
+    top_k_.clear();
+    for (const auto& line : lines(*text)) {
+      auto tab = line.find('\t');
+      if (tab == std::string::npos) {
+        throw CheckpointError(fmt::format("CheckpointCallback {}: corrupt saved top-k entry '{}'", options_.filepath(), line));
+      }
+      top_k_.emplace_back(line.substr(tab + 1), std::stod(line.substr(0, tab)));
+    }
+  }
+  if (auto* text = field("recent")) recent_ = lines(*text);
 }
 
 }  // namespace torchfit

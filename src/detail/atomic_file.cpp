@@ -16,6 +16,7 @@
 
 #include <fmt/format.h>
 
+#include "torchfit/callbacks/checkpoint.h"
 #include "torchfit/error.h"
 
 namespace torchfit::detail {
@@ -97,6 +98,14 @@ void create_parent_directories(const std::string& path) {
     throw CheckpointError(
         fmt::format("Failed creating directory {}: {}", dir.string(), ec.message()));
   }
+}
+
+void write_latest_pointer(const std::string& checkpoint, bool fsync) {
+  fs::path path(checkpoint);
+  AtomicFile pointer((path.parent_path() / kLatestPointer).string(), fsync);
+  auto line = path.filename().string() + "\n";
+  pointer.write(line.data(), line.size());
+  pointer.commit();
 }
 
 AtomicFile::AtomicFile(std::string target, bool fsync)

@@ -46,6 +46,9 @@ class AtomicFile {
 /// the removed paths. AtomicFile calls it once per directory and process.
 std::vector<std::string> remove_stale_temporaries(const std::string& directory);
 
+/// Atomically points `<dir of checkpoint>/torchfit_latest.txt` at `checkpoint`.
+void write_latest_pointer(const std::string& checkpoint, bool fsync);
+
 /// Creates the parent directories of `path` if missing; throws CheckpointError.
 void create_parent_directories(const std::string& path);
 

@@ -13,6 +13,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "torchfit/callbacks/monitor.h"
 
@@ -66,6 +68,17 @@ class CheckpointOptions {
   /// one save is in flight; a writer error is raised at the next save or at the
   /// end of training.
   CheckpointOptions& async_save(bool value) { async_save_ = value; return *this; }
+  /// Keep only the k best files by the monitored value (-1, the default, keeps
+  /// all). A save that would not rank among the k best is skipped; the worst is
+  /// deleted only after the new file is committed. Only files this callback
+  /// wrote are deleted, never the file the run resumed from.
+  CheckpointOptions& save_top_k(int64_t value) { save_top_k_ = value; return *this; }
+  /// With save_best_only(false): keep the newest n files this callback wrote
+  /// (-1, the default, keeps all).
+  CheckpointOptions& max_to_keep(int64_t value) { max_to_keep_ = value; return *this; }
+  /// After each save, atomically update `torchfit_latest.txt` in the file's
+  /// directory to name it; read it back with `latest_checkpoint(dir)`.
+  CheckpointOptions& save_last(bool value) { save_last_ = value; return *this; }
 
   const std::string& filepath() const { return filepath_; }
   const std::string& monitor() const { return monitor_; }
@@ -77,6 +90,9 @@ class CheckpointOptions {
   const std::optional<double>& initial_value_threshold() const { return initial_value_threshold_; }
   bool fsync() const { return fsync_; }
   bool async_save() const { return async_save_; }
+  int64_t save_top_k() const { return save_top_k_; }
+  int64_t max_to_keep() const { return max_to_keep_; }
+  bool save_last() const { return save_last_; }
 
  private:
   std::string filepath_;
@@ -89,13 +105,24 @@ class CheckpointOptions {
   std::optional<double> initial_value_threshold_;
   bool fsync_ = true;
   bool async_save_ = false;
+  int64_t save_top_k_ = -1;
+  int64_t max_to_keep_ = -1;
+  bool save_last_ = false;
 };
+
+/// Name of the pointer file `save_last` keeps next to the checkpoints.
+inline constexpr const char* kLatestPointer = "torchfit_latest.txt";
+
+/// The newest intact checkpoint in `dir`: the one the `save_last` pointer names,
+/// or else the most recently modified file that verifies. Temporary and
+/// unverifiable files are ignored. Empty when there is none.
+std::optional<std::string> latest_checkpoint(const std::string& dir);
 
 /// Saves the model (weights only, or a full checkpoint) at epoch ends or every n
 /// batches, optionally only when the monitored quantity improves.
 class CheckpointCallback : public MonitorCallback {
  public:
-  /// Throws `ValueError` for an empty filepath or a bad save_freq.
+  /// Throws `ValueError` for an empty filepath, a bad save_freq, save_top_k or max_to_keep.
   explicit CheckpointCallback(CheckpointOptions options);
   /// Waits for an async save in flight.
   ~CheckpointCallback() override;
@@ -126,19 +153,36 @@ class CheckpointCallback : public MonitorCallback {
  private:
   void save_model(int64_t epoch, std::optional<int64_t> batch, const Logs& logs);
   bool should_save(int64_t epoch, const Logs& logs, const std::string& path);
-  /// Writes `path` now, or hands a snapshot to the writer thread.
-  void write(int64_t epoch, const std::string& path);
+  /// Writes `path` now, or hands a snapshot to the writer thread; then deletes
+  /// `evict` and updates the latest pointer.
+  void write(int64_t epoch, const std::string& path, std::vector<std::string> evict);
+  /// Whether a file with this score would be kept by save_top_k.
+  bool ranks_in_top_k(const std::string& path, std::optional<double> score) const;
+  /// Updates the top-k and newest-n tables for a save to `path`; returns the
+  /// files to delete once it is committed.
+  std::vector<std::string> plan_retention(const std::string& path, std::optional<double> score);
+
+  /// What a save changes, so a failed one can be undone.
+  struct Record {
+    std::optional<double> best;
+    std::string last_saved_path;
+    std::vector<std::pair<std::string, double>> top_k;
+    std::vector<std::string> recent;
+  };
+  Record record() const;
+  void restore(const Record& record);
 
   CheckpointOptions options_;
   int64_t current_epoch_ = 0;
   int64_t batches_since_last_save_ = 0;
   std::string last_saved_path_;
-  // Async saves: the writer, the reusable snapshot, and what to restore if the
+  std::vector<std::pair<std::string, double>> top_k_;  // path and score, best first
+  std::vector<std::string> recent_;                    // oldest first
+  // Async saves: the reusable snapshot, the writer, and what to restore if the
   // save in flight fails.
   std::unique_ptr<detail::Snapshot> snapshot_;
   std::unique_ptr<detail::AsyncWriter> writer_;
-  std::optional<double> best_before_pending_;
-  std::string path_before_pending_;
+  Record before_pending_;
   bool warned_sync_fallback_ = false;
 };
 

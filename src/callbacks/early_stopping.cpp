@@ -1,0 +1,105 @@
+#include "torchfit/callbacks/early_stopping.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "torchfit/error.h"
+#include "torchfit/log.h"
+#include "torchfit/trainer.h"
+
+namespace torchfit {
+namespace {
+
+/// CPU copies of the module's tensors.
+TensorMap copy_weights(const torch::nn::Module& module) {
+  TensorMap out;
+  for (auto& [name, tensor] : state_dict(module)) out[name] = tensor.to(at::kCPU, /*non_blocking=*/false, /*copy=*/true);
+  return out;
+}
+
+}  // namespace
+
+EarlyStopping::EarlyStopping(EarlyStoppingOptions options)
+    : MonitorCallback("EarlyStopping", options.monitor(), options.mode(), std::nullopt, options.min_delta()),
+      options_(std::move(options)) {
+  if (options_.patience() < 0) {
+    throw ValueError(fmt::format("EarlyStopping: invalid patience {} (must be >= 0)", options_.patience()));
+  }
+  if (options_.start_from_epoch() < 0) {
+    throw ValueError(
+        fmt::format("EarlyStopping: invalid start_from_epoch {} (must be >= 0)", options_.start_from_epoch()));
+  }
+}
+
+void EarlyStopping::on_train_begin(const Logs& logs) {
+  MonitorCallback::on_train_begin(logs);
+  if (restored_) return;  // resuming: keep the state load_state brought back
+  // As Keras: an instance can be reused, each fit starting afresh.
+  wait_ = 0;
+  stopped_epoch_ = 0;
+  best_epoch_ = 0;
+  best_.reset();
+  best_weights_.reset();
+}
+
+void EarlyStopping::on_epoch_end(int64_t epoch, const Logs& logs) {
+  auto value = current(logs);
+  if (!value) {
+    logger()->warn("Early stopping conditioned on metric `{}` which is not available. Available metrics are: {}",
+                   monitor_, join_keys(logs));
+    return;
+  }
+  if (epoch < options_.start_from_epoch()) return;
+  if (options_.restore_best_weights() && !best_weights_) {
+    best_weights_ = copy_weights(trainer_->model());  // until something improves, these are the best
+    best_epoch_ = epoch;
+  }
+  ++wait_;
+  if (is_improvement(*value, best_)) {
+    best_ = *value;
+    best_epoch_ = epoch;
+    if (options_.restore_best_weights()) best_weights_ = copy_weights(trainer_->model());
+    // Only a value that beats the baseline too restarts the count.
+    if (!options_.baseline() || is_improvement(*value, options_.baseline())) wait_ = 0;
+    return;
+  }
+  if (wait_ >= options_.patience() && epoch > 0) {
+    stopped_epoch_ = epoch;
+    trainer_->stop_training(true);
+  }
+}
+
+void EarlyStopping::on_train_end(const Logs&) {
+  restored_ = false;
+  bool verbose = options_.verbose() > 0;
+  if (stopped_epoch_ > 0 && verbose) logger()->info("Epoch {}: early stopping", stopped_epoch_ + 1);
+  if (options_.restore_best_weights() && best_weights_) {
+    if (verbose) logger()->info("Restoring model weights from the end of the best epoch: {}.", best_epoch_ + 1);
+    assign_weights(trainer_->model(), *best_weights_, "(best weights in memory)");
+  }
+}
+
+std::string EarlyStopping::state_key() const { return "EarlyStopping:" + monitor_; }
+
+CallbackState EarlyStopping::state() const {
+  CallbackState out{{"wait", std::to_string(wait_)},
+                    {"stopped_epoch", std::to_string(stopped_epoch_)},
+                    {"best_epoch", std::to_string(best_epoch_)}};
+  if (best_) out["best"] = fmt::format("{}", *best_);
+  return out;
+}
+
+void EarlyStopping::load_state(const CallbackState& state) {
+  try {
+    if (auto it = state.find("wait"); it != state.end()) wait_ = std::stoll(it->second);
+    if (auto it = state.find("stopped_epoch"); it != state.end()) stopped_epoch_ = std::stoll(it->second);
+    if (auto it = state.find("best_epoch"); it != state.end()) best_epoch_ = std::stoll(it->second);
+    if (auto it = state.find("best"); it != state.end()) best_ = std::stod(it->second);
+    restored_ = true;
+  } catch (const std::exception&) {
+    throw CheckpointError(fmt::format("EarlyStopping {}: corrupt saved state", monitor_));
+  }
+}
+
+}  // namespace torchfit
