@@ -1,5 +1,12 @@
 #include "torchfit/callback.h"
 
+#include <sstream>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "torchfit/error.h"
+
 namespace torchfit {
 
 CallbackList::CallbackList(std::vector<std::shared_ptr<Callback>> callbacks)
@@ -49,14 +56,35 @@ void CallbackList::load_states(const std::map<std::string, CallbackState>& state
   }
 }
 
-void History::on_train_begin(const Logs&) {
-  epoch.clear();
-  history.clear();
-}
-
 void History::on_epoch_end(int64_t epoch_index, const Logs& logs) {
   epoch.push_back(epoch_index);
   for (const auto& [key, value] : logs) history[key].push_back(value);
+}
+
+CallbackState History::state() const {
+  // Shortest round-trip decimal: a restored history is bitwise the saved one.
+  CallbackState out{{"epoch", fmt::format("{}", fmt::join(epoch, ","))}};
+  for (const auto& [key, values] : history) out["log:" + key] = fmt::format("{}", fmt::join(values, ","));
+  return out;
+}
+
+void History::load_state(const CallbackState& state) {
+  auto split = [](const std::string& text, auto parse) {
+    std::vector<decltype(parse(std::string()))> out;
+    std::istringstream in(text);
+    for (std::string item; std::getline(in, item, ',');) out.push_back(parse(item));
+    return out;
+  };
+  try {
+    epoch.clear();
+    history.clear();
+    for (const auto& [field, text] : state) {
+      if (field == "epoch") epoch = split(text, [](const std::string& v) { return static_cast<int64_t>(std::stoll(v)); });
+      if (field.rfind("log:", 0) == 0) history[field.substr(4)] = split(text, [](const std::string& v) { return std::stod(v); });
+    }
+  } catch (const std::exception&) {
+    throw CheckpointError("History: corrupt saved state");
+  }
 }
 
 }  // namespace torchfit

@@ -38,6 +38,10 @@ constexpr const char* kEpochKey = "torchfit_epoch";
 constexpr const char* kGlobalStepKey = "torchfit_global_step";
 constexpr const char* kBatchInEpochKey = "torchfit_batch_in_epoch";
 constexpr const char* kCallbacksKey = "torchfit_callbacks";
+constexpr const char* kSeedKey = "torchfit_seed";
+constexpr const char* kEpochSumsKey = "torchfit_epoch_sums";
+constexpr const char* kEpochWeightKey = "torchfit_epoch_weight";
+constexpr const char* kRngKey = "torchfit_rng_state";
 constexpr const char* kFullFormat = "torchfit.checkpoint.v1";
 
 std::string describe(const at::Tensor& t) {
@@ -305,6 +309,16 @@ void commit_full(const std::string& path, const ModuleTree& tree, const torch::o
   archive.write(kEpochKey, c10::IValue(trainer.epoch));
   archive.write(kGlobalStepKey, c10::IValue(trainer.global_step));
   archive.write(kBatchInEpochKey, c10::IValue(trainer.batch_in_epoch));
+  archive.write(kSeedKey, c10::IValue(static_cast<int64_t>(trainer.seed)));
+  c10::Dict<std::string, double> sums;
+  for (const auto& [key, sum] : trainer.epoch_sums) sums.insert(key, sum);
+  archive.write(kEpochSumsKey, c10::IValue(sums));
+  archive.write(kEpochWeightKey, c10::IValue(trainer.epoch_weight));
+  if (!trainer.rng_state.empty()) {
+    auto rng = at::empty({static_cast<int64_t>(trainer.rng_state.size())}, at::kByte);
+    std::memcpy(rng.data_ptr(), trainer.rng_state.data(), trainer.rng_state.size());
+    archive.write(kRngKey, rng, /*is_buffer=*/true);
+  }
   c10::Dict<std::string, c10::Dict<std::string, std::string>> states;
   for (const auto& [key, state] : callbacks) {
     c10::Dict<std::string, std::string> fields;
@@ -447,6 +461,18 @@ CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& m
     contents.trainer.global_step = value.toInt();
     archive.read(kBatchInEpochKey, value);
     contents.trainer.batch_in_epoch = value.toInt();
+    if (archive.try_read(kSeedKey, value)) contents.trainer.seed = static_cast<uint64_t>(value.toInt());
+    if (archive.try_read(kEpochSumsKey, value)) {
+      for (const auto& entry : value.toGenericDict()) {
+        contents.trainer.epoch_sums[entry.key().toStringRef()] = entry.value().toDouble();
+      }
+    }
+    if (archive.try_read(kEpochWeightKey, value)) contents.trainer.epoch_weight = value.toDouble();
+    at::Tensor rng;
+    if (archive.try_read(kRngKey, rng, /*is_buffer=*/true)) {
+      rng = rng.contiguous();
+      contents.trainer.rng_state.assign(rng.data_ptr<uint8_t>(), rng.data_ptr<uint8_t>() + rng.numel());
+    }
     archive.read(kCallbacksKey, value);
     for (const auto& entry : value.toGenericDict()) {
       CallbackState& state = contents.callbacks[entry.key().toStringRef()];

@@ -16,14 +16,16 @@
 namespace torchfit {
 namespace {
 
-/// Batch-size-weighted running means of the loss and the metrics, as Keras logs them.
+/// Batch-size-weighted running means of the loss and the metrics, as Keras logs
+/// them, accumulated into sums kept outside (so checkpoints can carry them).
 class RunningMeans {
  public:
-  explicit RunningMeans(const std::vector<Metric>& metrics) : metrics_(metrics) {}
+  RunningMeans(const std::vector<Metric>& metrics, Logs& sums, double& weight)
+      : metrics_(metrics), sums_(sums), weight_(weight) {}
 
   void update(const at::Tensor& loss, const at::Tensor& output, const at::Tensor& target) {
     double n = static_cast<double>(output.dim() > 0 ? output.size(0) : 1);
-    count_ += n;
+    weight_ += n;
     sums_["loss"] += loss.item<double>() * n;
     for (const auto& metric : metrics_) {
       sums_[metric.name] += metric.fn(output, target).item<double>() * n;
@@ -32,14 +34,14 @@ class RunningMeans {
 
   Logs logs() const {
     Logs out;
-    for (const auto& [name, sum] : sums_) out[name] = sum / count_;
+    for (const auto& [name, sum] : sums_) out[name] = sum / weight_;
     return out;
   }
 
  private:
   const std::vector<Metric>& metrics_;
-  Logs sums_;
-  double count_ = 0;
+  Logs& sums_;
+  double& weight_;
 };
 
 /// Sets the module's train/eval mode and restores the previous one on exit.
@@ -187,18 +189,21 @@ History Trainer::fit(const at::Tensor& x, const at::Tensor& y, FitOptions option
     validation = std::make_pair(x.narrow(0, split_at, n - split_at), y.narrow(0, split_at, n - split_at));
   }
 
-  uint64_t seed = options.seed() ? *options.seed() : [] {
-    auto generator = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    return generator.get<at::CPUGeneratorImpl>()->random64();
-  }();
+  // A resumed run keeps the seed it was started with.
+  if (!resume_) {
+    state_.seed = options.seed() ? *options.seed() : [] {
+      auto generator = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(generator.mutex());
+      return generator.get<at::CPUGeneratorImpl>()->random64();
+    }();
+  }
   int64_t batch_size = options.batch_size();
   bool shuffle = options.shuffle();
-  detail::EpochPass pass = [&, seed, batch_size, shuffle](int64_t epoch,
-                                                          const detail::BatchVisitor& visit) {
+  detail::EpochPass pass = [&, batch_size, shuffle](int64_t epoch, const detail::BatchVisitor& visit) {
     if (!shuffle) return for_each_slice(train_x, train_y, batch_size, visit);
     // The order depends only on (seed, epoch), so a resumed run sees the same batches.
-    auto generator = at::make_generator<at::CPUGeneratorImpl>(seed + static_cast<uint64_t>(epoch));
+    // The seed is read here, as BackupAndRestore may restore it in on_train_begin.
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(state_.seed + static_cast<uint64_t>(epoch));
     auto order = at::randperm(train_x.size(0), generator, at::TensorOptions().dtype(at::kLong));
     int64_t n = train_x.size(0);
     for (int64_t start = 0; start < n; start += batch_size) {
@@ -218,8 +223,9 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
   if (options.epochs() < 0) throw ValueError(fmt::format("Invalid epochs: {} (must be >= 0)", options.epochs()));
   if (!validation && options.validation_data()) validation = options.validation_data();
   if (validation) check_pair(validation->first, validation->second, "validation_data");
-  int64_t initial_epoch = options.initial_epoch().value_or(resume_epoch_.value_or(0));
-  if (initial_epoch < 0) throw ValueError(fmt::format("Invalid initial_epoch: {} (must be >= 0)", initial_epoch));
+  if (options.initial_epoch() && *options.initial_epoch() < 0) {
+    throw ValueError(fmt::format("Invalid initial_epoch: {} (must be >= 0)", *options.initial_epoch()));
+  }
 
   CallbackList callbacks;
   for (size_t i = 0; i < options.callbacks().size(); ++i) {
@@ -232,23 +238,43 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
 
   callbacks.load_states(pending_callback_states_);
   pending_callback_states_.clear();
-  resume_epoch_.reset();
   ScopedPointer<CallbackList> active(active_callbacks_, &callbacks);
   callbacks.set_trainer(this);
 
   const at::Device device = model_device(*model_);
   ModeGuard train_mode(*model_, true);
   stop_training_ = false;
-  state_.epoch = initial_epoch;
-  state_.batch_in_epoch = 0;
+  auto start_fresh = [this](int64_t epoch) {
+    state_.epoch = epoch;
+    state_.batch_in_epoch = 0;
+    state_.epoch_sums.clear();
+    state_.epoch_weight = 0;
+  };
+  if (!resume_) start_fresh(options.initial_epoch().value_or(0));
 
-  callbacks.on_train_begin({});
+  callbacks.on_train_begin({});  // BackupAndRestore may set resume_ here
+  // Where to start: an explicit initial_epoch, else a restored position (mid-epoch
+  // included: the batches already trained on are skipped), else epoch 0.
+  int64_t skip = 0;
+  if (options.initial_epoch()) {
+    start_fresh(*options.initial_epoch());
+  } else if (resume_) {
+    skip = state_.batch_in_epoch;
+  }
+  resume_.reset();
+  const int64_t initial_epoch = state_.epoch;
   Logs epoch_logs;
   for (int64_t epoch = initial_epoch; epoch < options.epochs(); ++epoch) {
-    RunningMeans means(metrics_);
+    const int64_t first_batch = epoch == initial_epoch ? skip : 0;
+    if (first_batch == 0) start_fresh(epoch);
+    RunningMeans means(metrics_, state_.epoch_sums, state_.epoch_weight);
     callbacks.on_epoch_begin(epoch, {});
     int64_t batch = 0;
     pass(epoch, [&](const at::Tensor& x_cpu, const at::Tensor& y_cpu) {
+      if (batch < first_batch) {  // trained on before the interruption
+        ++batch;
+        return true;
+      }
       auto x = x_cpu.to(device), y = y_cpu.to(device);
       callbacks.on_train_batch_begin(batch, {});
       at::Tensor output, loss;
@@ -306,7 +332,9 @@ Logs Trainer::evaluate_with(const at::Tensor& x, const at::Tensor& y, int64_t ba
   ModeGuard eval_mode(*model_, false);
   at::NoGradGuard no_grad;
   const at::Device device = model_device(*model_);
-  RunningMeans means(metrics_);
+  Logs sums;
+  double weight = 0;
+  RunningMeans means(metrics_, sums, weight);
   callbacks.on_test_begin({});
   int64_t batch = 0;
   for_each_slice(x, y, batch_size, [&](const at::Tensor& bx, const at::Tensor& by) {
@@ -340,18 +368,45 @@ at::Tensor Trainer::predict(const at::Tensor& x, int64_t batch_size) {
 
 void Trainer::load_weights(const std::string& path) { torchfit::load_weights(*model_, path); }
 
-void Trainer::load_checkpoint(const std::string& path) {
+void Trainer::load_checkpoint(const std::string& path) { restore(path, /*with_history=*/false); }
+
+void Trainer::restore_backup(const std::string& path) { restore(path, /*with_history=*/true); }
+
+void Trainer::restore(const std::string& path, bool with_history) {
   auto contents = torchfit::load_checkpoint(path, *model_, *optimizer_);
   state_ = contents.trainer;
-  resume_epoch_ = contents.trainer.epoch;
-  pending_callback_states_ = std::move(contents.callbacks);
+  if (!state_.rng_state.empty()) {
+    auto generator = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(at::from_blob(state_.rng_state.data(), {static_cast<int64_t>(state_.rng_state.size())},
+                                      at::kByte).clone());
+  }
+  state_.rng_state.clear();
+  resume_ = state_;
   resumed_from_ = path;
+  // A fit returns the epochs it ran, as Keras's; only a backup restores the
+  // interrupted fit itself, history included.
+  if (!with_history) contents.callbacks.erase(History::kStateKey);
+  if (active_callbacks_ != nullptr) {
+    active_callbacks_->load_states(contents.callbacks);
+  } else {
+    pending_callback_states_ = std::move(contents.callbacks);
+  }
+}
+
+TrainerState Trainer::checkpoint_state() const {
+  TrainerState out = state_;
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  auto bytes = generator.get_state();
+  out.rng_state.assign(bytes.data_ptr<uint8_t>(), bytes.data_ptr<uint8_t>() + bytes.numel());
+  return out;
 }
 
 void Trainer::save_weights(const std::string& path) const { torchfit::save_weights(*model_, path); }
 
 void Trainer::save_checkpoint(const std::string& path) const {
-  torchfit::save_checkpoint(path, *model_, *optimizer_, state_, callback_states());
+  torchfit::save_checkpoint(path, *model_, *optimizer_, checkpoint_state(), callback_states());
 }
 
 }  // namespace torchfit

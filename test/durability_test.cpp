@@ -1,6 +1,5 @@
 // Crash safety: leftover temporaries, a full disk, and SIGKILL at random points.
 #include <signal.h>
-#include <spawn.h>
 #include <sys/mount.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,8 +11,6 @@
 #include <thread>
 
 #include "support.h"
-
-extern char** environ;
 
 namespace torchfit::test {
 namespace {
@@ -111,32 +108,13 @@ TEST(KillChild, SaveForever) {
   trainer.fit(data.x_train, data.y_train, FitOptions().epochs(1000000).batch_size(4).callbacks({best, every, full}));
 }
 
-pid_t spawn_child(const std::string& dir) {
-  std::string self = fs::read_symlink("/proc/self/exe").string();
-  std::string filter = "--gtest_filter=KillChild.SaveForever";
-  std::string env_dir = "TORCHFIT_KILL_CHILD_DIR=" + dir;
-  std::vector<char*> argv = {self.data(), filter.data(), nullptr};
-  std::vector<char*> envp;
-  for (char** e = environ; *e != nullptr; ++e) envp.push_back(*e);
-  envp.push_back(env_dir.data());
-  envp.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-  pid_t pid = 0;
-  int rc = posix_spawn(&pid, self.c_str(), &actions, nullptr, argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&actions);
-  if (rc != 0) throw std::runtime_error(std::string("posix_spawn: ") + std::strerror(rc));
-  return pid;
-}
-
 TEST_F(DurabilityTest, SigkillAtRandomPointsNeverLeavesABadCheckpoint) {
   std::mt19937 rng(1234);
   const int rounds = 30;
   int checked = 0, temporaries = 0;
   auto round_dir = path("run");
   for (int round = 0; round < rounds; ++round) {
-    pid_t pid = spawn_child(round_dir);
+    pid_t pid = spawn_self("KillChild.SaveForever", {"TORCHFIT_KILL_CHILD_DIR=" + round_dir});
     // Past start-up (about 0.3 s to load libtorch), into the saves.
     std::this_thread::sleep_for(std::chrono::milliseconds(350 + rng() % 400));
     ASSERT_EQ(::kill(pid, SIGKILL), 0);

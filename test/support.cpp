@@ -1,12 +1,18 @@
 #include "support.h"
 
+#include <fcntl.h>
+#include <spawn.h>
 #include <unistd.h>
+
+#include <cstring>
 
 #include <algorithm>
 #include <fstream>
 #include <iterator>
 
 #include <spdlog/spdlog.h>
+
+extern char** environ;
 
 namespace torchfit::test {
 
@@ -76,6 +82,25 @@ std::string LogCapture::text() const {
   std::string out;
   for (const auto& line : lines()) out += line;  // formatted lines end with '\n'
   return out;
+}
+
+pid_t spawn_self(const std::string& test, const std::vector<std::string>& env) {
+  std::string self = fs::read_symlink("/proc/self/exe").string();
+  std::string filter = "--gtest_filter=" + test;
+  std::vector<char*> argv = {self.data(), filter.data(), nullptr};
+  std::vector<std::string> variables(env);
+  for (char** e = environ; *e != nullptr; ++e) variables.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& v : variables) envp.push_back(v.data());
+  envp.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  pid_t pid = 0;
+  int rc = posix_spawn(&pid, self.c_str(), &actions, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) throw std::runtime_error(std::string("posix_spawn: ") + std::strerror(rc));
+  return pid;
 }
 
 std::string read_file(const std::string& file) {

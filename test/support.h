@@ -1,6 +1,8 @@
 #pragma once
 // Shared test fixtures: a seeded small MLP problem, temp dirs and log capture.
 
+#include <sys/types.h>
+
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -73,6 +75,10 @@ class LogCapture {
  private:
   std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> sink_;
 };
+
+/// Starts this test binary again running only `test` (its output to /dev/null),
+/// with `env` ("NAME=value") added to the environment.
+pid_t spawn_self(const std::string& test, const std::vector<std::string>& env);
 
 /// The bytes of a file.
 std::string read_file(const std::string& file);

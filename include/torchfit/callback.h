@@ -91,8 +91,13 @@ class History : public Callback {
   /// Each log key's value at the end of each epoch.
   std::map<std::string, std::vector<double>> history;
 
-  void on_train_begin(const Logs& logs) override;
   void on_epoch_end(int64_t epoch_index, const Logs& logs) override;
+
+  /// History travels in backups, so a restored fit returns the whole run.
+  static constexpr const char* kStateKey = "History";
+  std::string state_key() const override { return kStateKey; }
+  CallbackState state() const override;
+  void load_state(const CallbackState& state) override;
 };
 
 }  // namespace torchfit

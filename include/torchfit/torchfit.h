@@ -3,6 +3,7 @@
 /// Everything public in torchfit.
 
 #include "torchfit/callback.h"
+#include "torchfit/callbacks/backup_and_restore.h"
 #include "torchfit/callbacks/checkpoint.h"
 #include "torchfit/callbacks/early_stopping.h"
 #include "torchfit/callbacks/monitor.h"

@@ -183,9 +183,13 @@ class Trainer {
   /// Loads weights from a weights-only or a full checkpoint. The model is left
   /// untouched if the file cannot be read or does not match it.
   void load_weights(const std::string& path);
-  /// Restores model, optimizer, epoch, global step and (in the next `fit`) the
-  /// callbacks' state from a full checkpoint.
+  /// Restores model, optimizer, training progress and (in the next `fit`) the
+  /// callbacks' state from a full checkpoint. The next `fit` continues where the
+  /// checkpoint was taken, mid-epoch included, with its shuffle order and RNG.
   void load_checkpoint(const std::string& path);
+  /// What BackupAndRestore calls in `on_train_begin`: `load_checkpoint` into the
+  /// running fit, History included.
+  void restore_backup(const std::string& path);
   /// Writes a weights-only checkpoint of the model.
   void save_weights(const std::string& path) const;
   /// Writes a full checkpoint: model, optimizer, trainer state and the state of
@@ -198,6 +202,8 @@ class Trainer {
   /// The metric registered under `name`, if any.
   const Metric* find_metric(const std::string& name) const;
   const TrainerState& state() const { return state_; }
+  /// `state()` plus the RNG state, as full checkpoints store it.
+  TrainerState checkpoint_state() const;
   /// The file the last `load_checkpoint` restored (retention never deletes it); empty if none.
   const std::string& resumed_from() const { return resumed_from_; }
   /// State of the callbacks of the running `fit`, plus any restored by
@@ -210,6 +216,7 @@ class Trainer {
                      FitOptions options);
   Logs evaluate_with(const at::Tensor& x, const at::Tensor& y, int64_t batch_size,
                      CallbackList& callbacks);
+  void restore(const std::string& path, bool with_history);
 
   std::shared_ptr<torch::nn::Module> model_;
   ForwardFn forward_;
@@ -222,7 +229,7 @@ class Trainer {
   /// Callbacks of the running fit (for full checkpoints).
   CallbackList* active_callbacks_ = nullptr;
   /// Set by load_checkpoint, consumed by the next fit.
-  std::optional<int64_t> resume_epoch_;
+  std::optional<TrainerState> resume_;
   std::map<std::string, CallbackState> pending_callback_states_;
   std::string resumed_from_;
 };

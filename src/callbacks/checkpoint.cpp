@@ -309,7 +309,7 @@ void CheckpointCallback::write(int64_t epoch, const std::string& path, std::vect
           finished();
         });
       } else {
-        writer_->submit([=, state = trainer_->state(), callbacks = callback_states()] {
+        writer_->submit([=, state = trainer_->checkpoint_state(), callbacks = callback_states()] {
           detail::commit_full(path, snapshot->model(), snapshot->optimizer(), state, callbacks, fsync);
           finished();
         });
@@ -327,7 +327,7 @@ void CheckpointCallback::write(int64_t epoch, const std::string& path, std::vect
   if (weights_only) {
     detail::commit_weights(path, tree, fsync);
   } else {
-    detail::commit_full(path, tree, trainer_->optimizer(), trainer_->state(), callback_states(), fsync);
+    detail::commit_full(path, tree, trainer_->optimizer(), trainer_->checkpoint_state(), callback_states(), fsync);
   }
   finished();
 }

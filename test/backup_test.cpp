@@ -1,0 +1,148 @@
+// BackupAndRestore: a fit killed with SIGKILL and restarted ends bitwise equal
+// to an uninterrupted one, at epoch and at batch level.
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "support.h"
+
+namespace torchfit::test {
+namespace {
+
+class BackupTest : public TorchfitTest {};
+
+/// Slows training down so a kill lands in the middle of it.
+class Sleep : public Callback {
+  void on_train_batch_end(int64_t, const Logs&) override { std::this_thread::sleep_for(std::chrono::milliseconds(15)); }
+};
+
+std::string history_text(const History& history) {
+  std::string out = fmt::format("epochs {}\n", fmt::join(history.epoch, ","));
+  for (const auto& [key, values] : history.history) out += fmt::format("{} {}\n", key, fmt::join(values, ","));
+  return out;
+}
+
+// The child side: trains with a backup; writes the final weights and history.
+TEST(BackupChild, Train) {
+  const char* dir_env = std::getenv("TORCHFIT_BACKUP_CHILD_DIR");
+  if (dir_env == nullptr) GTEST_SKIP() << "only run as the child of BackupTest";
+  std::string dir = dir_env;
+  bool batch_level = std::string(std::getenv("TORCHFIT_BACKUP_FREQ")) == "batch";
+  auto data = make_data(40, 10);
+  torch::manual_seed(0);
+  auto model = torch::nn::Sequential(torch::nn::Linear(3, 32), torch::nn::ReLU(), torch::nn::Dropout(0.3),
+                                     torch::nn::Linear(32, 3));
+  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+  Trainer trainer(model, adam, ce_loss, {metrics::accuracy()});
+  auto backup = std::make_shared<BackupAndRestore>(
+      BackupOptions(dir + "/backup").save_freq(batch_level ? SaveFreq::batches(3) : SaveFreq::epoch()));
+  auto best = std::make_shared<CheckpointCallback>(CheckpointOptions(dir + "/best.pt").save_best_only(true));
+  auto history = trainer.fit(data.x_train, data.y_train,
+                             FitOptions().epochs(6).batch_size(5).seed(7).validation_data(data.x_test, data.y_test)
+                                 .callbacks({backup, best, std::make_shared<Sleep>()}));
+  save_weights(*model, dir + "/final.pt");
+  std::ofstream(dir + "/history.txt") << history_text(history);
+  std::ofstream(dir + "/restored.txt") << backup->restored();
+}
+
+int run_child(const std::string& dir, const std::string& freq) {
+  pid_t pid = spawn_self("BackupChild.Train", {"TORCHFIT_BACKUP_CHILD_DIR=" + dir, "TORCHFIT_BACKUP_FREQ=" + freq});
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return status;
+}
+
+void expect_bitwise_resume(TorchfitTest& test, const fs::path& root, const std::string& freq, std::mt19937& rng,
+                           int rounds) {
+  auto reference = (root / (freq + "-reference")).string();
+  ASSERT_EQ(run_child(reference, freq), 0);
+  int resumed = 0;
+  for (int round = 0; round < rounds; ++round) {
+    auto dir = (root / fmt::format("{}-killed-{}", freq, round)).string();
+    pid_t pid = spawn_self("BackupChild.Train", {"TORCHFIT_BACKUP_CHILD_DIR=" + dir, "TORCHFIT_BACKUP_FREQ=" + freq});
+    std::this_thread::sleep_for(std::chrono::milliseconds(500 + rng() % 500));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFSIGNALED(status)) << "the run finished before the kill; slow it down";
+    bool had_backup = fs::exists(dir + "/backup/backup.pt");
+    ASSERT_EQ(run_child(dir, freq), 0);
+    EXPECT_EQ(read_file(dir + "/restored.txt"), had_backup ? "1" : "0");
+    resumed += had_backup;
+    EXPECT_EQ(read_file(dir + "/history.txt"), read_file(reference + "/history.txt")) << dir;
+    auto expected = read_weights(reference + "/final.pt"), actual = read_weights(dir + "/final.pt");
+    for (const auto& [name, tensor] : expected) EXPECT_TRUE(torch::equal(tensor, actual.at(name))) << dir << " " << name;
+    EXPECT_TRUE(read_file(dir + "/best.pt").size() > 0);
+    EXPECT_FALSE(fs::exists(dir + "/backup")) << "delete_checkpoint leaves no backup behind";
+  }
+  EXPECT_GT(resumed, 0) << "no kill landed after a backup";
+}
+
+TEST_F(BackupTest, KilledAndRestartedRunIsBitwiseEqualAtEpochLevel) {
+  std::mt19937 rng(11);
+  expect_bitwise_resume(*this, dir(), "epoch", rng, 3);
+}
+
+TEST_F(BackupTest, KilledAndRestartedRunIsBitwiseEqualAtBatchLevel) {
+  std::mt19937 rng(12);
+  expect_bitwise_resume(*this, dir(), "batch", rng, 3);
+}
+
+TEST_F(BackupTest, DoubleCheckpointFallsBackToThePreviousBackup) {
+  auto data = make_data();
+  auto s = make_setup();
+  auto options = BackupOptions(path("backup")).double_checkpoint(true).delete_checkpoint(false);
+  auto first = std::make_shared<BackupAndRestore>(options);
+  s.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(3).batch_size(10).seed(1).callbacks({first}));
+  ASSERT_TRUE(fs::exists(first->backup_path()));
+  ASSERT_TRUE(fs::exists(first->previous_backup_path()));
+  std::ofstream(first->backup_path(), std::ios::binary) << "torn";  // the newest is damaged
+
+  auto again = make_setup();
+  auto second = std::make_shared<BackupAndRestore>(options);
+  LogCapture capture;
+  auto history = again.trainer->fit(data.x_train, data.y_train,
+                                    FitOptions().epochs(3).batch_size(10).seed(1).callbacks({second}));
+  EXPECT_TRUE(second->restored());
+  // Backups are taken at epoch starts: the previous one is from the start of epoch 2.
+  EXPECT_EQ(history.epoch, (std::vector<int64_t>{0, 1, 2}));
+  EXPECT_NE(capture.text().find("skipping backup " + first->backup_path()), std::string::npos) << capture.text();
+}
+
+TEST_F(BackupTest, DamagedOnlyBackupIsAnError) {
+  fs::create_directories(path("backup"));
+  std::ofstream(path("backup/backup.pt"), std::ios::binary) << "torn";
+  auto data = make_data();
+  auto s = make_setup();
+  auto backup = std::make_shared<BackupAndRestore>(BackupOptions(path("backup")));
+  try {
+    s.trainer->fit(data.x_train, data.y_train, FitOptions().callbacks({backup}));
+    FAIL();
+  } catch (const CheckpointError& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("no usable backup in " + path("backup")), std::string::npos) << msg;
+    EXPECT_NE(msg.find("double_checkpoint"), std::string::npos) << msg;
+  }
+}
+
+TEST_F(BackupTest, BackupIsKeptWhenTrainingFails) {
+  auto data = make_data();
+  auto s = make_setup();
+  class Fail : public Callback {
+    void on_epoch_end(int64_t epoch, const Logs&) override {
+      if (epoch == 1) throw std::runtime_error("boom");
+    }
+  };
+  auto backup = std::make_shared<BackupAndRestore>(BackupOptions(path("backup")));
+  EXPECT_THROW(s.trainer->fit(data.x_train, data.y_train,
+                              FitOptions().epochs(4).batch_size(10).callbacks({backup, std::make_shared<Fail>()})),
+               std::runtime_error);
+  EXPECT_TRUE(verify_checkpoint(backup->backup_path()).ok);
+}
+
+}  // namespace
+}  // namespace torchfit::test
