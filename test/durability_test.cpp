@@ -103,7 +103,7 @@ TEST(KillChild, SaveForever) {
   auto best = std::make_shared<CheckpointCallback>(
       CheckpointOptions(base + "/best.pt").monitor("loss").save_best_only(true).save_freq(SaveFreq::batches(1)));
   auto every = std::make_shared<CheckpointCallback>(
-      CheckpointOptions(base + "/e{epoch:03d}b{batch}.pt").save_freq(SaveFreq::batches(3)).save_weights_only(true));
+      CheckpointOptions(base + "/e{epoch:03d}b{batch}.pt").save_freq(SaveFreq::batches(3)).save_weights_only(true).save_last(true));
   auto full = std::make_shared<CheckpointCallback>(CheckpointOptions(base + "/last.pt").save_freq(SaveFreq::batches(2)));
   trainer.fit(data.x_train, data.y_train, FitOptions().epochs(1000000).batch_size(4).callbacks({best, every, full}));
 }
@@ -121,11 +121,19 @@ TEST_F(DurabilityTest, SigkillAtRandomPointsNeverLeavesABadCheckpoint) {
     int status = 0;
     ASSERT_EQ(::waitpid(pid, &status, 0), pid);
     ASSERT_TRUE(WIFSIGNALED(status)) << "the child ended on its own, status " << status;
+    auto latest = latest_checkpoint(round_dir);
+    if (fs::exists(round_dir + "/" + kLatestPointer)) {
+      // The pointer is never torn: it names a file that exists and verifies.
+      auto named = read_file(round_dir + "/" + kLatestPointer);
+      ASSERT_FALSE(named.empty());
+      ASSERT_EQ(latest, round_dir + "/" + named.substr(0, named.size() - 1)) << "round " << round;
+    }
     for (const auto& name : files("run")) {
       if (is_temporary(name)) {
         ++temporaries;
         continue;
       }
+      if (name == kLatestPointer) continue;
       auto file = round_dir + "/" + name;
       auto result = verify_checkpoint(file);
       ASSERT_TRUE(result.ok) << "round " << round << ": " << file << ": " << result.reason;
