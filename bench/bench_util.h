@@ -16,21 +16,42 @@
 
 namespace torchfit::bench {
 
-/// Median wall time in seconds of `reps` runs of `fn`. Before each run, untimed:
-/// `setup`, then sync(2), so no earlier run's dirty pages compete for the disk.
-inline double median_seconds(int reps, const std::function<void()>& fn,
-                             const std::function<void()>& setup = [] {}) {
-  std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    setup();
-    ::sync();
-    auto start = std::chrono::steady_clock::now();
-    fn();
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+/// Times several methods round-robin, `reps` rounds, so that slow phases of the
+/// machine (disk stalls, writeback) hit every method alike; reports medians.
+/// Before each run, untimed: the method's setup, then sync(2).
+class Interleaved {
+ public:
+  struct Method {
+    std::string name;
+    std::function<void()> run;
+    std::function<void()> setup;
+  };
+  void add(std::string name, std::function<void()> run, std::function<void()> setup = [] {}) {
+    methods_.push_back({std::move(name), std::move(run), std::move(setup)});
   }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
+  /// Median seconds by method name.
+  std::map<std::string, double> run(int reps) const {
+    std::map<std::string, std::vector<double>> times;
+    for (int rep = 0; rep < reps; ++rep) {
+      for (const auto& m : methods_) {
+        m.setup();
+        ::sync();
+        auto start = std::chrono::steady_clock::now();
+        m.run();
+        times[m.name].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      }
+    }
+    std::map<std::string, double> medians;
+    for (auto& [name, t] : times) {
+      std::sort(t.begin(), t.end());
+      medians[name] = t[t.size() / 2];
+    }
+    return medians;
+  }
+
+ private:
+  std::vector<Method> methods_;
+};
 
 /// `--name value` pairs.
 class Args {

@@ -23,7 +23,6 @@
 
 namespace fs = std::filesystem;
 using namespace torchfit;
-using bench::median_seconds;
 
 namespace {
 
@@ -156,37 +155,45 @@ int main(int argc, char** argv) try {
     auto path = [&](const std::string& name) { return (dir / name).string(); };
 
     std::vector<char> target(bytes, 1);
-    double memcpy_s = median_seconds(reps, [&] {
-      size_t offset = 0;
-      for (const auto& t : tensors) {
-        std::memcpy(target.data() + offset, t.data_ptr(), t.nbytes());
-        offset += t.nbytes();
-      }
-    });
-    double raw_s = median_seconds(reps, [&] { raw_write(path("raw.bin"), tensors); });
-    double torch_save_s = median_seconds(reps, [&] { torch::save(model, path("torch_save.pt")); });
     Saver weights(trainer, CheckpointOptions(path("weights.pt")).save_weights_only(true));
-    double sync_weights_s = median_seconds(reps, [&] { weights.save(); });
     Saver full(trainer, CheckpointOptions(path("full.pt")));
-    double sync_full_s = median_seconds(reps, [&] { full.save(); });
-
     Saver async(trainer, CheckpointOptions(path("async.pt")).save_weights_only(true).async_save(true));
+    Blob loaded(c.numels);
+
     // The first async save allocates the snapshot buffers: measure its peak memory.
     double rss_before = status_kib("VmRSS");
     reset_peak_rss();
     async.save();
     async.callback->wait();
     double peak_extra = (status_kib("VmHWM") - rss_before) * 1024.0;
-    double block_s = median_seconds(reps, [&] { async.save(); }, [&] { async.callback->wait(); });
-    double durable_s = median_seconds(reps, [&] {
+    weights.save();                              // files for the load measurements
+    raw_write(path("read.bin"), tensors);
+
+    bench::Interleaved methods;
+    methods.add("memcpy", [&] {
+      size_t offset = 0;
+      for (const auto& t : tensors) {
+        std::memcpy(target.data() + offset, t.data_ptr(), t.nbytes());
+        offset += t.nbytes();
+      }
+    });
+    methods.add("raw", [&] { raw_write(path("raw.bin"), tensors); });
+    methods.add("torch_save", [&] { torch::save(model, path("torch_save.pt")); });
+    methods.add("sync_weights", [&] { weights.save(); });
+    methods.add("sync_full", [&] { full.save(); });
+    methods.add("async_block", [&] { async.save(); }, [&] { async.callback->wait(); });
+    methods.add("async_durable", [&] {
       async.save();
       async.callback->wait();
     });
-
-    raw_write(path("raw.bin"), tensors);
-    double raw_read_s = median_seconds(reps, [&] { raw_read(path("raw.bin"), target.data(), bytes); });
-    Blob loaded(c.numels);
-    double load_s = median_seconds(reps, [&] { load_weights(*loaded, path("weights.pt")); });
+    methods.add("raw_read", [&] { raw_read(path("read.bin"), target.data(), bytes); });
+    methods.add("load", [&] { load_weights(*loaded, path("weights.pt")); });
+    auto t = methods.run(reps);
+    async.callback->wait();
+    double memcpy_s = t["memcpy"], raw_s = t["raw"], torch_save_s = t["torch_save"];
+    double sync_weights_s = t["sync_weights"], sync_full_s = t["sync_full"];
+    double block_s = t["async_block"], durable_s = t["async_durable"];
+    double raw_read_s = t["raw_read"], load_s = t["load"];
 
     auto py = python_timings(python, c, path("python.pt"), reps);
     double python_s = json_number(py, "save_s");
@@ -217,7 +224,9 @@ int main(int argc, char** argv) try {
   auto json_path = args.get("json", (dir / "save_bench.json").string());
   std::ofstream(json_path) << json.str();
   fmt::print("\nJSON: {}\n", json_path);
-  for (const auto* name : {"raw.bin", "torch_save.pt", "weights.pt", "full.pt", "async.pt"}) fs::remove(dir / name);
+  for (const auto* name : {"raw.bin", "read.bin", "torch_save.pt", "weights.pt", "full.pt", "async.pt"}) {
+    fs::remove(dir / name);
+  }
   return 0;
 } catch (const std::exception& e) {
   fmt::print(stderr, "save_bench: {}\n", e.what());

@@ -34,7 +34,10 @@ EarlyStopping::EarlyStopping(EarlyStoppingOptions options)
 
 void EarlyStopping::on_train_begin(const Logs& logs) {
   MonitorCallback::on_train_begin(logs);
-  if (restored_) return;  // resuming: keep the state load_state brought back
+  if (restored_) {  // resuming: keep the state load_state brought back
+    restored_ = false;
+    return;
+  }
   // As Keras: an instance can be reused, each fit starting afresh.
   wait_ = 0;
   stopped_epoch_ = 0;
@@ -71,7 +74,6 @@ void EarlyStopping::on_epoch_end(int64_t epoch, const Logs& logs) {
 }
 
 void EarlyStopping::on_train_end(const Logs&) {
-  restored_ = false;
   bool verbose = options_.verbose() > 0;
   if (stopped_epoch_ > 0 && verbose) logger()->info("Epoch {}: early stopping", stopped_epoch_ + 1);
   if (options_.restore_best_weights() && best_weights_) {

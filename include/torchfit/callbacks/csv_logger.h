@@ -1,0 +1,32 @@
+#pragma once
+/// \file
+/// CSVLogger: one CSV row of epoch logs per epoch (Keras semantics).
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "torchfit/callback.h"
+
+namespace torchfit {
+
+/// Writes `epoch` plus the sorted log keys of each epoch to `filename`. With
+/// `append`, a resumed run continues the file without repeating the header.
+class CSVLogger : public Callback {
+ public:
+  explicit CSVLogger(std::string filename, char separator = ',', bool append = false);
+
+  void on_train_begin(const Logs& logs) override;
+  void on_epoch_end(int64_t epoch, const Logs& logs) override;
+  void on_train_end(const Logs& logs) override;
+
+ private:
+  std::string filename_;
+  char separator_;
+  bool append_;
+  bool write_header_ = true;
+  std::vector<std::string> keys_;
+  std::ofstream file_;
+};
+
+}  // namespace torchfit

@@ -1,0 +1,14 @@
+#pragma once
+/// \file
+/// TerminateOnNaN: stop training when the loss becomes NaN or infinite (Keras semantics).
+
+#include "torchfit/callback.h"
+
+namespace torchfit {
+
+class TerminateOnNaN : public Callback {
+ public:
+  void on_train_batch_end(int64_t batch, const Logs& logs) override;
+};
+
+}  // namespace torchfit

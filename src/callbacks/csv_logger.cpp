@@ -1,0 +1,61 @@
+#include "torchfit/callbacks/csv_logger.h"
+
+#include <cstring>
+#include <filesystem>
+
+#include <fmt/format.h>
+
+#include "torchfit/error.h"
+#include "torchfit/trainer.h"
+
+namespace torchfit {
+
+CSVLogger::CSVLogger(std::string filename, char separator, bool append)
+    : filename_(std::move(filename)), separator_(separator), append_(append) {
+  if (filename_.empty()) throw ValueError("CSVLogger: filename must not be empty");
+}
+
+void CSVLogger::on_train_begin(const Logs&) {
+  // As Keras: appending to a non-empty file keeps its header and columns.
+  write_header_ = !(append_ && std::filesystem::exists(filename_) && std::filesystem::file_size(filename_) > 0);
+  keys_.clear();
+  if (!write_header_) {
+    std::ifstream in(filename_);
+    std::string header;
+    std::getline(in, header);
+    size_t start = header.find(separator_);  // skip the "epoch" column
+    while (start != std::string::npos) {
+      size_t end = header.find(separator_, start + 1);
+      keys_.push_back(header.substr(start + 1, end == std::string::npos ? std::string::npos : end - start - 1));
+      start = end;
+    }
+  }
+  file_.open(filename_, append_ ? std::ios::app : std::ios::trunc);
+  if (!file_) {
+    throw Error(fmt::format("CSVLogger: failed opening {} for writing: {}", filename_, std::strerror(errno)));
+  }
+}
+
+void CSVLogger::on_epoch_end(int64_t epoch, const Logs& logs) {
+  if (keys_.empty()) {
+    for (const auto& entry : logs) keys_.push_back(entry.first);  // Logs are sorted by key
+  }
+  if (write_header_) {
+    file_ << "epoch";
+    for (const auto& key : keys_) file_ << separator_ << key;
+    file_ << '\n';
+    write_header_ = false;
+  }
+  file_ << epoch;
+  for (const auto& key : keys_) {
+    auto it = logs.find(key);
+    file_ << separator_ << (it == logs.end() ? std::string("NA") : fmt::format("{}", it->second));
+  }
+  file_ << '\n';
+  file_.flush();
+  if (!file_) throw Error(fmt::format("CSVLogger: failed writing {}: {}", filename_, std::strerror(errno)));
+}
+
+void CSVLogger::on_train_end(const Logs&) { file_.close(); }
+
+}  // namespace torchfit
