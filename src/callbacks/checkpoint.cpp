@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <sstream>
 #include <filesystem>
 #include <fstream>
@@ -389,8 +390,7 @@ std::string CheckpointCallback::state_key() const {
 }
 
 CallbackState CheckpointCallback::state() const {
-  CallbackState out;
-  if (best_) out["best"] = fmt::format("{}", *best_);
+  auto out = MonitorCallback::state();
   out["batches_since_last_save"] = std::to_string(batches_since_last_save_);
   out["last_saved_path"] = last_saved_path_;
   std::string top_k, recent;
@@ -406,13 +406,8 @@ void CheckpointCallback::load_state(const CallbackState& state) {
     auto it = state.find(name);
     return it == state.end() ? nullptr : &it->second;
   };
-  try {
-    if (auto* best = field("best")) best_ = std::stod(*best);
-    if (auto* count = field("batches_since_last_save")) batches_since_last_save_ = std::stoll(*count);
-  } catch (const std::exception&) {
-    throw CheckpointError(fmt::format("CheckpointCallback {}: corrupt saved state",
-                                      options_.filepath()));
-  }
+  MonitorCallback::load_state(state);
+  read_field(state, "batches_since_last_save", batches_since_last_save_);
   if (auto* path = field("last_saved_path")) last_saved_path_ = *path;
   auto lines = [](const std::string& text) {
     std::vector<std::string> out;
@@ -426,10 +421,12 @@ void CheckpointCallback::load_state(const CallbackState& state) {
     top_k_.clear();
     for (const auto& line : lines(*text)) {
       auto tab = line.find('\t');
-      if (tab == std::string::npos) {
+      char* end = nullptr;
+      double score = tab == std::string::npos ? 0.0 : std::strtod(line.c_str(), &end);
+      if (tab == std::string::npos || end != line.c_str() + tab) {
         throw CheckpointError(fmt::format("CheckpointCallback {}: corrupt saved top-k entry '{}'", options_.filepath(), line));
       }
-      top_k_.emplace_back(line.substr(tab + 1), std::stod(line.substr(0, tab)));
+      top_k_.emplace_back(line.substr(tab + 1), score);
     }
   }
   if (auto* text = field("recent")) recent_ = lines(*text);

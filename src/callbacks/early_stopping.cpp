@@ -34,10 +34,7 @@ EarlyStopping::EarlyStopping(EarlyStoppingOptions options)
 
 void EarlyStopping::on_train_begin(const Logs& logs) {
   MonitorCallback::on_train_begin(logs);
-  if (restored_) {  // resuming: keep the state load_state brought back
-    restored_ = false;
-    return;
-  }
+  if (take_restored()) return;  // resuming: keep the state load_state brought back
   // As Keras: an instance can be reused, each fit starting afresh.
   wait_ = 0;
   stopped_epoch_ = 0;
@@ -85,23 +82,18 @@ void EarlyStopping::on_train_end(const Logs&) {
 std::string EarlyStopping::state_key() const { return "EarlyStopping:" + monitor_; }
 
 CallbackState EarlyStopping::state() const {
-  CallbackState out{{"wait", std::to_string(wait_)},
-                    {"stopped_epoch", std::to_string(stopped_epoch_)},
-                    {"best_epoch", std::to_string(best_epoch_)}};
-  if (best_) out["best"] = fmt::format("{}", *best_);
+  auto out = MonitorCallback::state();
+  out["wait"] = std::to_string(wait_);
+  out["stopped_epoch"] = std::to_string(stopped_epoch_);
+  out["best_epoch"] = std::to_string(best_epoch_);
   return out;
 }
 
 void EarlyStopping::load_state(const CallbackState& state) {
-  try {
-    if (auto it = state.find("wait"); it != state.end()) wait_ = std::stoll(it->second);
-    if (auto it = state.find("stopped_epoch"); it != state.end()) stopped_epoch_ = std::stoll(it->second);
-    if (auto it = state.find("best_epoch"); it != state.end()) best_epoch_ = std::stoll(it->second);
-    if (auto it = state.find("best"); it != state.end()) best_ = std::stod(it->second);
-    restored_ = true;
-  } catch (const std::exception&) {
-    throw CheckpointError(fmt::format("EarlyStopping {}: corrupt saved state", monitor_));
-  }
+  MonitorCallback::load_state(state);
+  read_field(state, "wait", wait_);
+  read_field(state, "stopped_epoch", stopped_epoch_);
+  read_field(state, "best_epoch", best_epoch_);
 }
 
 }  // namespace torchfit

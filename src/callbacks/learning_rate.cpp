@@ -44,10 +44,7 @@ ReduceLROnPlateau::ReduceLROnPlateau(ReduceLROnPlateauOptions options)
 
 void ReduceLROnPlateau::on_train_begin(const Logs& logs) {
   MonitorCallback::on_train_begin(logs);
-  if (restored_) {
-    restored_ = false;
-    return;
-  }
+  if (take_restored()) return;  // resuming: keep the state load_state brought back
   best_.reset();
   wait_ = 0;
   cooldown_counter_ = 0;
@@ -88,20 +85,16 @@ void ReduceLROnPlateau::on_epoch_end(int64_t epoch, const Logs& logs) {
 std::string ReduceLROnPlateau::state_key() const { return "ReduceLROnPlateau:" + monitor_; }
 
 CallbackState ReduceLROnPlateau::state() const {
-  CallbackState out{{"wait", std::to_string(wait_)}, {"cooldown_counter", std::to_string(cooldown_counter_)}};
-  if (best_) out["best"] = fmt::format("{}", *best_);
+  auto out = MonitorCallback::state();
+  out["wait"] = std::to_string(wait_);
+  out["cooldown_counter"] = std::to_string(cooldown_counter_);
   return out;
 }
 
 void ReduceLROnPlateau::load_state(const CallbackState& state) {
-  try {
-    if (auto it = state.find("wait"); it != state.end()) wait_ = std::stoll(it->second);
-    if (auto it = state.find("cooldown_counter"); it != state.end()) cooldown_counter_ = std::stoll(it->second);
-    if (auto it = state.find("best"); it != state.end()) best_ = std::stod(it->second);
-    restored_ = true;
-  } catch (const std::exception&) {
-    throw CheckpointError(fmt::format("ReduceLROnPlateau {}: corrupt saved state", monitor_));
-  }
+  MonitorCallback::load_state(state);
+  read_field(state, "wait", wait_);
+  read_field(state, "cooldown_counter", cooldown_counter_);
 }
 
 }  // namespace torchfit

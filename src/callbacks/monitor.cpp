@@ -47,6 +47,33 @@ bool MonitorCallback::is_improvement(double value, std::optional<double> referen
   return mode_ == Mode::Max ? value - min_delta_ > *reference : value + min_delta_ < *reference;
 }
 
+CallbackState MonitorCallback::state() const {
+  CallbackState out;
+  if (best_) out["best"] = fmt::format("{}", *best_);
+  return out;
+}
+
+void MonitorCallback::load_state(const CallbackState& state) {
+  if (auto it = state.find("best"); it != state.end()) {
+    try {
+      best_ = std::stod(it->second);
+    } catch (const std::exception&) {
+      throw CheckpointError(fmt::format("{} ({}): corrupt saved state: best='{}'", name_, monitor_, it->second));
+    }
+  }
+  restored_ = true;
+}
+
+void MonitorCallback::read_field(const CallbackState& state, const char* field, int64_t& out) const {
+  auto it = state.find(field);
+  if (it == state.end()) return;
+  try {
+    out = std::stoll(it->second);
+  } catch (const std::exception&) {
+    throw CheckpointError(fmt::format("{} ({}): corrupt saved state: {}='{}'", name_, monitor_, field, it->second));
+  }
+}
+
 std::optional<double> MonitorCallback::current(const Logs& logs) const {
   auto it = logs.find(monitor_);
   if (it == logs.end()) return std::nullopt;

@@ -80,7 +80,6 @@ class EarlyStopping : public MonitorCallback {
   int64_t stopped_epoch_ = 0;
   int64_t best_epoch_ = 0;
   std::optional<TensorMap> best_weights_;
-  bool restored_ = false;  // state came from a checkpoint: the next fit continues it
 };
 
 }  // namespace torchfit

@@ -76,7 +76,6 @@ class ReduceLROnPlateau : public MonitorCallback {
   ReduceLROnPlateauOptions options_;
   int64_t wait_ = 0;
   int64_t cooldown_counter_ = 0;
-  bool restored_ = false;
 };
 
 }  // namespace torchfit

@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "torchfit/callback.h"
 #include "torchfit/mode.h"
@@ -23,6 +24,10 @@ class MonitorCallback : public Callback {
   /// Resolves `Mode::Auto` against the trainer's metrics.
   void on_train_begin(const Logs& logs) override;
 
+  /// `best`, for full checkpoints; subclasses add their own fields.
+  CallbackState state() const override;
+  void load_state(const CallbackState& state) override;
+
  protected:
   /// `name` is the callback's class name, used in messages.
   MonitorCallback(std::string name, std::string monitor, Mode mode,
@@ -35,12 +40,19 @@ class MonitorCallback : public Callback {
   std::optional<double> current(const Logs& logs) const;
 
   const std::string& name() const { return name_; }
+  /// Sets `out` from an integer field of a saved state, if present; throws
+  /// CheckpointError naming the callback and field if it is not a number.
+  void read_field(const CallbackState& state, const char* field, int64_t& out) const;
+  /// True once after `load_state`: the next `on_train_begin` continues the
+  /// restored state instead of starting afresh.
+  bool take_restored() { return std::exchange(restored_, false); }
 
   std::string name_;
   std::string monitor_;
   Mode mode_;
   std::optional<double> best_;
   double min_delta_;
+  bool restored_ = false;
 };
 
 /// Resolves `Mode::Auto` for `monitor`: `loss`/`val_loss` are minimised, otherwise
