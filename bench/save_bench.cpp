@@ -185,7 +185,7 @@ int main(int argc, char** argv) try {
     methods.add("async_durable", [&] {
       async.save();
       async.callback->wait();
-    });
+    }, [&] { async.callback->wait(); });
     methods.add("raw_read", [&] { raw_read(path("read.bin"), target.data(), bytes); });
     methods.add("load", [&] { load_weights(*loaded, path("weights.pt")); });
     auto t = methods.run(reps);

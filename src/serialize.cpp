@@ -22,6 +22,7 @@
 #include "detail/atomic_file.h"
 #include "detail/checkpoint_format.h"
 #include "detail/module_tree.h"
+#include "detail/python_pickle.h"
 #include "detail/zip.h"
 #include "torchfit/error.h"
 
@@ -381,13 +382,24 @@ TensorMap read_weights(const std::string& path) {
       return std::move(pending->tensors);
     }
   }
-  // Module archives, zip64 files and files of other tools go through LibTorch's reader.
+  // Module archives, zip64 files and files of other tools go through LibTorch's
+  // zip reader; pickles (Python's torch.save of a state_dict included) through ours.
   if (archive_kind(path) == ArchiveKind::Pickle) {
     try {
       caffe2::serialize::PyTorchStreamReader reader(path);
-      auto value = torch::jit::readArchiveAndTensors("data", "", "data/", c10::nullopt,
-                                                     c10::nullopt, at::Device(at::kCPU), reader);
-      return weights_from_ivalue(value, path);
+      auto [pickle, size] = reader.getRecord("data.pkl");
+      auto read_storage = [&](const std::string& key, at::ScalarType dtype, int64_t numel) {
+        auto [data, bytes] = reader.getRecord("data/" + key);
+        auto needed = static_cast<size_t>(numel) * c10::elementSize(dtype);
+        if (bytes < needed) {
+          throw std::invalid_argument(fmt::format("storage {} holds {} bytes, {} needed", key, bytes, needed));
+        }
+        auto tensor = at::empty({numel}, at::TensorOptions().dtype(dtype));
+        std::memcpy(tensor.data_ptr(), data.get(), needed);
+        return tensor;
+      };
+      return detail::unpickle_state_dict(std::string(static_cast<const char*>(pickle.get()), size), read_storage,
+                                         path);
     } catch (const c10::Error& e) {
       throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path,
                                         e.what_without_backtrace()));

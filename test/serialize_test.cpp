@@ -235,11 +235,63 @@ TEST_F(SerializeTest, LoadCheckpointOfOtherArchitectureKeepsModelAndOptimizer) {
   EXPECT_EQ(s.trainer->state().epoch, 0);
 }
 
+bool have_python_torch() {
+  return fs::exists("/usr/bin/python3") && std::system("/usr/bin/python3 -c 'import torch' 2>/dev/null") == 0;
+}
+
+/// fc1 -> BatchNorm -> fc2, as a Python nn.Sequential of the same names would be.
+struct NormNetImpl : torch::nn::Module {
+  NormNetImpl() {
+    fc1 = register_module("fc1", torch::nn::Linear(3, 5));
+    bn = register_module("bn", torch::nn::BatchNorm1d(5));
+    fc2 = register_module("fc2", torch::nn::Linear(5, 3));
+  }
+  torch::Tensor forward(torch::Tensor x) { return fc2(bn(fc1(x))); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  torch::nn::BatchNorm1d bn{nullptr};
+};
+TORCH_MODULE(NormNet);
+
+/// Each tensor's name and raw bits, one line each, as the Python side prints them.
+std::string bits_of(const TensorMap& tensors) {
+  std::string out;
+  for (const auto& [name, tensor] : tensors) {
+    auto t = tensor.contiguous();
+    auto bits = t.scalar_type() == torch::kFloat ? t.view(torch::kInt32).to(torch::kLong) : t.to(torch::kLong);
+    out += fmt::format("{}:{}\n", name, fmt::join(bits.data_ptr<int64_t>(), bits.data_ptr<int64_t>() + bits.numel(), ","));
+  }
+  return out;
+}
+
+TEST_F(SerializeTest, PythonStateDictLoadsInCpp) {
+  if (!have_python_torch()) GTEST_SKIP() << "Debian's python3 with python3-torch is not installed";
+  auto script = fmt::format(
+      "import collections, torch\n"
+      "torch.manual_seed(3)\n"
+      "m = torch.nn.Sequential(collections.OrderedDict(fc1=torch.nn.Linear(3, 5), bn=torch.nn.BatchNorm1d(5),"
+      " fc2=torch.nn.Linear(5, 3)))\n"
+      "m(torch.randn(8, 3))  # moves the running statistics\n"
+      "sd = m.state_dict()\n"
+      "torch.save(sd, '{}')\n"
+      "with open('{}', 'w') as f:\n"
+      "    for k in sorted(sd):\n"
+      "        t = sd[k].contiguous()\n"
+      "        v = t.view(torch.int32) if t.dtype == torch.float32 else t\n"
+      "        f.write(k + ':' + ','.join(str(x) for x in v.flatten().tolist()) + '\\n')\n",
+      path("python.pt"), path("expected.txt"));
+  write_bytes(path("make.py"), script);
+  ASSERT_EQ(std::system(fmt::format("/usr/bin/python3 {} 2>{}", path("make.py"), path("err.txt")).c_str()), 0)
+      << read_bytes(path("err.txt"));
+  EXPECT_NE(verify_checkpoint(path("python.pt")).reason.find("no torchfit checksum"), std::string::npos);
+  NormNet model;
+  load_weights(*model, path("python.pt"));
+  EXPECT_EQ(bits_of(state_dict(*model)), read_bytes(path("expected.txt")));
+  EXPECT_EQ(state_dict(*model).at("bn.num_batches_tracked").item<int64_t>(), 1);
+}
+
 TEST_F(SerializeTest, WeightsOnlyFileLoadsInPython) {
   const char* python = "/usr/bin/python3";
-  if (!fs::exists(python) || std::system("/usr/bin/python3 -c 'import torch' 2>/dev/null") != 0) {
-    GTEST_SKIP() << "Debian's python3 with python3-torch is not installed";
-  }
+  if (!have_python_torch()) GTEST_SKIP() << "Debian's python3 with python3-torch is not installed";
   Mlp model;
   save_weights(*model, path("w.pt"));
   auto script = fmt::format(
