@@ -1,8 +1,8 @@
 #include "torchfit/log.h"
 
-#include <mutex>
+#include <unistd.h>
 
-#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/spdlog.h>
 
 namespace torchfit {
@@ -11,9 +11,33 @@ std::shared_ptr<spdlog::logger> logger() {
   static std::mutex mutex;
   std::lock_guard<std::mutex> lock(mutex);
   if (auto existing = spdlog::get("torchfit")) return existing;
-  auto created = spdlog::stdout_color_mt("torchfit");
-  created->set_pattern("[%n] [%^%l%$] %v");
+  auto created = std::make_shared<spdlog::logger>("torchfit", std::make_shared<TerminalSink>(stdout));
+  spdlog::register_logger(created);
   return created;
 }
+
+TerminalSink::TerminalSink(std::FILE* stream) : stream_(stream), terminal_(::isatty(::fileno(stream)) == 1) {
+  formatter_ = std::make_unique<spdlog::pattern_formatter>("[%n] [%l] %v");
+}
+
+void TerminalSink::sink_it_(const spdlog::details::log_msg& message) {
+  const auto& text = message.payload;
+  const bool update = text.size() > 0 && text[0] == '\r';
+  if (update) {
+    if (!terminal_) return;
+    std::fwrite(text.data(), 1, text.size(), stream_);
+    std::fputs("\x1b[K", stream_);  // clear what a longer previous update left
+    update_open_ = true;
+  } else {
+    if (update_open_) std::fputs("\r\x1b[K", stream_);  // the line replaces the bar
+    update_open_ = false;
+    spdlog::memory_buf_t formatted;
+    formatter_->format(message, formatted);
+    std::fwrite(formatted.data(), 1, formatted.size(), stream_);
+  }
+  std::fflush(stream_);
+}
+
+void TerminalSink::flush_() { std::fflush(stream_); }
 
 }  // namespace torchfit

@@ -213,12 +213,13 @@ History Trainer::fit(const at::Tensor& x, const at::Tensor& y, FitOptions option
       if (!visit(bx, by)) return;
     }
   };
-  return fit_passes(pass, std::move(validation), std::move(options));
+  int64_t steps = (train_x.size(0) + batch_size - 1) / batch_size;
+  return fit_passes(pass, std::move(validation), std::move(options), steps);
 }
 
 History Trainer::fit_passes(const detail::EpochPass& pass,
                             std::optional<std::pair<at::Tensor, at::Tensor>> validation,
-                            FitOptions options) {
+                            FitOptions options, std::optional<int64_t> steps_per_epoch) {
   check_batch_size(options.batch_size());
   if (options.epochs() < 0) throw ValueError(fmt::format("Invalid epochs: {} (must be >= 0)", options.epochs()));
   if (!validation && options.validation_data()) validation = options.validation_data();
@@ -234,7 +235,9 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
   }
   auto history = std::make_shared<History>();
   callbacks.push_back(history);
-  if (options.verbose() > 0) callbacks.push_back(std::make_shared<ProgbarLogger>(options.verbose(), options.epochs()));
+  if (options.verbose() > 0) {
+    callbacks.push_back(std::make_shared<ProgbarLogger>(options.verbose(), options.epochs(), steps_per_epoch));
+  }
 
   callbacks.load_states(pending_callback_states_);
   pending_callback_states_.clear();

@@ -168,7 +168,7 @@ class Trainer {
         if (!visit(x, y)) return;
       }
     };
-    return fit_passes(pass, std::nullopt, std::move(options));
+    return fit_passes(pass, std::nullopt, std::move(options));  // loaders do not tell their length
   }
 
   /// Loss and metrics over the data, in eval mode without grad.
@@ -213,7 +213,7 @@ class Trainer {
  private:
   History fit_passes(const detail::EpochPass& pass,
                      std::optional<std::pair<at::Tensor, at::Tensor>> validation,
-                     FitOptions options);
+                     FitOptions options, std::optional<int64_t> steps_per_epoch = std::nullopt);
   Logs evaluate_with(const at::Tensor& x, const at::Tensor& y, int64_t batch_size,
                      CallbackList& callbacks);
   void restore(const std::string& path, bool with_history);

@@ -1,22 +1,25 @@
 #pragma once
 /// \file
-/// ProgbarLogger: the progress report of `fit(verbose=...)`. `Trainer::fit` adds one
-/// when `FitOptions::verbose` is above 0.
+/// ProgbarLogger: the progress report of `fit(verbose=...)`, as Keras's. `Trainer::fit`
+/// adds one when `FitOptions::verbose` is above 0.
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "torchfit/callback.h"
 
 namespace torchfit {
 
-/// Reports one line per epoch through the "torchfit" logger:
-/// `Epoch 2/5 - 6 steps - 0s - 1ms/step - accuracy: 0.8123 - loss: 0.5012`.
+/// verbose 1: a live progress bar (steps, ETA, time per step, running metrics)
+/// on a terminal, and one line per epoch; verbose 2: one line per epoch only;
+/// 0: silent. Output goes through the "torchfit" logger: its TerminalSink draws
+/// the bar on a terminal and drops it elsewhere, so pipes get plain lines.
 class ProgbarLogger : public Callback {
  public:
-  /// `epochs` is the total the fit runs to; verbose 0 is silent.
-  explicit ProgbarLogger(int verbose = 1, int64_t epochs = 0);
+  /// `epochs` is the total the fit runs to; `steps` the batches per epoch, if known.
+  explicit ProgbarLogger(int verbose = 1, int64_t epochs = 0, std::optional<int64_t> steps = std::nullopt);
 
   void on_epoch_begin(int64_t epoch, const Logs& logs) override;
   void on_train_batch_end(int64_t batch, const Logs& logs) override;
@@ -24,12 +27,18 @@ class ProgbarLogger : public Callback {
 
   /// " - name: value" for each log, values as Keras prints them.
   static std::string format_logs(const Logs& logs);
+  /// The bar for `step` of `steps` (30 characters between brackets, as Keras's).
+  static std::string bar(int64_t step, int64_t steps);
 
  private:
+  double elapsed() const;
+
   int verbose_;
   int64_t epochs_;
-  int64_t steps_ = 0;
+  std::optional<int64_t> steps_;
+  int64_t seen_ = 0;
   std::chrono::steady_clock::time_point epoch_start_;
+  double last_update_ = -1.0;
 };
 
 }  // namespace torchfit

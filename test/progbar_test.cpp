@@ -1,0 +1,130 @@
+// ProgbarLogger through the "torchfit" logger: a live bar on a terminal, plain lines on a pipe.
+#include <fcntl.h>
+#include <pty.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <regex>
+
+#include <spdlog/spdlog.h>
+
+#include "support.h"
+
+namespace torchfit::test {
+namespace {
+
+class ProgbarTest : public TorchfitTest {
+ protected:
+  /// Runs a 2-epoch fit (3 steps an epoch) with the logger writing to `stream`.
+  History fit_into(std::FILE* stream, int verbose) {
+    auto log = logger();
+    auto saved = log->sinks();
+    log->sinks() = {std::make_shared<TerminalSink>(stream)};
+    auto data = make_data();
+    auto s = make_setup();
+    History history;
+    try {
+      history = s.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(2).batch_size(10).verbose(verbose));
+    } catch (...) {
+      log->sinks() = saved;
+      throw;
+    }
+    log->sinks() = saved;
+    std::fflush(stream);
+    return history;
+  }
+
+  static std::string drain(int fd) {
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    std::string out;
+    char buffer[4096];
+    for (ssize_t n; (n = ::read(fd, buffer, sizeof buffer)) > 0;) out.append(buffer, static_cast<size_t>(n));
+    return out;
+  }
+
+  static std::string mask_timings(const std::string& text) {
+    auto out = std::regex_replace(text, std::regex(R"(ETA: \d+s)"), "ETA: Xs");
+    out = std::regex_replace(out, std::regex(R"(\d+s - \d+ms/step)"), "Xs - Xms/step");
+    return std::regex_replace(out, std::regex(R"(\d+s \d+ms/step)"), "Xs Xms/step");
+  }
+
+  static std::string epoch_line(const History& h, size_t e) {
+    return fmt::format("[torchfit] [info] Epoch {}/2 - 3 steps - Xs - Xms/step - accuracy: {:.4f} - loss: {:.4f}\n",
+                       e + 1, h.history.at("accuracy")[e], h.history.at("loss")[e]);
+  }
+};
+
+TEST_F(ProgbarTest, PipeGetsOneLinePerEpochWithoutControlCharacters) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  std::FILE* writer = ::fdopen(fds[1], "w");
+  EXPECT_FALSE(TerminalSink(writer).is_terminal());
+  auto history = fit_into(writer, 1);
+  std::fclose(writer);
+  auto text = drain(fds[0]);
+  ::close(fds[0]);
+  EXPECT_EQ(mask_timings(text), epoch_line(history, 0) + epoch_line(history, 1));
+  EXPECT_EQ(text.find('\r'), std::string::npos);
+  EXPECT_EQ(text.find('\x1b'), std::string::npos);
+}
+
+TEST_F(ProgbarTest, TerminalGetsALiveBarThatTheEpochLineReplaces) {
+  int master = -1, slave = -1;
+  if (::openpty(&master, &slave, nullptr, nullptr, nullptr) != 0) GTEST_SKIP() << "no pseudo-terminal here";
+  termios raw{};
+  ::tcgetattr(slave, &raw);
+  ::cfmakeraw(&raw);  // no \n -> \r\n translation, so the text is what was written
+  ::tcsetattr(slave, TCSANOW, &raw);
+  std::FILE* writer = ::fdopen(slave, "w");
+  EXPECT_TRUE(TerminalSink(writer).is_terminal());
+  auto history = fit_into(writer, 1);
+  auto text = mask_timings(drain(master));
+  std::fclose(writer);
+  ::close(master);
+  // The first step is drawn at once, the last always; the epoch line replaces the bar.
+  auto first = "\r1/3 [=========>....................] - ETA: Xs";
+  auto last = "\r3/3 [==============================] - Xs Xms/step";
+  auto replace = "\r\x1b[K" + epoch_line(history, 0);
+  auto at_first = text.find(first), at_last = text.find(last), at_replace = text.find(replace);
+  ASSERT_NE(at_first, std::string::npos) << text;
+  ASSERT_NE(at_last, std::string::npos) << text;
+  ASSERT_NE(at_replace, std::string::npos) << text;
+  EXPECT_LT(at_first, at_last);
+  EXPECT_LT(at_last, at_replace);
+  EXPECT_NE(text.find("\r\x1b[K" + epoch_line(history, 1)), std::string::npos) << text;
+}
+
+TEST_F(ProgbarTest, VerboseTwoIsOneLinePerEpochEvenOnATerminal) {
+  int master = -1, slave = -1;
+  if (::openpty(&master, &slave, nullptr, nullptr, nullptr) != 0) GTEST_SKIP() << "no pseudo-terminal here";
+  termios raw{};
+  ::tcgetattr(slave, &raw);
+  ::cfmakeraw(&raw);
+  ::tcsetattr(slave, TCSANOW, &raw);
+  std::FILE* writer = ::fdopen(slave, "w");
+  auto history = fit_into(writer, 2);
+  auto text = drain(master);
+  std::fclose(writer);
+  ::close(master);
+  EXPECT_EQ(mask_timings(text), epoch_line(history, 0) + epoch_line(history, 1));
+}
+
+TEST_F(ProgbarTest, VerboseZeroIsSilent) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  std::FILE* writer = ::fdopen(fds[1], "w");
+  fit_into(writer, 0);
+  std::fclose(writer);
+  EXPECT_EQ(drain(fds[0]), "");
+  ::close(fds[0]);
+}
+
+TEST_F(ProgbarTest, Bar) {
+  EXPECT_EQ(ProgbarLogger::bar(0, 10), "[..............................]");
+  EXPECT_EQ(ProgbarLogger::bar(5, 10), "[==============>...............]");
+  EXPECT_EQ(ProgbarLogger::bar(10, 10), "[==============================]");
+  EXPECT_EQ(ProgbarLogger::format_logs({{"loss", 0.5}, {"lr", 1e-4}}), " - loss: 0.5000 - lr: 1.0000e-04");
+}
+
+}  // namespace
+}  // namespace torchfit::test
