@@ -5,8 +5,6 @@
 //
 // The data are Debian's dataset-fashion-mnist gzipped IDX files, unpacked once to
 // the cache directory for torch::data::datasets::MNIST.
-#include <zlib.h>
-
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -20,56 +18,13 @@
 
 #include <torchfit/torchfit.h>
 
+#include "fashion_common.h"
+
 namespace fs = std::filesystem;
 
 namespace {
 
-const char* kFiles[] = {"train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"};
-
-/// Gunzips `source` to `target` through a temporary file, so a killed run leaves no half file.
-void gunzip(const fs::path& source, const fs::path& target) {
-  gzFile in = gzopen(source.c_str(), "rb");
-  if (in == nullptr) throw std::runtime_error(fmt::format("Failed opening {}", source.string()));
-  auto temp = target.string() + ".partial";
-  std::ofstream out(temp, std::ios::binary);
-  char buffer[1 << 16];
-  int n;
-  while ((n = gzread(in, buffer, sizeof buffer)) > 0) out.write(buffer, n);
-  bool ok = n == 0 && out.good();
-  gzclose(in);
-  out.close();
-  if (!ok) throw std::runtime_error(fmt::format("Failed unpacking {} to {}", source.string(), temp));
-  fs::rename(temp, target);
-}
-
-fs::path unpack(const fs::path& data_dir, const fs::path& cache_dir) {
-  fs::create_directories(cache_dir);
-  for (const char* name : kFiles) {
-    auto target = cache_dir / name;
-    if (fs::exists(target)) continue;
-    auto source = data_dir / (std::string(name) + ".gz");
-    if (!fs::exists(source)) {
-      throw std::runtime_error(fmt::format(
-          "{} not found; install Debian's dataset-fashion-mnist (third_party/install.sh)", source.string()));
-    }
-    gunzip(source, target);
-  }
-  return cache_dir;
-}
-
-struct NetImpl : torch::nn::Module {
-  NetImpl() {
-    fc1 = register_module("fc1", torch::nn::Linear(784, 256));
-    fc2 = register_module("fc2", torch::nn::Linear(256, 10));
-  }
-  torch::Tensor forward(torch::Tensor x) {
-    x = x.view({x.size(0), -1});
-    return fc2(torch::relu(fc1(x)));
-  }
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
-};
-TORCH_MODULE(Net);
+using examples::Net;
 
 torchfit::Trainer make_trainer(const Net& net) {
   auto adam = std::make_shared<torch::optim::Adam>(net->parameters(), torch::optim::AdamOptions(1e-3));
@@ -103,7 +58,7 @@ int main(int argc, char** argv) try {
   const char* home = std::getenv("HOME");
   auto default_cache = fs::path(home ? home : "/tmp") / ".cache" / "torchfit" / "fashion-mnist";
   auto data_dir = arg(args, "data", "/usr/share/datasets/fashion-mnist");
-  auto cache_dir = unpack(data_dir, arg(args, "cache", default_cache.string()));
+  auto cache_dir = examples::unpack_fashion_mnist(data_dir, arg(args, "cache", default_cache.string()));
   auto out_dir = fs::path(arg(args, "out", "fashion_mnist_checkpoints"));
   int64_t epochs = std::stoll(arg(args, "epochs", "5"));
   double min_accuracy = std::stod(arg(args, "min-accuracy", "0.85"));
