@@ -1,6 +1,5 @@
 #include "torchfit/serialize.h"
 
-#include <sys/stat.h>
 
 #include <cstring>
 #include <filesystem>
@@ -11,7 +10,6 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/csrc/jit/serialization/export.h>
-#include <torch/csrc/jit/serialization/import_read.h>
 #include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/csrc/jit/serialization/unpickler.h>
 #include <torch/nn/module.h>

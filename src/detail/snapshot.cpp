@@ -24,17 +24,19 @@ at::Tensor copied(const at::Tensor& live, at::Tensor buffer) {
 void copy_state(torch::optim::SGDParamState& shadow, const torch::optim::SGDParamState& live) {
   shadow.momentum_buffer(copied(live.momentum_buffer(), shadow.momentum_buffer()));
 }
-void copy_state(torch::optim::AdamParamState& shadow, const torch::optim::AdamParamState& live) {
+/// Adam and AdamW keep the same fields in distinct types.
+template <typename AdamLikeState>
+void copy_adam_like(AdamLikeState& shadow, const AdamLikeState& live) {
   shadow.step(live.step());
   shadow.exp_avg(copied(live.exp_avg(), shadow.exp_avg()));
   shadow.exp_avg_sq(copied(live.exp_avg_sq(), shadow.exp_avg_sq()));
   shadow.max_exp_avg_sq(copied(live.max_exp_avg_sq(), shadow.max_exp_avg_sq()));
 }
+void copy_state(torch::optim::AdamParamState& shadow, const torch::optim::AdamParamState& live) {
+  copy_adam_like(shadow, live);
+}
 void copy_state(torch::optim::AdamWParamState& shadow, const torch::optim::AdamWParamState& live) {
-  shadow.step(live.step());
-  shadow.exp_avg(copied(live.exp_avg(), shadow.exp_avg()));
-  shadow.exp_avg_sq(copied(live.exp_avg_sq(), shadow.exp_avg_sq()));
-  shadow.max_exp_avg_sq(copied(live.max_exp_avg_sq(), shadow.max_exp_avg_sq()));
+  copy_adam_like(shadow, live);
 }
 void copy_state(torch::optim::RMSpropParamState& shadow, const torch::optim::RMSpropParamState& live) {
   shadow.step(live.step());
