@@ -7,8 +7,10 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/optim/optimizer.h>
 
+#include "detail/collectives.h"
 #include "torchfit/callbacks/progbar_logger.h"
 #include "torchfit/error.h"
 #include "torchfit/serialize.h"
@@ -20,16 +22,35 @@ namespace {
 /// them, accumulated into sums kept outside (so checkpoints can carry them).
 class RunningMeans {
  public:
-  RunningMeans(const std::vector<Metric>& metrics, Logs& sums, double& weight)
-      : metrics_(metrics), sums_(sums), weight_(weight) {}
+  /// With `collectives`, each batch's contribution is summed over the ranks
+  /// first, so every rank holds the same sums.
+  RunningMeans(const std::vector<Metric>& metrics, Logs& sums, double& weight,
+               detail::Collectives* collectives = nullptr)
+      : metrics_(metrics), sums_(sums), weight_(weight), collectives_(collectives) {
+    // Every key from the start: ranks with no batches reduce the same vector.
+    sums_["loss"] += 0.0;
+    for (const auto& metric : metrics_) sums_[metric.name] += 0.0;
+  }
 
   void update(const at::Tensor& loss, const at::Tensor& output, const at::Tensor& target) {
     double n = static_cast<double>(output.dim() > 0 ? output.size(0) : 1);
-    weight_ += n;
-    sums_["loss"] += loss.item<double>() * n;
-    for (const auto& metric : metrics_) {
-      sums_[metric.name] += metric.fn(output, target).item<double>() * n;
-    }
+    std::vector<double> batch{n, loss.item<double>() * n};
+    for (const auto& metric : metrics_) batch.push_back(metric.fn(output, target).item<double>() * n);
+    if (collectives_ != nullptr) batch = reduced(batch, "batch logs allreduce");
+    weight_ += batch[0];
+    sums_["loss"] += batch[1];
+    for (size_t i = 0; i < metrics_.size(); ++i) sums_[metrics_[i].name] += batch[i + 2];
+  }
+
+  /// Sums the accumulated values over the ranks once (for evaluation, whose
+  /// shards may hold different batch counts).
+  void reduce_totals(detail::Collectives& collectives) {
+    std::vector<double> totals{weight_};
+    for (const auto& [name, sum] : sums_) totals.push_back(sum);
+    totals = reduced_with(collectives, totals, "evaluation logs allreduce");
+    weight_ = totals[0];
+    size_t i = 1;
+    for (auto& [name, sum] : sums_) sum = totals[i++];
   }
 
   Logs logs() const {
@@ -39,9 +60,20 @@ class RunningMeans {
   }
 
  private:
+  std::vector<double> reduced(const std::vector<double>& values, const char* what) {
+    return reduced_with(*collectives_, values, what);
+  }
+  static std::vector<double> reduced_with(detail::Collectives& collectives, const std::vector<double>& values,
+                                          const char* what) {
+    auto tensor = at::tensor(values, at::kDouble);
+    collectives.allreduce_sum(tensor, what);
+    return {tensor.data_ptr<double>(), tensor.data_ptr<double>() + tensor.numel()};
+  }
+
   const std::vector<Metric>& metrics_;
   Logs& sums_;
   double& weight_;
+  detail::Collectives* collectives_;
 };
 
 /// Sets the module's train/eval mode and restores the previous one on exit.
@@ -149,6 +181,20 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, ForwardFn forward,
 }
 
 Trainer::~Trainer() = default;
+Trainer::Trainer(Trainer&&) noexcept = default;
+Trainer& Trainer::operator=(Trainer&&) noexcept = default;
+
+void Trainer::set_process_group(c10::intrusive_ptr<c10d::ProcessGroup> group) {
+  collectives_ = group ? std::make_unique<detail::Collectives>(std::move(group)) : nullptr;
+}
+
+int Trainer::rank() const { return collectives_ ? collectives_->rank() : 0; }
+
+int Trainer::world_size() const { return collectives_ ? collectives_->size() : 1; }
+
+void Trainer::barrier(const char* what) const {
+  if (collectives_) collectives_->barrier(what);
+}
 
 const Metric* Trainer::find_metric(const std::string& name) const {
   for (const auto& metric : metrics_) {
@@ -197,15 +243,32 @@ History Trainer::fit(const at::Tensor& x, const at::Tensor& y, FitOptions option
       return generator.get<at::CPUGeneratorImpl>()->random64();
     }();
   }
+  if (collectives_) {  // every rank shuffles with rank 0's seed
+    auto seed = at::tensor({static_cast<int64_t>(state_.seed)}, at::kLong);
+    collectives_->broadcast_from_root({seed}, "seed broadcast");
+    state_.seed = static_cast<uint64_t>(seed.item<int64_t>());
+  }
   int64_t batch_size = options.batch_size();
   bool shuffle = options.shuffle();
-  detail::EpochPass pass = [&, batch_size, shuffle](int64_t epoch, const detail::BatchVisitor& visit) {
-    if (!shuffle) return for_each_slice(train_x, train_y, batch_size, visit);
+  const int world = world_size(), rank = this->rank();
+  detail::EpochPass pass = [&, batch_size, shuffle, world, rank](int64_t epoch, const detail::BatchVisitor& visit) {
+    if (!shuffle && world == 1) return for_each_slice(train_x, train_y, batch_size, visit);
     // The order depends only on (seed, epoch), so a resumed run sees the same batches.
     // The seed is read here, as BackupAndRestore may restore it in on_train_begin.
-    auto generator = at::make_generator<at::CPUGeneratorImpl>(state_.seed + static_cast<uint64_t>(epoch));
-    auto order = at::randperm(train_x.size(0), generator, at::TensorOptions().dtype(at::kLong));
-    int64_t n = train_x.size(0);
+    auto order = at::arange(train_x.size(0), at::TensorOptions().dtype(at::kLong));
+    if (shuffle) {
+      auto generator = at::make_generator<at::CPUGeneratorImpl>(state_.seed + static_cast<uint64_t>(epoch));
+      order = at::randperm(train_x.size(0), generator, at::TensorOptions().dtype(at::kLong));
+    }
+    if (world > 1) {
+      // Rank r takes positions r, r + world, ...; wrapping around pads the order to
+      // a multiple of world, so every rank runs the same number of batches.
+      int64_t padded = (order.size(0) + world - 1) / world * world;
+      order = order.index_select(0, at::arange(padded, at::kLong).remainder(order.size(0)))
+                  .narrow(0, rank, padded - rank)
+                  .slice(0, 0, padded - rank, world);
+    }
+    int64_t n = order.size(0);
     for (int64_t start = 0; start < n; start += batch_size) {
       auto index = order.narrow(0, start, std::min(batch_size, n - start));
       auto bx = train_x.index_select(0, index.to(train_x.device()));
@@ -213,7 +276,8 @@ History Trainer::fit(const at::Tensor& x, const at::Tensor& y, FitOptions option
       if (!visit(bx, by)) return;
     }
   };
-  int64_t steps = (train_x.size(0) + batch_size - 1) / batch_size;
+  int64_t per_rank = (train_x.size(0) + world - 1) / world;
+  int64_t steps = (per_rank + batch_size - 1) / batch_size;
   return fit_passes(pass, std::move(validation), std::move(options), steps);
 }
 
@@ -235,7 +299,7 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
   }
   auto history = std::make_shared<History>();
   callbacks.push_back(history);
-  if (options.verbose() > 0) {
+  if (options.verbose() > 0 && is_main_process()) {
     callbacks.push_back(std::make_shared<ProgbarLogger>(options.verbose(), options.epochs(), steps_per_epoch));
   }
 
@@ -245,6 +309,11 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
   callbacks.set_trainer(this);
 
   const at::Device device = model_device(*model_);
+  if (collectives_) {  // every rank starts from rank 0's weights
+    std::vector<at::Tensor> tensors;
+    for (const auto& [name, tensor] : state_dict(*model_)) tensors.push_back(tensor);
+    collectives_->broadcast_from_root(tensors, "parameter broadcast");
+  }
   ModeGuard train_mode(*model_, true);
   stop_training_ = false;
   auto start_fresh = [this](int64_t epoch) {
@@ -270,7 +339,7 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
   for (int64_t epoch = initial_epoch; epoch < options.epochs(); ++epoch) {
     const int64_t first_batch = epoch == initial_epoch ? skip : 0;
     if (first_batch == 0) start_fresh(epoch);
-    RunningMeans means(metrics_, state_.epoch_sums, state_.epoch_weight);
+    RunningMeans means(metrics_, state_.epoch_sums, state_.epoch_weight, collectives_.get());
     callbacks.on_epoch_begin(epoch, {});
     int64_t batch = 0;
     pass(epoch, [&](const at::Tensor& x_cpu, const at::Tensor& y_cpu) {
@@ -290,6 +359,7 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
                                        fmt::join(value.sizes(), ", ")));
         }
         value.backward();
+        if (collectives_) collectives_->average_gradients(model_->parameters());
         if (!output.defined()) {  // LBFGS may evaluate more than once; log the first
           output = out.detach();
           loss = value.detach();
@@ -332,6 +402,17 @@ Logs Trainer::evaluate_with(const at::Tensor& x, const at::Tensor& y, int64_t ba
                             CallbackList& callbacks) {
   check_pair(x, y, "evaluate");
   check_batch_size(batch_size);
+  if (collectives_) {  // each rank evaluates a contiguous shard; the totals are summed below
+    int64_t chunk = (x.size(0) + world_size() - 1) / world_size();
+    int64_t start = std::min(x.size(0), chunk * rank());
+    int64_t length = std::min(chunk, x.size(0) - start);
+    return evaluate_shard(x.narrow(0, start, length), y.narrow(0, start, length), batch_size, callbacks);
+  }
+  return evaluate_shard(x, y, batch_size, callbacks);
+}
+
+Logs Trainer::evaluate_shard(const at::Tensor& x, const at::Tensor& y, int64_t batch_size,
+                             CallbackList& callbacks) {
   ModeGuard eval_mode(*model_, false);
   at::NoGradGuard no_grad;
   const at::Device device = model_device(*model_);
@@ -349,6 +430,7 @@ Logs Trainer::evaluate_with(const at::Tensor& x, const at::Tensor& y, int64_t ba
     ++batch;
     return true;
   });
+  if (collectives_) means.reduce_totals(*collectives_);
   Logs logs = means.logs();
   callbacks.on_test_end(logs);
   return logs;

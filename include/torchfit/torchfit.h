@@ -12,6 +12,7 @@
 #include "torchfit/callbacks/monitor.h"
 #include "torchfit/callbacks/progbar_logger.h"
 #include "torchfit/callbacks/terminate_on_nan.h"
+#include "torchfit/distributed.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
 #include "torchfit/logs.h"

@@ -20,6 +20,7 @@
 #include <utility>
 #include <vector>
 
+#include <c10/util/intrusive_ptr.h>
 #include <torch/data/example.h>
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
@@ -31,6 +32,9 @@
 
 namespace torch::optim {
 class Optimizer;
+}
+namespace c10d {
+class ProcessGroup;
 }
 
 namespace torchfit {
@@ -86,6 +90,7 @@ class FitOptions {
 };
 
 namespace detail {
+class Collectives;
 /// Called once per batch; returns false to stop the pass.
 using BatchVisitor = std::function<bool(const at::Tensor& x, const at::Tensor& y)>;
 /// Runs one pass over the training data for the given epoch.
@@ -151,6 +156,23 @@ class Trainer {
           std::vector<Metric> metrics);
 
   ~Trainer();
+  Trainer(Trainer&&) noexcept;
+  Trainer& operator=(Trainer&&) noexcept;
+
+  /// Trains data-parallel with the ranks of `group` (see distributed.h): rank 0's
+  /// parameters are broadcast at the start of `fit`, each rank trains on its
+  /// shard of tensor inputs (the shuffle seed is shared), gradients are averaged
+  /// with bucketed allreduces, logs are averaged across ranks weighted by sample
+  /// count (so every callback decides alike), and only rank 0 writes files while
+  /// the others wait at a barrier until the write is durable. Data loaders must
+  /// shard themselves (e.g. DistributedRandomSampler) and yield equal batch counts.
+  void set_process_group(c10::intrusive_ptr<c10d::ProcessGroup> group);
+  /// This process's rank and the number of ranks (0 and 1 without a process group).
+  int rank() const;
+  int world_size() const;
+  bool is_main_process() const { return rank() == 0; }
+  /// Waits for every rank (no-op without a process group); `what` names the point in errors.
+  void barrier(const char* what) const;
 
   /// Trains on tensors: `x` and `y` share their first dimension.
   History fit(const at::Tensor& x, const at::Tensor& y, FitOptions options = FitOptions());
@@ -216,6 +238,7 @@ class Trainer {
                      FitOptions options, std::optional<int64_t> steps_per_epoch = std::nullopt);
   Logs evaluate_with(const at::Tensor& x, const at::Tensor& y, int64_t batch_size,
                      CallbackList& callbacks);
+  Logs evaluate_shard(const at::Tensor& x, const at::Tensor& y, int64_t batch_size, CallbackList& callbacks);
   void restore(const std::string& path, bool with_history);
 
   std::shared_ptr<torch::nn::Module> model_;
@@ -232,6 +255,7 @@ class Trainer {
   std::optional<TrainerState> resume_;
   std::map<std::string, CallbackState> pending_callback_states_;
   std::string resumed_from_;
+  std::unique_ptr<detail::Collectives> collectives_;
 };
 
 }  // namespace torchfit

@@ -58,6 +58,14 @@ void BackupAndRestore::on_train_begin(const Logs&) {
 void BackupAndRestore::backup() {
   const auto& state = trainer_->state();
   if (state.global_step == last_backup_step_) return;  // nothing new since the last backup or restore
+  last_backup_step_ = state.global_step;
+  batches_since_backup_ = 0;
+  // Data-parallel: rank 0 writes, the others wait until it is durable.
+  if (trainer_->is_main_process()) write_backup();
+  trainer_->barrier("backup barrier");
+}
+
+void BackupAndRestore::write_backup() {
   if (options_.double_checkpoint() && fs::exists(backup_path())) {
     // The newest becomes the previous one atomically; a crash before the new
     // commit leaves the previous backup to restore from.
@@ -70,8 +78,6 @@ void BackupAndRestore::backup() {
   }
   detail::commit_full(backup_path(), detail::ModuleTree::of(trainer_->model()), trainer_->optimizer(),
                       trainer_->checkpoint_state(), trainer_->callback_states(), options_.fsync());
-  last_backup_step_ = state.global_step;
-  batches_since_backup_ = 0;
 }
 
 // Backups are taken at the start of an epoch or batch: every callback has then
@@ -89,6 +95,8 @@ void BackupAndRestore::on_train_batch_end(int64_t, const Logs&) { ++batches_sinc
 
 void BackupAndRestore::on_train_end(const Logs&) {
   if (!options_.delete_checkpoint()) return;
+  trainer_->barrier("backup removal barrier");  // no rank may still be reading it
+  if (!trainer_->is_main_process()) return;
   std::error_code ec;
   for (const auto& path : {backup_path(), previous_backup_path()}) fs::remove(path, ec);
   fs::remove(fs::path(options_.backup_dir()) / kLatestPointer, ec);

@@ -276,6 +276,17 @@ std::vector<std::string> CheckpointCallback::plan_retention(const std::string& p
 }
 
 void CheckpointCallback::write(int64_t epoch, const std::string& path, std::vector<std::string> evict) {
+  if (trainer_->world_size() == 1) return write_here(epoch, path, std::move(evict));
+  // Data-parallel: rank 0 writes (an async save completes here), then every rank
+  // meets at a barrier, so none runs ahead of a save it believes happened.
+  if (trainer_->is_main_process()) {
+    write_here(epoch, path, std::move(evict));
+    wait();
+  }
+  trainer_->barrier("checkpoint barrier");
+}
+
+void CheckpointCallback::write_here(int64_t epoch, const std::string& path, std::vector<std::string> evict) {
   // Our own state goes in even when we are driven outside a fit.
   auto callback_states = [this] {
     auto states = trainer_->callback_states();

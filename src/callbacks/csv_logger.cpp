@@ -16,6 +16,8 @@ CSVLogger::CSVLogger(std::string filename, char separator, bool append)
 }
 
 void CSVLogger::on_train_begin(const Logs&) {
+  enabled_ = trainer_ == nullptr || trainer_->is_main_process();  // one writer when data-parallel
+  if (!enabled_) return;
   // As Keras: appending to a non-empty file keeps its header and columns.
   write_header_ = !(append_ && std::filesystem::exists(filename_) && std::filesystem::file_size(filename_) > 0);
   keys_.clear();
@@ -37,6 +39,7 @@ void CSVLogger::on_train_begin(const Logs&) {
 }
 
 void CSVLogger::on_epoch_end(int64_t epoch, const Logs& logs) {
+  if (!enabled_) return;
   if (keys_.empty()) {
     for (const auto& entry : logs) keys_.push_back(entry.first);  // Logs are sorted by key
   }

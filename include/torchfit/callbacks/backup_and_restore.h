@@ -68,6 +68,7 @@ class BackupAndRestore : public Callback {
  private:
   /// Backs up now, unless nothing was trained since the last backup or restore.
   void backup();
+  void write_backup();
 
   BackupOptions options_;
   bool restored_ = false;

@@ -153,9 +153,11 @@ class CheckpointCallback : public MonitorCallback {
  private:
   void save_model(int64_t epoch, std::optional<int64_t> batch, const Logs& logs);
   bool should_save(int64_t epoch, const Logs& logs, const std::string& path);
+  /// Writes `path` (on rank 0 only when data-parallel, then a barrier).
+  void write(int64_t epoch, const std::string& path, std::vector<std::string> evict);
   /// Writes `path` now, or hands a snapshot to the writer thread; then deletes
   /// `evict` and updates the latest pointer.
-  void write(int64_t epoch, const std::string& path, std::vector<std::string> evict);
+  void write_here(int64_t epoch, const std::string& path, std::vector<std::string> evict);
   /// Whether a file with this score would be kept by save_top_k.
   bool ranks_in_top_k(const std::string& path, std::optional<double> score) const;
   /// Updates the top-k and newest-n tables for a save to `path`; returns the

@@ -25,6 +25,7 @@ class CSVLogger : public Callback {
   char separator_;
   bool append_;
   bool write_header_ = true;
+  bool enabled_ = true;
   std::vector<std::string> keys_;
   std::ofstream file_;
 };
