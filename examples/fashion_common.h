@@ -2,6 +2,7 @@
 // Shared by the examples: Debian's dataset-fashion-mnist files, unpacked for
 // torch::data::datasets::MNIST, and the small classifier they train.
 
+#include <unistd.h>
 #include <zlib.h>
 
 #include <filesystem>
@@ -24,7 +25,7 @@ inline const char* kFiles[] = {"train-images-idx3-ubyte", "train-labels-idx1-uby
 inline void gunzip(const fs::path& source, const fs::path& target) {
   gzFile in = gzopen(source.c_str(), "rb");
   if (in == nullptr) throw std::runtime_error(fmt::format("Failed opening {}", source.string()));
-  auto temp = target.string() + ".partial";
+  auto temp = target.string() + ".partial." + std::to_string(::getpid());  // ranks may unpack at once
   std::ofstream out(temp, std::ios::binary);
   char buffer[1 << 16];
   int n;

@@ -1,11 +1,15 @@
 // Trains a small classifier on Fashion-MNIST with a save-best checkpoint, then
 // reloads the best file and reports its test accuracy.
 //
-//   fashion_mnist [--epochs N] [--data DIR] [--cache DIR] [--out DIR] [--min-accuracy A]
+//   fashion_mnist [--epochs N] [--limit N] [--data DIR] [--cache DIR] [--out DIR] [--min-accuracy A]
+//
+// Data-parallel: examples/launch.sh 2 build/examples/fashion_mnist (each process
+// sees WORLD_SIZE and joins the group; rank 0 writes the checkpoint and reports).
 //
 // The data are Debian's dataset-fashion-mnist gzipped IDX files, unpacked once to
 // the cache directory for torch::data::datasets::MNIST.
 #include <cstdio>
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -59,6 +63,7 @@ int main(int argc, char** argv) try {
   auto default_cache = fs::path(home ? home : "/tmp") / ".cache" / "torchfit" / "fashion-mnist";
   auto data_dir = arg(args, "data", "/usr/share/datasets/fashion-mnist");
   auto cache_dir = examples::unpack_fashion_mnist(data_dir, arg(args, "cache", default_cache.string()));
+  int64_t limit = std::stoll(arg(args, "limit", "0"));  // train on the first `limit` images (0: all)
   auto out_dir = fs::path(arg(args, "out", "fashion_mnist_checkpoints"));
   int64_t epochs = std::stoll(arg(args, "epochs", "5"));
   double min_accuracy = std::stod(arg(args, "min-accuracy", "0.85"));
@@ -71,20 +76,31 @@ int main(int argc, char** argv) try {
 
   Net net;
   auto trainer = make_trainer(net);
+  if (std::getenv("WORLD_SIZE") != nullptr) {
+    trainer.set_process_group(torchfit::distributed::init_from_env());
+    spdlog::info("rank {} of {}", trainer.rank(), trainer.world_size());
+  }
   auto checkpoint = std::make_shared<torchfit::CheckpointCallback>(
       torchfit::CheckpointOptions((out_dir / "best.pt").string())
           .monitor("val_accuracy")
           .save_best_only(true)
           .verbose(1));
-  trainer.fit(train.images(), train.targets(),
+  auto images = limit > 0 ? train.images().narrow(0, 0, limit) : train.images();
+  auto targets = limit > 0 ? train.targets().narrow(0, 0, limit) : train.targets();
+  auto fit_start = std::chrono::steady_clock::now();
+  trainer.fit(images, targets,
               torchfit::FitOptions()
                   .epochs(epochs)
                   .batch_size(128)
                   .validation_split(0.1)
                   .seed(0)
-                  .verbose(2)
+                  .verbose(trainer.is_main_process() ? 2 : 0)
                   .callbacks({checkpoint}));
 
+  double fit_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - fit_start).count();
+  spdlog::info("fit: {:.0f} samples/s over {} process(es)",
+               static_cast<double>(images.size(0) * epochs) * 0.9 / fit_seconds, trainer.world_size());
+  if (!trainer.is_main_process()) return 0;  // rank 0 reports
   // A fresh model restored from the best checkpoint.
   Net restored;
   auto evaluator = make_trainer(restored);

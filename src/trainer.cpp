@@ -192,6 +192,8 @@ int Trainer::rank() const { return collectives_ ? collectives_->rank() : 0; }
 
 int Trainer::world_size() const { return collectives_ ? collectives_->size() : 1; }
 
+double Trainer::allreduce_seconds() const { return collectives_ ? collectives_->gradient_seconds() : 0.0; }
+
 void Trainer::barrier(const char* what) const {
   if (collectives_) collectives_->barrier(what);
 }

@@ -173,6 +173,8 @@ class Trainer {
   bool is_main_process() const { return rank() == 0; }
   /// Waits for every rank (no-op without a process group); `what` names the point in errors.
   void barrier(const char* what) const;
+  /// Wall time this rank spent averaging gradients across ranks (0 alone).
+  double allreduce_seconds() const;
 
   /// Trains on tensors: `x` and `y` share their first dimension.
   History fit(const at::Tensor& x, const at::Tensor& y, FitOptions options = FitOptions());

@@ -1,5 +1,7 @@
 #include "detail/collectives.h"
 
+#include <chrono>
+
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -30,6 +32,12 @@ void Collectives::allreduce_sum(at::Tensor& tensor, const char* what) {
 }
 
 void Collectives::average_gradients(const std::vector<at::Tensor>& parameters, int64_t bucket_elements) {
+  auto start = std::chrono::steady_clock::now();
+  struct Timer {
+    std::chrono::steady_clock::time_point start;
+    double& total;
+    ~Timer() { total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
+  } timer{start, gradient_seconds_};
   std::vector<at::Tensor> bucket;
   int64_t elements = 0;
   auto flush = [&] {

@@ -29,6 +29,8 @@ class Collectives {
   /// Copies rank 0's values into every rank's tensors, in place.
   void broadcast_from_root(const std::vector<at::Tensor>& tensors, const char* what);
   void barrier(const char* what);
+  /// Wall time spent averaging gradients so far.
+  double gradient_seconds() const { return gradient_seconds_; }
 
  private:
   template <typename Fn>
@@ -37,6 +39,7 @@ class Collectives {
   c10::intrusive_ptr<c10d::ProcessGroup> group_;
   int rank_;
   int size_;
+  double gradient_seconds_ = 0;
 };
 
 }  // namespace torchfit::detail

@@ -1,0 +1,73 @@
+// Data-parallel throughput, allreduce share and checkpoint blocking time.
+//
+//   ddp_bench [--samples 8192] [--hidden 512] [--batch 64] [--epochs 2] [--dir bench_out]
+//   examples/launch.sh 2 ddp_bench ...      # the same with 2 processes
+//
+// Each rank trains on its shard with `--batch` per rank; rank 0 prints one row.
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+
+#include <torch/torch.h>
+#include <torchfit/torchfit.h>
+
+#include "bench_util.h"
+
+namespace fs = std::filesystem;
+using namespace torchfit;
+
+int main(int argc, char** argv) try {
+  bench::Args args(argc, argv);
+  auto samples = static_cast<int64_t>(args.number("samples", 8192));
+  auto hidden = static_cast<int64_t>(args.number("hidden", 512));
+  auto batch = static_cast<int64_t>(args.number("batch", 64));
+  auto epochs = static_cast<int64_t>(args.number("epochs", 2));
+  auto dir = fs::path(args.get("dir", "bench_out")) / "ddp";
+
+  torch::manual_seed(0);
+  auto x = torch::randn({samples, 784});
+  auto y = torch::randint(0, 10, {samples});
+  auto model = torch::nn::Sequential(torch::nn::Linear(784, hidden), torch::nn::ReLU(), torch::nn::Linear(hidden, hidden),
+                                     torch::nn::ReLU(), torch::nn::Linear(hidden, 10));
+  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-3);
+  Trainer trainer(model, adam, [](const torch::Tensor& o, const torch::Tensor& t) {
+    return torch::nn::functional::cross_entropy(o, t);
+  });
+  if (std::getenv("WORLD_SIZE") != nullptr) trainer.set_process_group(distributed::init_from_env());
+
+  auto start = std::chrono::steady_clock::now();
+  trainer.fit(x, y, FitOptions().epochs(epochs).batch_size(batch).seed(1));
+  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  // Checkpoint blocking time: the save point as every rank sees it (rank 0 writes, all meet at a barrier).
+  auto blocking_ms = [&](bool async) {
+    auto cb = std::make_shared<CheckpointCallback>(
+        CheckpointOptions((dir / (async ? "async.pt" : "sync.pt")).string()).monitor("loss").async_save(async));
+    cb->set_trainer(&trainer);
+    cb->on_train_begin({});
+    std::vector<double> times;
+    for (int i = 0; i < 5; ++i) {
+      auto t = std::chrono::steady_clock::now();
+      cb->on_epoch_begin(i, {});
+      cb->on_epoch_end(i, {{"loss", 1.0}});
+      times.push_back(1e3 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count());
+    }
+    cb->on_train_end({});
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2];
+  };
+  double sync_ms = blocking_ms(false), async_ms = blocking_ms(true);
+  if (trainer.is_main_process()) {
+    fmt::print("| processes | samples/s | allreduce share of fit time | checkpoint blocking, sync (ms) | checkpoint blocking, async (ms) |\n");
+    fmt::print("|---|---|---|---|---|\n");
+    fmt::print("| {} | {:.0f} | {:.1f} % | {:.1f} | {:.1f} |\n", trainer.world_size(),
+               static_cast<double>(samples * epochs) / seconds, 100.0 * trainer.allreduce_seconds() / seconds, sync_ms,
+               async_ms);
+    fs::remove_all(dir);
+  }
+  return 0;
+} catch (const std::exception& e) {
+  fmt::print(stderr, "ddp_bench: {}\n", e.what());
+  return 1;
+}
