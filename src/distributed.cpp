@@ -38,6 +38,9 @@ int64_t number(const char* name, int64_t low, int64_t high) {
 c10::intrusive_ptr<c10d::ProcessGroup> init_from_env(std::chrono::milliseconds timeout) {
   auto world = number("WORLD_SIZE", 1, 1 << 20);
   auto rank = number("RANK", 0, world - 1);
+  if (const char* local = std::getenv("LOCAL_RANK"); local != nullptr && *local != '\0') {
+    number("LOCAL_RANK", 0, world - 1);  // validated; it would pick the GPU of a CUDA build
+  }
   auto address = required("MASTER_ADDR");
   auto port = number("MASTER_PORT", 1, 65535);
   try {

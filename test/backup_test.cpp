@@ -64,7 +64,11 @@ void expect_bitwise_resume(TorchfitTest& test, const fs::path& root, const std::
   for (int round = 0; round < rounds; ++round) {
     auto dir = (root / fmt::format("{}-killed-{}", freq, round)).string();
     pid_t pid = spawn_self("BackupChild.Train", {"TORCHFIT_BACKUP_CHILD_DIR=" + dir, "TORCHFIT_BACKUP_FREQ=" + freq});
-    std::this_thread::sleep_for(std::chrono::milliseconds(500 + rng() % 500));
+    // Once the first backup exists (start-up takes a varying time), kill at a random later point.
+    for (int i = 0; i < 3000 && !fs::exists(dir + "/backup/backup.pt"); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 300));
     ::kill(pid, SIGKILL);
     int status = 0;
     waitpid(pid, &status, 0);

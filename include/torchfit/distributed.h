@@ -15,8 +15,8 @@
 
 namespace torchfit::distributed {
 
-/// Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and LOCAL_RANK) as torchrun
-/// sets them, builds a TCPStore (served by rank 0) and a Gloo process group.
+/// Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and validates LOCAL_RANK) as
+/// torchrun sets them, builds a TCPStore (served by rank 0) and a Gloo process group.
 /// Collectives that wait longer than `timeout` (a dead peer) fail with a
 /// `torchfit::Error`. Throws `ValueError` naming a missing or bad variable.
 c10::intrusive_ptr<c10d::ProcessGroup> init_from_env(std::chrono::milliseconds timeout = std::chrono::seconds(60));
