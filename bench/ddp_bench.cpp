@@ -13,6 +13,7 @@
 #include <torchfit/torchfit.h>
 
 #include "bench_util.h"
+#include "workload.h"
 
 namespace fs = std::filesystem;
 using namespace torchfit;
@@ -25,15 +26,10 @@ int main(int argc, char** argv) try {
   auto epochs = static_cast<int64_t>(args.number("epochs", 2));
   auto dir = fs::path(args.get("dir", "bench_out")) / "ddp";
 
-  torch::manual_seed(0);
-  auto x = torch::randn({samples, 784});
-  auto y = torch::randint(0, 10, {samples});
-  auto model = torch::nn::Sequential(torch::nn::Linear(784, hidden), torch::nn::ReLU(), torch::nn::Linear(hidden, hidden),
-                                     torch::nn::ReLU(), torch::nn::Linear(hidden, 10));
+  auto [x, y] = bench::make_samples(samples);
+  auto model = bench::make_mlp(hidden);
   auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-3);
-  Trainer trainer(model, adam, [](const torch::Tensor& o, const torch::Tensor& t) {
-    return torch::nn::functional::cross_entropy(o, t);
-  });
+  Trainer trainer(model, adam, bench::cross_entropy);
   if (std::getenv("WORLD_SIZE") != nullptr) trainer.set_process_group(distributed::init_from_env());
 
   auto start = std::chrono::steady_clock::now();

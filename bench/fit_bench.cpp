@@ -12,18 +12,11 @@
 #include <torchfit/torchfit.h>
 
 #include "bench_util.h"
+#include "workload.h"
 
 namespace fs = std::filesystem;
 using namespace torchfit;
 
-namespace {
-
-torch::nn::Sequential make_model(int64_t hidden) {
-  return torch::nn::Sequential(torch::nn::Linear(784, hidden), torch::nn::ReLU(), torch::nn::Linear(hidden, hidden),
-                               torch::nn::ReLU(), torch::nn::Linear(hidden, 10));
-}
-
-}  // namespace
 
 int main(int argc, char** argv) try {
   bench::Args args(argc, argv);
@@ -35,12 +28,7 @@ int main(int argc, char** argv) try {
   auto dir = fs::path(args.get("dir", "bench_out")) / "fit";
   fs::create_directories(dir);
 
-  torch::manual_seed(0);
-  auto x = torch::randn({samples, 784});
-  auto y = torch::randint(0, 10, {samples});
-  auto loss = [](const torch::Tensor& out, const torch::Tensor& target) {
-    return torch::nn::functional::cross_entropy(out, target);
-  };
+  auto [x, y] = bench::make_samples(samples);
 
   struct Config {
     std::string name;
@@ -61,9 +49,9 @@ int main(int argc, char** argv) try {
   double state_bytes = 0;
   auto run = [&](const Config& config, int64_t run_epochs) {
     torch::manual_seed(1);
-    auto model = make_model(hidden);
+    auto model = bench::make_mlp(hidden);
     auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-3);
-    Trainer trainer(model, adam, loss);
+    Trainer trainer(model, adam, bench::cross_entropy);
     state_bytes = 0;
     for (const auto& p : model->parameters()) state_bytes += 3.0 * static_cast<double>(p.nbytes());  // + Adam moments
     auto start = std::chrono::steady_clock::now();
