@@ -51,12 +51,7 @@ std::string describe(const at::Tensor& t) {
 /// Commits `path` with whatever `write_archive(sink)` streams into the sink.
 template <typename WriteFn>
 void commit_archive(const std::string& path, bool fsync, WriteFn&& write_archive) {
-  if (std::filesystem::is_directory(path)) {
-    throw CheckpointError(fmt::format(
-        "Please specify a non-directory filepath for the checkpoint. Filepath used is an "
-        "existing directory: {}",
-        path));
-  }
+  detail::check_not_directory(path, "the checkpoint");
   detail::create_parent_directories(path);
   detail::AtomicFile file(path, fsync);
   detail::ChecksumSink sink(file);
@@ -369,17 +364,9 @@ VerifyResult verify_checkpoint(const std::string& path) {
   return {true, ""};
 }
 
-TensorMap read_weights(const std::string& path) {
-  check_file(path);
-  {
-    detail::FileReader file(path);
-    if (auto pending = open_weights(file)) {
-      std::vector<detail::ReadJob> jobs;
-      for (const auto& [data, span] : pending->spans) jobs.push_back({span, const_cast<void*>(data)});
-      detail::read_parallel(file, jobs);
-      return std::move(pending->tensors);
-    }
-  }
+/// Weights of files `open_weights` leaves to others (already checked): module
+/// archives, zip64 files and files of other tools.
+TensorMap read_other_weights(const std::string& path) {
   // Module archives, zip64 files and files of other tools go through LibTorch's
   // zip reader; pickles (Python's torch.save of a state_dict included) through ours.
   if (archive_kind(path) == ArchiveKind::Pickle) {
@@ -410,6 +397,20 @@ TensorMap read_weights(const std::string& path) {
   return out;
 }
 
+TensorMap read_weights(const std::string& path) {
+  check_file(path);
+  {
+    detail::FileReader file(path);
+    if (auto pending = open_weights(file)) {
+      std::vector<detail::ReadJob> jobs;
+      for (const auto& [data, span] : pending->spans) jobs.push_back({span, const_cast<void*>(data)});
+      detail::read_parallel(file, jobs);
+      return std::move(pending->tensors);
+    }
+  }
+  return read_other_weights(path);
+}
+
 void assign_weights(torch::nn::Module& module, const TensorMap& weights, const std::string& path) {
   TensorMap targets = check_weights(module, weights, path);
   copy_weights(targets, weights);
@@ -419,7 +420,7 @@ void load_weights(torch::nn::Module& module, const std::string& path) {
   check_file(path);
   detail::FileReader file(path);
   auto pending = open_weights(file);
-  if (!pending) return assign_weights(module, read_weights(path), path);
+  if (!pending) return assign_weights(module, read_other_weights(path), path);
   // Verified and matched before anything is written: then each tensor's bytes go
   // straight from the file into the parameter, where layouts allow.
   TensorMap targets = check_weights(module, pending->tensors, path);

@@ -198,12 +198,7 @@ void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch,
     return;
   }
   try {
-    if (std::filesystem::is_directory(path)) {
-      throw CheckpointError(fmt::format(
-          "Please specify a non-directory filepath for CheckpointCallback. Filepath used is an "
-          "existing directory: {}",
-          path));
-    }
+    detail::check_not_directory(path, "CheckpointCallback");
     if (trainer_ == nullptr) {
       throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
     }

@@ -89,6 +89,13 @@ std::string errno_message(const std::string& what, const std::string& path, int 
   return fmt::format("{} {}: {}", what, path, std::strerror(error));
 }
 
+void check_not_directory(const std::string& path, const std::string& owner) {
+  if (fs::is_directory(path)) {
+    throw CheckpointError(fmt::format(
+        "Please specify a non-directory filepath for {}. Filepath used is an existing directory: {}", owner, path));
+  }
+}
+
 void create_parent_directories(const std::string& path) {
   auto dir = fs::path(path).parent_path();
   if (dir.empty()) return;

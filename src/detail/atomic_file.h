@@ -49,6 +49,10 @@ std::vector<std::string> remove_stale_temporaries(const std::string& directory);
 /// Atomically points `<dir of checkpoint>/torchfit_latest.txt` at `checkpoint`.
 void write_latest_pointer(const std::string& checkpoint, bool fsync);
 
+/// Throws CheckpointError if `path` is an existing directory; `owner` names who
+/// was given the path ("the checkpoint", "CheckpointCallback").
+void check_not_directory(const std::string& path, const std::string& owner);
+
 /// Creates the parent directories of `path` if missing; throws CheckpointError.
 void create_parent_directories(const std::string& path);
 
