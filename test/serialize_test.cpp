@@ -204,11 +204,11 @@ TEST_F(SerializeTest, FullCheckpointRestoresOptimizerState) {
   expect_same_weights(*model, *model2);
 }
 
-TEST_F(SerializeTest, FullCheckpointLoadsWithPlainTorchLoad) {
+TEST_F(SerializeTest, LoadWeightsReadsTheModelOfAFullCheckpoint) {
   auto s = make_setup();
   s.trainer->save_checkpoint(path("full.pt"));
   Mlp plain;
-  torch::load(plain, path("full.pt"));
+  load_weights(*plain, path("full.pt"));
   expect_same_weights(*s.model, *plain);
 }
 

@@ -15,13 +15,15 @@
 #include <vector>
 
 #include "torchfit/logs.h"
+#include "torchfit/trainer_state.h"
+
+namespace c10 {
+struct IValue;
+}
 
 namespace torchfit {
 
 class Trainer;
-
-/// State a callback carries across runs inside full checkpoints.
-using CallbackState = std::map<std::string, std::string>;
 
 /// Base class of all callbacks: every hook is a no-op.
 class Callback {
@@ -32,6 +34,9 @@ class Callback {
   virtual void set_trainer(Trainer* trainer) { trainer_ = trainer; }
   Trainer* trainer() const { return trainer_; }
 
+  /// Called once per `fit`, before any callback's `on_train_begin`: the place to
+  /// restore state (BackupAndRestore does), so the order of callbacks does not matter.
+  virtual void on_train_setup() {}
   virtual void on_train_begin(const Logs& /*logs*/) {}
   virtual void on_train_end(const Logs& /*logs*/) {}
   virtual void on_epoch_begin(int64_t /*epoch*/, const Logs& /*logs*/) {}
@@ -43,9 +48,16 @@ class Callback {
   virtual void on_test_batch_begin(int64_t /*batch*/, const Logs& /*logs*/) {}
   virtual void on_test_batch_end(int64_t /*batch*/, const Logs& /*logs*/) {}
 
-  /// A key identifying this callback's state in full checkpoints; empty (the
+  /// A key identifying this callback's state in full checkpoints, built from its
+  /// whole configuration so two instances of one type do not collide; empty (the
   /// default) means the callback is stateless.
   virtual std::string state_key() const { return {}; }
+  /// The callback's state as data (numbers, strings, tensors, lists, dicts). The
+  /// default wraps the 0.1 text form, `state()`.
+  virtual c10::IValue state_dict() const;
+  virtual void load_state_dict(const c10::IValue& state);
+
+  /// torchfit 0.1's text state; override `state_dict` instead.
   virtual CallbackState state() const { return {}; }
   virtual void load_state(const CallbackState& /*state*/) {}
 
@@ -63,6 +75,7 @@ class CallbackList {
   const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
 
   void set_trainer(Trainer* trainer);
+  void on_train_setup();
   void on_train_begin(const Logs& logs);
   void on_train_end(const Logs& logs);
   void on_epoch_begin(int64_t epoch, const Logs& logs);
@@ -74,9 +87,16 @@ class CallbackList {
   void on_test_batch_begin(int64_t batch, const Logs& logs);
   void on_test_batch_end(int64_t batch, const Logs& logs);
 
-  /// States of the stateful callbacks, by `state_key()`.
+  /// States of the stateful callbacks, by `state_key()`; a key repeated by
+  /// identical callbacks gets " #2", " #3", ... in order.
+  std::map<std::string, c10::IValue> state_dicts() const;
+  /// Hands each callback the state stored under its key and removes it from
+  /// `states`; states no callback claims stay there.
+  void load_state_dicts(std::map<std::string, c10::IValue>& states);
+
+  /// 0.1's text form of `state_dicts` (states that are not text are left out).
   std::map<std::string, CallbackState> states() const;
-  /// Hands each callback the state stored under its key, if any.
+  /// 0.1's text form of `load_state_dicts`.
   void load_states(const std::map<std::string, CallbackState>& states);
 
  private:
@@ -96,8 +116,8 @@ class History : public Callback {
   /// History travels in backups, so a restored fit returns the whole run.
   static constexpr const char* kStateKey = "History";
   std::string state_key() const override { return kStateKey; }
-  CallbackState state() const override;
-  void load_state(const CallbackState& state) override;
+  c10::IValue state_dict() const override;
+  void load_state_dict(const c10::IValue& state) override;
 };
 
 }  // namespace torchfit

@@ -20,7 +20,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "torchfit/callback.h"
+#include "torchfit/state_dict.h"
 #include "torchfit/trainer_state.h"
 
 namespace torch::nn {
@@ -31,12 +31,6 @@ class Optimizer;
 }
 
 namespace torchfit {
-
-/// Name-to-tensor map in the order of Python's `state_dict()` keys' sort.
-using TensorMap = std::map<std::string, at::Tensor>;
-
-/// The module's parameters and buffers under their dotted names, detached.
-TensorMap state_dict(const torch::nn::Module& module);
 
 /// Writes the module's parameters and buffers as a weights file.
 void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync = true);
@@ -70,13 +64,6 @@ void assign_weights(torch::nn::Module& module, const TensorMap& weights, const s
 
 /// `read_weights` then `assign_weights`.
 void load_weights(torch::nn::Module& module, const std::string& path);
-
-/// What a full checkpoint restores besides the weights.
-struct CheckpointContents {
-  TensorMap weights;
-  TrainerState trainer;
-  std::map<std::string, CallbackState> callbacks;
-};
 
 /// Restores model and optimizer from a full checkpoint, all or nothing, and
 /// returns the rest. Throws `CheckpointError` for weights-only or foreign files.

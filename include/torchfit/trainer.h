@@ -26,6 +26,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "torchfit/callback.h"
+#include "torchfit/engine/checkpoint.h"
 #include "torchfit/logs.h"
 #include "torchfit/metrics.h"
 #include "torchfit/trainer_state.h"
@@ -219,6 +220,13 @@ class Trainer {
   /// Writes a full checkpoint: model, optimizer, trainer state and the state of
   /// the callbacks of the running `fit`.
   void save_checkpoint(const std::string& path) const;
+  /// Everything a full checkpoint holds, as items: "model", "optimizer" (state and
+  /// param-group options), "trainer" (progress), "rng" and "callbacks". Loading it
+  /// restores them for the next (or the running) `fit`; `with_history` false
+  /// leaves History out of what is restored, as `load_checkpoint` does.
+  /// `caller`'s state is included even when it is not a callback of the running
+  /// fit (a callback driven by hand).
+  Checkpoint checkpoint(bool with_history = true, const Callback* caller = nullptr);
 
   torch::nn::Module& model() const { return *model_; }
   torch::optim::Optimizer& optimizer() const { return *optimizer_; }
@@ -242,6 +250,8 @@ class Trainer {
                      CallbackList& callbacks);
   Logs evaluate_shard(const at::Tensor& x, const at::Tensor& y, int64_t batch_size, CallbackList& callbacks);
   void restore(const std::string& path, bool with_history);
+  /// Reads a torchfit 0.1 full checkpoint (a LibTorch module archive).
+  void restore_legacy(const std::string& path);
 
   std::shared_ptr<torch::nn::Module> model_;
   ForwardFn forward_;
@@ -255,7 +265,9 @@ class Trainer {
   CallbackList* active_callbacks_ = nullptr;
   /// Set by load_checkpoint, consumed by the next fit.
   std::optional<TrainerState> resume_;
-  std::map<std::string, CallbackState> pending_callback_states_;
+  std::map<std::string, c10::IValue> pending_callback_states_;
+  struct ProgressItem;
+  struct CallbacksItem;
   std::string resumed_from_;
   std::unique_ptr<detail::Collectives> collectives_;
 };

@@ -9,6 +9,9 @@
 
 namespace torchfit {
 
+/// A callback's state in torchfit 0.1's text form (see `Callback::state`).
+using CallbackState = std::map<std::string, std::string>;
+
 struct TrainerState {
   /// Epochs fully completed.
   int64_t epoch = 0;

@@ -8,6 +8,7 @@
 ///     // Killed? Run the same program again: fit continues from the last backup.
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "torchfit/callback.h"
@@ -28,12 +29,15 @@ class BackupOptions {
   BackupOptions& double_checkpoint(bool value) { double_checkpoint_ = value; return *this; }
   /// fsync backups on commit (default true).
   BackupOptions& fsync(bool value) { fsync_ = value; return *this; }
+  /// Write backups in the background (default false); see `CheckpointOptions::async_save`.
+  BackupOptions& async_save(bool value) { async_save_ = value; return *this; }
 
   const std::string& backup_dir() const { return backup_dir_; }
   const SaveFreq& save_freq() const { return save_freq_; }
   bool delete_checkpoint() const { return delete_checkpoint_; }
   bool double_checkpoint() const { return double_checkpoint_; }
   bool fsync() const { return fsync_; }
+  bool async_save() const { return async_save_; }
 
  private:
   std::string backup_dir_;
@@ -41,6 +45,7 @@ class BackupOptions {
   bool delete_checkpoint_ = true;
   bool double_checkpoint_ = false;
   bool fsync_ = true;
+  bool async_save_ = false;
 };
 
 /// Backs up the whole training state (model, optimizer, epoch and batch position,
@@ -59,7 +64,8 @@ class BackupAndRestore : public Callback {
   /// Whether `on_train_begin` restored a backup.
   bool restored() const { return restored_; }
 
-  void on_train_begin(const Logs& logs) override;
+  /// Restores the newest backup that verifies, before any callback's `on_train_begin`.
+  void on_train_setup() override;
   void on_train_end(const Logs& logs) override;
   void on_epoch_begin(int64_t epoch, const Logs& logs) override;
   void on_train_batch_begin(int64_t batch, const Logs& logs) override;
@@ -71,6 +77,7 @@ class BackupAndRestore : public Callback {
   void write_backup();
 
   BackupOptions options_;
+  std::unique_ptr<CheckpointManager> manager_;
   bool restored_ = false;
   int64_t batches_since_backup_ = 0;
   int64_t last_backup_step_ = -1;

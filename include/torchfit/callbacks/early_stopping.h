@@ -70,9 +70,11 @@ class EarlyStopping : public MonitorCallback {
   void on_epoch_end(int64_t epoch, const Logs& logs) override;
   void on_train_end(const Logs& logs) override;
 
+  /// Built from every option, so two EarlyStopping instances keep separate state.
   std::string state_key() const override;
-  CallbackState state() const override;
-  void load_state(const CallbackState& state) override;
+  /// Counters, best value and, with restore_best_weights, the best weights.
+  c10::IValue state_dict() const override;
+  void load_state_dict(const c10::IValue& state) override;
 
  private:
   EarlyStoppingOptions options_;

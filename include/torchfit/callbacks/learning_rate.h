@@ -68,9 +68,10 @@ class ReduceLROnPlateau : public MonitorCallback {
   void on_train_begin(const Logs& logs) override;
   void on_epoch_end(int64_t epoch, const Logs& logs) override;
 
+  /// Built from every option, so two instances keep separate state.
   std::string state_key() const override;
-  CallbackState state() const override;
-  void load_state(const CallbackState& state) override;
+  c10::IValue state_dict() const override;
+  void load_state_dict(const c10::IValue& state) override;
 
  private:
   ReduceLROnPlateauOptions options_;

@@ -7,7 +7,10 @@
 #include <string>
 #include <utility>
 
+#include <memory>
+
 #include "torchfit/callback.h"
+#include "torchfit/engine/metric_monitor.h"
 #include "torchfit/mode.h"
 
 namespace torchfit {
@@ -17,21 +20,23 @@ class MonitorCallback : public Callback {
  public:
   const std::string& monitor() const { return monitor_; }
   /// The configured mode; `Auto` until resolved by `on_train_begin`.
-  Mode mode() const { return mode_; }
+  Mode mode() const { return tracker_->mode(); }
   /// Best value seen so far (or the initial threshold); empty before any.
-  std::optional<double> best() const { return best_; }
+  std::optional<double> best() const { return tracker_->best(); }
 
   /// Resolves `Mode::Auto` against the trainer's metrics.
   void on_train_begin(const Logs& logs) override;
 
-  /// `best`, for full checkpoints; subclasses add their own fields.
-  CallbackState state() const override;
-  void load_state(const CallbackState& state) override;
+  /// `{"best": ...}`, for full checkpoints; subclasses add their own fields.
+  c10::IValue state_dict() const override;
+  void load_state_dict(const c10::IValue& state) override;
 
  protected:
   /// `name` is the callback's class name, used in messages.
   MonitorCallback(std::string name, std::string monitor, Mode mode,
                   std::optional<double> baseline, double min_delta = 0.0);
+  /// Shares `tracker` (its mode and best) with another user, such as a CheckpointManager.
+  MonitorCallback(std::string name, std::shared_ptr<MetricMonitor> tracker);
 
   /// Strictly better than `reference` by more than min_delta; NaN never is.
   /// An empty reference is beaten by any number.
@@ -40,24 +45,22 @@ class MonitorCallback : public Callback {
   std::optional<double> current(const Logs& logs) const;
 
   const std::string& name() const { return name_; }
-  /// Sets `out` from an integer field of a saved state, if present; throws
-  /// CheckpointError naming the callback and field if it is not a number.
-  void read_field(const CallbackState& state, const char* field, int64_t& out) const;
+  /// The integer `field` of a state dict built on ours; throws CheckpointError
+  /// naming the callback and field if it is missing or not an integer.
+  int64_t int_field(const c10::IValue& state, const char* field) const;
   /// True once after `load_state`: the next `on_train_begin` continues the
   /// restored state instead of starting afresh.
   bool take_restored() { return std::exchange(restored_, false); }
 
   std::string name_;
   std::string monitor_;
-  Mode mode_;
-  std::optional<double> best_;
-  double min_delta_;
+  std::shared_ptr<MetricMonitor> tracker_;
   bool restored_ = false;
 };
 
 /// Resolves `Mode::Auto` for `monitor`: `loss`/`val_loss` are minimised, otherwise
-/// the direction of the metric of that name (after stripping `val_`). Throws
-/// `ValueError` naming `owner` and `monitor` when no direction is known.
+/// the direction of the trainer's metric of that name (after stripping `val_`).
+/// Throws `ValueError` naming `owner` and `monitor` when no direction is known.
 Mode resolve_mode(Mode mode, const std::string& monitor, const Trainer* trainer,
                   const std::string& owner);
 

@@ -1,0 +1,140 @@
+#pragma once
+/// \file
+/// Where checkpoints are stored, behind one interface (as Lightning's CheckpointIO):
+/// save a checkpoint to a path, load it, remove it, list what exists. The engine
+/// (`CheckpointManager`) decides *when* to save and what to keep; a `CheckpointIO`
+/// decides *how* the bytes are stored.
+///
+///     auto io = std::make_shared<torchfit::AsyncCheckpointIO>(std::make_shared<torchfit::FileCheckpointIO>());
+///     torchfit::CheckpointManager manager(torchfit::CheckpointOptions("ckpt/{step}.pt").io(io));
+///
+/// A checkpoint is data: a `c10::IValue` dict (names to tensors, numbers, strings,
+/// lists and dicts), as `Checkpoint::state_dict()` builds it.
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace c10 {
+struct IValue;
+}
+
+namespace torchfit {
+
+namespace detail {
+class AsyncWriter;
+class Snapshot;
+}  // namespace detail
+
+/// Name of the pointer file `save_last` keeps next to the checkpoints.
+inline constexpr const char* kLatestPointer = "torchfit_latest.txt";
+
+/// The newest intact checkpoint in `dir`: the one the `save_last` pointer names,
+/// or else the most recently modified file that verifies. Temporary and
+/// unverifiable files are ignored. Empty when there is none.
+std::optional<std::string> latest_checkpoint(const std::string& dir);
+
+/// Storage of checkpoints. Implementations must make `save` all or nothing: after
+/// a failed or interrupted save, `path` holds what it held before.
+class CheckpointIO {
+ public:
+  /// Runs once the save is committed (on the writer thread for async storage).
+  using OnCommit = std::function<void()>;
+
+  virtual ~CheckpointIO();
+
+  /// Stores `checkpoint` at `path`, then runs `on_commit`. Throws `CheckpointError`.
+  virtual void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) = 0;
+  /// The checkpoint at `path`, verified. Throws `CheckpointError` naming the path
+  /// when it is missing, damaged or not a checkpoint.
+  virtual c10::IValue load(const std::string& path) = 0;
+  /// Removes `path` if it exists; throws `CheckpointError` when it cannot.
+  virtual void remove(const std::string& path) = 0;
+  /// The checkpoints stored in `directory` ("" is the current one), newest first.
+  virtual std::vector<std::string> list(const std::string& directory) = 0;
+  /// Waits until every save handed over so far is committed, and raises the
+  /// error of a failed one. A no-op for synchronous storage.
+  virtual void wait() {}
+  /// Records `path` as the newest checkpoint of its directory (`save_last`).
+  virtual void mark_latest(const std::string& path) { (void)path; }
+  /// What `mark_latest` recorded for `directory`, if anything.
+  virtual std::optional<std::string> latest(const std::string& directory) {
+    (void)directory;
+    return std::nullopt;
+  }
+};
+
+/// Files on a local or network filesystem, each committed crash-safely: written to
+/// a temporary file in the target's directory, fsynced, renamed over the target,
+/// the directory fsynced. Every file carries a CRC32 of its bytes, checked on load.
+/// The format is `torch.save`'s zip of a pickle, so Python's `torch.load` reads it.
+class FileCheckpointIO : public CheckpointIO {
+ public:
+  /// `fsync(false)` skips the fsyncs (faster, not crash-safe: for comparisons only).
+  explicit FileCheckpointIO(bool fsync = true) : fsync_(fsync) {}
+
+  void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) override;
+  c10::IValue load(const std::string& path) override;
+  void remove(const std::string& path) override;
+  /// Regular files that are not temporaries or the pointer file, by modification
+  /// time, newest first.
+  std::vector<std::string> list(const std::string& directory) override;
+  /// Atomically rewrites `<directory>/torchfit_latest.txt` to name `path`.
+  void mark_latest(const std::string& path) override;
+  std::optional<std::string> latest(const std::string& directory) override;
+
+  bool fsync() const { return fsync_; }
+
+ private:
+  bool fsync_;
+};
+
+/// Saves in the background through another `CheckpointIO`. `save` copies the
+/// checkpoint's tensors into reusable buffers on the caller's thread and returns;
+/// one writer thread stores the copy. At most one save is in flight: the next
+/// `save` waits for it first. A failed background save is raised by the next
+/// `save` or `wait`; the destructor waits and logs it.
+class AsyncCheckpointIO : public CheckpointIO {
+ public:
+  explicit AsyncCheckpointIO(std::shared_ptr<CheckpointIO> storage);
+  ~AsyncCheckpointIO() override;
+
+  void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) override;
+  /// Waits for the save in flight first, so a file being written is read whole.
+  c10::IValue load(const std::string& path) override;
+  void remove(const std::string& path) override;
+  std::vector<std::string> list(const std::string& directory) override;
+  void wait() override;
+  void mark_latest(const std::string& path) override;
+  std::optional<std::string> latest(const std::string& directory) override;
+
+  const std::shared_ptr<CheckpointIO>& storage() const { return storage_; }
+
+ private:
+  std::shared_ptr<CheckpointIO> storage_;
+  std::unique_ptr<detail::Snapshot> snapshot_;
+  std::unique_ptr<detail::AsyncWriter> writer_;
+};
+
+/// Reads through another `CheckpointIO` and writes nothing: what the ranks other
+/// than 0 of a data-parallel run use, so they make every decision rank 0 makes and
+/// restore from the files it wrote.
+class ReadOnlyCheckpointIO : public CheckpointIO {
+ public:
+  explicit ReadOnlyCheckpointIO(std::shared_ptr<CheckpointIO> storage);
+
+  /// Stores nothing, then runs `on_commit`.
+  void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) override;
+  c10::IValue load(const std::string& path) override;
+  /// Removes nothing.
+  void remove(const std::string& path) override;
+  std::vector<std::string> list(const std::string& directory) override;
+  std::optional<std::string> latest(const std::string& directory) override;
+
+ private:
+  std::shared_ptr<CheckpointIO> storage_;
+};
+
+}  // namespace torchfit

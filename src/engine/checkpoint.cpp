@@ -1,0 +1,362 @@
+#include "torchfit/engine/checkpoint.h"
+
+#include <algorithm>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/optim/optimizer.h>
+
+#include "format/optimizer_state.h"
+#include "format/state_dict.h"
+#include "torchfit/error.h"
+#include "torchfit/io/checkpoint_io.h"
+
+namespace torchfit {
+
+/// One named part of a checkpoint: what it saves, and how a saved state is
+/// checked (`prepare`) and then applied (the returned function, which cannot fail).
+class Checkpoint::Item {
+ public:
+  virtual ~Item() = default;
+  /// "module", "optimizer", "rng", "value" or "state", as the file's "torchfit" entry lists it.
+  virtual const char* kind() const = 0;
+  virtual c10::IValue save() const = 0;
+  virtual std::function<void()> prepare(const c10::IValue& state, const std::string& where) = 0;
+  bool optional = false;
+};
+
+namespace {
+
+using Apply = std::function<void()>;
+constexpr const char* kFormatName = "torchfit.checkpoint";
+constexpr int64_t kFormatVersion = 2;
+
+class ModuleItem : public Checkpoint::Item {
+ public:
+  explicit ModuleItem(std::shared_ptr<torch::nn::Module> module) : module_(std::move(module)) {}
+  const char* kind() const override { return "module"; }
+  c10::IValue save() const override {
+    c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
+    for (const auto& [name, tensor] : state_dict(*module_)) dict.insert(name, tensor);
+    return dict;
+  }
+  Apply prepare(const c10::IValue& state, const std::string& where) override {
+    auto weights = detail::weights_from_ivalue(state, where);
+    auto targets = detail::check_weights(*module_, weights, where);
+    return [targets = std::move(targets), weights = std::move(weights)]() mutable {
+      detail::copy_weights(targets, weights);
+    };
+  }
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+};
+
+class OptimizerItem : public Checkpoint::Item {
+ public:
+  explicit OptimizerItem(std::shared_ptr<torch::optim::Optimizer> optimizer) : optimizer_(std::move(optimizer)) {}
+  const char* kind() const override { return "optimizer"; }
+  c10::IValue save() const override { return detail::optimizer_state_dict(*optimizer_); }
+  Apply prepare(const c10::IValue& state, const std::string& where) override {
+    return detail::prepare_optimizer_load(*optimizer_, state, where);
+  }
+
+ private:
+  std::shared_ptr<torch::optim::Optimizer> optimizer_;
+};
+
+/// torch's default generators: {"cpu": bytes, "cuda": [bytes per device]}.
+class RngItem : public Checkpoint::Item {
+ public:
+  const char* kind() const override { return "rng"; }
+  c10::IValue save() const override {
+    c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+    dict.insert("cpu", state_of(at::detail::getDefaultCPUGenerator()));
+    c10::impl::GenericList cuda(c10::TensorType::get());
+    const auto& hooks = at::detail::getCUDAHooks();
+    if (hooks.hasCUDA()) {
+      for (int64_t i = 0; i < hooks.getNumGPUs(); ++i) cuda.push_back(state_of(hooks.getDefaultCUDAGenerator(i)));
+    }
+    dict.insert("cuda", cuda);
+    return dict;
+  }
+  Apply prepare(const c10::IValue& state, const std::string& where) override {
+    auto fail = [&](const std::string& what) {
+      return CheckpointError(fmt::format("{}: the saved generator state {}", where, what));
+    };
+    if (!state.isGenericDict()) throw fail(fmt::format("is a {}, not a dict", state.tagKind()));
+    const auto& dict = state.toGenericDict();
+    auto cpu = dict.find("cpu");
+    if (cpu == dict.end() || !cpu->value().isTensor()) throw fail("has no CPU state");
+    auto cpu_state = cpu->value().toTensor();
+    auto expected = state_of(at::detail::getDefaultCPUGenerator());
+    if (cpu_state.scalar_type() != at::kByte || cpu_state.numel() != expected.numel()) {
+      throw fail(fmt::format("holds {} bytes of {}, {} bytes expected", cpu_state.numel(),
+                             std::string(c10::toString(cpu_state.scalar_type())), expected.numel()));
+    }
+    std::vector<at::Tensor> cuda_states;
+    auto cuda = dict.find("cuda");
+    const auto& hooks = at::detail::getCUDAHooks();
+    if (cuda != dict.end() && cuda->value().isList() && hooks.hasCUDA()) {
+      for (const auto& item : cuda->value().toListRef()) {
+        if (item.isTensor()) cuda_states.push_back(item.toTensor());
+      }
+    }
+    return [cpu_state, cuda_states] {
+      set_state_of(at::detail::getDefaultCPUGenerator(), cpu_state);
+      const auto& hooks = at::detail::getCUDAHooks();
+      for (size_t i = 0; i < cuda_states.size() && static_cast<int64_t>(i) < hooks.getNumGPUs(); ++i) {
+        set_state_of(hooks.getDefaultCUDAGenerator(static_cast<int64_t>(i)), cuda_states[i]);
+      }
+    };
+  }
+
+ private:
+  static at::Tensor state_of(at::Generator generator) {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    return generator.get_state();
+  }
+  static void set_state_of(at::Generator generator, const at::Tensor& state) {
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    generator.set_state(state.contiguous());
+  }
+};
+
+class ValueItem : public Checkpoint::Item {
+ public:
+  explicit ValueItem(c10::IValue value) : value(std::move(value)) {}
+  const char* kind() const override { return "value"; }
+  c10::IValue save() const override { return value; }
+  Apply prepare(const c10::IValue& state, const std::string& where) override {
+    bool same = (value.isInt() && state.isInt()) || (value.isDouble() && (state.isDouble() || state.isInt())) ||
+                (value.isBool() && state.isBool()) || (value.isString() && state.isString()) ||
+                (value.isTensor() && state.isTensor());
+    if (!same) {
+      throw CheckpointError(
+          fmt::format("{}: the saved value is a {}, but this checkpoint holds a {}", where, state.tagKind(), value.tagKind()));
+    }
+    c10::IValue loaded = value.isDouble() && state.isInt() ? c10::IValue(static_cast<double>(state.toInt())) : state;
+    return [this, loaded] { value = loaded; };
+  }
+  c10::IValue value;
+};
+
+class StatefulItem : public Checkpoint::Item {
+ public:
+  explicit StatefulItem(std::shared_ptr<Stateful> item) : item_(std::move(item)) {}
+  const char* kind() const override { return "state"; }
+  c10::IValue save() const override { return item_->state_dict(); }
+  Apply prepare(const c10::IValue& state, const std::string& where) override {
+    item_->check_state_dict(state, where);
+    return [item = item_, state] { item->load_state_dict(state); };
+  }
+
+ private:
+  std::shared_ptr<Stateful> item_;
+};
+
+void check_name(const std::string& name) {
+  if (name.empty()) throw ValueError("Checkpoint: an item name must not be empty");
+  // "torchfit" describes the file; "torchfit_*" items (a manager's state) are
+  // optional to every reader.
+  if (name == detail::kMetadataKey) {
+    throw ValueError(fmt::format("Checkpoint: item name '{}' is reserved", name));
+  }
+}
+
+/// The "torchfit" entry's item kinds, if the state has one.
+std::optional<c10::impl::GenericDict> item_kinds(const c10::impl::GenericDict& state) {
+  auto meta = state.find(detail::kMetadataKey);
+  if (meta == state.end() || !meta->value().isGenericDict()) return std::nullopt;
+  auto items = meta->value().toGenericDict().find("items");
+  if (items == meta->value().toGenericDict().end() || !items->value().isGenericDict()) return std::nullopt;
+  return items->value().toGenericDict();
+}
+
+}  // namespace
+
+void Stateful::check_state_dict(const c10::IValue&, const std::string&) const {}
+
+namespace detail {
+void throw_wrong_type(const std::string& name, const c10::IValue& value) {
+  throw ValueError(fmt::format("Checkpoint: item '{}' holds a {}", name, value.tagKind()));
+}
+}  // namespace detail
+
+Checkpoint::Checkpoint() = default;
+Checkpoint::~Checkpoint() = default;
+Checkpoint::Checkpoint(const Checkpoint&) = default;
+Checkpoint& Checkpoint::operator=(const Checkpoint&) = default;
+
+void Checkpoint::add_item(const std::string& name, std::shared_ptr<Item> item) {
+  check_name(name);
+  if (contains(name)) throw ValueError(fmt::format("Checkpoint: an item named '{}' was already added", name));
+  items_.emplace_back(name, std::move(item));
+}
+
+void Checkpoint::add_module(const std::string& name, std::shared_ptr<torch::nn::Module> module) {
+  if (!module) throw ValueError(fmt::format("Checkpoint: module '{}' is null", name));
+  add_item(name, std::make_shared<ModuleItem>(std::move(module)));
+}
+
+void Checkpoint::add_optimizer(const std::string& name, std::shared_ptr<torch::optim::Optimizer> optimizer) {
+  if (!optimizer) throw ValueError(fmt::format("Checkpoint: optimizer '{}' is null", name));
+  add_item(name, std::make_shared<OptimizerItem>(std::move(optimizer)));
+}
+
+void Checkpoint::add(const std::string& name, std::shared_ptr<Stateful> item) {
+  if (!item) throw ValueError(fmt::format("Checkpoint: item '{}' is null", name));
+  add_item(name, std::make_shared<StatefulItem>(std::move(item)));
+}
+
+void Checkpoint::add_optional(const std::string& name, std::shared_ptr<Stateful> item) {
+  add(name, std::move(item));
+  items_.back().second->optional = true;
+}
+
+void Checkpoint::add_rng(const std::string& name) { add_item(name, std::make_shared<RngItem>()); }
+
+void Checkpoint::set_value(const std::string& name, c10::IValue value) {
+  for (auto& [existing, item] : items_) {
+    if (existing != name) continue;
+    auto* holder = dynamic_cast<ValueItem*>(item.get());
+    if (holder == nullptr) {
+      throw ValueError(fmt::format("Checkpoint: item '{}' is a {}, not a value", name, item->kind()));
+    }
+    holder->value = std::move(value);
+    return;
+  }
+  add_item(name, std::make_shared<ValueItem>(std::move(value)));
+}
+
+const c10::IValue& Checkpoint::value(const std::string& name) const {
+  for (const auto& [existing, item] : items_) {
+    if (existing != name) continue;
+    if (auto* holder = dynamic_cast<const ValueItem*>(item.get())) return holder->value;
+    throw ValueError(fmt::format("Checkpoint: item '{}' is a {}, not a value", name, item->kind()));
+  }
+  throw ValueError(fmt::format("Checkpoint: no item named '{}' (items: {})", name, fmt::join(names(), ", ")));
+}
+
+bool Checkpoint::contains(const std::string& name) const {
+  return std::any_of(items_.begin(), items_.end(), [&](const auto& item) { return item.first == name; });
+}
+
+std::vector<std::string> Checkpoint::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, item] : items_) out.push_back(name);
+  return out;
+}
+
+bool Checkpoint::remove(const std::string& name) {
+  auto it = std::find_if(items_.begin(), items_.end(), [&](const auto& item) { return item.first == name; });
+  if (it == items_.end()) return false;
+  items_.erase(it);
+  return true;
+}
+
+c10::IValue Checkpoint::state_dict() const {
+  c10::impl::GenericDict kinds(c10::StringType::get(), c10::StringType::get());
+  for (const auto& [name, item] : items_) kinds.insert(name, std::string(item->kind()));
+  c10::impl::GenericDict meta(c10::StringType::get(), c10::AnyType::get());
+  meta.insert("format", std::string(kFormatName));
+  meta.insert("version", kFormatVersion);
+  meta.insert("items", kinds);
+  c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+  out.insert(detail::kMetadataKey, meta);
+  for (const auto& [name, item] : items_) out.insert(name, item->save());
+  return out;
+}
+
+c10::IValue Checkpoint::weights_state_dict() const {
+  std::vector<std::pair<std::string, c10::IValue>> modules;
+  for (const auto& [name, item] : items_) {
+    if (std::string(item->kind()) == "module") modules.emplace_back(name, item->save());
+  }
+  if (modules.empty()) throw ValueError("Checkpoint: a weights-only save needs a module, and this checkpoint has none");
+  if (modules.size() == 1) return modules.front().second;
+  c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+  for (auto& [name, weights] : modules) out.insert(name, std::move(weights));
+  return out;
+}
+
+void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& where) {
+  if (!state.isGenericDict()) {
+    throw CheckpointError(fmt::format("Checkpoint {} holds a {}, not a dict of items", where, state.tagKind()));
+  }
+  const auto& dict = state.toGenericDict();
+  auto kinds = item_kinds(dict);
+  std::vector<std::pair<std::shared_ptr<Item>, c10::IValue>> found;
+  if (!kinds) {
+    // A weights-only file: one module's state dict, or several under their names.
+    bool only_modules = !items_.empty() && std::all_of(items_.begin(), items_.end(), [](const auto& item) {
+      return std::string(item.second->kind()) == "module" || item.second->optional;
+    });
+    size_t modules = std::count_if(items_.begin(), items_.end(), [](const auto& item) { return !item.second->optional; });
+    if (only_modules && modules == 1) {
+      found.emplace_back(items_.front().second, state);
+    } else if (!only_modules) {
+      throw CheckpointError(fmt::format(
+          "Checkpoint {} is not a full torchfit checkpoint: it holds weights only (a state dict); this checkpoint has "
+          "items that are not modules ({}). Load it with load_weights, or save full checkpoints",
+          where, fmt::join(names(), ", ")));
+    }
+  }
+  if (found.empty()) {
+    std::vector<std::string> missing, unexpected;
+    for (const auto& [name, item] : items_) {
+      auto it = dict.find(name);
+      if (it == dict.end()) {
+        if (!item->optional) missing.push_back(name);
+        continue;
+      }
+      if (kinds) {
+        auto kind = kinds->find(name);
+        bool reads_anything = std::string(item->kind()) == "state";
+        if (!reads_anything && kind != kinds->end() && kind->value().isString() &&
+            kind->value().toStringRef() != item->kind()) {
+          throw CheckpointError(fmt::format("Checkpoint {}: item '{}' is a {} in the file but a {} here", where,
+                                            name, kind->value().toStringRef(), item->kind()));
+        }
+      }
+      found.emplace_back(item, it->value());
+    }
+    for (const auto& entry : dict) {
+      const auto& name = entry.key().isString() ? entry.key().toStringRef() : std::string("?");
+      if (name.rfind(detail::kMetadataKey, 0) == 0 || contains(name)) continue;
+      unexpected.push_back(name);
+    }
+    if (!missing.empty() || !unexpected.empty()) {
+      std::string problems;
+      if (!missing.empty()) problems += fmt::format("missing item(s) '{}'", fmt::join(missing, "', '"));
+      if (!unexpected.empty()) {
+        problems += fmt::format("{}unexpected item(s) '{}'", problems.empty() ? "" : "; ",
+                                fmt::join(unexpected, "', '"));
+      }
+      throw CheckpointError(fmt::format("Checkpoint {} does not match this checkpoint's items: {}", where, problems));
+    }
+  }
+  // Everything is checked before anything changes.
+  std::vector<Apply> apply;
+  for (const auto& [item, value] : found) {
+    std::string name;
+    for (const auto& [n, i] : items_) {
+      if (i == item) name = n;
+    }
+    apply.push_back(item->prepare(value, fmt::format("Checkpoint {} [{}]", where, name)));
+  }
+  for (auto& step : apply) step();
+}
+
+void save(const Checkpoint& checkpoint, const std::string& path) {
+  FileCheckpointIO().save(checkpoint.state_dict(), path);
+}
+
+void load(Checkpoint& checkpoint, const std::string& path) {
+  checkpoint.load_state_dict(FileCheckpointIO().load(path), path);
+}
+
+}  // namespace torchfit

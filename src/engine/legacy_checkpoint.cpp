@@ -1,0 +1,132 @@
+// torchfit 0.1's free functions for full checkpoints, on top of Checkpoint.
+#include <ATen/core/ivalue.h>
+#include <fmt/format.h>
+#include <torch/optim/optimizer.h>
+
+#include "format/module_archive.h"
+#include "format/state_dict.h"
+#include "format/trainer_state.h"
+#include "format/zip.h"
+#include "io/atomic_file.h"
+#include "torchfit/engine/checkpoint.h"
+#include "torchfit/error.h"
+#include "torchfit/io/checkpoint_io.h"
+#include "torchfit/serialize.h"
+
+namespace torchfit {
+namespace {
+
+/// A shared_ptr that does not own: the 0.1 functions take references.
+template <typename T>
+std::shared_ptr<T> borrowed(const T& object) {
+  return std::shared_ptr<T>(const_cast<T*>(&object), [](T*) {});
+}
+
+class TrainerStateItem : public Stateful {
+ public:
+  explicit TrainerStateItem(TrainerState& state) : state_(state) {}
+  c10::IValue state_dict() const override { return detail::trainer_state_to_ivalue(state_); }
+  void check_state_dict(const c10::IValue& state, const std::string& where) const override {
+    detail::trainer_state_from_ivalue(state, where);
+  }
+  void load_state_dict(const c10::IValue& state) override {
+    auto rng = std::move(state_.rng_state);
+    state_ = detail::trainer_state_from_ivalue(state, "trainer");
+    state_.rng_state = std::move(rng);
+  }
+
+ private:
+  TrainerState& state_;
+};
+
+/// Callback states in 0.1's text form; states of other shapes are skipped on load.
+class TextStatesItem : public Stateful {
+ public:
+  explicit TextStatesItem(std::map<std::string, CallbackState>& states) : states_(states) {}
+  c10::IValue state_dict() const override {
+    c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+    for (const auto& [key, state] : states_) {
+      c10::impl::GenericDict fields(c10::StringType::get(), c10::StringType::get());
+      for (const auto& [field, value] : state) fields.insert(field, value);
+      out.insert(key, fields);
+    }
+    return out;
+  }
+  void load_state_dict(const c10::IValue& state) override {
+    if (!state.isGenericDict()) return;
+    for (const auto& entry : state.toGenericDict()) {
+      if (!entry.value().isGenericDict()) continue;
+      CallbackState text;
+      bool is_text = true;
+      for (const auto& field : entry.value().toGenericDict()) {
+        is_text = is_text && field.key().isString() && field.value().isString();
+        if (is_text) text[field.key().toStringRef()] = field.value().toStringRef();
+      }
+      if (is_text) states_[entry.key().toStringRef()] = std::move(text);
+    }
+  }
+
+ private:
+  std::map<std::string, CallbackState>& states_;
+};
+
+/// The CPU generator state as bytes, without applying it (0.1 returned it).
+class RngBytesItem : public Stateful {
+ public:
+  explicit RngBytesItem(std::vector<uint8_t>& bytes) : bytes_(bytes) {}
+  c10::IValue state_dict() const override { return c10::IValue(); }
+  void load_state_dict(const c10::IValue& state) override {
+    if (!state.isGenericDict()) return;
+    auto cpu = state.toGenericDict().find("cpu");
+    if (cpu == state.toGenericDict().end() || !cpu->value().isTensor()) return;
+    auto tensor = cpu->value().toTensor().contiguous();
+    bytes_.assign(tensor.data_ptr<uint8_t>(), tensor.data_ptr<uint8_t>() + tensor.numel());
+  }
+
+ private:
+  std::vector<uint8_t>& bytes_;
+};
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const torch::nn::Module& module,
+                     const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
+                     const std::map<std::string, CallbackState>& callbacks, bool fsync) {
+  TrainerState state = trainer;
+  auto states = callbacks;
+  Checkpoint checkpoint;
+  checkpoint.add("model", borrowed(module));
+  checkpoint.add("optimizer", borrowed(optimizer));
+  checkpoint.add("trainer", std::make_shared<TrainerStateItem>(state));
+  checkpoint.add("callbacks", std::make_shared<TextStatesItem>(states));
+  FileCheckpointIO(fsync).save(checkpoint.state_dict(), path);
+}
+
+CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
+                                   torch::optim::Optimizer& optimizer) {
+  detail::check_readable_file(path);
+  if (detail::archive_kind(path) == detail::ArchiveKind::Module) {
+    auto integrity = detail::check_integrity(path);
+    if (integrity.status == detail::Integrity::Status::Corrupt) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, integrity.reason));
+    }
+    return detail::read_legacy_checkpoint(path, module, optimizer);
+  }
+  auto data = FileCheckpointIO().load(path);
+  if (!data.isGenericDict() || !data.toGenericDict().contains(detail::kMetadataKey)) {
+    throw CheckpointError(fmt::format(
+        "Checkpoint {} is not a full torchfit checkpoint: it holds weights only (use load_weights)", path));
+  }
+  CheckpointContents contents;
+  Checkpoint checkpoint;
+  checkpoint.add("model", borrowed(module));
+  checkpoint.add("optimizer", borrowed(optimizer));
+  checkpoint.add("trainer", std::make_shared<TrainerStateItem>(contents.trainer));
+  checkpoint.add_optional("rng", std::make_shared<RngBytesItem>(contents.trainer.rng_state));
+  checkpoint.add_optional("callbacks", std::make_shared<TextStatesItem>(contents.callbacks));
+  checkpoint.load_state_dict(data, path);
+  contents.weights = state_dict(module);
+  return contents;
+}
+
+}  // namespace torchfit

@@ -1,0 +1,21 @@
+#pragma once
+// Where encoders write their bytes: a file being committed, or memory.
+
+#include <cstddef>
+#include <string>
+
+namespace torchfit::detail {
+
+class ByteSink {
+ public:
+  virtual ~ByteSink() = default;
+  /// Appends all of `data`; throws CheckpointError naming the destination.
+  virtual void write(const void* data, size_t size) = 0;
+  /// The destination, for messages.
+  virtual const std::string& target() const = 0;
+};
+
+/// "<what> <path>: <strerror(errno)>"
+std::string errno_message(const std::string& what, const std::string& path, int error);
+
+}  // namespace torchfit::detail

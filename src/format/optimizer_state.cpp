@@ -1,0 +1,373 @@
+#include "format/optimizer_state.h"
+
+#include <sstream>
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <torch/optim/adagrad.h>
+#include <torch/optim/adam.h>
+#include <torch/optim/adamw.h>
+#include <torch/optim/optimizer.h>
+#include <torch/optim/rmsprop.h>
+#include <torch/optim/sgd.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include "torchfit/error.h"
+
+namespace torchfit::detail {
+namespace {
+
+using torch::optim::Optimizer;
+using torch::optim::OptimizerOptions;
+using torch::optim::OptimizerParamState;
+using Dict = c10::impl::GenericDict;
+using StateMap = ska::flat_hash_map<std::string, std::unique_ptr<OptimizerParamState>>;
+
+Dict new_dict() { return Dict(c10::StringType::get(), c10::AnyType::get()); }
+
+std::string key_of(const at::Tensor& param) { return c10::guts::to_string(param.unsafeGetTensorImpl()); }
+
+/// Reads typed fields of one saved dict; errors name `where` and the field.
+class Fields {
+ public:
+  Fields(const c10::IValue& value, std::string where) : where_(std::move(where)) {
+    if (!value.isGenericDict()) throw error(fmt::format("is a {}, not a dict", value.tagKind()));
+    dict_ = value.toGenericDict();
+  }
+  bool has(const char* name) const {
+    auto it = dict_.find(name);
+    return it != dict_.end() && !it->value().isNone();
+  }
+  c10::IValue get(const char* name) const {
+    auto it = dict_.find(name);
+    if (it == dict_.end()) throw error(fmt::format("has no '{}'", name));
+    return it->value();
+  }
+  double real(const char* name) const {
+    auto v = get(name);
+    if (v.isDouble()) return v.toDouble();
+    if (v.isInt()) return static_cast<double>(v.toInt());
+    throw error(fmt::format("'{}' is a {}, not a number", name, v.tagKind()));
+  }
+  bool flag(const char* name) const {
+    auto v = get(name);
+    if (!v.isBool()) throw error(fmt::format("'{}' is a {}, not a bool", name, v.tagKind()));
+    return v.toBool();
+  }
+  int64_t step(const char* name) const {
+    auto v = get(name);
+    if (v.isInt()) return v.toInt();
+    if (v.isTensor() && v.toTensor().numel() == 1) return static_cast<int64_t>(v.toTensor().item<double>());
+    throw error(fmt::format("'{}' is a {}, not a step count", name, v.tagKind()));
+  }
+  std::tuple<double, double> pair(const char* name) const {
+    auto v = get(name);
+    if (v.isTuple() && v.toTupleRef().elements().size() == 2) {
+      const auto& e = v.toTupleRef().elements();
+      if ((e[0].isDouble() || e[0].isInt()) && (e[1].isDouble() || e[1].isInt())) {
+        auto as_double = [](const c10::IValue& x) { return x.isDouble() ? x.toDouble() : static_cast<double>(x.toInt()); };
+        return {as_double(e[0]), as_double(e[1])};
+      }
+    }
+    throw error(fmt::format("'{}' is a {}, not a pair of numbers", name, v.tagKind()));
+  }
+  /// A state tensor shaped like `param`, moved to its device; undefined when absent or None.
+  at::Tensor tensor_like(const char* name, const at::Tensor& param) const {
+    if (!has(name)) return {};
+    auto v = get(name);
+    if (!v.isTensor()) throw error(fmt::format("'{}' is a {}, not a tensor", name, v.tagKind()));
+    auto t = v.toTensor();
+    if (t.sizes() != param.sizes()) {
+      throw error(fmt::format("'{}' has shape [{}] but its parameter has shape [{}]", name,
+                              fmt::join(t.sizes(), ", "), fmt::join(param.sizes(), ", ")));
+    }
+    return t.to(param.options(), /*non_blocking=*/false, /*copy=*/true);
+  }
+  CheckpointError error(const std::string& what) const { return CheckpointError(where_ + " " + what); }
+
+ private:
+  Dict dict_ = new_dict();
+  std::string where_;
+};
+
+at::Tensor step_tensor(int64_t step) { return at::scalar_tensor(static_cast<double>(step), at::kFloat); }
+c10::IValue maybe(const at::Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); }
+
+// ---- each optimizer type: its options and per-parameter state, by Python's names
+
+struct SGDCodec {
+  using Opt = torch::optim::SGD;
+  using Options = torch::optim::SGDOptions;
+  using State = torch::optim::SGDParamState;
+  static void save_options(const Options& o, Dict& d) {
+    d.insert("lr", o.lr());
+    d.insert("momentum", o.momentum());
+    d.insert("dampening", o.dampening());
+    d.insert("weight_decay", o.weight_decay());
+    d.insert("nesterov", o.nesterov());
+  }
+  static void load_options(Options& o, const Fields& f) {
+    o.lr(f.real("lr")).momentum(f.real("momentum")).dampening(f.real("dampening"));
+    o.weight_decay(f.real("weight_decay")).nesterov(f.flag("nesterov"));
+  }
+  static void save_state(const State& s, Dict& d) { d.insert("momentum_buffer", maybe(s.momentum_buffer())); }
+  static void load_state(State& s, const Fields& f, const at::Tensor& p) { s.momentum_buffer(f.tensor_like("momentum_buffer", p)); }
+};
+
+template <typename OptT, typename OptionsT, typename StateT>
+struct AdamLikeCodec {
+  using Opt = OptT;
+  using Options = OptionsT;
+  using State = StateT;
+  static void save_options(const Options& o, Dict& d) {
+    d.insert("lr", o.lr());
+    d.insert("betas", c10::ivalue::Tuple::create({std::get<0>(o.betas()), std::get<1>(o.betas())}));
+    d.insert("eps", o.eps());
+    d.insert("weight_decay", o.weight_decay());
+    d.insert("amsgrad", o.amsgrad());
+  }
+  static void load_options(Options& o, const Fields& f) {
+    o.lr(f.real("lr")).betas(f.pair("betas")).eps(f.real("eps")).weight_decay(f.real("weight_decay"));
+    o.amsgrad(f.flag("amsgrad"));
+  }
+  static void save_state(const State& s, Dict& d) {
+    d.insert("step", step_tensor(s.step()));
+    d.insert("exp_avg", maybe(s.exp_avg()));
+    d.insert("exp_avg_sq", maybe(s.exp_avg_sq()));
+    if (s.max_exp_avg_sq().defined()) d.insert("max_exp_avg_sq", s.max_exp_avg_sq());
+  }
+  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+    s.step(f.step("step"));
+    s.exp_avg(f.tensor_like("exp_avg", p));
+    s.exp_avg_sq(f.tensor_like("exp_avg_sq", p));
+    s.max_exp_avg_sq(f.tensor_like("max_exp_avg_sq", p));
+  }
+};
+using AdamCodec = AdamLikeCodec<torch::optim::Adam, torch::optim::AdamOptions, torch::optim::AdamParamState>;
+using AdamWCodec = AdamLikeCodec<torch::optim::AdamW, torch::optim::AdamWOptions, torch::optim::AdamWParamState>;
+
+struct RMSpropCodec {
+  using Opt = torch::optim::RMSprop;
+  using Options = torch::optim::RMSpropOptions;
+  using State = torch::optim::RMSpropParamState;
+  static void save_options(const Options& o, Dict& d) {
+    d.insert("lr", o.lr());
+    d.insert("alpha", o.alpha());
+    d.insert("eps", o.eps());
+    d.insert("weight_decay", o.weight_decay());
+    d.insert("momentum", o.momentum());
+    d.insert("centered", o.centered());
+  }
+  static void load_options(Options& o, const Fields& f) {
+    o.lr(f.real("lr")).alpha(f.real("alpha")).eps(f.real("eps")).weight_decay(f.real("weight_decay"));
+    o.momentum(f.real("momentum")).centered(f.flag("centered"));
+  }
+  static void save_state(const State& s, Dict& d) {
+    d.insert("step", step_tensor(s.step()));
+    d.insert("square_avg", maybe(s.square_avg()));
+    if (s.momentum_buffer().defined()) d.insert("momentum_buffer", s.momentum_buffer());
+    if (s.grad_avg().defined()) d.insert("grad_avg", s.grad_avg());
+  }
+  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+    s.step(f.step("step"));
+    s.square_avg(f.tensor_like("square_avg", p));
+    s.momentum_buffer(f.tensor_like("momentum_buffer", p));
+    s.grad_avg(f.tensor_like("grad_avg", p));
+  }
+};
+
+struct AdagradCodec {
+  using Opt = torch::optim::Adagrad;
+  using Options = torch::optim::AdagradOptions;
+  using State = torch::optim::AdagradParamState;
+  static void save_options(const Options& o, Dict& d) {
+    d.insert("lr", o.lr());
+    d.insert("lr_decay", o.lr_decay());
+    d.insert("weight_decay", o.weight_decay());
+    d.insert("initial_accumulator_value", o.initial_accumulator_value());
+    d.insert("eps", o.eps());
+  }
+  static void load_options(Options& o, const Fields& f) {
+    o.lr(f.real("lr")).lr_decay(f.real("lr_decay")).weight_decay(f.real("weight_decay"));
+    o.initial_accumulator_value(f.real("initial_accumulator_value")).eps(f.real("eps"));
+  }
+  static void save_state(const State& s, Dict& d) {
+    d.insert("step", step_tensor(s.step()));
+    d.insert("sum", maybe(s.sum()));
+  }
+  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+    s.step(f.step("step"));
+    s.sum(f.tensor_like("sum", p));
+  }
+};
+
+/// Param groups with "params" numbered across groups, as Python numbers them.
+template <typename GroupFn>
+c10::impl::GenericList param_groups(const Optimizer& optimizer, GroupFn&& options_of) {
+  c10::impl::GenericList groups(c10::AnyType::get());
+  int64_t index = 0;
+  for (const auto& group : optimizer.param_groups()) {
+    Dict d = new_dict();
+    options_of(group.options(), d);
+    c10::List<int64_t> params;
+    for (size_t i = 0; i < group.params().size(); ++i) params.push_back(index++);
+    d.insert("params", params);
+    groups.push_back(d);
+  }
+  return groups;
+}
+
+/// The saved groups' dicts, checked against the optimizer's groups and sizes.
+std::vector<c10::IValue> saved_groups(const Optimizer& optimizer, const Fields& top, const std::string& where) {
+  auto list = top.get("param_groups");
+  if (!list.isList()) throw top.error("'param_groups' is not a list");
+  auto groups = list.toListRef();
+  const auto& live = optimizer.param_groups();
+  if (groups.size() != live.size()) {
+    throw CheckpointError(fmt::format("{}: {} param groups in the checkpoint but {} in the optimizer", where,
+                                      groups.size(), live.size()));
+  }
+  std::vector<c10::IValue> out;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    Fields group(groups[i], fmt::format("{}: param group {}", where, i));
+    auto params = group.get("params");
+    size_t count = params.isList() ? params.toListRef().size() : 0;
+    if (count != live[i].params().size()) {
+      throw CheckpointError(fmt::format("{}: param group {} holds {} parameters in the checkpoint but {} in the optimizer",
+                                        where, i, count, live[i].params().size()));
+    }
+    out.push_back(groups[i]);
+  }
+  return out;
+}
+
+template <typename Codec>
+c10::IValue save_as(const Optimizer& optimizer) {
+  Dict state(c10::IntType::get(), c10::AnyType::get());
+  int64_t index = 0;
+  for (const auto& group : optimizer.param_groups()) {
+    for (const auto& param : group.params()) {
+      auto it = optimizer.state().find(key_of(param));
+      if (it != optimizer.state().end()) {
+        Dict d = new_dict();
+        Codec::save_state(static_cast<const typename Codec::State&>(*it->second), d);
+        state.insert(index, d);
+      }
+      ++index;
+    }
+  }
+  Dict out = new_dict();
+  out.insert("state", state);
+  out.insert("param_groups", param_groups(optimizer, [](const OptimizerOptions& o, Dict& d) {
+               Codec::save_options(static_cast<const typename Codec::Options&>(o), d);
+             }));
+  return out;
+}
+
+template <typename Codec>
+std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value, const std::string& where) {
+  Fields top(value, where + ":");
+  if (top.has("torchfit_archive")) {
+    throw CheckpointError(fmt::format("{}: the checkpoint holds the state of another optimizer type", where));
+  }
+  auto groups = saved_groups(optimizer, top, where);
+  std::vector<std::unique_ptr<OptimizerOptions>> options;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    auto copy = optimizer.param_groups()[i].options().clone();
+    Codec::load_options(static_cast<typename Codec::Options&>(*copy), Fields(groups[i], fmt::format("{}: param group {}", where, i)));
+    options.push_back(std::move(copy));
+  }
+  std::vector<at::Tensor> params;
+  for (const auto& group : optimizer.param_groups()) params.insert(params.end(), group.params().begin(), group.params().end());
+  auto saved = top.get("state");
+  if (!saved.isGenericDict()) throw top.error("'state' is not a dict");
+  auto states = std::make_shared<StateMap>();
+  for (const auto& entry : saved.toGenericDict()) {
+    if (!entry.key().isInt() || entry.key().toInt() < 0 || entry.key().toInt() >= static_cast<int64_t>(params.size())) {
+      throw CheckpointError(fmt::format("{}: state for parameter {} but the optimizer has {} parameters", where,
+                                        entry.key().isInt() ? std::to_string(entry.key().toInt()) : "?", params.size()));
+    }
+    const auto& param = params[entry.key().toInt()];
+    auto state = std::make_unique<typename Codec::State>();
+    Codec::load_state(*state, Fields(entry.value(), fmt::format("{}: state of parameter {}", where, entry.key().toInt())), param);
+    (*states)[key_of(param)] = std::move(state);
+  }
+  auto shared_options = std::make_shared<std::vector<std::unique_ptr<OptimizerOptions>>>(std::move(options));
+  return [&optimizer, states, shared_options] {
+    for (size_t i = 0; i < shared_options->size(); ++i) {
+      optimizer.param_groups()[i].set_options(std::move((*shared_options)[i]));
+    }
+    optimizer.state() = std::move(*states);
+  };
+}
+
+// ---- other optimizer types: LibTorch's own archive, plus each group's lr
+
+c10::IValue save_archive(const Optimizer& optimizer) {
+  std::ostringstream bytes;
+  torch::serialize::OutputArchive archive;
+  optimizer.save(archive);
+  archive.save_to(bytes);
+  auto text = bytes.str();
+  auto blob = at::empty({static_cast<int64_t>(text.size())}, at::kByte);
+  std::memcpy(blob.data_ptr(), text.data(), text.size());
+  Dict out = new_dict();
+  out.insert("torchfit_archive", blob);
+  out.insert("param_groups", param_groups(optimizer, [](const OptimizerOptions& o, Dict& d) { d.insert("lr", o.get_lr()); }));
+  return out;
+}
+
+std::function<void()> prepare_archive(Optimizer& optimizer, const c10::IValue& value, const std::string& where) {
+  Fields top(value, where + ":");
+  if (!top.has("torchfit_archive")) {
+    throw CheckpointError(fmt::format("{}: the checkpoint holds the state of another optimizer type", where));
+  }
+  auto groups = saved_groups(optimizer, top, where);
+  std::vector<double> lrs;
+  for (size_t i = 0; i < groups.size(); ++i) lrs.push_back(Fields(groups[i], fmt::format("{}: param group {}", where, i)).real("lr"));
+  auto blob = top.get("torchfit_archive");
+  if (!blob.isTensor()) throw top.error("'torchfit_archive' is not a tensor");
+  auto bytes = blob.toTensor().contiguous();
+  std::string text(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+  // Load into the live optimizer, keeping its state to put back if that fails.
+  return [&optimizer, text, lrs, where] {
+    std::istringstream in(text);
+    torch::serialize::InputArchive archive;
+    archive.load_from(in);
+    optimizer.load(archive);
+    for (size_t i = 0; i < lrs.size(); ++i) optimizer.param_groups()[i].options().set_lr(lrs[i]);
+  };
+}
+
+template <typename Codec>
+bool is(const Optimizer& optimizer) {
+  return dynamic_cast<const typename Codec::Opt*>(&optimizer) != nullptr;
+}
+
+}  // namespace
+
+c10::IValue optimizer_state_dict(const Optimizer& optimizer) {
+  if (is<AdamWCodec>(optimizer)) return save_as<AdamWCodec>(optimizer);
+  if (is<AdamCodec>(optimizer)) return save_as<AdamCodec>(optimizer);
+  if (is<SGDCodec>(optimizer)) return save_as<SGDCodec>(optimizer);
+  if (is<RMSpropCodec>(optimizer)) return save_as<RMSpropCodec>(optimizer);
+  if (is<AdagradCodec>(optimizer)) return save_as<AdagradCodec>(optimizer);
+  return save_archive(optimizer);
+}
+
+std::function<void()> prepare_optimizer_load(Optimizer& optimizer, const c10::IValue& state, const std::string& where) {
+  try {
+    if (is<AdamWCodec>(optimizer)) return prepare_as<AdamWCodec>(optimizer, state, where);
+    if (is<AdamCodec>(optimizer)) return prepare_as<AdamCodec>(optimizer, state, where);
+    if (is<SGDCodec>(optimizer)) return prepare_as<SGDCodec>(optimizer, state, where);
+    if (is<RMSpropCodec>(optimizer)) return prepare_as<RMSpropCodec>(optimizer, state, where);
+    if (is<AdagradCodec>(optimizer)) return prepare_as<AdagradCodec>(optimizer, state, where);
+    return prepare_archive(optimizer, state, where);
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("{}: {}", where, e.what_without_backtrace()));
+  }
+}
+
+}  // namespace torchfit::detail

@@ -1,0 +1,130 @@
+#include "format/pickle_file.h"
+
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#include <c10/core/CPUAllocator.h>
+#include <caffe2/serialize/inline_container.h>
+#include <fmt/format.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
+#include <torch/csrc/jit/serialization/unpickler.h>
+
+#include "format/byte_sink.h"
+#include "torchfit/error.h"
+
+namespace torchfit::detail {
+namespace {
+
+/// Every tensor inside `value`, depth first.
+void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit) {
+  if (value.isTensor()) {
+    visit(value.toTensor());
+  } else if (value.isGenericDict()) {
+    for (const auto& entry : value.toGenericDict()) for_each_tensor(entry.value(), visit);
+  } else if (value.isList()) {
+    for (const auto& item : value.toListRef()) for_each_tensor(item, visit);
+  } else if (value.isTuple()) {
+    for (const auto& item : value.toTupleRef().elements()) for_each_tensor(item, visit);
+  }
+}
+
+/// Collects what a sink receives, for in-memory files.
+class StringSink : public ByteSink {
+ public:
+  void write(const void* data, size_t size) override { bytes.append(static_cast<const char*>(data), size); }
+  const std::string& target() const override { return name_; }
+  std::string bytes;
+
+ private:
+  std::string name_ = "(memory)";
+};
+
+}  // namespace
+
+void write_pickle(ChecksumSink& sink, const c10::IValue& value) {
+  std::vector<char> pickle;
+  torch::jit::Pickler pickler(
+      [&pickle](const char* data, size_t size) { pickle.insert(pickle.end(), data, data + size); },
+      nullptr, nullptr, nullptr);
+  pickler.protocol();
+  pickler.pushIValue(value);
+  pickler.stop();
+
+  std::vector<torch::jit::WriteableTensorData> storages;
+  uint64_t payload = pickle.size();
+  for (const auto& tensor : pickler.tensorData()) {
+    storages.push_back(torch::jit::getWriteableTensorData(tensor));
+    payload += storages.back().sizeInBytes();
+  }
+  if (!ZipWriter::fits(payload, storages.size() + 2)) {
+    // zip64 territory: LibTorch's writer handles it (at its slower CRC speed).
+    caffe2::serialize::PyTorchStreamWriter zip(
+        [&sink](const void* data, size_t size) { return sink(data, size); });
+    torch::jit::writeArchiveAndTensors("data", pickle.data(), pickle.size(), pickler.tensorData(), zip);
+    zip.writeEndOfFile();
+    sink.finish();
+    return;
+  }
+  ZipWriter zip(sink, "archive");
+  for (size_t i = 0; i < storages.size(); ++i) {
+    zip.add("data/" + std::to_string(i), storages[i].data(), storages[i].sizeInBytes());
+  }
+  zip.add("data.pkl", pickle.data(), pickle.size());
+  zip.add("version", "3\n", 2);
+  zip.finish();
+}
+
+c10::IValue read_pickle(const FileReader& file, const std::map<std::string, RecordSpan>& records) {
+  const auto& path = file.path();
+  auto pickle_record = records.find("data.pkl");
+  if (pickle_record == records.end()) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: it has no data.pkl record", path));
+  }
+  const std::string pickle = file.read_at(pickle_record->second.offset, pickle_record->second.size);
+  size_t position = 0;
+  auto reader = [&](char* buffer, size_t n) -> size_t {
+    n = std::min(n, pickle.size() - position);
+    std::memcpy(buffer, pickle.data() + position, n);
+    position += n;
+    return n;
+  };
+  // Storages are allocated while unpickling and filled afterwards, all at once.
+  std::map<const void*, RecordSpan> spans;
+  auto read_record = [&](const std::string& key) -> at::DataPtr {
+    auto it = records.find("data/" + key);
+    if (it == records.end()) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: no record for storage {}", path, key));
+    }
+    auto data = c10::GetCPUAllocator()->allocate(it->second.size);
+    spans[data.get()] = it->second;
+    return data;
+  };
+  c10::IValue value;
+  try {
+    torch::jit::Unpickler unpickler(reader, nullptr, nullptr, read_record, at::Device(at::kCPU));
+    value = unpickler.parse_ivalue();
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path, e.what_without_backtrace()));
+  }
+  for_each_tensor(value, [&](const at::Tensor& tensor) {
+    auto it = spans.find(tensor.storage().data());
+    if (tensor.storage().nbytes() > 0 && (it == spans.end() || tensor.storage().nbytes() > it->second.size)) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: a tensor overruns its record", path));
+    }
+  });
+  std::vector<ReadJob> jobs;
+  for (const auto& [data, span] : spans) jobs.push_back({span, const_cast<void*>(data)});
+  read_parallel(file, jobs);
+  return value;
+}
+
+std::string pickle_to_bytes(const c10::IValue& value) {
+  StringSink out;
+  ChecksumSink sink(out);
+  write_pickle(sink, value);
+  return std::move(out.bytes);
+}
+
+}  // namespace torchfit::detail

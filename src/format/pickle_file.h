@@ -1,0 +1,27 @@
+#pragma once
+// torch.save's file layout: a zip holding "data.pkl" (the pickled object) and one
+// record per tensor storage. torchfit writes every checkpoint this way, so
+// Python's torch.load reads them.
+
+#include <map>
+#include <string>
+
+#include <ATen/core/ivalue.h>
+
+#include "format/zip.h"
+
+namespace torchfit::detail {
+
+/// Pickles `value` (dicts, lists, tuples, numbers, strings, tensors) as torch.save
+/// does and streams the zip into `sink`, ending with `sink.finish()`.
+void write_pickle(ChecksumSink& sink, const c10::IValue& value);
+
+/// Unpickles a file torchfit wrote (checked intact by the caller) whose records
+/// `records` lists: storages are read after the pickle is parsed, in parallel.
+/// Throws CheckpointError naming the path.
+c10::IValue read_pickle(const FileReader& file, const std::map<std::string, RecordSpan>& records);
+
+/// Encodes `value` into an in-memory torch.save file (with our checksum).
+std::string pickle_to_bytes(const c10::IValue& value);
+
+}  // namespace torchfit::detail

@@ -1,0 +1,121 @@
+#pragma once
+// The zip container of checkpoint files, with a whole-file CRC32 in the
+// end-of-archive comment: written by ZipWriter (our fast path) or by wrapping
+// LibTorch's own zip writer with ChecksumSink, and checked by check_integrity.
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace torchfit::detail {
+
+class ByteSink;
+
+/// Passes a zip stream through to `file`, keeping a CRC32 of every byte, and on
+/// `finish()` rewrites the end-of-central-directory record to carry our checksum
+/// comment. Never throws from operator() (LibTorch's writer calls it from its
+/// destructor); the first error is raised by `finish()`.
+class ChecksumSink {
+ public:
+  explicit ChecksumSink(ByteSink& file) : file_(file) {}
+  size_t operator()(const void* data, size_t size) noexcept;
+  /// Appends bytes whose CRC32 the caller computes itself and hands to
+  /// `count()` before anything else is written.
+  void write_uncounted(const void* data, size_t size) noexcept;
+  /// Folds the CRC32 of the bytes of the last `write_uncounted` into the checksum.
+  void count(uint32_t crc, size_t size);
+  /// Bytes written so far (including those held back).
+  uint64_t position() const { return position_; }
+  /// Writes the held-back end record with the checksum comment; throws CheckpointError.
+  void finish();
+  /// Throws the first write error, if any.
+  void raise_if_failed() const;
+
+ private:
+  void pass_through(const char* data, size_t size);
+  ByteSink& file_;
+  std::vector<char> tail_;  // the last bytes, which may be the end record
+  uint32_t crc_ = 0;        // of every byte passed to file_
+  uint64_t position_ = 0;
+  std::string error_;
+};
+
+/// Writes a PyTorch-style zip: stored records under "<archive>/", data aligned
+/// to 64 bytes, CRC32s computed while streaming. Only for archives under 4 GiB;
+/// `fits()` tells beforehand.
+class ZipWriter {
+ public:
+  ZipWriter(ChecksumSink& sink, std::string archive_name) : sink_(sink), prefix_(archive_name + "/") {}
+  /// Whether records of these total payload bytes fit without zip64.
+  static bool fits(uint64_t payload_bytes, size_t records);
+  void add(const std::string& name, const void* data, size_t size);
+  /// Writes the central directory and the end record, then `sink.finish()`.
+  void finish();
+
+ private:
+  struct Entry {
+    std::string name;
+    uint32_t crc;
+    uint64_t size;
+    uint64_t offset;
+  };
+  ChecksumSink& sink_;
+  std::string prefix_;
+  std::vector<Entry> entries_;
+};
+
+/// A file open for positional reads.
+class FileReader {
+ public:
+  /// Throws CheckpointError naming the path and errno text if it cannot be opened.
+  explicit FileReader(std::string path);
+  ~FileReader();
+  FileReader(const FileReader&) = delete;
+  FileReader& operator=(const FileReader&) = delete;
+
+  uint64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+  /// Reads exactly `n` bytes at `offset`; throws CheckpointError on errors or EOF.
+  void read_at(uint64_t offset, void* buffer, size_t n) const;
+  std::string read_at(uint64_t offset, size_t n) const;
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  uint64_t size_ = 0;
+};
+
+/// Where a record's data lies in the file.
+struct RecordSpan {
+  uint64_t offset;
+  uint64_t size;
+};
+
+/// The records of a zip ZipWriter wrote, by name without the archive prefix;
+/// empty for layouts it does not know (zip64, other writers).
+std::optional<std::map<std::string, RecordSpan>> list_records(const FileReader& file);
+
+/// A span of the file to read into memory.
+struct ReadJob {
+  RecordSpan span;
+  void* destination;
+};
+
+/// Runs the reads, split over two threads by bytes for large totals.
+void read_parallel(const FileReader& file, const std::vector<ReadJob>& jobs);
+
+/// The result of checking a file's integrity.
+struct Integrity {
+  enum class Status { Intact, NoChecksum, Corrupt } status;
+  std::string reason;  // why it is not intact
+};
+
+/// Checks the structure and the whole-file checksum of `file` (on two threads).
+Integrity check_integrity(const FileReader& file);
+/// The same for a path; throws only for files that cannot be opened.
+Integrity check_integrity(const std::string& path);
+
+}  // namespace torchfit::detail

@@ -1,0 +1,189 @@
+#include "io/atomic_file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <signal.h>
+
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include <fmt/format.h>
+
+#include "torchfit/io/checkpoint_io.h"
+#include "torchfit/error.h"
+
+namespace torchfit::detail {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string unique_temp_path(const std::string& target) {
+  static std::atomic<uint64_t> counter{0};
+  static const uint64_t salt = std::random_device{}();
+  fs::path p(target);
+  auto name = fmt::format(".{}{}{}.{:x}", p.filename().string(), kTempMarker, ::getpid(),
+                          salt + counter.fetch_add(1));
+  return (p.parent_path() / name).string();
+}
+
+void fsync_directory(const std::string& target) {
+  auto dir = fs::path(target).parent_path();
+  if (dir.empty()) dir = ".";
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw CheckpointError(errno_message("Failed opening directory", dir.string(), errno));
+  int rc = ::fsync(fd);
+  int error = errno;
+  ::close(fd);
+  if (rc != 0) throw CheckpointError(errno_message("Failed syncing directory", dir.string(), error));
+}
+
+/// Whether `name` is one of our temporary files; sets the writer's pid.
+bool parse_temp_name(const std::string& name, pid_t& pid) {
+  auto marker = name.find(kTempMarker);
+  if (name.empty() || name[0] != '.' || marker == std::string::npos) return false;
+  auto rest = name.substr(marker + std::strlen(kTempMarker));
+  auto dot = rest.find('.');
+  if (dot == std::string::npos || dot == 0 || dot + 1 == rest.size()) return false;
+  auto digits = rest.substr(0, dot), hex = rest.substr(dot + 1);
+  if (digits.find_first_not_of("0123456789") != std::string::npos) return false;
+  if (hex.find_first_not_of("0123456789abcdef") != std::string::npos) return false;
+  pid = static_cast<pid_t>(std::stol(digits));
+  return true;
+}
+
+/// Once per directory and process, before our first write there: removes the
+/// temporary files of writers that are gone (or of an earlier process with our pid).
+void clean_directory_once(const fs::path& dir) {
+  static std::mutex mutex;
+  static std::set<std::string> cleaned;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (!cleaned.insert(dir.string()).second) return;
+  remove_stale_temporaries(dir.string());
+}
+
+}  // namespace
+
+std::vector<std::string> remove_stale_temporaries(const std::string& directory) {
+  std::vector<std::string> removed;
+  std::error_code ec;
+  fs::directory_iterator it(directory.empty() ? "." : directory, ec);
+  if (ec) return removed;
+  for (const auto& entry : it) {
+    pid_t pid = 0;
+    auto name = entry.path().filename().string();
+    if (!parse_temp_name(name, pid) || !entry.is_regular_file(ec)) continue;
+    bool writer_gone = pid == ::getpid() || (::kill(pid, 0) != 0 && errno == ESRCH);
+    if (writer_gone && fs::remove(entry.path(), ec)) removed.push_back(entry.path().string());
+  }
+  return removed;
+}
+
+
+void check_not_directory(const std::string& path, const std::string& owner) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    throw CheckpointError(fmt::format(
+        "Please specify a non-directory filepath for {}. Filepath used is an existing directory: {}", owner, path));
+  }
+}
+
+void check_readable_file(const std::string& path) {
+  std::error_code ec;
+  auto status = fs::status(path, ec);
+  if (!fs::exists(status)) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
+  if (fs::is_directory(status)) {
+    throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path));
+  }
+}
+
+void create_parent_directories(const std::string& path) {
+  auto dir = fs::path(path).parent_path();
+  if (dir.empty()) return;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) {
+    throw CheckpointError(
+        fmt::format("Failed creating directory {}: {}", dir.string(), ec.message()));
+  }
+}
+
+void write_latest_pointer(const std::string& checkpoint, bool fsync) {
+  fs::path path(checkpoint);
+  AtomicFile pointer((path.parent_path() / kLatestPointer).string(), fsync);
+  auto line = path.filename().string() + "\n";
+  pointer.write(line.data(), line.size());
+  pointer.commit();
+}
+
+AtomicFile::AtomicFile(std::string target, bool fsync)
+    : target_(std::move(target)), temp_path_(unique_temp_path(target_)), fsync_(fsync) {
+  clean_directory_once(fs::path(target_).parent_path());
+  fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw CheckpointError(errno_message("Failed opening file", temp_path_, errno) +
+                                     fmt::format(" (while writing {})", target_));
+}
+
+AtomicFile::~AtomicFile() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!committed_) ::unlink(temp_path_.c_str());
+}
+
+namespace {
+constexpr size_t kBufferSize = 1 << 20;
+}
+
+void AtomicFile::write(const void* data, size_t size) {
+  auto* bytes = static_cast<const char*>(data);
+  if (buffer_.size() + size <= kBufferSize) {
+    if (buffer_.capacity() < kBufferSize) buffer_.reserve(kBufferSize);
+    buffer_.append(bytes, size);
+    return;
+  }
+  flush();
+  if (size < kBufferSize) {
+    buffer_.append(bytes, size);
+  } else {
+    write_fd(bytes, size);
+  }
+}
+
+void AtomicFile::flush() {
+  write_fd(buffer_.data(), buffer_.size());
+  buffer_.clear();
+}
+
+void AtomicFile::write_fd(const char* bytes, size_t size) {
+  while (size > 0) {
+    ssize_t n = ::write(fd_, bytes, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw CheckpointError(errno_message("Failed writing file", target_, errno));
+    }
+    bytes += n;
+    size -= static_cast<size_t>(n);
+  }
+}
+
+void AtomicFile::commit() {
+  flush();
+  if (fsync_ && ::fsync(fd_) != 0) {
+    throw CheckpointError(errno_message("Failed syncing file", target_, errno));
+  }
+  int rc = ::close(fd_);
+  fd_ = -1;
+  if (rc != 0) throw CheckpointError(errno_message("Failed closing file", target_, errno));
+  if (::rename(temp_path_.c_str(), target_.c_str()) != 0) {
+    throw CheckpointError(errno_message("Failed renaming a temporary file onto", target_, errno));
+  }
+  committed_ = true;
+  if (fsync_) fsync_directory(target_);
+}
+
+}  // namespace torchfit::detail

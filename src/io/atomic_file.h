@@ -1,0 +1,65 @@
+#pragma once
+// Crash-safe file commits: temp file in the same directory, fsync, rename, fsync dir.
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "format/byte_sink.h"
+
+namespace torchfit::detail {
+
+/// Marker in the names of our temporary files, so leftovers can be recognised.
+inline constexpr const char* kTempMarker = ".torchfit-tmp.";
+
+/// A file written under a unique temporary name next to `target` and renamed over
+/// it by `commit()`. Destroyed uncommitted, it removes the temporary file, so a
+/// failed write leaves the previous target intact and nothing behind.
+class AtomicFile : public ByteSink {
+ public:
+  AtomicFile(std::string target, bool fsync);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  /// Appends all of `data` (small writes are buffered); throws CheckpointError
+  /// with the path and errno text.
+  void write(const void* data, size_t size) override;
+  /// Flushes, fsyncs, renames over the target and fsyncs the directory.
+  void commit();
+
+  const std::string& temp_path() const { return temp_path_; }
+  const std::string& target() const override { return target_; }
+
+ private:
+  std::string target_;
+  std::string temp_path_;
+  bool fsync_;
+  void write_fd(const char* data, size_t size);
+  void flush();
+
+  int fd_ = -1;
+  bool committed_ = false;
+  std::string buffer_;
+};
+
+/// Removes the temporary files in `directory` left by writers that no longer run
+/// (named `.<target>.torchfit-tmp.<pid>.<hex>`); touches nothing else. Returns
+/// the removed paths. AtomicFile calls it once per directory and process.
+std::vector<std::string> remove_stale_temporaries(const std::string& directory);
+
+/// Atomically points `<dir of checkpoint>/torchfit_latest.txt` at `checkpoint`.
+void write_latest_pointer(const std::string& checkpoint, bool fsync);
+
+/// Throws CheckpointError if `path` is an existing directory; `owner` names who
+/// was given the path ("the checkpoint", "CheckpointCallback").
+void check_not_directory(const std::string& path, const std::string& owner);
+
+/// Throws CheckpointError unless `path` is an existing file (not a directory).
+void check_readable_file(const std::string& path);
+
+/// Creates the parent directories of `path` if missing; throws CheckpointError.
+void create_parent_directories(const std::string& path);
+
+
+}  // namespace torchfit::detail

@@ -1,0 +1,184 @@
+#include "torchfit/io/checkpoint_io.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+
+#include <ATen/core/ivalue.h>
+#include <fmt/format.h>
+
+#include "format/pickle_file.h"
+#include "format/zip.h"
+#include "io/async_writer.h"
+#include "io/atomic_file.h"
+#include "io/snapshot.h"
+#include "torchfit/error.h"
+#include "torchfit/serialize.h"
+
+namespace torchfit {
+namespace fs = std::filesystem;
+
+CheckpointIO::~CheckpointIO() = default;
+
+// ---- files
+
+void FileCheckpointIO::save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit) {
+  detail::check_not_directory(path, "the checkpoint");
+  detail::create_parent_directories(path);
+  {
+    detail::AtomicFile file(path, fsync_);
+    detail::ChecksumSink sink(file);
+    try {
+      detail::write_pickle(sink, checkpoint);
+    } catch (const c10::Error& e) {
+      sink.raise_if_failed();  // an I/O error explains a failing writer best
+      throw CheckpointError(fmt::format("Failed writing checkpoint {}: {}", path, e.what_without_backtrace()));
+    }
+    file.commit();
+  }
+  if (on_commit) on_commit();
+}
+
+c10::IValue FileCheckpointIO::load(const std::string& path) {
+  detail::check_readable_file(path);
+  detail::FileReader file(path);
+  auto integrity = detail::check_integrity(file);
+  if (integrity.status == detail::Integrity::Status::Corrupt) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, integrity.reason));
+  }
+  if (integrity.status == detail::Integrity::Status::NoChecksum) {
+    throw CheckpointError(fmt::format(
+        "Checkpoint {} carries no torchfit checksum ({}); torchfit::load reads files torchfit wrote. "
+        "For state dicts of other tools use load_weights",
+        path, integrity.reason));
+  }
+  auto records = detail::list_records(file);
+  if (!records) {
+    throw CheckpointError(fmt::format("Checkpoint {} has a zip layout torchfit does not write", path));
+  }
+  if (records->count("constants.pkl")) {
+    throw CheckpointError(fmt::format(
+        "Checkpoint {} is a torchfit 0.1 full checkpoint (a LibTorch module archive); read it with "
+        "Trainer::load_checkpoint or load_checkpoint(path, module, optimizer)",
+        path));
+  }
+  return detail::read_pickle(file, *records);
+}
+
+void FileCheckpointIO::remove(const std::string& path) {
+  std::error_code ec;
+  fs::remove(path, ec);
+  if (ec) throw CheckpointError(fmt::format("Failed removing checkpoint {}: {}", path, ec.message()));
+}
+
+std::vector<std::string> FileCheckpointIO::list(const std::string& directory) {
+  std::vector<std::pair<fs::file_time_type, std::string>> found;
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(directory.empty() ? "." : directory, ec)) {
+    auto name = entry.path().filename().string();
+    if (name == kLatestPointer || name.find(detail::kTempMarker) != std::string::npos) continue;
+    std::error_code entry_ec;
+    if (!entry.is_regular_file(entry_ec)) continue;
+    auto time = entry.last_write_time(entry_ec);
+    if (entry_ec) continue;  // removed meanwhile
+    auto path = directory.empty() ? name : entry.path().string();
+    found.emplace_back(time, path);
+  }
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a > b; });
+  std::vector<std::string> out;
+  for (auto& [time, path] : found) out.push_back(std::move(path));
+  return out;
+}
+
+void FileCheckpointIO::mark_latest(const std::string& path) { detail::write_latest_pointer(path, fsync_); }
+
+std::optional<std::string> FileCheckpointIO::latest(const std::string& directory) {
+  std::ifstream pointer(fs::path(directory) / kLatestPointer);
+  std::string name;
+  if (!pointer || !std::getline(pointer, name) || name.empty()) return std::nullopt;
+  auto path = directory.empty() ? name : (fs::path(directory) / name).string();
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return std::nullopt;
+  return path;
+}
+
+// ---- background saves
+
+AsyncCheckpointIO::AsyncCheckpointIO(std::shared_ptr<CheckpointIO> storage)
+    : storage_(std::move(storage)),
+      snapshot_(std::make_unique<detail::Snapshot>()),
+      writer_(std::make_unique<detail::AsyncWriter>()) {
+  if (!storage_) throw ValueError("AsyncCheckpointIO: storage must not be null");
+}
+
+AsyncCheckpointIO::~AsyncCheckpointIO() {
+  writer_.reset();  // waits for the save in flight, which reads the snapshot
+}
+
+void AsyncCheckpointIO::save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit) {
+  writer_->wait();  // one save in flight; its buffers are about to be reused
+  auto copy = snapshot_->capture(checkpoint);
+  writer_->submit([storage = storage_, copy = std::move(copy), path, on_commit] {
+    storage->save(copy, path, on_commit);
+  });
+}
+
+c10::IValue AsyncCheckpointIO::load(const std::string& path) {
+  writer_->wait();
+  return storage_->load(path);
+}
+
+// These run on the writer thread too (retention after a commit): they must not wait.
+void AsyncCheckpointIO::remove(const std::string& path) { storage_->remove(path); }
+std::vector<std::string> AsyncCheckpointIO::list(const std::string& directory) { return storage_->list(directory); }
+void AsyncCheckpointIO::wait() { writer_->wait(); }
+void AsyncCheckpointIO::mark_latest(const std::string& path) { storage_->mark_latest(path); }
+std::optional<std::string> AsyncCheckpointIO::latest(const std::string& directory) {
+  return storage_->latest(directory);
+}
+
+// ---- read-only (data-parallel ranks other than 0)
+
+ReadOnlyCheckpointIO::ReadOnlyCheckpointIO(std::shared_ptr<CheckpointIO> storage) : storage_(std::move(storage)) {
+  if (!storage_) throw ValueError("ReadOnlyCheckpointIO: storage must not be null");
+}
+
+void ReadOnlyCheckpointIO::save(const c10::IValue&, const std::string&, const OnCommit& on_commit) {
+  if (on_commit) on_commit();
+}
+c10::IValue ReadOnlyCheckpointIO::load(const std::string& path) { return storage_->load(path); }
+void ReadOnlyCheckpointIO::remove(const std::string&) {}
+std::vector<std::string> ReadOnlyCheckpointIO::list(const std::string& directory) { return storage_->list(directory); }
+std::optional<std::string> ReadOnlyCheckpointIO::latest(const std::string& directory) {
+  return storage_->latest(directory);
+}
+
+std::optional<std::string> latest_checkpoint(const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return std::nullopt;
+  std::ifstream pointer(fs::path(dir) / kLatestPointer);
+  std::string name;
+  if (pointer && std::getline(pointer, name) && !name.empty()) {
+    auto path = (fs::path(dir) / name).string();
+    if (verify_checkpoint(path).ok) return path;
+  }
+  // No usable pointer: the newest file that verifies.
+  std::optional<std::string> newest;
+  fs::file_time_type newest_time;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    auto file = entry.path().filename().string();
+    if (!entry.is_regular_file(ec) || file == kLatestPointer || file.find(detail::kTempMarker) != std::string::npos) {
+      continue;
+    }
+    auto time = entry.last_write_time(ec);
+    bool newer = !newest || time > newest_time || (time == newest_time && entry.path().string() > *newest);
+    if (newer && verify_checkpoint(entry.path().string()).ok) {
+      newest = entry.path().string();
+      newest_time = time;
+    }
+  }
+  return newest;
+}
+
+}  // namespace torchfit

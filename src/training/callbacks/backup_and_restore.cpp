@@ -1,0 +1,113 @@
+#include "torchfit/callbacks/backup_and_restore.h"
+
+#include <filesystem>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "torchfit/error.h"
+#include "torchfit/log.h"
+#include "torchfit/serialize.h"
+#include "torchfit/trainer.h"
+
+namespace torchfit {
+namespace fs = std::filesystem;
+
+BackupAndRestore::BackupAndRestore(BackupOptions options) : options_(std::move(options)) {
+  if (options_.backup_dir().empty()) throw ValueError("BackupAndRestore: backup_dir must not be empty");
+  manager_ = std::make_unique<CheckpointManager>(CheckpointOptions(backup_path())
+                                                     .monitor("loss")
+                                                     .mode(Mode::Min)
+                                                     .fsync(options_.fsync())
+                                                     .async_save(options_.async_save()));
+}
+
+std::string BackupAndRestore::backup_path() const { return (fs::path(options_.backup_dir()) / "backup.pt").string(); }
+
+std::string BackupAndRestore::previous_backup_path() const {
+  return (fs::path(options_.backup_dir()) / "backup.prev.pt").string();
+}
+
+void BackupAndRestore::on_train_setup() {
+  restored_ = false;
+  batches_since_backup_ = 0;
+  last_backup_step_ = -1;
+  std::vector<std::string> candidates{backup_path()};
+  if (options_.double_checkpoint()) candidates.push_back(previous_backup_path());
+  std::vector<std::string> problems;
+  for (const auto& path : candidates) {
+    if (!fs::exists(path)) continue;
+    auto result = verify_checkpoint(path);
+    if (!result.ok) {
+      problems.push_back(fmt::format("{}: {}", path, result.reason));
+      logger()->warn("BackupAndRestore: skipping backup {}: {}", path, result.reason);
+      continue;
+    }
+    trainer_->restore_backup(path);
+    restored_ = true;
+    last_backup_step_ = trainer_->state().global_step;
+    logger()->info("BackupAndRestore: resumed from {} at epoch {}, batch {}", path, trainer_->state().epoch + 1,
+                   trainer_->state().batch_in_epoch);
+    return;
+  }
+  if (!problems.empty()) {
+    // Starting over would silently throw the run away: let the user decide.
+    throw CheckpointError(fmt::format(
+        "BackupAndRestore: no usable backup in {} ({}); remove it to start over, or use double_checkpoint(true)",
+        options_.backup_dir(), fmt::join(problems, "; ")));
+  }
+}
+
+void BackupAndRestore::backup() {
+  const auto& state = trainer_->state();
+  if (state.global_step == last_backup_step_) return;  // nothing new since the last backup or restore
+  last_backup_step_ = state.global_step;
+  batches_since_backup_ = 0;
+  // Data-parallel: rank 0 writes, the others wait until it is durable.
+  if (trainer_->is_main_process()) {
+    write_backup();
+    if (trainer_->world_size() > 1) manager_->wait();
+  }
+  trainer_->barrier("backup barrier");
+}
+
+void BackupAndRestore::write_backup() {
+  manager_->wait();  // the previous backup is committed before it becomes the previous one
+  if (options_.double_checkpoint() && fs::exists(backup_path())) {
+    // The newest becomes the previous one atomically; a crash before the new
+    // commit leaves the previous backup to restore from.
+    std::error_code ec;
+    fs::rename(backup_path(), previous_backup_path(), ec);
+    if (ec) {
+      throw CheckpointError(fmt::format("BackupAndRestore: failed renaming {} to {}: {}", backup_path(),
+                                        previous_backup_path(), ec.message()));
+    }
+  }
+  manager_->save(trainer_->checkpoint(), {});
+}
+
+// Backups are taken at the start of an epoch or batch: every callback has then
+// finished with the previous one (history, checkpoints, counters), so the saved
+// state is exactly what an uninterrupted run has at that point.
+void BackupAndRestore::on_epoch_begin(int64_t, const Logs&) {
+  if (options_.save_freq().is_epoch()) backup();
+}
+
+void BackupAndRestore::on_train_batch_begin(int64_t, const Logs&) {
+  if (!options_.save_freq().is_epoch() && batches_since_backup_ >= options_.save_freq().every_n_batches()) backup();
+}
+
+void BackupAndRestore::on_train_batch_end(int64_t, const Logs&) { ++batches_since_backup_; }
+
+void BackupAndRestore::on_train_end(const Logs&) {
+  manager_->wait();
+  if (!options_.delete_checkpoint()) return;
+  trainer_->barrier("backup removal barrier");  // no rank may still be reading it
+  if (!trainer_->is_main_process()) return;
+  std::error_code ec;
+  for (const auto& path : {backup_path(), previous_backup_path()}) fs::remove(path, ec);
+  fs::remove(fs::path(options_.backup_dir()) / kLatestPointer, ec);
+  fs::remove(options_.backup_dir(), ec);  // only if empty
+}
+
+}  // namespace torchfit

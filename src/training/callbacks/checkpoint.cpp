@@ -1,0 +1,111 @@
+#include "torchfit/callbacks/checkpoint.h"
+
+#include <filesystem>
+
+#include <ATen/core/ivalue.h>
+#include <fmt/format.h>
+
+#include "engine/filepath_template.h"
+#include "io/atomic_file.h"
+#include "torchfit/error.h"
+#include "torchfit/trainer.h"
+
+namespace torchfit {
+
+SaveFreq SaveFreq::batches(int64_t n) {
+  if (n <= 0) {
+    throw ValueError(fmt::format(
+        "Unrecognized save_freq: batches({}). Expected SaveFreq::epoch() or SaveFreq::batches(n) "
+        "with n > 0",
+        n));
+  }
+  return SaveFreq(n);
+}
+
+namespace {
+
+std::shared_ptr<MetricMonitor> monitor_for(const CheckpointOptions& options) {
+  return std::make_shared<MetricMonitor>("CheckpointCallback", options.monitor(), options.mode(),
+                                         options.initial_value_threshold());
+}
+
+/// The logs a save point formats its filepath with: 1-based epoch and batch added.
+Logs with_position(const Logs& logs, int64_t epoch, std::optional<int64_t> batch) {
+  Logs values = logs;
+  values["epoch"] = static_cast<double>(epoch + 1);
+  if (batch && !logs.count("batch")) values["batch"] = static_cast<double>(*batch + 1);
+  return values;
+}
+
+}  // namespace
+
+CheckpointCallback::CheckpointCallback(CheckpointOptions options) : MonitorCallback("CheckpointCallback", monitor_for(options)) {
+  if (options.filepath().empty()) throw ValueError("CheckpointCallback: filepath must not be empty");
+  manager_ = std::make_unique<CheckpointManager>(std::move(options), tracker_);
+}
+
+CheckpointCallback::~CheckpointCallback() = default;
+
+std::string CheckpointCallback::format_filepath(const std::string& filepath, int64_t epoch,
+                                                std::optional<int64_t> batch, const Logs& logs) {
+  return detail::FilepathTemplate(filepath).format(with_position(logs, epoch, batch), {"epoch", "batch"});
+}
+
+void CheckpointCallback::on_train_begin(const Logs& logs) {
+  MonitorCallback::on_train_begin(logs);
+  if (trainer_->world_size() > 1 && !trainer_->is_main_process()) {
+    // Ranks other than 0 decide alike but write nothing; they keep the tables.
+    auto state = manager_->state_dict();
+    auto options = manager_->options();
+    auto storage = options.io() ? options.io() : std::make_shared<FileCheckpointIO>(options.fsync());
+    options.io(std::make_shared<ReadOnlyCheckpointIO>(std::move(storage))).async_save(false);
+    manager_ = std::make_unique<CheckpointManager>(std::move(options), tracker_);
+    manager_->load_state_dict(state);
+  }
+  if (!trainer_->resumed_from().empty()) manager_->protect(trainer_->resumed_from());
+  // Leftovers of a killed run in the directory we write to (up to the first field).
+  auto dir = detail::FilepathTemplate(options().filepath()).literal_directory();
+  std::error_code ec;
+  if (std::filesystem::is_directory(dir.empty() ? "." : dir, ec)) detail::remove_stale_temporaries(dir);
+}
+
+void CheckpointCallback::on_train_end(const Logs&) { wait(); }
+
+void CheckpointCallback::on_epoch_begin(int64_t epoch, const Logs&) { current_epoch_ = epoch; }
+
+void CheckpointCallback::on_epoch_end(int64_t epoch, const Logs& logs) {
+  if (options().save_freq().is_epoch()) save_model(epoch, std::nullopt, logs);
+}
+
+void CheckpointCallback::on_train_batch_end(int64_t batch, const Logs& logs) {
+  if (!options().save_freq().is_epoch()) save_model(current_epoch_, batch, logs);
+}
+
+void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch, const Logs& logs) {
+  if (trainer_ == nullptr) throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
+  bool saved = manager_->save(trainer_->checkpoint(true, this), with_position(logs, epoch, batch));
+  if (saved && trainer_->world_size() > 1) {
+    // Data-parallel: rank 0's save is durable before any rank runs ahead of it.
+    if (trainer_->is_main_process()) manager_->wait();
+    trainer_->barrier("checkpoint barrier");
+  }
+}
+
+void CheckpointCallback::wait() { manager_->wait(); }
+
+std::string CheckpointCallback::state_key() const {
+  const auto& o = options();
+  return fmt::format("CheckpointCallback{{filepath={}, monitor={}, mode={}, save_best_only={}, save_weights_only={}, "
+                     "save_freq={}, save_top_k={}, max_to_keep={}}}",
+                     o.filepath(), o.monitor(), to_string(o.mode()), o.save_best_only(), o.save_weights_only(),
+                     o.save_freq().every_n_batches(), o.save_top_k(), o.max_to_keep());
+}
+
+c10::IValue CheckpointCallback::state_dict() const { return manager_->state_dict(); }
+
+void CheckpointCallback::load_state_dict(const c10::IValue& state) {
+  manager_->load_state_dict(state);
+  restored_ = true;
+}
+
+}  // namespace torchfit

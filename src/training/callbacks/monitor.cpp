@@ -1,0 +1,68 @@
+#include "torchfit/callbacks/monitor.h"
+
+#include <ATen/core/ivalue.h>
+#include <fmt/format.h>
+
+#include "torchfit/error.h"
+#include "torchfit/trainer.h"
+
+namespace torchfit {
+
+Mode resolve_mode(Mode mode, const std::string& monitor, const Trainer* trainer, const std::string& owner) {
+  MetricMonitor tracker(owner, monitor, mode);
+  tracker.resolve([trainer](const std::string& name) {
+    const Metric* metric = trainer != nullptr ? trainer->find_metric(name) : nullptr;
+    return metric != nullptr ? metric->direction : Mode::Auto;
+  });
+  return tracker.mode();
+}
+
+MonitorCallback::MonitorCallback(std::string name, std::string monitor, Mode mode, std::optional<double> baseline,
+                                 double min_delta)
+    : MonitorCallback(name, std::make_shared<MetricMonitor>(name, std::move(monitor), mode, baseline, min_delta)) {}
+
+MonitorCallback::MonitorCallback(std::string name, std::shared_ptr<MetricMonitor> tracker)
+    : name_(std::move(name)), monitor_(tracker->monitor()), tracker_(std::move(tracker)) {}
+
+void MonitorCallback::on_train_begin(const Logs&) {
+  tracker_->resolve([this](const std::string& name) {
+    const Metric* metric = trainer_ != nullptr ? trainer_->find_metric(name) : nullptr;
+    return metric != nullptr ? metric->direction : Mode::Auto;
+  });
+}
+
+bool MonitorCallback::is_improvement(double value, std::optional<double> reference) const {
+  return tracker_->is_improvement(value, reference);
+}
+
+std::optional<double> MonitorCallback::current(const Logs& logs) const { return tracker_->current(logs); }
+
+c10::IValue MonitorCallback::state_dict() const {
+  c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+  auto best = tracker_->best();
+  out.insert("best", best ? c10::IValue(*best) : c10::IValue());
+  return out;
+}
+
+void MonitorCallback::load_state_dict(const c10::IValue& state) {
+  auto fail = [&](const std::string& what) {
+    return CheckpointError(fmt::format("{} ({}): corrupt saved state: {}", name_, monitor_, what));
+  };
+  if (!state.isGenericDict()) throw fail(fmt::format("a {}, not a dict", state.tagKind()));
+  const auto& dict = state.toGenericDict();
+  auto best = dict.find("best");
+  if (best == dict.end() || !(best->value().isNone() || best->value().isDouble())) throw fail("field 'best'");
+  tracker_->set_best(best->value().isNone() ? std::nullopt : std::optional<double>(best->value().toDouble()));
+  restored_ = true;
+}
+
+int64_t MonitorCallback::int_field(const c10::IValue& state, const char* field) const {
+  if (state.isGenericDict()) {
+    auto it = state.toGenericDict().find(field);
+    if (it != state.toGenericDict().end() && it->value().isInt()) return it->value().toInt();
+  }
+  throw CheckpointError(fmt::format("{} ({}): corrupt saved state: field '{}' is missing or not an integer", name_,
+                                    monitor_, field));
+}
+
+}  // namespace torchfit
