@@ -64,12 +64,17 @@ PendingWeights unpickle_weights(const detail::FileReader& file,
   };
   torch::jit::Unpickler unpickler(reader, nullptr, nullptr, read_record, at::Device(at::kCPU));
   pending.tensors = detail::select_weights(unpickler.parse_ivalue(), path);
+  // Only the storages of the selected tensors stay allocated (a full checkpoint
+  // also holds optimizer state): keep just their spans.
+  std::map<const void*, detail::RecordSpan> kept;
   for (const auto& [name, tensor] : pending.tensors) {
     auto it = pending.spans.find(tensor.storage().data());
     if (it == pending.spans.end() || tensor.storage().nbytes() > it->second.size) {
       throw CheckpointError(fmt::format("Checkpoint {} is damaged: tensor '{}' overruns its record", path, name));
     }
+    kept.insert(*it);
   }
+  pending.spans = std::move(kept);
   return pending;
 }
 
@@ -91,19 +96,13 @@ std::optional<PendingWeights> open_weights(const detail::FileReader& file) {
   }
 }
 
-
-
-
 }  // namespace
-
-
 
 void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync) {
   c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
   for (const auto& [name, tensor] : state_dict(module)) dict.insert(name, tensor);
   FileCheckpointIO(fsync).save(dict, path);
 }
-
 
 VerifyResult verify_checkpoint(const std::string& path) {
   std::error_code ec;
@@ -207,6 +206,5 @@ void load_weights(torch::nn::Module& module, const std::string& path) {
   for (auto& [target, source] : copies) target.copy_(source);
   for (auto& [name, target] : targets) target.unsafeGetTensorImpl()->bump_version();
 }
-
 
 }  // namespace torchfit
