@@ -282,6 +282,124 @@ TEST_F(EngineTest, TrainerLoadCheckpointRestoresParamGroupOptions) {
   EXPECT_DOUBLE_EQ(lr_of(*fresh.optimizer), 0.0125);
 }
 
+TEST_F(EngineTest, TrainerLoadCheckpointRestoresMomentumAndBetas) {
+  auto data = make_data();
+  auto sgd = make_setup(0.1);
+  auto& sgd_options = static_cast<torch::optim::SGDOptions&>(sgd.optimizer->param_groups()[0].options());
+  sgd_options.momentum(0.7).weight_decay(1e-3);
+  sgd.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(1).batch_size(10));
+  sgd.trainer->save_checkpoint(path("sgd.pt"));
+  auto fresh_sgd = make_setup(0.1);
+  fresh_sgd.trainer->load_checkpoint(path("sgd.pt"));
+  const auto& restored_sgd = static_cast<torch::optim::SGDOptions&>(fresh_sgd.optimizer->param_groups()[0].options());
+  EXPECT_DOUBLE_EQ(restored_sgd.momentum(), 0.7);
+  EXPECT_DOUBLE_EQ(restored_sgd.weight_decay(), 1e-3);
+
+  auto make_adam = [] {
+    Mlp model;
+    auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(1e-3));
+    return std::make_pair(adam, std::make_unique<Trainer>(model, adam, ce_loss));
+  };
+  auto [adam, trainer] = make_adam();
+  static_cast<torch::optim::AdamOptions&>(adam->param_groups()[0].options()).betas({0.5, 0.6}).eps(1e-6);
+  trainer->fit(data.x_train, data.y_train, FitOptions().epochs(1).batch_size(10));
+  trainer->save_checkpoint(path("adam.pt"));
+  auto [fresh_adam, fresh_trainer] = make_adam();
+  fresh_trainer->load_checkpoint(path("adam.pt"));
+  const auto& restored = static_cast<torch::optim::AdamOptions&>(fresh_adam->param_groups()[0].options());
+  EXPECT_DOUBLE_EQ(std::get<0>(restored.betas()), 0.5);
+  EXPECT_DOUBLE_EQ(std::get<1>(restored.betas()), 0.6);
+  EXPECT_DOUBLE_EQ(restored.eps(), 1e-6);
+}
+
+TEST_F(EngineTest, FreeCheckpointFunctionsTakeWhatFirstAndKeepThe01Order) {
+  auto a = make_setup(0.3);
+  TrainerState progress;
+  progress.epoch = 2;
+  progress.global_step = 17;
+  save_checkpoint(*a.model, *a.optimizer, progress, {}, path("new.pt"), SaveOptions().fsync(false));
+  save_checkpoint(path("old.pt"), *a.model, *a.optimizer, progress, {});
+  for (const char* name : {"new.pt", "old.pt"}) {
+    SCOPED_TRACE(name);
+    auto b = make_setup(0.1);
+    auto contents = std::string(name) == "new.pt" ? load_checkpoint(*b.model, *b.optimizer, path(name))
+                                                   : load_checkpoint(path(name), *b.model, *b.optimizer);
+    EXPECT_EQ(contents.trainer.epoch, 2);
+    EXPECT_EQ(contents.trainer.global_step, 17);
+    EXPECT_DOUBLE_EQ(lr_of(*b.optimizer), 0.3);
+    expect_same_weights(*a.model, *b.model);
+  }
+}
+
+/// A hand-written loop's view for callbacks: no Trainer involved.
+class LoopContext : public TrainingContext {
+ public:
+  LoopContext(Mlp model, std::shared_ptr<torch::optim::Optimizer> optimizer)
+      : model_(std::move(model)), optimizer_(std::move(optimizer)) {}
+  torch::nn::Module& model() const override { return *model_.ptr(); }
+  torch::optim::Optimizer& optimizer() const override { return *optimizer_; }
+  const Metric* find_metric(const std::string&) const override { return nullptr; }
+  const TrainerState& state() const override { return state_; }
+  void stop_training(bool value) override { stop_ = value; }
+  bool stop_training() const override { return stop_; }
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  void barrier(const char*) const override {}
+  Checkpoint checkpoint(const CheckpointScope&) override {
+    Checkpoint out;
+    out.add("model", model_);
+    out.add("optimizer", optimizer_);
+    return out;
+  }
+  void restore_backup(const std::string& path) override {
+    auto state = checkpoint(CheckpointScope());
+    load(state, path);
+  }
+  const std::string& resumed_from() const override { return resumed_from_; }
+
+ private:
+  Mlp model_;
+  std::shared_ptr<torch::optim::Optimizer> optimizer_;
+  TrainerState state_;
+  bool stop_ = false;
+  std::string resumed_from_;
+};
+
+TEST_F(EngineTest, CallbacksRunInAHandWrittenLoopThroughTrainingContext) {
+  Mlp model;
+  auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
+  LoopContext context(model, sgd);
+  auto stopper = std::make_shared<EarlyStopping>(
+      EarlyStoppingOptions().monitor("loss").patience(2).restore_best_weights(true));
+  auto reduce = std::make_shared<ReduceLROnPlateau>(ReduceLROnPlateauOptions().monitor("loss").patience(1).factor(0.5));
+  auto checkpoint = std::make_shared<CheckpointCallback>(CheckpointOptions(path("e{epoch}.pt")).save_best_only(true).monitor("loss"));
+  CallbackList callbacks({stopper, reduce, checkpoint});
+  callbacks.set_context(&context);
+  callbacks.on_train_begin({});
+  const std::vector<double> losses = {1.0, 0.5, 0.6, 0.7, 0.8};
+  TensorMap best_weights;
+  int64_t epoch = 0;
+  for (; epoch < static_cast<int64_t>(losses.size()) && !context.stop_training(); ++epoch) {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.add_(0.01);  // "training"
+    if (epoch == 1) {
+      for (const auto& [name, tensor] : state_dict(*model)) best_weights[name] = tensor.clone();
+    }
+    callbacks.on_epoch_begin(epoch, {});
+    callbacks.on_epoch_end(epoch, {{"loss", losses[epoch]}});
+  }
+  callbacks.on_train_end({});
+  EXPECT_EQ(epoch, 4) << "patience 2 after the best at epoch 2 stops after epoch 4";
+  EXPECT_TRUE(context.stop_training());
+  for (const auto& [name, tensor] : state_dict(*model)) EXPECT_TRUE(torch::equal(tensor, best_weights.at(name))) << name;
+  EXPECT_DOUBLE_EQ(lr_of(*sgd), 0.025) << "reduced after epochs 3 and 4";
+  EXPECT_EQ(files(), (std::vector<std::string>{"e1.pt", "e2.pt"}));
+  Mlp loaded;
+  auto loaded_sgd = std::make_shared<torch::optim::SGD>(loaded->parameters(), 0.1);
+  LoopContext(loaded, loaded_sgd).restore_backup(path("e2.pt"));
+  for (const auto& [name, tensor] : state_dict(*loaded)) EXPECT_TRUE(torch::equal(tensor, best_weights.at(name))) << name;
+}
+
 /// Reads test/data/v0_1/expected.txt: name -> values.
 std::map<std::string, std::vector<double>> expected_v0_1() {
   std::ifstream in(std::string(TORCHFIT_TEST_DATA) + "/v0_1/expected.txt");

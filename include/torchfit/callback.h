@@ -24,16 +24,21 @@ struct IValue;
 namespace torchfit {
 
 class Trainer;
+class TrainingContext;
 
 /// Base class of all callbacks: every hook is a no-op.
 class Callback {
  public:
   virtual ~Callback() = default;
 
-  /// Called by `Trainer::fit` before `on_train_begin`.
-  virtual void set_trainer(Trainer* trainer) { trainer_ = trainer; }
+  /// Called by `Trainer::fit` before any hook; sets `trainer()` and `context()`.
+  virtual void set_trainer(Trainer* trainer);
+  /// The Trainer running this callback; null when another loop drives it.
   Trainer* trainer() const { return trainer_; }
-
+  /// For loops other than `Trainer::fit`: what the callback sees of the run.
+  void set_context(TrainingContext* context) { context_ = context; }
+  /// What the callback sees of the run (torchfit's own callbacks use only this).
+  TrainingContext* context() const { return context_; }
   /// Called once per `fit`, before any callback's `on_train_begin`: the place to
   /// restore state (BackupAndRestore does), so the order of callbacks does not matter.
   virtual void on_train_setup() {}
@@ -63,6 +68,7 @@ class Callback {
 
  protected:
   Trainer* trainer_ = nullptr;
+  TrainingContext* context_ = nullptr;
 };
 
 /// Dispatches each hook to a list of callbacks, in order.
@@ -75,6 +81,7 @@ class CallbackList {
   const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
 
   void set_trainer(Trainer* trainer);
+  void set_context(TrainingContext* context);
   void on_train_setup();
   void on_train_begin(const Logs& logs);
   void on_train_end(const Logs& logs);

@@ -5,12 +5,12 @@
 /// the target never holds a half-written file.
 ///
 /// Each file torchfit writes carries a CRC32 of its content, checked on load
-/// (see `verify_checkpoint`). Two kinds of file:
-/// - weights: a `torch.save`-compatible pickle of a dict from dotted names to
-///   tensors (Python: `model.load_state_dict(torch.load(path))`);
-/// - full: a LibTorch archive holding the model as `torch::save(module)` writes
-///   it (so `torch::load(module, path)` reads it), plus entries prefixed
-///   `torchfit_`: the optimizer, the trainer's progress and the callbacks' state.
+/// (see `verify_checkpoint`). Both kinds of file are `torch.save`'s format, a zip
+/// holding a pickled dict that Python's `torch.load` reads:
+/// - weights: dotted names to tensors (`model.load_state_dict(torch.load(path))`);
+/// - full: a `Checkpoint`'s items ("model", "optimizer", ... see checkpoint.h)
+///   and a "torchfit" entry naming the format version.
+/// torchfit 0.1's full checkpoints (LibTorch module archives) still load.
 ///
 ///     torchfit::save_weights(*model, "model.pt");
 ///     torchfit::load_weights(*model, "model.pt");
@@ -20,6 +20,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "torchfit/io/checkpoint_io.h"
 #include "torchfit/state_dict.h"
 #include "torchfit/trainer_state.h"
 
@@ -33,9 +34,17 @@ class Optimizer;
 namespace torchfit {
 
 /// Writes the module's parameters and buffers as a weights file.
-void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync = true);
+void save_weights(const torch::nn::Module& module, const std::string& path,
+                  const SaveOptions& options = SaveOptions());
+/// torchfit 0.1's form of the above.
+void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync);
 
-/// Writes a full checkpoint.
+/// Writes a full checkpoint of a module, its optimizer, progress and callback
+/// states (0.1's text form); `Checkpoint` and `save` hold any set of items.
+void save_checkpoint(const torch::nn::Module& module, const torch::optim::Optimizer& optimizer,
+                     const TrainerState& trainer, const std::map<std::string, CallbackState>& callbacks,
+                     const std::string& path, const SaveOptions& options = SaveOptions());
+/// torchfit 0.1's form of the above (path first).
 void save_checkpoint(const std::string& path, const torch::nn::Module& module,
                      const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
                      const std::map<std::string, CallbackState>& callbacks, bool fsync = true);
@@ -67,6 +76,9 @@ void load_weights(torch::nn::Module& module, const std::string& path);
 
 /// Restores model and optimizer from a full checkpoint, all or nothing, and
 /// returns the rest. Throws `CheckpointError` for weights-only or foreign files.
+CheckpointContents load_checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer,
+                                   const std::string& path);
+/// torchfit 0.1's form of the above (path first).
 CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
                                    torch::optim::Optimizer& optimizer);
 

@@ -25,4 +25,5 @@
 #include "torchfit/mode.h"
 #include "torchfit/serialize.h"
 #include "torchfit/trainer.h"
+#include "torchfit/training_context.h"
 #include "torchfit/trainer_state.h"

@@ -28,6 +28,7 @@
 #include "torchfit/callback.h"
 #include "torchfit/engine/checkpoint.h"
 #include "torchfit/logs.h"
+#include "torchfit/training_context.h"
 #include "torchfit/metrics.h"
 #include "torchfit/trainer_state.h"
 
@@ -132,7 +133,7 @@ std::pair<at::Tensor, at::Tensor> unpack_batch(const Batch& batch) {
 }  // namespace detail
 
 /// Trains a module with an optimizer and a loss, firing callbacks in Keras order.
-class Trainer {
+class Trainer : public TrainingContext {
  public:
   using LossFn = std::function<at::Tensor(const at::Tensor& output, const at::Tensor& target)>;
   using ForwardFn = std::function<at::Tensor(const at::Tensor& input)>;
@@ -169,11 +170,10 @@ class Trainer {
   /// shard themselves (e.g. DistributedRandomSampler) and yield equal batch counts.
   void set_process_group(c10::intrusive_ptr<c10d::ProcessGroup> group);
   /// This process's rank and the number of ranks (0 and 1 without a process group).
-  int rank() const;
-  int world_size() const;
-  bool is_main_process() const { return rank() == 0; }
+  int rank() const override;
+  int world_size() const override;
   /// Waits for every rank (no-op without a process group); `what` names the point in errors.
-  void barrier(const char* what) const;
+  void barrier(const char* what) const override;
   /// Wall time this rank spent averaging gradients across ranks (0 alone).
   double allreduce_seconds() const;
 
@@ -202,8 +202,8 @@ class Trainer {
   at::Tensor predict(const at::Tensor& x, int64_t batch_size = 32);
 
   /// Asks `fit` to stop; checked after each batch and each epoch.
-  void stop_training(bool value) { stop_training_ = value; }
-  bool stop_training() const { return stop_training_; }
+  void stop_training(bool value) override { stop_training_ = value; }
+  bool stop_training() const override { return stop_training_; }
 
   /// Loads weights from a weights-only or a full checkpoint. The model is left
   /// untouched if the file cannot be read or does not match it.
@@ -214,7 +214,7 @@ class Trainer {
   void load_checkpoint(const std::string& path);
   /// What BackupAndRestore calls in `on_train_begin`: `load_checkpoint` into the
   /// running fit, History included.
-  void restore_backup(const std::string& path);
+  void restore_backup(const std::string& path) override;
   /// Writes a weights-only checkpoint of the model.
   void save_weights(const std::string& path) const;
   /// Writes a full checkpoint: model, optimizer, trainer state and the state of
@@ -222,22 +222,19 @@ class Trainer {
   void save_checkpoint(const std::string& path) const;
   /// Everything a full checkpoint holds, as items: "model", "optimizer" (state and
   /// param-group options), "trainer" (progress), "rng" and "callbacks". Loading it
-  /// restores them for the next (or the running) `fit`; `with_history` false
-  /// leaves History out of what is restored, as `load_checkpoint` does.
-  /// `caller`'s state is included even when it is not a callback of the running
-  /// fit (a callback driven by hand).
-  Checkpoint checkpoint(bool with_history = true, const Callback* caller = nullptr);
+  /// restores them for the next (or the running) `fit`.
+  Checkpoint checkpoint(const CheckpointScope& scope = CheckpointScope()) override;
 
-  torch::nn::Module& model() const { return *model_; }
-  torch::optim::Optimizer& optimizer() const { return *optimizer_; }
+  torch::nn::Module& model() const override { return *model_; }
+  torch::optim::Optimizer& optimizer() const override { return *optimizer_; }
   const std::vector<Metric>& metrics() const { return metrics_; }
   /// The metric registered under `name`, if any.
-  const Metric* find_metric(const std::string& name) const;
-  const TrainerState& state() const { return state_; }
+  const Metric* find_metric(const std::string& name) const override;
+  const TrainerState& state() const override { return state_; }
   /// `state()` plus the RNG state, as full checkpoints store it.
   TrainerState checkpoint_state() const;
   /// The file the last `load_checkpoint` restored (retention never deletes it); empty if none.
-  const std::string& resumed_from() const { return resumed_from_; }
+  const std::string& resumed_from() const override { return resumed_from_; }
   /// State of the callbacks of the running `fit`, plus any restored by
   /// `load_checkpoint` that no callback has claimed yet.
   std::map<std::string, CallbackState> callback_states() const;

@@ -351,8 +351,8 @@ void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& wh
   for (auto& step : apply) step();
 }
 
-void save(const Checkpoint& checkpoint, const std::string& path) {
-  FileCheckpointIO().save(checkpoint.state_dict(), path);
+void save(const Checkpoint& checkpoint, const std::string& path, const SaveOptions& options) {
+  FileCheckpointIO(options).save(checkpoint.state_dict(), path);
 }
 
 void load(Checkpoint& checkpoint, const std::string& path) {

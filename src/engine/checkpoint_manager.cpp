@@ -35,7 +35,7 @@ std::string save_point(const Logs& logs, int64_t saves) {
 }
 
 std::shared_ptr<CheckpointIO> make_io(const CheckpointOptions& options) {
-  std::shared_ptr<CheckpointIO> io = options.io() ? options.io() : std::make_shared<FileCheckpointIO>(options.fsync());
+  std::shared_ptr<CheckpointIO> io = options.io() ? options.io() : std::make_shared<FileCheckpointIO>(SaveOptions().fsync(options.fsync()));
   if (options.async_save()) io = std::make_shared<AsyncCheckpointIO>(std::move(io));
   return io;
 }

@@ -89,9 +89,9 @@ class RngBytesItem : public Stateful {
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, const torch::nn::Module& module,
-                     const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
-                     const std::map<std::string, CallbackState>& callbacks, bool fsync) {
+void save_checkpoint(const torch::nn::Module& module, const torch::optim::Optimizer& optimizer,
+                     const TrainerState& trainer, const std::map<std::string, CallbackState>& callbacks,
+                     const std::string& path, const SaveOptions& options) {
   TrainerState state = trainer;
   auto states = callbacks;
   Checkpoint checkpoint;
@@ -99,11 +99,22 @@ void save_checkpoint(const std::string& path, const torch::nn::Module& module,
   checkpoint.add("optimizer", borrowed(optimizer));
   checkpoint.add("trainer", std::make_shared<TrainerStateItem>(state));
   checkpoint.add("callbacks", std::make_shared<TextStatesItem>(states));
-  FileCheckpointIO(fsync).save(checkpoint.state_dict(), path);
+  FileCheckpointIO(options).save(checkpoint.state_dict(), path);
+}
+
+void save_checkpoint(const std::string& path, const torch::nn::Module& module,
+                     const torch::optim::Optimizer& optimizer, const TrainerState& trainer,
+                     const std::map<std::string, CallbackState>& callbacks, bool fsync) {
+  save_checkpoint(module, optimizer, trainer, callbacks, path, SaveOptions().fsync(fsync));
 }
 
 CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
                                    torch::optim::Optimizer& optimizer) {
+  return load_checkpoint(module, optimizer, path);
+}
+
+CheckpointContents load_checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer,
+                                   const std::string& path) {
   detail::check_readable_file(path);
   if (detail::archive_kind(path) == detail::ArchiveKind::Module) {
     auto integrity = detail::check_integrity(path);

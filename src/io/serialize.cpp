@@ -98,10 +98,14 @@ std::optional<PendingWeights> open_weights(const detail::FileReader& file) {
 
 }  // namespace
 
-void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync) {
+void save_weights(const torch::nn::Module& module, const std::string& path, const SaveOptions& options) {
   c10::impl::GenericDict dict(c10::StringType::get(), c10::TensorType::get());
   for (const auto& [name, tensor] : state_dict(module)) dict.insert(name, tensor);
-  FileCheckpointIO(fsync).save(dict, path);
+  FileCheckpointIO(options).save(dict, path);
+}
+
+void save_weights(const torch::nn::Module& module, const std::string& path, bool fsync) {
+  save_weights(module, path, SaveOptions().fsync(fsync));
 }
 
 VerifyResult verify_checkpoint(const std::string& path) {

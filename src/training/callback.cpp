@@ -7,8 +7,14 @@
 #include <fmt/ranges.h>
 
 #include "torchfit/error.h"
+#include "torchfit/training_context.h"
 
 namespace torchfit {
+
+void Callback::set_trainer(Trainer* trainer) {
+  trainer_ = trainer;
+  context_ = trainer != nullptr ? context_of(trainer) : nullptr;
+}
 
 CallbackList::CallbackList(std::vector<std::shared_ptr<Callback>> callbacks)
     : callbacks_(std::move(callbacks)) {}
@@ -19,6 +25,10 @@ void CallbackList::push_back(std::shared_ptr<Callback> callback) {
 
 void CallbackList::set_trainer(Trainer* trainer) {
   for (auto& c : callbacks_) c->set_trainer(trainer);
+}
+
+void CallbackList::set_context(TrainingContext* context) {
+  for (auto& c : callbacks_) c->set_context(context);
 }
 
 #define TORCHFIT_DISPATCH(hook, params, args) \

@@ -264,13 +264,13 @@ struct Trainer::CallbacksItem : Stateful {
   const Callback* caller;
 };
 
-Checkpoint Trainer::checkpoint(bool with_history, const Callback* caller) {
+Checkpoint Trainer::checkpoint(const CheckpointScope& scope) {
   Checkpoint out;
   out.add("model", model_);
   out.add("optimizer", optimizer_);
   out.add("trainer", std::make_shared<ProgressItem>(*this));
   out.add_rng();
-  out.add("callbacks", std::make_shared<CallbacksItem>(*this, with_history, caller));
+  out.add("callbacks", std::make_shared<CallbacksItem>(*this, scope.with_history(), scope.caller()));
   return out;
 }
 
@@ -525,7 +525,7 @@ void Trainer::restore(const std::string& path, bool with_history) {
   if (detail::archive_kind(path) == detail::ArchiveKind::Module) {
     restore_legacy(path);
   } else {
-    Checkpoint items = checkpoint(with_history);
+    Checkpoint items = checkpoint(CheckpointScope().with_history(with_history));
     torchfit::load(items, path);
   }
   resumed_from_ = path;

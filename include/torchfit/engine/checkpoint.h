@@ -26,6 +26,8 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include "torchfit/io/checkpoint_io.h"
+
 namespace torch::optim {
 class Optimizer;
 }
@@ -164,7 +166,7 @@ T Checkpoint::get(const std::string& name) const {
 
 /// Writes `checkpoint` to `path` durably (temporary file, fsync, rename, directory
 /// fsync) with a CRC32 of the whole file. Throws `CheckpointError`.
-void save(const Checkpoint& checkpoint, const std::string& path);
+void save(const Checkpoint& checkpoint, const std::string& path, const SaveOptions& options = SaveOptions());
 /// Reads `path` (verifying its checksum) into `checkpoint`, all or nothing.
 /// Throws `CheckpointError` naming the path and the missing, extra or mismatching item.
 void load(Checkpoint& checkpoint, const std::string& path);

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include "torchfit/arg.h"
+
 namespace c10 {
 struct IValue;
 }
@@ -27,6 +29,12 @@ namespace detail {
 class AsyncWriter;
 class Snapshot;
 }  // namespace detail
+
+/// How a file is written.
+struct SaveOptions {
+  /// False skips the fsyncs: faster, but a crash can lose the file (for comparisons only).
+  TORCHFIT_ARG(bool, fsync) = true;
+};
 
 /// Name of the pointer file `save_last` keeps next to the checkpoints.
 inline constexpr const char* kLatestPointer = "torchfit_latest.txt";
@@ -72,8 +80,7 @@ class CheckpointIO {
 /// The format is `torch.save`'s zip of a pickle, so Python's `torch.load` reads it.
 class FileCheckpointIO : public CheckpointIO {
  public:
-  /// `fsync(false)` skips the fsyncs (faster, not crash-safe: for comparisons only).
-  explicit FileCheckpointIO(bool fsync = true) : fsync_(fsync) {}
+  explicit FileCheckpointIO(SaveOptions options = SaveOptions()) : fsync_(options.fsync()) {}
 
   void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) override;
   c10::IValue load(const std::string& path) override;

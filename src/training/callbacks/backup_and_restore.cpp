@@ -8,7 +8,7 @@
 #include "torchfit/error.h"
 #include "torchfit/log.h"
 #include "torchfit/serialize.h"
-#include "torchfit/trainer.h"
+#include "torchfit/training_context.h"
 
 namespace torchfit {
 namespace fs = std::filesystem;
@@ -43,11 +43,11 @@ void BackupAndRestore::on_train_setup() {
       logger()->warn("BackupAndRestore: skipping backup {}: {}", path, result.reason);
       continue;
     }
-    trainer_->restore_backup(path);
+    context_->restore_backup(path);
     restored_ = true;
-    last_backup_step_ = trainer_->state().global_step;
-    logger()->info("BackupAndRestore: resumed from {} at epoch {}, batch {}", path, trainer_->state().epoch + 1,
-                   trainer_->state().batch_in_epoch);
+    last_backup_step_ = context_->state().global_step;
+    logger()->info("BackupAndRestore: resumed from {} at epoch {}, batch {}", path, context_->state().epoch + 1,
+                   context_->state().batch_in_epoch);
     return;
   }
   if (!problems.empty()) {
@@ -59,16 +59,16 @@ void BackupAndRestore::on_train_setup() {
 }
 
 void BackupAndRestore::backup() {
-  const auto& state = trainer_->state();
+  const auto& state = context_->state();
   if (state.global_step == last_backup_step_) return;  // nothing new since the last backup or restore
   last_backup_step_ = state.global_step;
   batches_since_backup_ = 0;
   // Data-parallel: rank 0 writes, the others wait until it is durable.
-  if (trainer_->is_main_process()) {
+  if (context_->is_main_process()) {
     write_backup();
-    if (trainer_->world_size() > 1) manager_->wait();
+    if (context_->world_size() > 1) manager_->wait();
   }
-  trainer_->barrier("backup barrier");
+  context_->barrier("backup barrier");
 }
 
 void BackupAndRestore::write_backup() {
@@ -83,7 +83,7 @@ void BackupAndRestore::write_backup() {
                                         previous_backup_path(), ec.message()));
     }
   }
-  manager_->save(trainer_->checkpoint(), {});
+  manager_->save(context_->checkpoint(), {});
 }
 
 // Backups are taken at the start of an epoch or batch: every callback has then
@@ -102,8 +102,8 @@ void BackupAndRestore::on_train_batch_end(int64_t, const Logs&) { ++batches_sinc
 void BackupAndRestore::on_train_end(const Logs&) {
   manager_->wait();
   if (!options_.delete_checkpoint()) return;
-  trainer_->barrier("backup removal barrier");  // no rank may still be reading it
-  if (!trainer_->is_main_process()) return;
+  context_->barrier("backup removal barrier");  // no rank may still be reading it
+  if (!context_->is_main_process()) return;
   std::error_code ec;
   for (const auto& path : {backup_path(), previous_backup_path()}) fs::remove(path, ec);
   fs::remove(fs::path(options_.backup_dir()) / kLatestPointer, ec);

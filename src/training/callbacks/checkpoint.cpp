@@ -8,7 +8,7 @@
 #include "engine/filepath_template.h"
 #include "io/atomic_file.h"
 #include "torchfit/error.h"
-#include "torchfit/trainer.h"
+#include "torchfit/training_context.h"
 
 namespace torchfit {
 
@@ -53,16 +53,16 @@ std::string CheckpointCallback::format_filepath(const std::string& filepath, int
 
 void CheckpointCallback::on_train_begin(const Logs& logs) {
   MonitorCallback::on_train_begin(logs);
-  if (trainer_->world_size() > 1 && !trainer_->is_main_process()) {
+  if (context_->world_size() > 1 && !context_->is_main_process()) {
     // Ranks other than 0 decide alike but write nothing; they keep the tables.
     auto state = manager_->state_dict();
     auto options = manager_->options();
-    auto storage = options.io() ? options.io() : std::make_shared<FileCheckpointIO>(options.fsync());
+    auto storage = options.io() ? options.io() : std::make_shared<FileCheckpointIO>(SaveOptions().fsync(options.fsync()));
     options.io(std::make_shared<ReadOnlyCheckpointIO>(std::move(storage))).async_save(false);
     manager_ = std::make_unique<CheckpointManager>(std::move(options), tracker_);
     manager_->load_state_dict(state);
   }
-  if (!trainer_->resumed_from().empty()) manager_->protect(trainer_->resumed_from());
+  if (!context_->resumed_from().empty()) manager_->protect(context_->resumed_from());
   // Leftovers of a killed run in the directory we write to (up to the first field).
   auto dir = detail::FilepathTemplate(options().filepath()).literal_directory();
   std::error_code ec;
@@ -82,12 +82,12 @@ void CheckpointCallback::on_train_batch_end(int64_t batch, const Logs& logs) {
 }
 
 void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch, const Logs& logs) {
-  if (trainer_ == nullptr) throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
-  bool saved = manager_->save(trainer_->checkpoint(true, this), with_position(logs, epoch, batch));
-  if (saved && trainer_->world_size() > 1) {
+  if (context_ == nullptr) throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
+  bool saved = manager_->save(context_->checkpoint(CheckpointScope().caller(this)), with_position(logs, epoch, batch));
+  if (saved && context_->world_size() > 1) {
     // Data-parallel: rank 0's save is durable before any rank runs ahead of it.
-    if (trainer_->is_main_process()) manager_->wait();
-    trainer_->barrier("checkpoint barrier");
+    if (context_->is_main_process()) manager_->wait();
+    context_->barrier("checkpoint barrier");
   }
 }
 

@@ -6,7 +6,7 @@
 #include <fmt/format.h>
 
 #include "torchfit/error.h"
-#include "torchfit/trainer.h"
+#include "torchfit/training_context.h"
 
 namespace torchfit {
 
@@ -16,7 +16,7 @@ CSVLogger::CSVLogger(std::string filename, char separator, bool append)
 }
 
 void CSVLogger::on_train_begin(const Logs&) {
-  enabled_ = trainer_ == nullptr || trainer_->is_main_process();  // one writer when data-parallel
+  enabled_ = context_ == nullptr || context_->is_main_process();  // one writer when data-parallel
   if (!enabled_) return;
   // As Keras: appending to a non-empty file keeps its header and columns.
   write_header_ = !(append_ && std::filesystem::exists(filename_) && std::filesystem::file_size(filename_) > 0);

@@ -7,7 +7,7 @@
 
 #include "torchfit/error.h"
 #include "torchfit/log.h"
-#include "torchfit/trainer.h"
+#include "torchfit/training_context.h"
 
 namespace torchfit {
 namespace {
@@ -53,21 +53,21 @@ void EarlyStopping::on_epoch_end(int64_t epoch, const Logs& logs) {
   }
   if (epoch < options_.start_from_epoch()) return;
   if (options_.restore_best_weights() && !best_weights_) {
-    best_weights_ = copy_weights(trainer_->model());  // until something improves, these are the best
+    best_weights_ = copy_weights(context_->model());  // until something improves, these are the best
     best_epoch_ = epoch;
   }
   ++wait_;
   if (is_improvement(*value, best())) {
     tracker_->set_best(*value);
     best_epoch_ = epoch;
-    if (options_.restore_best_weights()) best_weights_ = copy_weights(trainer_->model());
+    if (options_.restore_best_weights()) best_weights_ = copy_weights(context_->model());
     // Only a value that beats the baseline too restarts the count.
     if (!options_.baseline() || is_improvement(*value, options_.baseline())) wait_ = 0;
     return;
   }
   if (wait_ >= options_.patience() && epoch > 0) {
     stopped_epoch_ = epoch;
-    trainer_->stop_training(true);
+    context_->stop_training(true);
   }
 }
 
@@ -76,7 +76,7 @@ void EarlyStopping::on_train_end(const Logs&) {
   if (stopped_epoch_ > 0 && verbose) logger()->info("Epoch {}: early stopping", stopped_epoch_ + 1);
   if (options_.restore_best_weights() && best_weights_) {
     if (verbose) logger()->info("Restoring model weights from the end of the best epoch: {}.", best_epoch_ + 1);
-    assign_weights(trainer_->model(), *best_weights_, "(best weights in memory)");
+    assign_weights(context_->model(), *best_weights_, "(best weights in memory)");
   }
 }
 

@@ -9,7 +9,7 @@
 #include "training/learning_rate.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
-#include "torchfit/trainer.h"
+#include "torchfit/training_context.h"
 
 namespace torchfit {
 
@@ -19,7 +19,7 @@ LearningRateScheduler::LearningRateScheduler(Schedule schedule, int verbose)
 }
 
 void LearningRateScheduler::on_epoch_begin(int64_t epoch, const Logs&) {
-  auto& optimizer = trainer_->optimizer();
+  auto& optimizer = context_->optimizer();
   double lr = schedule_(epoch, detail::learning_rate(optimizer));
   if (!std::isfinite(lr)) {
     throw ValueError(fmt::format("LearningRateScheduler: the schedule returned lr={} at epoch {}", lr, epoch));
@@ -70,7 +70,7 @@ void ReduceLROnPlateau::on_epoch_end(int64_t epoch, const Logs& logs) {
   }
   if (cooldown_counter_ > 0) return;
   if (++wait_ < options_.patience()) return;
-  auto& optimizer = trainer_->optimizer();
+  auto& optimizer = context_->optimizer();
   double old_lr = detail::learning_rate(optimizer);
   if (old_lr > options_.min_lr()) {
     double new_lr = std::max(old_lr * options_.factor(), options_.min_lr());

@@ -4,16 +4,26 @@
 #include <fmt/format.h>
 
 #include "torchfit/error.h"
-#include "torchfit/trainer.h"
+#include "torchfit/metrics.h"
+#include "torchfit/training_context.h"
 
 namespace torchfit {
 
+namespace {
+
+/// How a MetricMonitor learns the direction of a metric: from the run's registered metrics.
+auto metric_directions(const TrainingContext* context) {
+  return [context](const std::string& name) {
+    const Metric* metric = context != nullptr ? context->find_metric(name) : nullptr;
+    return metric != nullptr ? metric->direction : Mode::Auto;
+  };
+}
+
+}  // namespace
+
 Mode resolve_mode(Mode mode, const std::string& monitor, const Trainer* trainer, const std::string& owner) {
   MetricMonitor tracker(owner, monitor, mode);
-  tracker.resolve([trainer](const std::string& name) {
-    const Metric* metric = trainer != nullptr ? trainer->find_metric(name) : nullptr;
-    return metric != nullptr ? metric->direction : Mode::Auto;
-  });
+  tracker.resolve(metric_directions(trainer != nullptr ? context_of(trainer) : nullptr));
   return tracker.mode();
 }
 
@@ -25,10 +35,7 @@ MonitorCallback::MonitorCallback(std::string name, std::shared_ptr<MetricMonitor
     : name_(std::move(name)), monitor_(tracker->monitor()), tracker_(std::move(tracker)) {}
 
 void MonitorCallback::on_train_begin(const Logs&) {
-  tracker_->resolve([this](const std::string& name) {
-    const Metric* metric = trainer_ != nullptr ? trainer_->find_metric(name) : nullptr;
-    return metric != nullptr ? metric->direction : Mode::Auto;
-  });
+  tracker_->resolve(metric_directions(context_));
 }
 
 bool MonitorCallback::is_improvement(double value, std::optional<double> reference) const {

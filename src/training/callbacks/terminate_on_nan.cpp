@@ -5,7 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include "torchfit/log.h"
-#include "torchfit/trainer.h"
+#include "torchfit/training_context.h"
 
 namespace torchfit {
 
@@ -13,7 +13,7 @@ void TerminateOnNaN::on_train_batch_end(int64_t batch, const Logs& logs) {
   auto it = logs.find("loss");
   if (it == logs.end() || std::isfinite(it->second)) return;
   logger()->warn("Batch {}: Invalid loss, terminating training", batch);
-  trainer_->stop_training(true);
+  context_->stop_training(true);
 }
 
 }  // namespace torchfit

@@ -1,0 +1,71 @@
+#pragma once
+/// \file
+/// `TrainingContext`: what callbacks see of a training run. `Trainer` implements
+/// it; so can a hand-written loop, which can then drive torchfit's callbacks
+/// (EarlyStopping, ReduceLROnPlateau, CheckpointCallback, ...) itself.
+
+#include <string>
+
+#include "torchfit/arg.h"
+#include "torchfit/engine/checkpoint.h"
+#include "torchfit/trainer_state.h"
+
+namespace torch::nn {
+class Module;
+}
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace torchfit {
+
+class Callback;
+class Trainer;
+struct Metric;
+
+/// What `TrainingContext::checkpoint` includes.
+struct CheckpointScope {
+  using CallbackPtr = const Callback*;
+  /// The History of the run; backups keep it, `Trainer::load_checkpoint` does not restore it.
+  TORCHFIT_ARG(bool, with_history) = true;
+  /// A callback whose state is included even when it is not one of the running
+  /// fit's callbacks (a callback driven by hand).
+  TORCHFIT_ARG(CallbackPtr, caller) = nullptr;
+};
+
+class TrainingContext {
+ public:
+  virtual ~TrainingContext();
+
+  virtual torch::nn::Module& model() const = 0;
+  /// The optimizer; its param groups' options are what lr callbacks change.
+  virtual torch::optim::Optimizer& optimizer() const = 0;
+  /// The metric registered under `name`, if any (its direction resolves `Mode::Auto`).
+  virtual const Metric* find_metric(const std::string& name) const = 0;
+  /// Progress of the run.
+  virtual const TrainerState& state() const = 0;
+
+  /// Asks the loop to stop; checked after each batch and each epoch.
+  virtual void stop_training(bool value) = 0;
+  virtual bool stop_training() const = 0;
+
+  /// This process's rank and the number of ranks (0 and 1 when not data-parallel).
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  bool is_main_process() const { return rank() == 0; }
+  /// Waits for every rank; `what` names the point in errors.
+  virtual void barrier(const char* what) const = 0;
+
+  /// The run's whole state as items, for a full checkpoint.
+  virtual Checkpoint checkpoint(const CheckpointScope& scope = CheckpointScope()) = 0;
+  /// Restores a full checkpoint into the running loop (BackupAndRestore).
+  virtual void restore_backup(const std::string& path) = 0;
+  /// The file the run resumed from (retention never deletes it); empty if none.
+  virtual const std::string& resumed_from() const = 0;
+};
+
+/// The context of a Trainer (lets `Callback::set_trainer` work with `Trainer` declared only).
+TrainingContext* context_of(Trainer* trainer);
+const TrainingContext* context_of(const Trainer* trainer);
+
+}  // namespace torchfit

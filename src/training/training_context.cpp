@@ -1,0 +1,12 @@
+#include "torchfit/training_context.h"
+
+#include "torchfit/trainer.h"
+
+namespace torchfit {
+
+TrainingContext::~TrainingContext() = default;
+
+TrainingContext* context_of(Trainer* trainer) { return trainer; }
+const TrainingContext* context_of(const Trainer* trainer) { return trainer; }
+
+}  // namespace torchfit
