@@ -76,7 +76,7 @@ void write_pickle(ChecksumSink& sink, const c10::IValue& value) {
   zip.finish();
 }
 
-c10::IValue read_pickle(const FileReader& file, const std::map<std::string, RecordSpan>& records) {
+DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::string, RecordSpan>& records) {
   const auto& path = file.path();
   auto pickle_record = records.find("data.pkl");
   if (pickle_record == records.end()) {
@@ -90,34 +90,38 @@ c10::IValue read_pickle(const FileReader& file, const std::map<std::string, Reco
     position += n;
     return n;
   };
-  // Storages are allocated while unpickling and filled afterwards, all at once.
-  std::map<const void*, RecordSpan> spans;
+  DeferredPickle out;
   auto read_record = [&](const std::string& key) -> at::DataPtr {
     auto it = records.find("data/" + key);
     if (it == records.end()) {
       throw CheckpointError(fmt::format("Checkpoint {} is damaged: no record for storage {}", path, key));
     }
     auto data = c10::GetCPUAllocator()->allocate(it->second.size);
-    spans[data.get()] = it->second;
+    out.spans[data.get()] = it->second;
     return data;
   };
-  c10::IValue value;
   try {
     torch::jit::Unpickler unpickler(reader, nullptr, nullptr, read_record, at::Device(at::kCPU));
-    value = unpickler.parse_ivalue();
+    out.value = unpickler.parse_ivalue();
   } catch (const c10::Error& e) {
     throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path, e.what_without_backtrace()));
   }
-  for_each_tensor(value, [&](const at::Tensor& tensor) {
-    auto it = spans.find(tensor.storage().data());
-    if (tensor.storage().nbytes() > 0 && (it == spans.end() || tensor.storage().nbytes() > it->second.size)) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: a tensor overruns its record", path));
+  return out;
+}
+
+c10::IValue read_pickle(const FileReader& file, const std::map<std::string, RecordSpan>& records) {
+  // Storages are allocated while unpickling and filled afterwards, all at once.
+  auto pickle = unpickle_deferred(file, records);
+  for_each_tensor(pickle.value, [&](const at::Tensor& tensor) {
+    auto it = pickle.spans.find(tensor.storage().data());
+    if (tensor.storage().nbytes() > 0 && (it == pickle.spans.end() || tensor.storage().nbytes() > it->second.size)) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: a tensor overruns its record", file.path()));
     }
   });
   std::vector<ReadJob> jobs;
-  for (const auto& [data, span] : spans) jobs.push_back({span, const_cast<void*>(data)});
+  for (const auto& [data, span] : pickle.spans) jobs.push_back({span, const_cast<void*>(data)});
   read_parallel(file, jobs);
-  return value;
+  return std::move(pickle.value);
 }
 
 std::string pickle_to_bytes(const c10::IValue& value) {

@@ -16,6 +16,18 @@ namespace torchfit::detail {
 /// does and streams the zip into `sink`, ending with `sink.finish()`.
 void write_pickle(ChecksumSink& sink, const c10::IValue& value);
 
+/// A file's pickle, parsed with its storages allocated but not yet read.
+struct DeferredPickle {
+  c10::IValue value;
+  /// Where the bytes of each allocated storage lie in the file.
+  std::map<const void*, RecordSpan> spans;
+};
+
+/// Parses the "data.pkl" of a file torchfit wrote; reading the storages is left
+/// to the caller (all of them, or only those it keeps). Throws CheckpointError
+/// naming the path.
+DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::string, RecordSpan>& records);
+
 /// Unpickles a file torchfit wrote (checked intact by the caller) whose records
 /// `records` lists: storages are read after the pickle is parsed, in parallel.
 /// Throws CheckpointError naming the path.

@@ -4,14 +4,13 @@
 #include <filesystem>
 
 #include <ATen/ATen.h>
-#include <c10/core/CPUAllocator.h>
 #include <caffe2/serialize/inline_container.h>
 #include <fmt/format.h>
-#include <torch/csrc/jit/serialization/unpickler.h>
 #include <torch/nn/module.h>
 #include <torch/serialize/input-archive.h>
 
 #include "format/module_archive.h"
+#include "format/pickle_file.h"
 #include "format/python_pickle.h"
 #include "format/state_dict.h"
 #include "format/zip.h"
@@ -43,38 +42,18 @@ struct PendingWeights {
 PendingWeights unpickle_weights(const detail::FileReader& file,
                                 const std::map<std::string, detail::RecordSpan>& records) {
   const auto& path = file.path();
-  const auto pickle_span = records.at("data.pkl");
-  const std::string pickle = file.read_at(pickle_span.offset, pickle_span.size);
-  size_t position = 0;
-  auto reader = [&](char* buffer, size_t n) -> size_t {
-    n = std::min(n, pickle.size() - position);
-    std::memcpy(buffer, pickle.data() + position, n);
-    position += n;
-    return n;
-  };
+  auto pickle = detail::unpickle_deferred(file, records);
   PendingWeights pending;
-  auto read_record = [&](const std::string& key) -> at::DataPtr {
-    auto it = records.find("data/" + key);
-    if (it == records.end()) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: no record for storage {}", path, key));
-    }
-    auto data = c10::GetCPUAllocator()->allocate(it->second.size);
-    pending.spans[data.get()] = it->second;
-    return data;
-  };
-  torch::jit::Unpickler unpickler(reader, nullptr, nullptr, read_record, at::Device(at::kCPU));
-  pending.tensors = detail::select_weights(unpickler.parse_ivalue(), path);
+  pending.tensors = detail::select_weights(pickle.value, path);
   // Only the storages of the selected tensors stay allocated (a full checkpoint
   // also holds optimizer state): keep just their spans.
-  std::map<const void*, detail::RecordSpan> kept;
   for (const auto& [name, tensor] : pending.tensors) {
-    auto it = pending.spans.find(tensor.storage().data());
-    if (it == pending.spans.end() || tensor.storage().nbytes() > it->second.size) {
+    auto it = pickle.spans.find(tensor.storage().data());
+    if (it == pickle.spans.end() || tensor.storage().nbytes() > it->second.size) {
       throw CheckpointError(fmt::format("Checkpoint {} is damaged: tensor '{}' overruns its record", path, name));
     }
-    kept.insert(*it);
+    pending.spans.insert(*it);
   }
-  pending.spans = std::move(kept);
   return pending;
 }
 
