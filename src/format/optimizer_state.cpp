@@ -358,12 +358,16 @@ c10::IValue optimizer_state_dict(const Optimizer& optimizer) {
 }
 
 std::function<void()> prepare_optimizer_load(Optimizer& optimizer, const c10::IValue& state, const std::string& where) {
+  // Errors name the type loaded into: a missing field usually means the file holds another optimizer.
+  auto into = [&](auto codec, const char* type) {
+    return prepare_as<decltype(codec)>(optimizer, state, fmt::format("{} (into a torch::optim::{})", where, type));
+  };
   try {
-    if (is<AdamWCodec>(optimizer)) return prepare_as<AdamWCodec>(optimizer, state, where);
-    if (is<AdamCodec>(optimizer)) return prepare_as<AdamCodec>(optimizer, state, where);
-    if (is<SGDCodec>(optimizer)) return prepare_as<SGDCodec>(optimizer, state, where);
-    if (is<RMSpropCodec>(optimizer)) return prepare_as<RMSpropCodec>(optimizer, state, where);
-    if (is<AdagradCodec>(optimizer)) return prepare_as<AdagradCodec>(optimizer, state, where);
+    if (is<AdamWCodec>(optimizer)) return into(AdamWCodec{}, "AdamW");
+    if (is<AdamCodec>(optimizer)) return into(AdamCodec{}, "Adam");
+    if (is<SGDCodec>(optimizer)) return into(SGDCodec{}, "SGD");
+    if (is<RMSpropCodec>(optimizer)) return into(RMSpropCodec{}, "RMSprop");
+    if (is<AdagradCodec>(optimizer)) return into(AdagradCodec{}, "Adagrad");
     return prepare_archive(optimizer, state, where);
   } catch (const c10::Error& e) {
     throw CheckpointError(fmt::format("{}: {}", where, e.what_without_backtrace()));
