@@ -105,7 +105,13 @@ TEST(KillChild, SaveForever) {
   auto every = std::make_shared<CheckpointCallback>(
       CheckpointOptions(base + "/e{epoch:03d}b{batch}.pt").save_freq(SaveFreq::batches(3)).save_weights_only(true).save_last(true));
   auto full = std::make_shared<CheckpointCallback>(CheckpointOptions(base + "/last.pt").save_freq(SaveFreq::batches(2)));
-  trainer.fit(data.x_train, data.y_train, FitOptions().epochs(1000000).batch_size(4).callbacks({best, every, full}));
+  // Tells the parent that saving has begun (after the first batch's save).
+  auto started = std::make_shared<LambdaCallback>();
+  started->train_batch_end = [mark = std::string(std::getenv("TORCHFIT_KILL_CHILD_MARK"))](int64_t, const Logs&) {
+    if (!fs::exists(mark)) std::ofstream(mark) << "saving";
+  };
+  trainer.fit(data.x_train, data.y_train,
+              FitOptions().epochs(1000000).batch_size(4).callbacks({best, every, full, started}));
 }
 
 TEST_F(DurabilityTest, SigkillAtRandomPointsNeverLeavesABadCheckpoint) {
@@ -114,9 +120,13 @@ TEST_F(DurabilityTest, SigkillAtRandomPointsNeverLeavesABadCheckpoint) {
   int checked = 0, temporaries = 0;
   auto round_dir = path("run");
   for (int round = 0; round < rounds; ++round) {
-    pid_t pid = spawn_self("KillChild.SaveForever", {"TORCHFIT_KILL_CHILD_DIR=" + round_dir});
-    // Past start-up (about 0.3 s to load libtorch), into the saves.
-    std::this_thread::sleep_for(std::chrono::milliseconds(350 + rng() % 400));
+    auto mark = path(fmt::format("saving-{}", round));
+    pid_t pid = spawn_self("KillChild.SaveForever",
+                           {"TORCHFIT_KILL_CHILD_DIR=" + round_dir, "TORCHFIT_KILL_CHILD_MARK=" + mark});
+    // Once the child saves (start-up time varies with the machine's load), kill at a random later point.
+    for (int i = 0; i < 12000 && !fs::exists(mark); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    ASSERT_TRUE(fs::exists(mark)) << "the child did not start saving within a minute";
+    std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 400));
     ASSERT_EQ(::kill(pid, SIGKILL), 0);
     int status = 0;
     ASSERT_EQ(::waitpid(pid, &status, 0), pid);

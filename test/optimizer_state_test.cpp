@@ -16,6 +16,8 @@ struct OptimizerCase {
   OptimizerFactory make_other;
 };
 
+void PrintTo(const OptimizerCase& c, std::ostream* os) { *os << c.name; }
+
 std::vector<OptimizerCase> cases() {
   using namespace torch::optim;
   return {
