@@ -32,38 +32,60 @@ TEST(BackupChild, Train) {
   if (dir_env == nullptr) GTEST_SKIP() << "only run as the child of BackupTest";
   std::string dir = dir_env;
   bool batch_level = std::string(std::getenv("TORCHFIT_BACKUP_FREQ")) == "batch";
+  const std::string schedule = std::getenv("TORCHFIT_BACKUP_SCHEDULE");
   auto data = make_data(40, 10);
   torch::manual_seed(0);
   auto model = torch::nn::Sequential(torch::nn::Linear(3, 32), torch::nn::ReLU(), torch::nn::Dropout(0.3),
                                      torch::nn::Linear(32, 3));
-  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
-  Trainer trainer(model, adam, ce_loss, {metrics::accuracy()});
+  std::shared_ptr<torch::optim::Optimizer> optimizer;
+  if (schedule == "none") {
+    optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-2);
+  } else {
+    optimizer = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  }
+  Trainer trainer(model, optimizer, ce_loss, {metrics::accuracy()});
   auto backup = std::make_shared<BackupAndRestore>(
       BackupOptions(dir + "/backup").save_freq(batch_level ? SaveFreq::batches(3) : SaveFreq::epoch()));
   auto best = std::make_shared<CheckpointCallback>(CheckpointOptions(dir + "/best.pt").save_best_only(true));
+  std::vector<std::shared_ptr<Callback>> callbacks{backup, best, std::make_shared<Sleep>()};
+  if (schedule == "step") {
+    callbacks.push_back(std::make_shared<LearningRateScheduler>(
+        [](int64_t epoch, double lr) { return epoch >= 2 ? lr * 0.5 : lr; }));
+  } else if (schedule == "plateau") {
+    // A min_delta no epoch meets: every second epoch without "improvement" halves the lr,
+    // so a resume that lost the counter or the lr would train differently.
+    callbacks.push_back(std::make_shared<ReduceLROnPlateau>(
+        ReduceLROnPlateauOptions().monitor("val_loss").factor(0.5).patience(2).min_delta(10.0)));
+  }
   auto history = trainer.fit(data.x_train, data.y_train,
                              FitOptions().epochs(6).batch_size(5).seed(7).validation_data(data.x_test, data.y_test)
-                                 .callbacks({backup, best, std::make_shared<Sleep>()}));
+                                 .callbacks(callbacks));
   save_weights(*model, dir + "/final.pt");
   std::ofstream(dir + "/history.txt") << history_text(history);
   std::ofstream(dir + "/restored.txt") << backup->restored();
+  std::ofstream(dir + "/lr.txt") << fmt::format("{}", optimizer->param_groups()[0].options().get_lr());
 }
 
-int run_child(const std::string& dir, const std::string& freq) {
-  pid_t pid = spawn_self("BackupChild.Train", {"TORCHFIT_BACKUP_CHILD_DIR=" + dir, "TORCHFIT_BACKUP_FREQ=" + freq});
+pid_t spawn_child(const std::string& dir, const std::string& freq, const std::string& schedule) {
+  return spawn_self("BackupChild.Train", {"TORCHFIT_BACKUP_CHILD_DIR=" + dir, "TORCHFIT_BACKUP_FREQ=" + freq,
+                                          "TORCHFIT_BACKUP_SCHEDULE=" + schedule});
+}
+
+int run_child(const std::string& dir, const std::string& freq, const std::string& schedule) {
+  pid_t pid = spawn_child(dir, freq, schedule);
   int status = 0;
   waitpid(pid, &status, 0);
   return status;
 }
 
 void expect_bitwise_resume(TorchfitTest& test, const fs::path& root, const std::string& freq, std::mt19937& rng,
-                           int rounds) {
+                           int rounds, const std::string& schedule = "none") {
   auto reference = (root / (freq + "-reference")).string();
-  ASSERT_EQ(run_child(reference, freq), 0);
+  ASSERT_EQ(run_child(reference, freq, schedule), 0);
   int resumed = 0;
   for (int round = 0; round < rounds; ++round) {
     auto dir = (root / fmt::format("{}-killed-{}", freq, round)).string();
-    pid_t pid = spawn_self("BackupChild.Train", {"TORCHFIT_BACKUP_CHILD_DIR=" + dir, "TORCHFIT_BACKUP_FREQ=" + freq});
+    pid_t pid = spawn_child(dir, freq, schedule);
     // Once the first backup exists (start-up takes a varying time), kill at a random later point.
     for (int i = 0; i < 3000 && !fs::exists(dir + "/backup/backup.pt"); ++i) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -74,12 +96,13 @@ void expect_bitwise_resume(TorchfitTest& test, const fs::path& root, const std::
     waitpid(pid, &status, 0);
     ASSERT_TRUE(WIFSIGNALED(status)) << "the run finished before the kill; slow it down";
     bool had_backup = fs::exists(dir + "/backup/backup.pt");
-    ASSERT_EQ(run_child(dir, freq), 0);
+    ASSERT_EQ(run_child(dir, freq, schedule), 0);
     EXPECT_EQ(read_file(dir + "/restored.txt"), had_backup ? "1" : "0");
     resumed += had_backup;
     EXPECT_EQ(read_file(dir + "/history.txt"), read_file(reference + "/history.txt")) << dir;
     auto expected = read_weights(reference + "/final.pt"), actual = read_weights(dir + "/final.pt");
     for (const auto& [name, tensor] : expected) EXPECT_TRUE(torch::equal(tensor, actual.at(name))) << dir << " " << name;
+    EXPECT_EQ(read_file(dir + "/lr.txt"), read_file(reference + "/lr.txt")) << dir;
     EXPECT_TRUE(read_file(dir + "/best.pt").size() > 0);
     EXPECT_FALSE(fs::exists(dir + "/backup")) << "delete_checkpoint leaves no backup behind";
   }
@@ -94,6 +117,18 @@ TEST_F(BackupTest, KilledAndRestartedRunIsBitwiseEqualAtEpochLevel) {
 TEST_F(BackupTest, KilledAndRestartedRunIsBitwiseEqualAtBatchLevel) {
   std::mt19937 rng(12);
   expect_bitwise_resume(*this, dir(), "batch", rng, 3);
+}
+
+TEST_F(BackupTest, KilledAndRestartedRunUnderAScheduleIsBitwiseEqual) {
+  std::mt19937 rng(13);
+  expect_bitwise_resume(*this, dir(), "epoch", rng, 3, "step");
+  EXPECT_EQ(read_file(path("epoch-reference/lr.txt")), "0.003125") << "halved at the start of epochs 3 to 6";
+}
+
+TEST_F(BackupTest, KilledAndRestartedRunUnderReduceLROnPlateauIsBitwiseEqual) {
+  std::mt19937 rng(14);
+  expect_bitwise_resume(*this, dir(), "epoch", rng, 3, "plateau");
+  EXPECT_EQ(read_file(path("epoch-reference/lr.txt")), "0.0125") << "reduced at the end of epochs 3 and 5";
 }
 
 TEST_F(BackupTest, DoubleCheckpointFallsBackToThePreviousBackup) {
