@@ -1,4 +1,6 @@
-// Keras's model_checkpoint_test.py scenarios, ported, plus our own edge cases.
+// Keras's model_checkpoint_test.py scenarios that need a real fit, ported, plus our
+// own edge cases. Scripted scenarios run through the callback and the manager alike
+// in save_decision_test.cpp.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -28,18 +30,6 @@ class CheckpointTest : public TorchfitTest {
 
   std::shared_ptr<CheckpointCallback> checkpoint(const CheckpointOptions& options) {
     return std::make_shared<CheckpointCallback>(options);
-  }
-
-  /// Drives a callback's epoch hooks with scripted logs instead of training.
-  void script(CheckpointCallback& cb, const std::vector<double>& values,
-              const std::string& key = "val_loss") {
-    cb.set_trainer(setup_.trainer.get());
-    cb.on_train_begin({});
-    for (size_t i = 0; i < values.size(); ++i) {
-      cb.on_epoch_begin(static_cast<int64_t>(i), {});
-      cb.on_epoch_end(static_cast<int64_t>(i), {{"loss", 1.0}, {key, values[i]}});
-    }
-    cb.on_train_end({});
   }
 
   Dataset data_;
@@ -207,77 +197,6 @@ TEST_F(CheckpointTest, SaveBestOnlyAutoValLossSavesFirstEpoch) {
   auto file = path("checkpoint.pt");
   fit(checkpoint(CheckpointOptions(file).save_best_only(true)));
   EXPECT_TRUE(fs::exists(file));
-}
-
-TEST_F(CheckpointTest, TiesAndNaNDoNotSave) {
-  auto cb = checkpoint(CheckpointOptions(path("{epoch:02d}.pt")).save_best_only(true).save_weights_only(true));
-  LogCapture capture;
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  script(*cb, {0.5, 0.5, 0.4, nan, 0.45, 0.39999});
-  EXPECT_EQ(files(), (std::vector<std::string>{"01.pt", "03.pt", "06.pt"}));
-  EXPECT_EQ(cb->best(), 0.39999);
-  EXPECT_NE(capture.text().find("Epoch 4: val_loss is NaN, not saving; best stays 0.40000"), std::string::npos)
-      << capture.text();
-}
-
-TEST_F(CheckpointTest, NaNFirstValueNeverBecomesBest) {
-  auto cb = checkpoint(CheckpointOptions(path("{epoch:02d}.pt")).save_best_only(true).save_weights_only(true));
-  script(*cb, {std::numeric_limits<double>::quiet_NaN(), 3.0});
-  EXPECT_EQ(files(), (std::vector<std::string>{"02.pt"}));
-  EXPECT_EQ(cb->best(), 3.0);
-}
-
-TEST_F(CheckpointTest, MaxModeKeepsHighest) {
-  auto cb = checkpoint(CheckpointOptions(path("{epoch}.pt")).monitor("val_accuracy").save_best_only(true).save_weights_only(true));
-  script(*cb, {0.2, 0.1, 0.3, 0.3}, "val_accuracy");
-  EXPECT_EQ(files(), (std::vector<std::string>{"1.pt", "3.pt"}));
-  EXPECT_EQ(cb->best(), 0.3);
-}
-
-TEST_F(CheckpointTest, BestPersistsAcrossFitCalls) {
-  auto cb = checkpoint(CheckpointOptions(path("{epoch}-{val_loss:.1f}.pt")).save_best_only(true).save_weights_only(true));
-  script(*cb, {0.5, 0.3});
-  script(*cb, {0.4, 0.35});  // a second fit with worse values saves nothing
-  EXPECT_EQ(files(), (std::vector<std::string>{"1-0.5.pt", "2-0.3.pt"}));
-  EXPECT_EQ(cb->best(), 0.3);
-}
-
-TEST_F(CheckpointTest, VerboseMessagesMatchKeras) {
-  auto cb = checkpoint(CheckpointOptions(path("{epoch:02d}.pt")).save_best_only(true).verbose(1).save_weights_only(true));
-  LogCapture capture;
-  script(*cb, {0.51234, 0.6, 0.49876});
-  auto lines = capture.lines();
-  std::vector<std::string> expected = {
-      fmt::format("Epoch 1: val_loss improved from inf to 0.51234, saving model to {}\n", path("01.pt")),
-      fmt::format("Epoch 1: finished saving model to {}\n", path("01.pt")),
-      "Epoch 2: val_loss did not improve from 0.51234\n",
-      fmt::format("Epoch 3: val_loss improved from 0.51234 to 0.49876, saving model to {}\n", path("03.pt")),
-      fmt::format("Epoch 3: finished saving model to {}\n", path("03.pt")),
-  };
-  EXPECT_EQ(lines, expected);
-}
-
-TEST_F(CheckpointTest, VerboseWithoutSaveBestOnly) {
-  auto cb = checkpoint(CheckpointOptions(path("{epoch}.pt")).verbose(1).save_weights_only(true));
-  LogCapture capture;
-  script(*cb, {1.0});
-  ASSERT_FALSE(capture.lines().empty());
-  EXPECT_EQ(capture.lines()[0], fmt::format("Epoch 1: saving model to {}\n", path("1.pt")));
-}
-
-TEST_F(CheckpointTest, MissingTemplateKeyFailsBeforeDeciding) {
-  // Even with a threshold that would block the save, the template is checked first.
-  const std::string pattern = path("ckpt_{val_acc:.2f}.pt");
-  auto cb = checkpoint(CheckpointOptions(pattern).save_best_only(true).mode(Mode::Min).initial_value_threshold(-1));
-  try {
-    fit(cb);
-    FAIL() << "expected ValueError";
-  } catch (const ValueError& e) {
-    std::string msg = e.what();
-    EXPECT_NE(msg.find(fmt::format("Failed to format this callback filepath: \"{}\"", pattern)), std::string::npos) << msg;
-    EXPECT_NE(msg.find("missing key 'val_acc'"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("available keys: accuracy, epoch, loss, val_accuracy, val_loss"), std::string::npos) << msg;
-  }
 }
 
 TEST_F(CheckpointTest, FormatsPythonStyleSpecs) {

@@ -1,4 +1,4 @@
-// Retention (top-k, newest-n), the latest pointer, and callback state across resumes.
+// Retention state across resumes (the scenarios of retention itself are in save_decision_test.cpp).
 #include <fstream>
 
 #include "support.h"
@@ -28,89 +28,6 @@ class RetentionTest : public TorchfitTest {
 
   Harness setup_;
 };
-
-const std::vector<double> kScores = {0.9, 0.5, 0.7, 0.3, 0.8, 0.4, 0.6, 0.2, 0.95, 0.35};
-
-TEST_F(RetentionTest, TopKKeepsExactlyTheKBestWithTemplatedNames) {
-  auto cb = std::make_shared<CheckpointCallback>(
-      CheckpointOptions(path("e{epoch:02d}-{val_loss:.2f}.pt")).save_top_k(3).save_weights_only(true));
-  script(*cb, kScores);
-  EXPECT_EQ(files(), (std::vector<std::string>{"e04-0.30.pt", "e08-0.20.pt", "e10-0.35.pt"}));
-}
-
-TEST_F(RetentionTest, TopKWithMaxMode) {
-  auto cb = std::make_shared<CheckpointCallback>(CheckpointOptions(path("e{epoch:02d}.pt"))
-                                                     .monitor("val_accuracy")
-                                                     .save_top_k(2)
-                                                     .save_weights_only(true));
-  script(*cb, kScores, 0, "val_accuracy");
-  EXPECT_EQ(files(), (std::vector<std::string>{"e01.pt", "e09.pt"}));
-}
-
-TEST_F(RetentionTest, TopKWithSaveBestOnlyKeepsTheLastKImprovements) {
-  auto cb = std::make_shared<CheckpointCallback>(
-      CheckpointOptions(path("e{epoch:02d}.pt")).save_best_only(true).save_top_k(2).save_weights_only(true));
-  script(*cb, kScores);  // improvements at epochs 1, 2, 4, 8
-  EXPECT_EQ(files(), (std::vector<std::string>{"e04.pt", "e08.pt"}));
-  EXPECT_EQ(cb->best(), 0.2);
-}
-
-TEST_F(RetentionTest, DefaultKeepsEveryImprovingFileAsKeras) {
-  auto cb = std::make_shared<CheckpointCallback>(
-      CheckpointOptions(path("e{epoch:02d}.pt")).save_best_only(true).save_weights_only(true));
-  script(*cb, kScores);
-  EXPECT_EQ(files(), (std::vector<std::string>{"e01.pt", "e02.pt", "e04.pt", "e08.pt"}));
-}
-
-TEST_F(RetentionTest, TopKZeroSavesNothing) {
-  auto cb = std::make_shared<CheckpointCallback>(CheckpointOptions(path("e{epoch}.pt")).save_top_k(0).save_weights_only(true));
-  script(*cb, kScores);
-  EXPECT_TRUE(files().empty());
-}
-
-TEST_F(RetentionTest, MaxToKeepKeepsTheNewest) {
-  auto cb = std::make_shared<CheckpointCallback>(
-      CheckpointOptions(path("e{epoch:02d}.pt")).max_to_keep(2).save_weights_only(true));
-  script(*cb, kScores);
-  EXPECT_EQ(files(), (std::vector<std::string>{"e09.pt", "e10.pt"}));
-}
-
-TEST_F(RetentionTest, OnlyOurOwnFilesAreDeleted) {
-  std::ofstream(path("e01.pt")) << "someone else's file with a name we will not write";
-  std::ofstream(path("notes.txt")) << "unrelated";
-  auto cb = std::make_shared<CheckpointCallback>(
-      CheckpointOptions(path("run-e{epoch:02d}.pt")).max_to_keep(1).save_weights_only(true));
-  script(*cb, {1, 2, 3});
-  EXPECT_EQ(files(), (std::vector<std::string>{"e01.pt", "notes.txt", "run-e03.pt"}));
-}
-
-TEST_F(RetentionTest, BadRetentionOptionsAreRejected) {
-  auto message = [](const CheckpointOptions& options) {
-    try {
-      CheckpointCallback cb(options);
-    } catch (const ValueError& e) {
-      return std::string(e.what());
-    }
-    return std::string("no error");
-  };
-  EXPECT_EQ(message(CheckpointOptions("x.pt").save_top_k(-2)), "Invalid save_top_k: -2 (must be -1 to keep all, or >= 0)");
-  EXPECT_EQ(message(CheckpointOptions("x.pt").max_to_keep(0)), "Invalid max_to_keep: 0 (must be >= 1, or -1 to keep all)");
-}
-
-TEST_F(RetentionTest, LatestPointerNamesTheNewestFile) {
-  EXPECT_FALSE(latest_checkpoint(dir().string()).has_value());
-  auto cb = std::make_shared<CheckpointCallback>(
-      CheckpointOptions(path("e{epoch:02d}.pt")).save_last(true).max_to_keep(2).save_weights_only(true));
-  script(*cb, {3, 2, 1});
-  EXPECT_EQ(read_file(path(kLatestPointer)), "e03.pt\n");
-  EXPECT_EQ(latest_checkpoint(dir().string()), path("e03.pt"));
-  // A damaged newest file is skipped; the pointer's target must verify.
-  std::ofstream(path("e03.pt"), std::ios::binary) << "garbage";
-  EXPECT_EQ(latest_checkpoint(dir().string()), path("e02.pt"));
-  // Temporary files never count.
-  std::ofstream(path(".e04.pt.torchfit-tmp.1.ab")) << "partial";
-  EXPECT_EQ(latest_checkpoint(dir().string()), path("e02.pt"));
-}
 
 TEST_F(RetentionTest, ResumeNeverReplacesABetterBest) {
   auto data = make_data();
