@@ -3,17 +3,6 @@
 #include <ATen/ATen.h>
 
 namespace torchfit::detail {
-namespace {
-
-/// A dict key as part of a buffer's name.
-std::string key_name(const c10::IValue& key) {
-  if (key.isString()) return "s:" + key.toStringRef();
-  if (key.isInt()) return "i:" + std::to_string(key.toInt());
-  return std::string("?") + key.tagKind();
-}
-
-}  // namespace
-
 void copy_into(at::Tensor& buffer, const at::Tensor& value) {
   if (!value.defined()) {
     buffer = at::Tensor();
@@ -30,36 +19,42 @@ void copy_into(at::Tensor& buffer, const at::Tensor& value) {
   buffer.copy_(value);
 }
 
-c10::IValue Snapshot::capture(const c10::IValue& value) { return copy(value, ""); }
+c10::IValue Snapshot::capture(const c10::IValue& value) {
+  next_ = 0;
+  auto out = copy(value);
+  buffers_.resize(next_);  // a smaller state frees what it no longer uses
+  return out;
+}
 
 size_t Snapshot::nbytes() const {
   size_t total = 0;
-  for (const auto& [where, buffer] : buffers_) total += buffer.defined() ? buffer.nbytes() : 0;
+  for (const auto& buffer : buffers_) total += buffer.defined() ? buffer.nbytes() : 0;
   return total;
 }
 
-c10::IValue Snapshot::copy(const c10::IValue& value, const std::string& where) {
+c10::IValue Snapshot::copy(const c10::IValue& value) {
   if (value.isTensor()) {
-    auto& buffer = buffers_[where];
+    if (next_ == buffers_.size()) buffers_.emplace_back();
+    auto& buffer = buffers_[next_++];
     copy_into(buffer, value.toTensor());
     return buffer;
   }
   if (value.isGenericDict()) {
     const auto& dict = value.toGenericDict();
     c10::impl::GenericDict out(dict.keyType(), dict.valueType());
-    for (const auto& entry : dict) out.insert(entry.key(), copy(entry.value(), where + "/" + key_name(entry.key())));
+    for (const auto& entry : dict) out.insert(entry.key(), copy(entry.value()));
     return out;
   }
   if (value.isList()) {
     const auto& list = value.toList();
     c10::impl::GenericList out(list.elementType());
-    for (size_t i = 0; i < list.size(); ++i) out.push_back(copy(list.get(i), where + "/" + std::to_string(i)));
+    for (size_t i = 0; i < list.size(); ++i) out.push_back(copy(list.get(i)));
     return out;
   }
   if (value.isTuple()) {
     std::vector<c10::IValue> items;
     const auto& elements = value.toTupleRef().elements();
-    for (size_t i = 0; i < elements.size(); ++i) items.push_back(copy(elements[i], where + "/" + std::to_string(i)));
+    for (size_t i = 0; i < elements.size(); ++i) items.push_back(copy(elements[i]));
     return c10::ivalue::Tuple::create(std::move(items));
   }
   return value;

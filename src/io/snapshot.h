@@ -2,8 +2,7 @@
 // Reusable CPU copies of a checkpoint's tensors, taken on the training thread so a
 // background writer can serialize them while training goes on.
 
-#include <string>
-#include <unordered_map>
+#include <vector>
 
 #include <ATen/core/ivalue.h>
 
@@ -19,8 +18,10 @@ class Snapshot {
   size_t nbytes() const;
 
  private:
-  c10::IValue copy(const c10::IValue& value, const std::string& where);
-  std::unordered_map<std::string, at::Tensor> buffers_;
+  c10::IValue copy(const c10::IValue& value);
+  /// One buffer per tensor, in traversal order: the same state reuses them all.
+  std::vector<at::Tensor> buffers_;
+  size_t next_ = 0;
 };
 
 /// Copies `value` into `buffer`, reusing the buffer when its shape and dtype
