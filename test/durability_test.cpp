@@ -1,4 +1,6 @@
 // Crash safety: leftover temporaries, a full disk, and SIGKILL at random points.
+#include <fcntl.h>
+#include <sys/file.h>
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/wait.h>
@@ -22,14 +24,17 @@ bool is_temporary(const std::string& name) { return name.find(".torchfit-tmp.") 
 void touch(const std::string& file) { std::ofstream(file) << "partial"; }
 
 TEST_F(DurabilityTest, StaleTemporariesAreRemovedOnTheNextWriteThere) {
-  const auto stale = path(".w.pt.torchfit-tmp.999999999.1f");  // no such pid
-  const auto own = path(fmt::format(".w.pt.torchfit-tmp.{}.2a", ::getpid()));
-  const auto live = path(".w.pt.torchfit-tmp.1.3b");  // pid 1 is alive
+  const auto stale = path(".w.pt.torchfit-tmp.999999999.1f");  // nobody holds its lock
+  const auto own = path(fmt::format(".w.pt.torchfit-tmp.{}.2a", ::getpid()));  // our pid, but not locked
+  const auto live = path(".w.pt.torchfit-tmp.1.3b");  // locked: a writer is at work
   const auto foreign = path(".w.pt.torchfit-tmp.notapid.4c");
   const auto unrelated = path("notes.txt");
   for (const auto& f : {stale, own, live, foreign, unrelated}) touch(f);
+  int lock = ::open(live.c_str(), O_RDONLY);
+  ASSERT_EQ(::flock(lock, LOCK_EX), 0);
   Mlp model;
   save_weights(*model, path("w.pt"));
+  ::close(lock);
   EXPECT_FALSE(fs::exists(stale));
   EXPECT_FALSE(fs::exists(own));
   EXPECT_TRUE(fs::exists(live));

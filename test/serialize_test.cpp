@@ -111,7 +111,7 @@ TEST_F(SerializeTest, VerifyReportsWhy) {
     EXPECT_FALSE(result.ok);
     return result.reason;
   };
-  EXPECT_EQ(reason(""), "the file is empty");
+  EXPECT_NE(reason("").find("the file is empty"), std::string::npos);
   EXPECT_NE(reason("hello world").find("does not start with a zip record"), std::string::npos);
   for (size_t cut : {size_t{10}, good.size() / 3, good.size() - 30, good.size() - 1}) {
     EXPECT_NE(reason(good.substr(0, cut)).find("truncated"), std::string::npos) << cut;
@@ -169,15 +169,15 @@ TEST_F(SerializeTest, MismatchedArchitectureNamesTheKey) {
   save_weights(*wide, path("wide.pt"));
   auto before = state_dict(*narrow);
   expect_error([&] { load_weights(*narrow, path("wide.pt")); },
-               {path("wide.pt"), "key '0.bias'", "shape [7]", "shape [5]"});
+               {path("wide.pt"), "'0.bias' has shape [7]", "shape [5]", "'0.weight'"});
   for (const auto& [name, tensor] : state_dict(*narrow)) EXPECT_TRUE(torch::equal(tensor, before.at(name)));
 
   auto deeper = torch::nn::Sequential(torch::nn::Linear(3, 7), torch::nn::Linear(7, 2));
-  expect_error([&] { load_weights(*deeper, path("wide.pt")); }, {"missing key '1.bias'"});
+  expect_error([&] { load_weights(*deeper, path("wide.pt")); }, {"missing key(s): '1.bias'"});
   auto shallow = torch::nn::Sequential();
   shallow->push_back(torch::nn::Linear(3, 7));
   save_weights(*deeper, path("deeper.pt"));
-  expect_error([&] { load_weights(*shallow, path("deeper.pt")); }, {"unexpected key '1.bias'"});
+  expect_error([&] { load_weights(*shallow, path("deeper.pt")); }, {"unexpected key(s): '1.bias'"});
 
   auto doubles = torch::nn::Sequential(torch::nn::Linear(3, 7));
   doubles->to(torch::kDouble);

@@ -84,10 +84,14 @@ std::string LogCapture::text() const {
   return out;
 }
 
-pid_t spawn_self(const std::string& test, const std::vector<std::string>& env) {
+pid_t spawn_self(const std::string& test, const std::vector<std::string>& env, std::vector<std::string> wrapper) {
   std::string self = fs::read_symlink("/proc/self/exe").string();
   std::string filter = "--gtest_filter=" + test;
-  std::vector<char*> argv = {self.data(), filter.data(), nullptr};
+  wrapper.push_back(self);
+  wrapper.push_back(filter);
+  std::vector<char*> argv;
+  for (auto& arg : wrapper) argv.push_back(arg.data());
+  argv.push_back(nullptr);
   std::vector<std::string> variables(env);
   for (char** e = environ; *e != nullptr; ++e) variables.emplace_back(*e);
   std::vector<char*> envp;
@@ -97,7 +101,7 @@ pid_t spawn_self(const std::string& test, const std::vector<std::string>& env) {
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
   pid_t pid = 0;
-  int rc = posix_spawn(&pid, self.c_str(), &actions, nullptr, argv.data(), envp.data());
+  int rc = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&actions);
   if (rc != 0) throw std::runtime_error(std::string("posix_spawn: ") + std::strerror(rc));
   return pid;

@@ -77,8 +77,10 @@ class LogCapture {
 };
 
 /// Starts this test binary again running only `test` (its output to /dev/null),
-/// with `env` ("NAME=value") added to the environment.
-pid_t spawn_self(const std::string& test, const std::vector<std::string>& env);
+/// with `env` ("NAME=value") added to the environment, under `wrapper` (a
+/// command such as {"/usr/bin/unshare", "--pid", "--fork"}) when given.
+pid_t spawn_self(const std::string& test, const std::vector<std::string>& env,
+                 std::vector<std::string> wrapper = {});
 
 /// The bytes of a file.
 std::string read_file(const std::string& file);

@@ -60,19 +60,29 @@ struct VerifyResult {
 /// content, stored in the zip's end-of-archive comment when torchfit wrote it.
 /// Files written by other tools carry no checksum and are reported as such.
 /// Never throws.
-VerifyResult verify_checkpoint(const std::string& path);
+VerifyResult verify_checkpoint(const std::string& path) noexcept;
 
-/// Reads the model weights of either kind of file. Throws `CheckpointError`
-/// naming the path when it cannot be read.
+/// Reads the model weights of a file: torchfit's weights or full checkpoints,
+/// Python's `torch.save` of a state dict, LibTorch module archives. With `key`,
+/// the state dict under that key of a dict, as in Python's usual
+/// `{"model": ..., "optimizer": ...}` checkpoints. Throws `CheckpointError`
+/// naming the path and what is wrong (and, for a dict that is no state dict, its
+/// keys); never anything else.
 TensorMap read_weights(const std::string& path);
+TensorMap read_weights(const std::string& path, const std::string& key);
 
 /// Copies `weights` into the module after checking that names, shapes and dtypes
-/// all match; otherwise throws `CheckpointError` naming `path` and the key, and
-/// leaves the module untouched.
+/// all match; otherwise throws `CheckpointError` naming `path` and every
+/// mismatching key, and leaves the module untouched.
 void assign_weights(torch::nn::Module& module, const TensorMap& weights, const std::string& path);
 
-/// `read_weights` then `assign_weights`.
+/// Loads the weights of a file (see `read_weights`) into the module, all or
+/// nothing: every tensor is checked against the model before a byte of it is
+/// read, and the module changes only after everything was read and checked.
+/// Freshly read storages are swapped in rather than copied where nothing else
+/// shares them. Throws `CheckpointError` only.
 void load_weights(torch::nn::Module& module, const std::string& path);
+void load_weights(torch::nn::Module& module, const std::string& path, const std::string& key);
 
 /// Restores model and optimizer from a full checkpoint, all or nothing, and
 /// returns the rest. Throws `CheckpointError` for weights-only or foreign files.

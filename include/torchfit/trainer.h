@@ -92,6 +92,7 @@ class FitOptions {
 };
 
 namespace detail {
+class CheckpointFile;
 class Collectives;
 /// Called once per batch; returns false to stop the pass.
 using BatchVisitor = std::function<bool(const at::Tensor& x, const at::Tensor& y)>;
@@ -248,7 +249,7 @@ class Trainer : public TrainingContext {
   Logs evaluate_shard(const at::Tensor& x, const at::Tensor& y, int64_t batch_size, CallbackList& callbacks);
   void restore(const std::string& path, bool with_history);
   /// Reads a torchfit 0.1 full checkpoint (a LibTorch module archive).
-  void restore_legacy(const std::string& path);
+  void restore_legacy(const detail::CheckpointFile& file);
 
   std::shared_ptr<torch::nn::Module> model_;
   ForwardFn forward_;

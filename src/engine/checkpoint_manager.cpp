@@ -233,6 +233,15 @@ void CheckpointManager::write(const Checkpoint& state, const std::string& path, 
   auto io = io_;
   auto on_commit = [io, path, point, verbose, save_last, evict = std::move(evict)] {
     if (verbose) logger()->info("{}: finished saving model to {}", point, path);
+    // The pointer moves first, so it never names a file retention is deleting.
+    if (save_last) {
+      try {
+        io->mark_latest(path);
+      } catch (const std::exception& e) {
+        // The checkpoint is committed; the pointer is a convenience the next save retries.
+        logger()->warn("Checkpoint {} is saved, but recording it as the latest failed: {}", path, e.what());
+      }
+    }
     for (const auto& old : evict) {
       try {
         io->remove(old);
@@ -240,13 +249,6 @@ void CheckpointManager::write(const Checkpoint& state, const std::string& path, 
       } catch (const std::exception& e) {
         logger()->warn("Could not remove old checkpoint {}: {}", old, e.what());
       }
-    }
-    if (!save_last) return;
-    try {
-      io->mark_latest(path);
-    } catch (const std::exception& e) {
-      // The checkpoint is committed; the pointer is a convenience the next save retries.
-      logger()->warn("Checkpoint {} is saved, but recording it as the latest failed: {}", path, e.what());
     }
   };
   io_->save(data, path, on_commit);
@@ -276,14 +278,25 @@ std::vector<std::string> CheckpointManager::candidates() {
 std::optional<std::string> CheckpointManager::restore_latest(Checkpoint& state) {
   wait();
   std::vector<std::string> problems;
-  for (const auto& path : candidates()) {
-    try {
-      restore(state, path);
-      return path;
-    } catch (const CheckpointError& e) {
-      logger()->warn("CheckpointManager: skipping {}: {}", path, e.what());
-      problems.push_back(e.what());
+  // Another process's retention may delete a candidate before we open it: list again then.
+  for (int round = 0; round < 3; ++round) {
+    bool vanished = false;
+    problems.clear();
+    for (const auto& path : candidates()) {
+      try {
+        restore(state, path);
+        return path;
+      } catch (const CheckpointError& e) {
+        std::error_code ec;
+        if (!std::filesystem::exists(path, ec)) {
+          vanished = true;
+          continue;
+        }
+        logger()->warn("CheckpointManager: skipping {}: {}", path, e.what());
+        problems.push_back(e.what());
+      }
     }
+    if (!vanished) break;
   }
   if (!problems.empty()) {
     // Starting over would silently throw the run away: let the user decide.

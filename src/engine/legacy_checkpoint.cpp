@@ -6,8 +6,7 @@
 #include "format/module_archive.h"
 #include "format/state_dict.h"
 #include "format/trainer_state.h"
-#include "format/zip.h"
-#include "io/atomic_file.h"
+#include "format/checkpoint_file.h"
 #include "torchfit/engine/checkpoint.h"
 #include "torchfit/error.h"
 #include "torchfit/io/checkpoint_io.h"
@@ -108,22 +107,10 @@ void save_checkpoint(const std::string& path, const torch::nn::Module& module,
   save_checkpoint(module, optimizer, trainer, callbacks, path, SaveOptions().fsync(fsync));
 }
 
-CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
-                                   torch::optim::Optimizer& optimizer) {
-  return load_checkpoint(module, optimizer, path);
-}
+namespace {
 
-CheckpointContents load_checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer,
-                                   const std::string& path) {
-  detail::check_readable_file(path);
-  if (detail::archive_kind(path) == detail::ArchiveKind::Module) {
-    auto integrity = detail::check_integrity(path);
-    if (integrity.status == detail::Integrity::Status::Corrupt) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, integrity.reason));
-    }
-    return detail::read_legacy_checkpoint(path, module, optimizer);
-  }
-  auto data = FileCheckpointIO().load(path);
+CheckpointContents load_full_checkpoint(const c10::IValue& data, torch::nn::Module& module,
+                                        torch::optim::Optimizer& optimizer, const std::string& path) {
   if (!data.isGenericDict() || !data.toGenericDict().contains(detail::kMetadataKey)) {
     throw CheckpointError(fmt::format(
         "Checkpoint {} is not a full torchfit checkpoint: it holds weights only (use load_weights)", path));
@@ -138,6 +125,22 @@ CheckpointContents load_checkpoint(torch::nn::Module& module, torch::optim::Opti
   checkpoint.load_state_dict(data, path);
   contents.weights = state_dict(module);
   return contents;
+}
+
+}  // namespace
+
+CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& module,
+                                   torch::optim::Optimizer& optimizer) {
+  return load_checkpoint(module, optimizer, path);
+}
+
+CheckpointContents load_checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer,
+                                   const std::string& path) {
+  return detail::guard_read(path, [&] {
+    detail::CheckpointFile file(path);
+    return file.is_module_archive() ? detail::read_legacy_checkpoint(file, module, optimizer)
+                                    : load_full_checkpoint(file.read_torchfit(), module, optimizer, path);
+  });
 }
 
 }  // namespace torchfit

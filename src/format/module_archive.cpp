@@ -3,13 +3,14 @@
 #include <sstream>
 
 #include <ATen/ATen.h>
-#include <caffe2/serialize/inline_container.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include "format/checkpoint_file.h"
 #include "format/state_dict.h"
 #include "torchfit/error.h"
 
@@ -35,32 +36,7 @@ bool is_full_checkpoint(torch::serialize::InputArchive& archive) {
          format.toStringRef() == kFullFormat;
 }
 
-}  // namespace
-
-/// Tells a pickled object from a module archive.
-ArchiveKind archive_kind(const std::string& path) {
-  try {
-    caffe2::serialize::PyTorchStreamReader reader(path);
-    return reader.hasRecord("constants.pkl") ? ArchiveKind::Module : ArchiveKind::Pickle;
-  } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("Failed reading checkpoint {}: not a PyTorch zip archive ({})",
-                                      path, e.what_without_backtrace()));
-  }
-}
-
-
-void load_archive(torch::serialize::InputArchive& archive, const std::string& path) {
-  try {
-    archive.load_from(path, at::Device(at::kCPU));
-  } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("Failed reading checkpoint {}: not a readable LibTorch archive ({})",
-                                      path, e.what_without_backtrace()));
-  }
-}
-
-
-void flatten_archive(torch::serialize::InputArchive& archive, const std::string& prefix,
-                     TensorMap& out) {
+void flatten_archive(torch::serialize::InputArchive& archive, const std::string& prefix, TensorMap& out) {
   for (const auto& key : archive.keys()) {
     if (prefix.empty() && key.rfind(kReservedPrefix, 0) == 0) continue;
     c10::IValue value;
@@ -74,16 +50,27 @@ void flatten_archive(torch::serialize::InputArchive& archive, const std::string&
 }
 
 
-CheckpointContents read_legacy_checkpoint(const std::string& path, torch::nn::Module& module,
+}  // namespace
+
+TensorMap read_archive_weights(const CheckpointFile& file) {
+  torch::serialize::InputArchive archive;
+  file.load_archive(archive);
+  TensorMap out;
+  guard_read(file.path(), [&] { flatten_archive(archive, "", out); });
+  return out;
+}
+
+CheckpointContents read_legacy_checkpoint(const CheckpointFile& file, torch::nn::Module& module,
                                           torch::optim::Optimizer& optimizer) {
-  if (archive_kind(path) == ArchiveKind::Pickle) {
+  const std::string& path = file.path();
+  if (!file.is_module_archive()) {
     throw CheckpointError(fmt::format(
         "Checkpoint {} is not a full torchfit checkpoint: it holds weights only (use load_weights)",
         path));
   }
   torch::serialize::InputArchive archive;
-  load_archive(archive, path);
-  if (!is_full_checkpoint(archive)) {
+  file.load_archive(archive);
+  if (!guard_read(path, [&] { return is_full_checkpoint(archive); })) {
     throw CheckpointError(fmt::format(
         "Checkpoint {} is not a full torchfit checkpoint (a weights-only file? use "
         "load_weights)",
@@ -118,9 +105,20 @@ CheckpointContents read_legacy_checkpoint(const std::string& path, torch::nn::Mo
         state[field.key().toStringRef()] = field.value().toStringRef();
       }
     }
-  } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path,
-                                      e.what_without_backtrace()));
+  } catch (...) {
+    rethrow_as_checkpoint_error(path);
+  }
+  if (!contents.trainer.rng_state.empty()) {
+    // Checked on a scratch generator, so a bad record fails before anything changes.
+    auto scratch = at::make_generator<at::CPUGeneratorImpl>();
+    auto bytes = at::from_blob(contents.trainer.rng_state.data(),
+                               {static_cast<int64_t>(contents.trainer.rng_state.size())}, at::kByte);
+    try {
+      scratch.set_state(bytes.clone());
+    } catch (const c10::Error& e) {
+      throw CheckpointError(fmt::format("Checkpoint {}: the saved generator state is unusable ({})", path,
+                                        e.what_without_backtrace()));
+    }
   }
   TensorMap targets = check_weights(module, contents.weights, path);
 
@@ -135,13 +133,19 @@ CheckpointContents read_legacy_checkpoint(const std::string& path, torch::nn::Mo
     torch::serialize::InputArchive optimizer_archive;
     archive.read(kOptimizerKey, optimizer_archive);
     optimizer.load(optimizer_archive);
-  } catch (const c10::Error& e) {
+  } catch (...) {
     std::istringstream in(backup.str());
     torch::serialize::InputArchive saved;
     saved.load_from(in);
     optimizer.load(saved);
-    throw CheckpointError(fmt::format(
-        "Checkpoint {} does not match the optimizer: {}", path, e.what_without_backtrace()));
+    try {
+      throw;
+    } catch (const c10::Error& e) {
+      throw CheckpointError(
+          fmt::format("Checkpoint {} does not match the optimizer: {}", path, e.what_without_backtrace()));
+    } catch (...) {
+      rethrow_as_checkpoint_error(path);
+    }
   }
   copy_weights(targets, contents.weights);
   return contents;

@@ -15,16 +15,14 @@ class InputArchive;
 
 namespace torchfit::detail {
 
-enum class ArchiveKind { Pickle, Module };
-/// Tells a pickled object (torch.save, torchfit files) from a module archive.
-ArchiveKind archive_kind(const std::string& path);
-/// Reads a module archive; throws CheckpointError naming the path.
-void load_archive(torch::serialize::InputArchive& archive, const std::string& path);
-/// Every tensor of the archive's module tree under its dotted name (our entries skipped).
-void flatten_archive(torch::serialize::InputArchive& archive, const std::string& prefix, TensorMap& out);
+class CheckpointFile;
+
+/// Every tensor of a module archive's module tree under its dotted name (our
+/// entries skipped): full 0.1 checkpoints and plain torch::save(module) archives.
+TensorMap read_archive_weights(const CheckpointFile& file);
 /// Restores model and optimizer from a torchfit 0.1 full checkpoint, all or
-/// nothing, and returns the rest.
-CheckpointContents read_legacy_checkpoint(const std::string& path, torch::nn::Module& module,
+/// nothing (the generator state included, checked first), and returns the rest.
+CheckpointContents read_legacy_checkpoint(const CheckpointFile& file, torch::nn::Module& module,
                                           torch::optim::Optimizer& optimizer);
 
 }  // namespace torchfit::detail

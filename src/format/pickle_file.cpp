@@ -1,7 +1,6 @@
 #include "format/pickle_file.h"
 
 #include <cstring>
-#include <functional>
 #include <vector>
 
 #include <c10/core/CPUAllocator.h>
@@ -16,19 +15,6 @@
 
 namespace torchfit::detail {
 namespace {
-
-/// Every tensor inside `value`, depth first.
-void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit) {
-  if (value.isTensor()) {
-    visit(value.toTensor());
-  } else if (value.isGenericDict()) {
-    for (const auto& entry : value.toGenericDict()) for_each_tensor(entry.value(), visit);
-  } else if (value.isList()) {
-    for (const auto& item : value.toListRef()) for_each_tensor(item, visit);
-  } else if (value.isTuple()) {
-    for (const auto& item : value.toTupleRef().elements()) for_each_tensor(item, visit);
-  }
-}
 
 /// Collects what a sink receives, for in-memory files.
 class StringSink : public ByteSink {
@@ -107,21 +93,6 @@ DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::str
     throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path, e.what_without_backtrace()));
   }
   return out;
-}
-
-c10::IValue read_pickle(const FileReader& file, const std::map<std::string, RecordSpan>& records) {
-  // Storages are allocated while unpickling and filled afterwards, all at once.
-  auto pickle = unpickle_deferred(file, records);
-  for_each_tensor(pickle.value, [&](const at::Tensor& tensor) {
-    auto it = pickle.spans.find(tensor.storage().data());
-    if (tensor.storage().nbytes() > 0 && (it == pickle.spans.end() || tensor.storage().nbytes() > it->second.size)) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: a tensor overruns its record", file.path()));
-    }
-  });
-  std::vector<ReadJob> jobs;
-  for (const auto& [data, span] : pickle.spans) jobs.push_back({span, const_cast<void*>(data)});
-  read_parallel(file, jobs);
-  return std::move(pickle.value);
 }
 
 std::string pickle_to_bytes(const c10::IValue& value) {

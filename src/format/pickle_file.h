@@ -23,15 +23,10 @@ struct DeferredPickle {
   std::map<const void*, RecordSpan> spans;
 };
 
-/// Parses the "data.pkl" of a file torchfit wrote; reading the storages is left
-/// to the caller (all of them, or only those it keeps). Throws CheckpointError
-/// naming the path.
+/// Parses the "data.pkl" of a file torchfit wrote (checked intact by the caller)
+/// with LibTorch's unpickler; reading the storages is left to the caller (all of
+/// them, or only those it keeps). Throws CheckpointError naming the path.
 DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::string, RecordSpan>& records);
-
-/// Unpickles a file torchfit wrote (checked intact by the caller) whose records
-/// `records` lists: storages are read after the pickle is parsed, in parallel.
-/// Throws CheckpointError naming the path.
-c10::IValue read_pickle(const FileReader& file, const std::map<std::string, RecordSpan>& records);
 
 /// Encodes `value` into an in-memory torch.save file (with our checksum).
 std::string pickle_to_bytes(const c10::IValue& value);

@@ -1,23 +1,29 @@
 #pragma once
-// Reads the pickled state dicts Python's torch.save writes: an OrderedDict (with
-// `_metadata`) of tensors rebuilt from storages. LibTorch 1.13's unpickler turns
-// OrderedDicts into None, so it cannot read them.
+// Reads the pickles Python's torch.save writes (protocols 2 to 5): dicts,
+// OrderedDicts, lists, tuples, sets, numbers, strings and tensors rebuilt from
+// storages. LibTorch 1.13's own unpickler turns OrderedDicts into None and trusts
+// every size it reads, so files of other tools come here instead.
+//
+// Hostile input is expected: every length is checked against the pickle, every
+// tensor against its storage, containers nest at most kMaxPickleDepth deep, and
+// values live in one arena, so nothing recurses over the input's shape.
 
 #include <functional>
-#include <map>
 #include <string>
 
-#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 
 namespace torchfit::detail {
 
-/// Reads the storage record `key` (as "data/<key>") into a CPU tensor of `dtype`
-/// with `numel` elements.
-using StorageReader = std::function<at::Tensor(const std::string& key, at::ScalarType dtype, int64_t numel)>;
+/// How deep containers may nest in a pickle we read (state dicts need about 5).
+inline constexpr int kMaxPickleDepth = 100;
 
-/// Unpickles `pickle` into name -> tensor. Throws CheckpointError naming `path`
-/// and the construct it does not support.
-std::map<std::string, at::Tensor> unpickle_state_dict(const std::string& pickle, const StorageReader& storage,
-                                                      const std::string& path);
+/// Allocates the storage of record "data/<key>": `nbytes` bytes, read later.
+/// Throws std::invalid_argument when the record is missing or too small.
+using StorageAllocator = std::function<at::DataPtr(const std::string& key, size_t nbytes)>;
+
+/// Unpickles `pickle`. Throws std::invalid_argument saying what is wrong and where
+/// (the caller names the file).
+c10::IValue unpickle_python(const std::string& pickle, const StorageAllocator& allocate);
 
 }  // namespace torchfit::detail

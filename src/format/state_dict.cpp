@@ -1,5 +1,9 @@
 #include "format/state_dict.h"
 
+#include <algorithm>
+#include <map>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -27,26 +31,76 @@ std::string describe(const at::Tensor& t) {
                      std::string(c10::toString(t.scalar_type())));
 }
 
-TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path) {
-  if (!value.isGenericDict()) {
-    throw CheckpointError(fmt::format(
-        "Failed reading checkpoint {}: expected a dict of tensors, found {}", path,
-        value.tagKind()));
-  }
-  TensorMap out;
-  for (const auto& entry : value.toGenericDict()) {
-    if (!entry.key().isString() || !entry.value().isTensor()) {
-      throw CheckpointError(fmt::format(
-          "Failed reading checkpoint {}: expected a dict from names to tensors, found an "
-          "entry of {} -> {}",
-          path, entry.key().tagKind(), entry.value().tagKind()));
-    }
-    out[entry.key().toStringRef()] = entry.value().toTensor();
-  }
+namespace {
+
+std::vector<std::string> keys_of(const c10::impl::GenericDict& dict) {
+  std::vector<std::string> out;
+  for (const auto& entry : dict) out.push_back(entry.key().isString() ? entry.key().toStringRef() : "?");
   return out;
 }
 
-TensorMap select_weights(const c10::IValue& value, const std::string& path) {
+bool is_tensor_dict(const c10::IValue& value) {
+  if (!value.isGenericDict()) return false;
+  for (const auto& entry : value.toGenericDict()) {
+    if (!entry.key().isString() || !entry.value().isTensor()) return false;
+  }
+  return true;
+}
+
+/// `... at most `limit` names, then "and N more".
+std::string list_names(const std::vector<std::string>& names, size_t limit = 20) {
+  std::vector<std::string> shown(names.begin(), names.begin() + static_cast<std::ptrdiff_t>(std::min(limit, names.size())));
+  auto out = fmt::format("{}", fmt::join(shown, ", "));
+  if (names.size() > limit) out += fmt::format(" and {} more", names.size() - limit);
+  return out;
+}
+
+}  // namespace
+
+TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path) {
+  if (!value.isGenericDict()) {
+    throw CheckpointError(fmt::format(
+        "Failed reading checkpoint {}: expected a state dict (names to tensors), found a {} (not a dict)", path,
+        value.tagKind()));
+  }
+  const auto& dict = value.toGenericDict();
+  if (!is_tensor_dict(value)) {
+    // The usual Python checkpoint: {"model": state_dict, "optimizer": ..., "epoch": ...}.
+    std::vector<std::string> candidates;
+    std::string odd;  // the first entry that is not a tensor
+    for (const auto& entry : dict) {
+      if (entry.key().isString() && is_tensor_dict(entry.value())) candidates.push_back(entry.key().toStringRef());
+      if (odd.empty() && !entry.value().isTensor()) {
+        odd = fmt::format(" (entry '{}' is a {}, not a tensor)", entry.key().isString() ? entry.key().toStringRef() : "?",
+                          entry.value().tagKind());
+      }
+    }
+    auto hint = candidates.empty()
+                    ? std::string()
+                    : fmt::format("; pick the state dict by key, e.g. load_weights(module, \"{}\", \"{}\")", path,
+                                  candidates.front());
+    throw CheckpointError(fmt::format(
+        "Failed reading checkpoint {}: expected a state dict (names to tensors), found a dict with keys {}{}{}", path,
+        list_names(keys_of(dict)), odd, hint));
+  }
+  TensorMap out;
+  for (const auto& entry : dict) out[entry.key().toStringRef()] = entry.value().toTensor();
+  return out;
+}
+
+TensorMap select_weights(const c10::IValue& value, const std::string& path, const std::string& key) {
+  if (!key.empty()) {
+    if (!value.isGenericDict()) {
+      throw CheckpointError(fmt::format("Checkpoint {} holds a {}, not a dict with key '{}'", path, value.tagKind(), key));
+    }
+    const auto& dict = value.toGenericDict();
+    auto it = dict.find(key);
+    if (it == dict.end()) {
+      throw CheckpointError(
+          fmt::format("Checkpoint {} has no key '{}'; its keys are {}", path, key, list_names(keys_of(dict))));
+    }
+    return weights_from_ivalue(it->value(), path + " [" + key + "]");
+  }
   if (!value.isGenericDict()) return weights_from_ivalue(value, path);
   const auto& dict = value.toGenericDict();
   auto meta = dict.find(kMetadataKey);
@@ -62,44 +116,65 @@ TensorMap select_weights(const c10::IValue& value, const std::string& path) {
   }
   if (modules.size() != 1) {
     throw CheckpointError(fmt::format(
-        "Checkpoint {} holds {} modules ({}); load it with torchfit::load and a Checkpoint naming them", path,
-        modules.size(), fmt::join(modules, ", ")));
+        "Checkpoint {} holds {} modules ({}); pick one with load_weights(module, path, key), or load it with "
+        "torchfit::load and a Checkpoint naming them",
+        path, modules.size(), fmt::join(modules, ", ")));
   }
   return weights_from_ivalue(dict.at(modules.front()), path + " [" + modules.front() + "]");
 }
 
 /// Checks that `weights` fit the module exactly; returns the module's tensors by name.
-TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights,
-                        const std::string& path) {
+TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights, const std::string& path) {
   TensorMap expected = state_dict(module);
+  std::vector<std::string> missing, unexpected, mismatched;
   for (const auto& [name, target] : expected) {
     auto it = weights.find(name);
     if (it == weights.end()) {
-      throw CheckpointError(fmt::format(
-          "Checkpoint {} does not match the model: missing key '{}' ({})", path, name,
-          describe(target)));
-    }
-    const auto& source = it->second;
-    if (source.sizes() != target.sizes() || source.scalar_type() != target.scalar_type()) {
-      throw CheckpointError(fmt::format(
-          "Checkpoint {} does not match the model: key '{}' has {} in the checkpoint but {} "
-          "in the model",
-          path, name, describe(source), describe(target)));
+      missing.push_back(fmt::format("'{}' ({})", name, describe(target)));
+    } else if (it->second.sizes() != target.sizes() || it->second.scalar_type() != target.scalar_type()) {
+      mismatched.push_back(fmt::format("'{}' has {} in the checkpoint but {} in the model", name,
+                                       describe(it->second), describe(target)));
     }
   }
   for (const auto& [name, source] : weights) {
-    if (!expected.count(name)) {
-      throw CheckpointError(fmt::format(
-          "Checkpoint {} does not match the model: unexpected key '{}' ({})", path, name,
-          describe(source)));
-    }
+    if (!expected.count(name)) unexpected.push_back(fmt::format("'{}' ({})", name, describe(source)));
   }
-  return expected;
+  if (missing.empty() && unexpected.empty() && mismatched.empty()) return expected;
+  std::vector<std::string> problems;
+  if (!mismatched.empty()) problems.push_back(fmt::format("{} mismatching key(s): {}", mismatched.size(), list_names(mismatched)));
+  if (!missing.empty()) problems.push_back(fmt::format("{} missing key(s): {}", missing.size(), list_names(missing)));
+  if (!unexpected.empty()) {
+    problems.push_back(fmt::format("{} unexpected key(s): {}", unexpected.size(), list_names(unexpected)));
+  }
+  throw CheckpointError(
+      fmt::format("Checkpoint {} does not match the model: {}", path, fmt::join(problems, "; ")));
 }
 
 void copy_weights(TensorMap& targets, const TensorMap& weights) {
   at::NoGradGuard no_grad;
   for (auto& [name, target] : targets) target.copy_(weights.at(name));
+}
+
+void install_weights(torch::nn::Module& module, const TensorMap& weights) {
+  at::NoGradGuard no_grad;
+  std::map<const void*, int> storage_users;
+  for (const auto& [name, source] : weights) storage_users[source.storage().unsafeGetStorageImpl()]++;
+  auto install = [&](const std::string& name, at::Tensor& target) {
+    const auto& source = weights.at(name);
+    // Swapping storages costs no copy; it is only safe when neither side shares its storage.
+    bool swap = target.device() == source.device() && target.is_contiguous() && source.is_contiguous() &&
+                source.storage_offset() == 0 && source.storage().nbytes() == source.nbytes() &&
+                target.storage().nbytes() == target.nbytes() && target.storage().use_count() == 1 &&
+                storage_users[source.storage().unsafeGetStorageImpl()] == 1;
+    if (swap) {
+      target.set_data(source);
+    } else {
+      target.copy_(source);
+    }
+    target.unsafeGetTensorImpl()->bump_version();
+  };
+  for (auto& item : module.named_parameters(/*recurse=*/true)) install(item.key(), item.value());
+  for (auto& item : module.named_buffers(/*recurse=*/true)) install(item.key(), item.value());
 }
 
 }  // namespace detail

@@ -13,14 +13,21 @@ namespace torchfit::detail {
 std::string describe(const at::Tensor& t);
 /// `value` as a flat dict from names to tensors; throws CheckpointError naming `path`.
 TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path);
-/// The model weights inside a checkpoint's data: a flat state dict as is, or the
-/// one module item of a torchfit checkpoint (its "torchfit" entry says which items
-/// are modules). Throws CheckpointError listing the candidates when it is ambiguous.
-TensorMap select_weights(const c10::IValue& value, const std::string& path);
-/// Checks that `weights` fit the module exactly; returns the module's tensors by name.
+/// The model weights inside a checkpoint's data: the entry `key` of a dict when
+/// given; else a flat state dict as is, or the one module item of a torchfit
+/// checkpoint (its "torchfit" entry says which items are modules). Throws
+/// CheckpointError listing the keys or candidates when it cannot tell.
+TensorMap select_weights(const c10::IValue& value, const std::string& path, const std::string& key = "");
+/// Checks that `weights` fit the module exactly; returns the module's tensors by
+/// name. Otherwise throws CheckpointError listing every missing, unexpected and
+/// mismatching key.
 TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights, const std::string& path);
 /// Copies `weights` into `targets` (the module's tensors from check_weights).
 void copy_weights(TensorMap& targets, const TensorMap& weights);
+/// Puts checked `weights` that nothing else holds (freshly read) into the module:
+/// a parameter or buffer takes the tensor's storage where neither shares its
+/// storage, and is copied into otherwise. Cannot fail half-way.
+void install_weights(torch::nn::Module& module, const TensorMap& weights);
 
 /// Key of the entry that describes a torchfit checkpoint's items.
 inline constexpr const char* kMetadataKey = "torchfit";

@@ -231,6 +231,7 @@ void ZipWriter::finish() {
 
 FileReader::FileReader(std::string path) : path_(std::move(path)) {
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0 && errno == ENOENT) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path_));
   if (fd_ < 0) throw CheckpointError(errno_message("Failed opening checkpoint", path_, errno));
   struct stat st {};
   if (::fstat(fd_, &st) != 0) {
@@ -315,7 +316,13 @@ Integrity check_integrity(const FileReader& file) {
   using Status = Integrity::Status;
   const uint64_t size = file.size();
   if (size == 0) return {Status::Corrupt, "the file is empty"};
-  if (size < 4 || get32(reinterpret_cast<const unsigned char*>(file.read_at(0, 4).data())) != kLocalHeaderSig) {
+  const std::string head = file.read_at(0, std::min<uint64_t>(size, 4));
+  if (size < 4 || get32(reinterpret_cast<const unsigned char*>(head.data())) != kLocalHeaderSig) {
+    if (static_cast<unsigned char>(head[0]) == 0x80) {
+      return {Status::Corrupt,
+              "it is in torch.save's legacy format (a bare pickle, not a zip archive): re-save it with a current "
+              "torch.save"};
+    }
     return {Status::Corrupt, "not a checkpoint: the file does not start with a zip record"};
   }
   const size_t trailer = kEndSize + kCommentSize;
@@ -344,40 +351,142 @@ Integrity check_integrity(const FileReader& file) {
 
 Integrity check_integrity(const std::string& path) { return check_integrity(FileReader(path)); }
 
-std::optional<std::map<std::string, RecordSpan>> list_records(const FileReader& file) {
-  const uint64_t size = file.size();
-  if (size < kEndSize + kCommentSize) return std::nullopt;
-  std::string end_record = file.read_at(size - kEndSize - kCommentSize, kEndSize);
-  auto* end = reinterpret_cast<const unsigned char*>(end_record.data());
-  if (get32(end) != kEndSig) return std::nullopt;
-  uint64_t count = get16(end + 10), directory_size = get32(end + 12), directory_offset = get32(end + 16);
-  if (count == 0xffff || directory_offset == 0xffffffff || directory_offset + directory_size > size) {
-    return std::nullopt;  // zip64 or damaged: leave it to LibTorch's reader
+namespace {
+
+constexpr uint32_t kEnd64Sig = 0x06064b50;
+constexpr uint32_t kEnd64LocatorSig = 0x07064b50;
+constexpr size_t kCentralHeaderSize = 46;
+constexpr uint32_t kMax32 = 0xffffffff;
+
+uint64_t get64(const unsigned char* p) { return get32(p) | (static_cast<uint64_t>(get32(p + 4)) << 32); }
+
+/// Where the end-of-central-directory record starts: right before our checksum
+/// comment, at the very end, or (other writers' comments) searched backwards.
+uint64_t find_end_record(const FileReader& file, const std::string& tail, uint64_t tail_offset) {
+  auto* t = reinterpret_cast<const unsigned char*>(tail.data());
+  for (size_t at = tail.size() - kEndSize + 1; at-- > 0;) {
+    if (get32(t + at) == kEndSig && at + kEndSize + get16(t + at + 20) == tail.size()) return tail_offset + at;
   }
-  std::string directory = file.read_at(directory_offset, directory_size);
+  throw CheckpointError(fmt::format("Checkpoint {} is damaged: no zip end-of-directory record", file.path()));
+}
+
+}  // namespace
+
+std::map<std::string, RecordSpan> list_records(const FileReader& file) {
+  const uint64_t size = file.size();
+  auto damaged = [&](const std::string& what) {
+    return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), what));
+  };
+  if (size < kEndSize) throw damaged(fmt::format("{} bytes are too few for a zip archive", size));
+  const uint64_t tail_size = std::min<uint64_t>(size, kEndSize + 0xffff);
+  const std::string tail = file.read_at(size - tail_size, tail_size);
+  const uint64_t end_offset = find_end_record(file, tail, size - tail_size);
+  auto* end = reinterpret_cast<const unsigned char*>(tail.data() + (end_offset - (size - tail_size)));
+  uint64_t count = get16(end + 10), directory_size = get32(end + 12), directory_offset = get32(end + 16);
+  if (count == 0xffff || directory_size == kMax32 || directory_offset == kMax32) {
+    // zip64: a locator right before the end record points at the zip64 end record.
+    if (end_offset < 20) throw damaged("the zip64 locator is missing");
+    std::string locator = file.read_at(end_offset - 20, 20);
+    auto* l = reinterpret_cast<const unsigned char*>(locator.data());
+    uint64_t end64_offset = get64(l + 8);
+    if (get32(l) != kEnd64LocatorSig || end64_offset > end_offset || end_offset - end64_offset < 56) {
+      throw damaged("the zip64 end record is missing");
+    }
+    std::string end64 = file.read_at(end64_offset, 56);
+    auto* e = reinterpret_cast<const unsigned char*>(end64.data());
+    if (get32(e) != kEnd64Sig) throw damaged("the zip64 end record is missing");
+    count = get64(e + 32);
+    directory_size = get64(e + 40);
+    directory_offset = get64(e + 48);
+  }
+  if (directory_offset > end_offset || directory_size > end_offset - directory_offset ||
+      count > directory_size / kCentralHeaderSize) {
+    throw damaged(fmt::format("its zip directory ({} records, {} bytes at {}) does not fit in {} bytes", count,
+                              directory_size, directory_offset, size));
+  }
+  const std::string directory = file.read_at(directory_offset, directory_size);
   auto* bytes = reinterpret_cast<const unsigned char*>(directory.data());
   std::map<std::string, RecordSpan> records;
   uint64_t at = 0;
   for (uint64_t i = 0; i < count; ++i) {
-    if (at + 46 > directory_size || get32(bytes + at) != kCentralHeaderSig) return std::nullopt;
-    const unsigned char* h = bytes + at;
-    uint64_t record_size = get32(h + 24), local = get32(h + 42);
-    size_t name_size = get16(h + 28), extra = get16(h + 30), comment = get16(h + 32);
-    if (get16(h + 10) != 0 || record_size == 0xffffffff || local + kLocalHeaderSize > size ||
-        at + 46 + name_size > directory_size) {
-      return std::nullopt;
+    if (directory_size - at < kCentralHeaderSize || get32(bytes + at) != kCentralHeaderSig) {
+      throw damaged(fmt::format("zip directory entry {} is broken", i));
     }
-    std::string name(reinterpret_cast<const char*>(h + 46), name_size);
+    const unsigned char* h = bytes + at;
+    const size_t name_size = get16(h + 28), extra_size = get16(h + 30), comment_size = get16(h + 32);
+    if (directory_size - at - kCentralHeaderSize < name_size + extra_size + comment_size) {
+      throw damaged(fmt::format("zip directory entry {} runs past the directory", i));
+    }
+    std::string name(reinterpret_cast<const char*>(h + kCentralHeaderSize), name_size);
+    const uint16_t flags = get16(h + 8), method = get16(h + 10);
+    if (flags & 0x0001) throw damaged(fmt::format("record {} is encrypted", name));
+    if (method != 0 && method != 8) throw damaged(fmt::format("record {} uses compression method {}", name, method));
+    uint64_t uncompressed = get32(h + 24), record_size = get32(h + 20), local = get32(h + 42);
+    const uint32_t crc = get32(h + 16);
+    // zip64 sizes and offsets live in extra field 0x0001, in this order, for the fields set to 0xffffffff.
+    const unsigned char* extra = h + kCentralHeaderSize + name_size;
+    for (size_t x = 0; x + 4 <= extra_size;) {
+      const size_t field_size = get16(extra + x + 2);
+      if (get16(extra + x) == 0x0001) {
+        size_t f = x + 4, field_end = std::min(x + 4 + field_size, extra_size);
+        auto take64 = [&](uint64_t& value) {
+          if (value != kMax32) return;
+          if (f + 8 > field_end) throw damaged(fmt::format("record {} has a short zip64 field", name));
+          value = get64(extra + f);
+          f += 8;
+        };
+        take64(uncompressed);
+        take64(record_size);
+        take64(local);
+      }
+      x += 4 + field_size;
+    }
+    if (local > size || size - local < kLocalHeaderSize) {
+      throw damaged(fmt::format("record {} starts at {}, past the end of the file", name, local));
+    }
     std::string local_header = file.read_at(local, kLocalHeaderSize);
-    auto* l = reinterpret_cast<const unsigned char*>(local_header.data());
-    if (get32(l) != kLocalHeaderSig) return std::nullopt;
-    uint64_t data = local + kLocalHeaderSize + get16(l + 26) + get16(l + 28);
-    if (data + record_size > size) return std::nullopt;
+    auto* lh = reinterpret_cast<const unsigned char*>(local_header.data());
+    if (get32(lh) != kLocalHeaderSig) throw damaged(fmt::format("record {} has no local header", name));
+    const uint64_t data = local + kLocalHeaderSize + get16(lh + 26) + get16(lh + 28);
+    if (data > size || record_size > size - data) {
+      throw damaged(fmt::format("record {} ({} bytes at {}) runs past the end of the file", name, record_size, data));
+    }
     auto slash = name.find('/');
-    records[slash == std::string::npos ? name : name.substr(slash + 1)] = {data, record_size};
-    at += 46 + name_size + extra + comment;
+    if (method == 0 && uncompressed != record_size) {
+      throw damaged(fmt::format("record {} is stored but its sizes differ ({} and {})", name, record_size, uncompressed));
+    }
+    records[slash == std::string::npos ? name : name.substr(slash + 1)] = {data, record_size, crc, method, uncompressed};
+    at += kCentralHeaderSize + name_size + extra_size + comment_size;
   }
   return records;
+}
+
+void check_record(const FileReader& file, const std::string& name, const RecordSpan& span) {
+  std::string bytes = file.read_at(span.offset, span.size);
+  if (span.method == 0) return check_record_crc(file, name, span, bytes.data());
+  // Deflate expands at most 1032:1: a larger claim is a lie, refused before allocating.
+  if (span.uncompressed_size / 1032 > span.size + 1) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} claims {} bytes from {} compressed",
+                                      file.path(), name, span.uncompressed_size, span.size));
+  }
+  std::string inflated(span.uncompressed_size, '\0');
+  auto* decompressor = libdeflate_alloc_decompressor();
+  auto result = libdeflate_deflate_decompress(decompressor, bytes.data(), bytes.size(), inflated.data(),
+                                              inflated.size(), nullptr);
+  libdeflate_free_decompressor(decompressor);
+  if (result != LIBDEFLATE_SUCCESS) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} does not inflate", file.path(), name));
+  }
+  check_record_crc(file, name, {span.offset, span.uncompressed_size, span.crc}, inflated.data());
+}
+
+void check_record_crc(const FileReader& file, const std::string& name, const RecordSpan& span, const void* data) {
+  uint32_t computed = crc32_of(data, span.size);
+  if (computed != span.crc) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} fails its zip CRC32 (stored {:08x}, "
+                                      "computed {:08x})",
+                                      file.path(), name, span.crc, computed));
+  }
 }
 
 }  // namespace torchfit::detail

@@ -88,15 +88,25 @@ class FileReader {
   uint64_t size_ = 0;
 };
 
-/// Where a record's data lies in the file.
+/// Where a record's data lies in the file, and its CRC32 from the zip directory.
 struct RecordSpan {
   uint64_t offset;
-  uint64_t size;
+  uint64_t size;  // bytes in the file
+  uint32_t crc = 0;
+  uint16_t method = 0;             // 0 stored; 8 deflate (LibTorch compresses TorchScript code)
+  uint64_t uncompressed_size = 0;  // for deflated records
 };
 
-/// The records of a zip ZipWriter wrote, by name without the archive prefix;
-/// empty for layouts it does not know (zip64, other writers).
-std::optional<std::map<std::string, RecordSpan>> list_records(const FileReader& file);
+/// The records of any zip whose records are stored or deflated, zip64 included, by
+/// name without the archive prefix. Every offset and size is checked against the
+/// file's size; throws CheckpointError naming the path and the damage.
+std::map<std::string, RecordSpan> list_records(const FileReader& file);
+
+/// Throws CheckpointError unless `data` (record `name` of `file`) matches the
+/// CRC32 the zip directory gives for it.
+void check_record_crc(const FileReader& file, const std::string& name, const RecordSpan& span, const void* data);
+/// Reads a whole record (inflating a deflated one, within bounds) and checks its CRC32.
+void check_record(const FileReader& file, const std::string& name, const RecordSpan& span);
 
 /// A span of the file to read into memory.
 struct ReadJob {

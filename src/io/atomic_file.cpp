@@ -4,7 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <signal.h>
+#include <sys/file.h>
 
 #include <atomic>
 #include <mutex>
@@ -24,13 +24,29 @@ namespace fs = std::filesystem;
 
 namespace {
 
+constexpr size_t kNameMax = 255;
+
 std::string unique_temp_path(const std::string& target) {
   static std::atomic<uint64_t> counter{0};
   static const uint64_t salt = std::random_device{}();
   fs::path p(target);
-  auto name = fmt::format(".{}{}{}.{:x}", p.filename().string(), kTempMarker, ::getpid(),
-                          salt + counter.fetch_add(1));
-  return (p.parent_path() / name).string();
+  auto suffix = fmt::format("{}{}.{:x}", kTempMarker, ::getpid(), salt + counter.fetch_add(1));
+  // Any legal target name gives a legal temporary name: long ones are shortened,
+  // never inside a UTF-8 character.
+  std::string name = p.filename().string();
+  size_t room = kNameMax - 1 - suffix.size();
+  if (name.size() > room) {
+    size_t cut = room;
+    while (cut > 0 && (static_cast<unsigned char>(name[cut]) & 0xC0) == 0x80) --cut;
+    name.resize(cut);
+  }
+  return (p.parent_path() / ("." + name + suffix)).string();
+}
+
+bool same_file(int fd, const std::string& path) {
+  struct stat opened {}, named {};
+  return ::fstat(fd, &opened) == 0 && ::lstat(path.c_str(), &named) == 0 && opened.st_dev == named.st_dev &&
+         opened.st_ino == named.st_ino;
 }
 
 void fsync_directory(const std::string& target) {
@@ -44,22 +60,32 @@ void fsync_directory(const std::string& target) {
   if (rc != 0) throw CheckpointError(errno_message("Failed syncing directory", dir.string(), error));
 }
 
-/// Whether `name` is one of our temporary files; sets the writer's pid.
-bool parse_temp_name(const std::string& name, pid_t& pid) {
-  auto marker = name.find(kTempMarker);
+/// Whether `name` is one of our temporary files (`.<target>.torchfit-tmp.<pid>.<hex>`).
+bool is_temp_name(const std::string& name) {
+  auto marker = name.rfind(kTempMarker);
   if (name.empty() || name[0] != '.' || marker == std::string::npos) return false;
   auto rest = name.substr(marker + std::strlen(kTempMarker));
   auto dot = rest.find('.');
   if (dot == std::string::npos || dot == 0 || dot + 1 == rest.size()) return false;
   auto digits = rest.substr(0, dot), hex = rest.substr(dot + 1);
-  if (digits.find_first_not_of("0123456789") != std::string::npos) return false;
-  if (hex.find_first_not_of("0123456789abcdef") != std::string::npos) return false;
-  pid = static_cast<pid_t>(std::stol(digits));
-  return true;
+  return digits.find_first_not_of("0123456789") == std::string::npos &&
+         hex.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+/// Removes `path` if no writer holds its lock. A writer keeps an exclusive flock
+/// on its temporary until the rename, in whatever process, PID namespace or host
+/// (NFS passes flock on as a byte-range lock) it runs.
+bool remove_if_abandoned(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return false;
+  bool removed = false;
+  if (::flock(fd, LOCK_EX | LOCK_NB) == 0 && same_file(fd, path)) removed = ::unlink(path.c_str()) == 0;
+  ::close(fd);
+  return removed;
 }
 
 /// Once per directory and process, before our first write there: removes the
-/// temporary files of writers that are gone (or of an earlier process with our pid).
+/// temporary files of writers that are gone.
 void clean_directory_once(const fs::path& dir) {
   static std::mutex mutex;
   static std::set<std::string> cleaned;
@@ -76,11 +102,8 @@ std::vector<std::string> remove_stale_temporaries(const std::string& directory) 
   fs::directory_iterator it(directory.empty() ? "." : directory, ec);
   if (ec) return removed;
   for (const auto& entry : it) {
-    pid_t pid = 0;
-    auto name = entry.path().filename().string();
-    if (!parse_temp_name(name, pid) || !entry.is_regular_file(ec)) continue;
-    bool writer_gone = pid == ::getpid() || (::kill(pid, 0) != 0 && errno == ESRCH);
-    if (writer_gone && fs::remove(entry.path(), ec)) removed.push_back(entry.path().string());
+    if (!is_temp_name(entry.path().filename().string()) || !entry.is_regular_file(ec)) continue;
+    if (remove_if_abandoned(entry.path().string())) removed.push_back(entry.path().string());
   }
   return removed;
 }
@@ -122,12 +145,29 @@ void write_latest_pointer(const std::string& checkpoint, bool fsync) {
   pointer.commit();
 }
 
-AtomicFile::AtomicFile(std::string target, bool fsync)
-    : target_(std::move(target)), temp_path_(unique_temp_path(target_)), fsync_(fsync) {
+AtomicFile::AtomicFile(std::string target, bool fsync) : target_(std::move(target)), fsync_(fsync) {
   clean_directory_once(fs::path(target_).parent_path());
-  fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (fd_ < 0) throw CheckpointError(errno_message("Failed opening file", temp_path_, errno) +
-                                     fmt::format(" (while writing {})", target_));
+  for (int attempt = 0;; ++attempt) {
+    temp_path_ = unique_temp_path(target_);
+    fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd_ < 0) {
+      throw CheckpointError(errno_message("Failed opening file", temp_path_, errno) +
+                            fmt::format(" (while writing {})", target_));
+    }
+    // Locked for its whole life; a cleaner may have taken it between open and
+    // lock (it then unlinks it): start over under a new name.
+    if (::flock(fd_, LOCK_EX) != 0) {
+      int error = errno;
+      ::close(fd_);
+      ::unlink(temp_path_.c_str());
+      throw CheckpointError(errno_message("Failed locking file", temp_path_, error));
+    }
+    if (same_file(fd_, temp_path_)) return;
+    int error = errno;
+    ::close(fd_);
+    fd_ = -1;
+    if (attempt == 3) throw CheckpointError(errno_message("Failed locking file", temp_path_, error));
+  }
 }
 
 AtomicFile::~AtomicFile() {
@@ -176,13 +216,14 @@ void AtomicFile::commit() {
   if (fsync_ && ::fsync(fd_) != 0) {
     throw CheckpointError(errno_message("Failed syncing file", target_, errno));
   }
-  int rc = ::close(fd_);
-  fd_ = -1;
-  if (rc != 0) throw CheckpointError(errno_message("Failed closing file", target_, errno));
+  // Renamed while still open and locked: cleanup never takes a temporary being committed.
   if (::rename(temp_path_.c_str(), target_.c_str()) != 0) {
     throw CheckpointError(errno_message("Failed renaming a temporary file onto", target_, errno));
   }
   committed_ = true;
+  int rc = ::close(fd_);
+  fd_ = -1;
+  if (rc != 0) throw CheckpointError(errno_message("Failed closing file", target_, errno));
   if (fsync_) fsync_directory(target_);
 }
 

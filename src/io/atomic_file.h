@@ -43,9 +43,10 @@ class AtomicFile : public ByteSink {
   std::string buffer_;
 };
 
-/// Removes the temporary files in `directory` left by writers that no longer run
-/// (named `.<target>.torchfit-tmp.<pid>.<hex>`); touches nothing else. Returns
-/// the removed paths. AtomicFile calls it once per directory and process.
+/// Removes the temporary files in `directory` left by writers that no longer run:
+/// named `.<target>.torchfit-tmp.<pid>.<hex>` and not locked (a writer holds an
+/// flock on its temporary until the rename). Touches nothing else. Returns the
+/// removed paths. AtomicFile calls it once per directory and process.
 std::vector<std::string> remove_stale_temporaries(const std::string& directory);
 
 /// Atomically points `<dir of checkpoint>/torchfit_latest.txt` at `checkpoint`.

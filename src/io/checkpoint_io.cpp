@@ -7,6 +7,7 @@
 #include <ATen/core/ivalue.h>
 #include <fmt/format.h>
 
+#include "format/checkpoint_file.h"
 #include "format/pickle_file.h"
 #include "format/zip.h"
 #include "io/async_writer.h"
@@ -40,29 +41,7 @@ void FileCheckpointIO::save(const c10::IValue& checkpoint, const std::string& pa
 }
 
 c10::IValue FileCheckpointIO::load(const std::string& path) {
-  detail::check_readable_file(path);
-  detail::FileReader file(path);
-  auto integrity = detail::check_integrity(file);
-  if (integrity.status == detail::Integrity::Status::Corrupt) {
-    throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, integrity.reason));
-  }
-  if (integrity.status == detail::Integrity::Status::NoChecksum) {
-    throw CheckpointError(fmt::format(
-        "Checkpoint {} carries no torchfit checksum ({}); torchfit::load reads files torchfit wrote. "
-        "For state dicts of other tools use load_weights",
-        path, integrity.reason));
-  }
-  auto records = detail::list_records(file);
-  if (!records) {
-    throw CheckpointError(fmt::format("Checkpoint {} has a zip layout torchfit does not write", path));
-  }
-  if (records->count("constants.pkl")) {
-    throw CheckpointError(fmt::format(
-        "Checkpoint {} is a torchfit 0.1 full checkpoint (a LibTorch module archive); read it with "
-        "Trainer::load_checkpoint or load_checkpoint(path, module, optimizer)",
-        path));
-  }
-  return detail::read_pickle(file, *records);
+  return detail::guard_read(path, [&] { return detail::CheckpointFile(path).read_torchfit(); });
 }
 
 void FileCheckpointIO::remove(const std::string& path) {
@@ -157,11 +136,14 @@ std::optional<std::string> latest_checkpoint(const std::string& dir) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) return std::nullopt;
-  std::ifstream pointer(fs::path(dir) / kLatestPointer);
-  std::string name;
-  if (pointer && std::getline(pointer, name) && !name.empty()) {
+  // The pointer may move on (and retention delete what it named) while we look.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    std::ifstream pointer(fs::path(dir) / kLatestPointer);
+    std::string name;
+    if (!pointer || !std::getline(pointer, name) || name.empty()) break;
     auto path = (fs::path(dir) / name).string();
     if (verify_checkpoint(path).ok) return path;
+    if (fs::exists(path, ec)) break;  // there but damaged: fall back to the newest intact file
   }
   // No usable pointer: the newest file that verifies.
   std::optional<std::string> newest;
@@ -172,6 +154,7 @@ std::optional<std::string> latest_checkpoint(const std::string& dir) {
       continue;
     }
     auto time = entry.last_write_time(ec);
+    if (ec) continue;  // removed meanwhile
     bool newer = !newest || time > newest_time || (time == newest_time && entry.path().string() > *newest);
     if (newer && verify_checkpoint(entry.path().string()).ok) {
       newest = entry.path().string();

@@ -12,10 +12,10 @@
 #include <torch/optim/optimizer.h>
 
 #include "training/collectives.h"
+#include "format/checkpoint_file.h"
 #include "format/module_archive.h"
 #include "format/trainer_state.h"
 #include "torchfit/callbacks/progbar_logger.h"
-#include "format/zip.h"
 #include "io/atomic_file.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
@@ -521,22 +521,21 @@ void Trainer::load_checkpoint(const std::string& path) { restore(path, /*with_hi
 void Trainer::restore_backup(const std::string& path) { restore(path, /*with_history=*/true); }
 
 void Trainer::restore(const std::string& path, bool with_history) {
-  detail::check_readable_file(path);
-  if (detail::archive_kind(path) == detail::ArchiveKind::Module) {
-    restore_legacy(path);
-  } else {
-    Checkpoint items = checkpoint(CheckpointScope().with_history(with_history));
-    torchfit::load(items, path);
-  }
+  detail::guard_read(path, [&] {
+    detail::CheckpointFile file(path);
+    if (file.is_module_archive()) {
+      restore_legacy(file);
+    } else {
+      Checkpoint items = checkpoint(CheckpointScope().with_history(with_history));
+      items.load_state_dict(file.read_torchfit(), path);
+    }
+  });
   resumed_from_ = path;
 }
 
-void Trainer::restore_legacy(const std::string& path) {
-  auto integrity = detail::check_integrity(path);
-  if (integrity.status == detail::Integrity::Status::Corrupt) {
-    throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, integrity.reason));
-  }
-  auto contents = detail::read_legacy_checkpoint(path, *model_, *optimizer_);
+void Trainer::restore_legacy(const detail::CheckpointFile& file) {
+  const std::string& path = file.path();
+  auto contents = detail::read_legacy_checkpoint(file, *model_, *optimizer_);
   state_ = contents.trainer;
   if (!state_.rng_state.empty()) {
     auto generator = at::detail::getDefaultCPUGenerator();

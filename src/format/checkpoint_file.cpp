@@ -1,0 +1,173 @@
+#include "format/checkpoint_file.h"
+
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <functional>
+#include <new>
+#include <stdexcept>
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+#include <fmt/format.h>
+#include <torch/serialize/input-archive.h>
+
+#include "format/python_pickle.h"
+#include "torchfit/error.h"
+
+namespace torchfit::detail {
+namespace {
+
+/// Every tensor inside `value`, depth first.
+void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit) {
+  if (value.isTensor()) {
+    visit(value.toTensor());
+  } else if (value.isGenericDict()) {
+    for (const auto& entry : value.toGenericDict()) for_each_tensor(entry.value(), visit);
+  } else if (value.isList()) {
+    for (const auto& item : value.toListRef()) for_each_tensor(item, visit);
+  } else if (value.isTuple()) {
+    for (const auto& item : value.toTupleRef().elements()) for_each_tensor(item, visit);
+  }
+}
+
+FileReader open_regular_file(const std::string& path) {
+  std::error_code ec;
+  auto status = std::filesystem::status(path, ec);
+  if (!std::filesystem::exists(status)) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
+  if (std::filesystem::is_directory(status)) {
+    throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path));
+  }
+  return FileReader(path);
+}
+
+}  // namespace
+
+void rethrow_as_checkpoint_error(const std::string& path) {
+  try {
+    throw;
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path, e.what_without_backtrace()));
+  } catch (const std::bad_alloc&) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: out of memory", path));
+  } catch (const std::exception& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path, e.what()));
+  } catch (...) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: an unknown error", path));
+  }
+}
+
+CheckpointFile::CheckpointFile(const std::string& path) : reader_(open_regular_file(path)) {
+  guard_read(path, [&] {
+    auto integrity = check_integrity(reader_);
+    if (integrity.status == Integrity::Status::Corrupt) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, integrity.reason));
+    }
+    checksummed_ = integrity.status == Integrity::Status::Intact;
+    records_ = list_records(reader_);
+    for (const auto& [name, span] : records_) names_[span.offset] = name;
+  });
+}
+
+void CheckpointFile::read(const std::vector<ReadJob>& jobs) const {
+  for (const auto& job : jobs) {
+    if (job.span.method != 0) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} is compressed; torch.save stores "
+                                        "pickles and tensors uncompressed",
+                                        path(), names_.at(job.span.offset)));
+    }
+  }
+  read_parallel(reader_, jobs);
+  if (checksummed_) return;
+  for (const auto& job : jobs) check_record_crc(reader_, names_.at(job.span.offset), job.span, job.destination);
+}
+
+DeferredPickle CheckpointFile::unpickle() const {
+  auto pickle_record = records_.find("data.pkl");
+  if (pickle_record == records_.end()) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: it has no data.pkl record", path()));
+  }
+  if (checksummed_) return unpickle_deferred(reader_, records_);
+
+  std::string pickle(pickle_record->second.size, '\0');
+  read({{pickle_record->second, pickle.data()}});
+  DeferredPickle out;
+  auto allocate = [&](const std::string& key, size_t nbytes) {
+    auto it = records_.find("data/" + key);
+    if (it == records_.end()) throw std::invalid_argument(fmt::format("no record for storage {}", key));
+    if (it->second.size != nbytes) {
+      throw std::invalid_argument(fmt::format("storage {} claims {} bytes, its record holds {}", key, nbytes,
+                                              it->second.size));
+    }
+    auto data = c10::GetCPUAllocator()->allocate(nbytes);
+    if (nbytes > 0) out.spans[data.get()] = it->second;
+    return data;
+  };
+  try {
+    out.value = unpickle_python(pickle, allocate);
+  } catch (const std::invalid_argument& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path(), e.what()));
+  }
+  return out;
+}
+
+c10::IValue CheckpointFile::read_all() const {
+  auto pickle = unpickle();
+  for_each_tensor(pickle.value, [&](const at::Tensor& tensor) {
+    if (tensor.storage().nbytes() == 0) return;
+    auto it = pickle.spans.find(tensor.storage().data());
+    if (it == pickle.spans.end() || tensor.storage().nbytes() > it->second.size) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: a tensor overruns its record", path()));
+    }
+  });
+  std::vector<ReadJob> jobs;
+  for (const auto& [data, span] : pickle.spans) jobs.push_back({span, const_cast<void*>(data)});
+  read(jobs);
+  return std::move(pickle.value);
+}
+
+c10::IValue CheckpointFile::read_torchfit() const {
+  if (!checksummed_) {
+    throw CheckpointError(fmt::format(
+        "Checkpoint {} carries no torchfit checksum (written by another tool); torchfit::load reads files "
+        "torchfit wrote. For state dicts of other tools use load_weights",
+        path()));
+  }
+  if (is_module_archive()) {
+    throw CheckpointError(fmt::format(
+        "Checkpoint {} is a torchfit 0.1 full checkpoint (a LibTorch module archive); read it with "
+        "Trainer::load_checkpoint or load_checkpoint(module, optimizer, path)",
+        path()));
+  }
+  return read_all();
+}
+
+void CheckpointFile::check_all_records() const {
+  for (const auto& [name, span] : records_) check_record(reader_, name, span);
+}
+
+void CheckpointFile::load_archive(torch::serialize::InputArchive& archive) const {
+  // LibTorch's importer trusts what it reads: only intact files reach it.
+  if (!checksummed_) check_all_records();
+  auto read = [this](uint64_t position, void* buffer, size_t n) -> size_t {
+    if (position >= reader_.size()) return 0;
+    n = static_cast<size_t>(std::min<uint64_t>(n, reader_.size() - position));
+    reader_.read_at(position, buffer, n);
+    return n;
+  };
+  auto size = [this]() -> size_t { return static_cast<size_t>(reader_.size()); };
+  try {
+    archive.load_from(read, size, at::Device(at::kCPU));
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("Failed reading checkpoint {}: not a readable LibTorch archive ({})", path(),
+                                      e.what_without_backtrace()));
+  } catch (...) {
+    rethrow_as_checkpoint_error(path());
+  }
+}
+
+}  // namespace torchfit::detail

@@ -1,0 +1,78 @@
+#pragma once
+// One checkpoint file open for one load. Everything is read through a single
+// descriptor, from the first check to the last byte, so a rename or a retention
+// delete in between cannot change what is read.
+//
+// Files torchfit wrote carry a checksum of their whole content; it is checked
+// before anything is parsed, and only such files reach LibTorch's unpickler.
+// Files of other tools are parsed by our own unpickler, and the zip CRC32 of every
+// record is checked as it is read; their module archives reach LibTorch's
+// importer only after all their records were checked.
+
+#include <map>
+#include <string>
+
+#include <ATen/core/ivalue.h>
+
+#include "format/pickle_file.h"
+#include "format/zip.h"
+
+namespace torch::serialize {
+class InputArchive;
+}
+
+namespace torchfit::detail {
+
+class CheckpointFile {
+ public:
+  /// Opens and checks `path`: an existing regular file, a zip archive whose
+  /// records all lie inside it, and the checksum if it carries one. Throws
+  /// CheckpointError naming the path and what is wrong.
+  explicit CheckpointFile(const std::string& path);
+
+  const std::string& path() const { return reader_.path(); }
+  const FileReader& reader() const { return reader_; }
+  /// Written by torchfit and intact (the whole-file checksum matched).
+  bool checksummed() const { return checksummed_; }
+  const std::map<std::string, RecordSpan>& records() const { return records_; }
+  /// A LibTorch module archive: torch::save(module), torchfit 0.1 full checkpoints, TorchScript.
+  bool is_module_archive() const { return records_.count("constants.pkl") > 0; }
+
+  /// The pickled object, with its storages allocated but not yet read.
+  DeferredPickle unpickle() const;
+  /// Runs the reads (each a whole record); checks their zip CRC32s unless checksummed.
+  void read(const std::vector<ReadJob>& jobs) const;
+  /// unpickle(), then every storage read.
+  c10::IValue read_all() const;
+  /// What torchfit::load reads: read_all() of a file torchfit wrote. Other files are
+  /// refused, saying what they are and what reads them.
+  c10::IValue read_torchfit() const;
+  /// Loads a module archive; throws CheckpointError for anything LibTorch rejects.
+  void load_archive(torch::serialize::InputArchive& archive) const;
+
+ private:
+  void check_all_records() const;
+  FileReader reader_;
+  bool checksummed_ = false;
+  std::map<std::string, RecordSpan> records_;
+  std::map<uint64_t, std::string> names_;  // record name by data offset, for messages
+};
+
+/// Runs `read` and turns every exception that is not a torchfit::Error (LibTorch's
+/// c10::Error, std::filesystem_error, std::bad_alloc, ...) into a CheckpointError
+/// naming `path`.
+template <typename Read>
+auto guard_read(const std::string& path, Read&& read) -> decltype(read());
+
+[[noreturn]] void rethrow_as_checkpoint_error(const std::string& path);
+
+template <typename Read>
+auto guard_read(const std::string& path, Read&& read) -> decltype(read()) {
+  try {
+    return read();
+  } catch (...) {
+    rethrow_as_checkpoint_error(path);
+  }
+}
+
+}  // namespace torchfit::detail

@@ -1,0 +1,546 @@
+// Hostile files, faults and concurrency: readers never crash and never half-load;
+// writers never lose a live temporary; loads never trip over retention.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <fstream>
+#include <thread>
+
+#include "format/byte_sink.h"
+#include "format/zip.h"
+#include "io/atomic_file.h"
+#include "read_everything.h"
+#include "support.h"
+
+namespace torchfit::test {
+namespace {
+
+class HostileTest : public TorchfitTest {};
+
+// ---- building foreign (unchecksummed) files by hand
+
+/// Collects bytes in memory.
+class StringSink : public detail::ByteSink {
+ public:
+  void write(const void* data, size_t size) override { bytes.append(static_cast<const char*>(data), size); }
+  const std::string& target() const override { return name_; }
+  std::string bytes;
+
+ private:
+  std::string name_ = "(memory)";
+};
+
+/// A stored zip of `records` under "archive/", as torch.save lays it out, without torchfit's checksum.
+std::string foreign_zip(const std::vector<std::pair<std::string, std::string>>& records) {
+  StringSink out;
+  detail::ChecksumSink sink(out);
+  detail::ZipWriter zip(sink, "archive");
+  for (const auto& [name, bytes] : records) zip.add(name, bytes.data(), bytes.size());
+  zip.finish();
+  // Drop the checksum comment: a plain end record, as other writers leave it.
+  std::string bytes = out.bytes.substr(0, out.bytes.size() - 23);
+  bytes[bytes.size() - 2] = 0;
+  bytes[bytes.size() - 1] = 0;
+  return bytes;
+}
+
+void write_bytes(const std::string& file, const std::string& bytes) {
+  std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+/// Pickle opcodes, protocol 2.
+namespace pk {
+std::string u32(uint32_t v) { return std::string{char(v), char(v >> 8), char(v >> 16), char(v >> 24)}; }
+std::string str(const std::string& s) { return "X" + u32(static_cast<uint32_t>(s.size())) + s; }
+std::string i64(int64_t v) {
+  std::string out = "\x8a\x08";
+  for (int i = 0; i < 8; ++i) out.push_back(char(static_cast<uint64_t>(v) >> (8 * i)));
+  return out;
+}
+std::string global(const std::string& module, const std::string& name) { return "c" + module + "\n" + name + "\n"; }
+std::string tuple(const std::vector<std::string>& items) {
+  std::string out = "(";
+  for (const auto& item : items) out += item;
+  return out + "t";
+}
+/// A float tensor over storage "0" of `numel` elements.
+std::string tensor(int64_t numel, const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides,
+                   int64_t offset = 0) {
+  std::vector<std::string> s, t;
+  for (auto v : sizes) s.push_back(i64(v));
+  for (auto v : strides) t.push_back(i64(v));
+  std::string storage = tuple({str("storage"), global("torch", "FloatStorage"), str("0"), str("cpu"), i64(numel)}) + "Q";
+  return global("torch._utils", "_rebuild_tensor_v2") +
+         tuple({storage, i64(offset), tuple(s), tuple(t), "\x89", global("collections", "OrderedDict") + ")R"}) + "R";
+}
+/// {"w": value}
+std::string state_dict(const std::string& value) { return "\x80\x02}" + str("w") + value + "s."; }
+}  // namespace pk
+
+/// A foreign file whose pickle is `pickle`, with a float storage "0" of `floats` elements.
+std::string python_file(const std::string& pickle, size_t floats = 4) {
+  return foreign_zip({{"data.pkl", pickle}, {"data/0", std::string(floats * 4, '\0')}, {"version", "3\n"}});
+}
+
+std::string refusal(const std::string& file) {
+  try {
+    (void)read_weights(file);
+  } catch (const CheckpointError& e) {
+    return e.what();
+  }
+  return "(loaded)";
+}
+
+/// Writes torchfit's seed files for the fuzz corpus (fuzz/corpus/torchfit):
+///     TORCHFIT_SEED_DIR=fuzz/corpus/torchfit build/test/torchfit_tests --gtest_filter=HostileChild.WriteSeeds
+TEST(HostileChild, WriteSeeds) {
+  const char* out = std::getenv("TORCHFIT_SEED_DIR");
+  if (out == nullptr) GTEST_SKIP() << "writes the fuzz seeds when TORCHFIT_SEED_DIR is set";
+  auto at = [&](const std::string& name) { return (fs::path(out) / name).string(); };
+  fs::create_directories(out);
+  torch::manual_seed(0);
+  torch::nn::Linear model(fuzz::kInFeatures, fuzz::kOutFeatures);
+  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(1e-3));
+  model->forward(torch::ones({1, fuzz::kInFeatures})).sum().backward();
+  adam->step();
+  save_weights(*model, at("weights.pt"));
+  Checkpoint checkpoint;
+  checkpoint.add("model", model);
+  checkpoint.add("optimizer", adam);
+  checkpoint.set("epoch", int64_t(3));
+  save(checkpoint, at("full.pt"));
+  Trainer trainer(model.ptr(), adam, [](const torch::Tensor& out, const torch::Tensor& y) {
+    return torch::mse_loss(out, y);
+  });
+  trainer.save_checkpoint(at("trainer.pt"));
+  torch::save(model, at("module_archive.pt"));
+  auto other = torch::nn::Linear(fuzz::kInFeatures, 5);
+  save_weights(*other, at("mismatch.pt"));
+}
+
+TEST_F(HostileTest, CorpusFilesOnlyEverThrowCheckpointErrorAndChangeNothing) {
+  size_t files = 0;
+  for (const char* sub : {"corpus", "crashes"}) {
+    fs::path root = fs::path(TORCHFIT_FUZZ_DIR) / sub;
+    if (!fs::exists(root)) continue;
+    for (const auto& entry : fs::recursive_directory_iterator(root)) {
+      if (!entry.is_regular_file()) continue;
+      ++files;
+      EXPECT_EQ(fuzz::read_everything(entry.path().string()), "") << entry.path();
+    }
+  }
+  EXPECT_GT(files, 10u);
+}
+
+std::string torch_dtype_name(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(type);
+  }
+}
+
+/// "name dtype shape hex", as fuzz/make_python_corpus.py writes its .expected files.
+std::string describe_for_python(const std::string& name, const at::Tensor& tensor) {
+  std::vector<std::string> sizes;
+  for (auto s : tensor.sizes()) sizes.push_back(std::to_string(s));
+  auto bytes = tensor.contiguous();
+  std::string hex;
+  auto* p = static_cast<const unsigned char*>(bytes.data_ptr());
+  for (int64_t i = 0; i < bytes.numel() * static_cast<int64_t>(bytes.element_size()); ++i) hex += fmt::format("{:02x}", p[i]);
+  return fmt::format("{} {} {} {}", name, torch_dtype_name(tensor.scalar_type()),
+                     sizes.empty() ? "-" : fmt::format("{}", fmt::join(sizes, ",")), hex.empty() ? "-" : hex);
+}
+
+TEST_F(HostileTest, EveryPythonCaseLoadsBitwiseOrIsRefusedSayingWhy) {
+  const fs::path corpus = fs::path(TORCHFIT_FUZZ_DIR) / "corpus" / "python";
+  std::ifstream manifest(corpus / "manifest.tsv");
+  ASSERT_TRUE(manifest) << "fuzz/corpus/python is made by fuzz/make_python_corpus.py";
+  int loads = 0, refusals = 0;
+  for (std::string line; std::getline(manifest, line);) {
+    std::istringstream fields(line);
+    std::string file, expect, key, note;
+    std::getline(fields, file, '\t');
+    std::getline(fields, expect, '\t');
+    std::getline(fields, key, '\t');
+    std::getline(fields, note);
+    if (key == "-") key.clear();
+    const auto where = (corpus / file).string();
+    if (expect == "load") {
+      TensorMap tensors;
+      ASSERT_NO_THROW(tensors = read_weights(where, key)) << file << " [" << key << "]";
+      std::string got;
+      for (const auto& [name, tensor] : tensors) got += describe_for_python(name, tensor) + "\n";
+      EXPECT_EQ(got, read_file(where + ".expected")) << file;
+      ++loads;
+    } else {
+      try {
+        (void)read_weights(where, key);
+        ADD_FAILURE() << file << " [" << key << "] loaded; expected a refusal about " << note;
+      } catch (const CheckpointError& e) {
+        std::string what = e.what();
+        std::transform(what.begin(), what.end(), what.begin(), [](unsigned char c) { return std::tolower(c); });
+        EXPECT_NE(what.find(note), std::string::npos) << file << ": " << e.what();
+        EXPECT_NE(std::string(e.what()).find(where), std::string::npos) << file << ": " << e.what();
+      }
+      ++refusals;
+    }
+  }
+  EXPECT_GE(loads, 25);
+  EXPECT_GE(refusals, 5);
+}
+
+TEST_F(HostileTest, CraftedPicklesAreRefusedWithAReason) {
+  struct Case {
+    const char* name;
+    std::string bytes;
+    const char* reason;
+  };
+  std::string deep = "\x80\x02}" + pk::str("w");
+  for (int i = 0; i < 200000; ++i) deep += "]";
+  for (int i = 0; i < 200000 - 1; ++i) deep += "a";
+  deep += "s.";
+  const int64_t huge = int64_t(1) << 62;
+  std::vector<Case> cases = {
+      {"short strides", python_file(pk::state_dict(pk::tensor(4, {2, 2}, {1}))), "2 sizes but 1 strides"},
+      {"past the storage", python_file(pk::state_dict(pk::tensor(4, {2, 3}, {3, 1}))), "reaches element 5"},
+      {"extent overflow", python_file(pk::state_dict(pk::tensor(4, {huge, 4}, {huge, 1}))), "overflows"},
+      {"huge storage", python_file(pk::state_dict(pk::tensor(huge, {1}, {1}))), "claims"},
+      {"negative offset", python_file(pk::state_dict(pk::tensor(4, {1}, {1}, -1))), "starts at element -1"},
+      {"deep nesting", python_file(deep), "deeper than 100"},
+      {"a list in itself", python_file(pk::state_dict("]q\x01h\x01" "a")), "contains itself"},
+      {"a huge string", python_file("\x80\x02X\xff\xff\xff\xd0" "abc"), "bytes claimed"},
+      {"an unknown opcode", python_file("\x80\x02\xff."), "opcode 0xff"},
+      {"an unknown object", python_file(pk::state_dict(pk::global("os", "system") + pk::tuple({pk::str("true")}) + "R")),
+       "unsupported Python object os.system"},
+      {"legacy format", "\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.", "legacy format"},
+      {"empty", "", "empty"},
+      {"not a zip", "hello, world", "does not start with a zip record"},
+  };
+  // TORCHFIT_CRASH_DIR=fuzz/crashes keeps them for the fuzzer to replay.
+  const char* keep = std::getenv("TORCHFIT_CRASH_DIR");
+  for (const auto& c : cases) {
+    if (keep != nullptr) {
+      std::string file = c.name;
+      std::replace(file.begin(), file.end(), ' ', '_');
+      write_bytes((fs::path(keep) / (file + ".pt")).string(), c.bytes);
+    }
+    write_bytes(path("case.pt"), c.bytes);
+    EXPECT_EQ(fuzz::read_everything(path("case.pt")), "") << c.name;
+    EXPECT_NE(refusal(path("case.pt")).find(c.reason), std::string::npos) << c.name << ": " << refusal(path("case.pt"));
+    EXPECT_NE(refusal(path("case.pt")).find(path("case.pt")), std::string::npos) << c.name;
+  }
+}
+
+TEST_F(HostileTest, ZipDamageIsRefused) {
+  auto good = python_file(pk::state_dict(pk::tensor(4, {4}, {1})));
+  write_bytes(path("good.pt"), good);
+  EXPECT_EQ(read_weights(path("good.pt")).at("w").numel(), 4);
+
+  auto storage_at = good.find(std::string(16, '\0'), good.find("data/0"));  // the storage's bytes
+  auto flipped = good;
+  flipped[storage_at + 3] ^= 0x40;
+  write_bytes(path("flipped.pt"), flipped);
+  EXPECT_NE(refusal(path("flipped.pt")).find("fails its zip CRC32"), std::string::npos) << refusal(path("flipped.pt"));
+
+  auto compressed = good;
+  auto central = compressed.find(std::string("PK\x01\x02", 4));  // data.pkl's directory entry
+  compressed[central + 10] = 8;  // deflate
+  write_bytes(path("compressed.pt"), compressed);
+  EXPECT_NE(refusal(path("compressed.pt")).find("compressed"), std::string::npos);
+
+  write_bytes(path("cut.pt"), good.substr(0, good.size() / 2));
+  EXPECT_EQ(fuzz::read_everything(path("cut.pt")), "");
+  EXPECT_NE(refusal(path("cut.pt")).find("cut.pt"), std::string::npos);
+}
+
+TEST_F(HostileTest, VerifyCheckpointNeverThrows) {
+  EXPECT_FALSE(verify_checkpoint(path(std::string(300, 'x'))).ok);  // name over NAME_MAX
+  fs::create_symlink(path("loop"), path("loop"));
+  EXPECT_FALSE(verify_checkpoint(path("loop")).ok);
+  EXPECT_THROW(read_weights(path("loop")), CheckpointError);
+  EXPECT_FALSE(verify_checkpoint(dir().string()).ok);
+  EXPECT_FALSE(verify_checkpoint("").ok);
+}
+
+TEST_F(HostileTest, ZeroElementTensorsRoundTrip) {
+  struct WithEmpty : torch::nn::Module {
+    WithEmpty() {
+      weight = register_parameter("weight", torch::randn({2, 3}));
+      empty = register_buffer("empty", torch::empty({0}));
+      none = register_buffer("none", torch::empty({0, 3}));
+    }
+    torch::Tensor weight, empty, none;
+  };
+  auto a = std::make_shared<WithEmpty>();
+  save_weights(*a, path("w.pt"));
+  ASSERT_TRUE(verify_checkpoint(path("w.pt")).ok);
+  auto b = std::make_shared<WithEmpty>();
+  load_weights(*b, path("w.pt"));
+  expect_same_weights(*a, *b);
+  EXPECT_EQ(b->none.sizes(), (std::vector<int64_t>{0, 3}));
+  auto read = read_weights(path("w.pt"));
+  EXPECT_EQ(read.at("empty").numel(), 0);
+}
+
+TEST_F(HostileTest, AMismatchListsEveryMismatchingKey) {
+  Mlp model;
+  save_weights(*model, path("mlp.pt"));
+  struct Other : torch::nn::Module {
+    Other() {
+      fc1 = register_module("fc1", torch::nn::Linear(4, 5));
+      fc2 = register_module("fc2", torch::nn::Linear(5, 2));
+    }
+    torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  };
+  auto other = std::make_shared<Other>();
+  auto before = state_dict(*other);
+  try {
+    load_weights(*other, path("mlp.pt"));
+    FAIL() << "loaded into another architecture";
+  } catch (const CheckpointError& e) {
+    std::string what = e.what();
+    EXPECT_NE(what.find("3 mismatching key(s)"), std::string::npos) << what;
+    for (const char* key : {"'fc1.weight'", "'fc2.weight'", "'fc2.bias'"}) {
+      EXPECT_NE(what.find(key), std::string::npos) << key << " in " << what;
+    }
+  }
+  for (const auto& [name, tensor] : state_dict(*other)) EXPECT_TRUE(tensor.equal(before.at(name))) << name;
+}
+
+TEST_F(HostileTest, NestedCheckpointsPickTheirKey) {
+  auto weights = pk::tensor(4, {4}, {1});
+  auto nested = "\x80\x02}(" + pk::str("epoch") + "K\x03" + pk::str("model") + "}" + pk::str("w") + weights + "s" +
+                pk::str("note") + pk::str("hi") + "u.";
+  write_bytes(path("nested.pt"), python_file(nested));
+  auto what = refusal(path("nested.pt"));
+  EXPECT_NE(what.find("keys epoch, model, note"), std::string::npos) << what;
+  EXPECT_NE(what.find("\"model\")"), std::string::npos) << what;
+  EXPECT_EQ(read_weights(path("nested.pt"), "model").at("w").numel(), 4);
+  try {
+    (void)read_weights(path("nested.pt"), "optimizer");
+    FAIL();
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("no key 'optimizer'; its keys are epoch, model, note"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST_F(HostileTest, NamesUpToNameMaxSaveAndLoad) {
+  Mlp model, loaded;
+  std::string utf8;
+  while (utf8.size() + 3 <= 252) utf8 += "\xc3\xa9";  // é, two bytes each
+  utf8 += ".pt";
+  for (const auto& name : {std::string(200, 'a') + ".pt", std::string(228, 'b') + ".pt", std::string(252, 'c') + ".pt",
+                           utf8}) {
+    ASSERT_LE(name.size(), 255u);
+    save_weights(*model, path(name));
+    EXPECT_TRUE(verify_checkpoint(path(name)).ok) << name.size();
+    load_weights(*loaded, path(name));
+    expect_same_weights(*model, *loaded);
+  }
+  for (const auto& file : files()) EXPECT_EQ(file.find(".torchfit-tmp."), std::string::npos) << file;
+}
+
+// ---- cleanup of temporaries
+
+TEST_F(HostileTest, TwoWritersInOneProcessNeverLoseATemporary) {
+  Mlp a, b;
+  std::atomic<bool> done{false};
+  std::atomic<int> failures{0};
+  std::string first_error;
+  auto writer = [&](Mlp model, const std::string& name) {
+    for (int i = 0; i < 40; ++i) {
+      try {
+        save_weights(*model, path(fmt::format("{}-{}.pt", name, i % 3)));
+      } catch (const std::exception& e) {
+        if (failures++ == 0) first_error = e.what();
+      }
+    }
+  };
+  // A cleaner sweeping the directory all the while, as a third trainer starting up would.
+  std::thread cleaner([&] {
+    while (!done) detail::remove_stale_temporaries(dir().string());
+  });
+  std::thread ta(writer, a, "a"), tb(writer, b, "b");
+  ta.join();
+  tb.join();
+  done = true;
+  cleaner.join();
+  EXPECT_EQ(failures.load(), 0) << first_error;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_TRUE(verify_checkpoint(path(fmt::format("a-{}.pt", i))).ok);
+    EXPECT_TRUE(verify_checkpoint(path(fmt::format("b-{}.pt", i))).ok);
+  }
+}
+
+/// Saves into TORCHFIT_SAVE_LOOP_DIR until TORCHFIT_SAVE_LOOP_COUNT saves were
+/// made; writes the number of failures to "<dir>/failures.txt".
+TEST(HostileChild, SaveLoop) {
+  const char* dir = std::getenv("TORCHFIT_SAVE_LOOP_DIR");
+  if (dir == nullptr) GTEST_SKIP() << "run by TwoWritersInTwoPidNamespaces";
+  Mlp model;
+  int failures = 0, count = std::atoi(std::getenv("TORCHFIT_SAVE_LOOP_COUNT"));
+  for (int i = 0; i < count; ++i) {
+    try {
+      save_weights(*model, (fs::path(dir) / fmt::format("child-{}.pt", i % 3)).string());
+    } catch (const std::exception&) {
+      ++failures;
+    }
+  }
+  std::ofstream(fs::path(dir) / "failures.txt") << failures;
+}
+
+TEST_F(HostileTest, WritersInAnotherPidNamespaceNeverLoseATemporary) {
+  if (::geteuid() != 0 || std::system("/usr/bin/unshare --pid --fork true 2>/dev/null") != 0) {
+    GTEST_SKIP() << "needs root and unshare --pid";
+  }
+  pid_t child = spawn_self("HostileChild.SaveLoop",
+                           {"TORCHFIT_SAVE_LOOP_DIR=" + dir().string(), "TORCHFIT_SAVE_LOOP_COUNT=60"},
+                           {"/usr/bin/unshare", "--pid", "--fork"});
+  // Our own saves and sweeps run until the child is done; its pids mean nothing here.
+  Mlp model;
+  int failures = 0, status = 0;
+  for (int i = 0; ::waitpid(child, &status, WNOHANG) == 0; ++i) {
+    detail::remove_stale_temporaries(dir().string());
+    try {
+      save_weights(*model, path(fmt::format("parent-{}.pt", i % 3)));
+    } catch (const std::exception& e) {
+      ADD_FAILURE() << e.what();
+      ++failures;
+    }
+  }
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  EXPECT_EQ(read_file(path("failures.txt")), "0");
+  EXPECT_EQ(failures, 0);
+}
+
+// ---- faults and races while reading
+
+using ArmFn = void (*)(long);
+
+/// Loads `file` with every read from the 1st to the last failing in turn (EIO,
+/// from the LD_PRELOAD shim); after each failure the model must be unchanged.
+/// Writes "<cases> <problems>" to TORCHFIT_EIO_OUT.
+TEST(HostileChild, LoadUnderEio) {
+  const char* out = std::getenv("TORCHFIT_EIO_OUT");
+  if (out == nullptr) GTEST_SKIP() << "run by EveryFailingReadLeavesTheModelUnchanged";
+  auto arm = reinterpret_cast<ArmFn>(::dlsym(RTLD_DEFAULT, "torchfit_fail_read_after"));
+  ASSERT_NE(arm, nullptr) << "the fault shim is not preloaded";
+  const std::string file = std::getenv("TORCHFIT_EIO_FILE");
+  const bool full = std::string(std::getenv("TORCHFIT_EIO_KIND")) == "full";
+  int cases = 0, problems = 0;
+  for (long n = 1; n < 500; ++n) {
+    torch::manual_seed(7);
+    Mlp model;
+    auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(0.1));
+    auto before = state_dict(*model);
+    for (auto& [name, t] : before) t = t.clone();
+    arm(n);
+    bool failed = false;
+    try {
+      if (full) {
+        Checkpoint checkpoint;
+        checkpoint.add("model", model);
+        checkpoint.add("optimizer", optimizer);
+        load(checkpoint, file);
+      } else {
+        load_weights(*model, file);
+      }
+    } catch (const CheckpointError& e) {
+      failed = true;
+      if (std::string(e.what()).find("Input/output error") == std::string::npos) ++problems;
+    } catch (...) {
+      failed = true;
+      ++problems;
+    }
+    arm(0);
+    if (!failed) break;  // the n-th read never came: every read has failed once
+    ++cases;
+    for (const auto& [name, t] : state_dict(*model)) {
+      if (!t.equal(before.at(name))) ++problems;
+    }
+  }
+  std::ofstream(out) << cases << " " << problems;
+}
+
+TEST_F(HostileTest, EveryFailingReadLeavesTheModelUnchanged) {
+  torch::manual_seed(1);
+  Mlp model;
+  auto optimizer = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(0.1));
+  save_weights(*model, path("w.pt"));
+  Checkpoint checkpoint;
+  checkpoint.add("model", model);
+  checkpoint.add("optimizer", optimizer);
+  save(checkpoint, path("full.pt"));
+  for (const char* kind : {"weights", "full"}) {
+    auto file = std::string(kind) == "full" ? path("full.pt") : path("w.pt");
+    pid_t child = spawn_self("HostileChild.LoadUnderEio",
+                             {std::string("LD_PRELOAD=") + TORCHFIT_FAIL_READ_LIB, "TORCHFIT_EIO_FILE=" + file,
+                              std::string("TORCHFIT_EIO_KIND=") + kind, "TORCHFIT_EIO_OUT=" + path("eio.txt")});
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << kind;
+    std::istringstream result(read_file(path("eio.txt")));
+    int cases = -1, problems = -1;
+    result >> cases >> problems;
+    EXPECT_GE(cases, 3) << kind;  // integrity check, directory, pickle, storages...
+    EXPECT_EQ(problems, 0) << kind;
+  }
+}
+
+TEST_F(HostileTest, LoadsRacingMaxToKeepRotationNeverFailSpuriously) {
+  Mlp model;
+  Checkpoint state;
+  state.add("model", model);
+  CheckpointManager manager(CheckpointOptions(path("step{step}.pt")).max_to_keep(1).save_last(true)
+                                .save_weights_only(true));
+  manager.save(state, {{"step", 0.0}});
+  std::atomic<bool> done{false};
+  std::atomic<int> loads{0}, vanished{0}, spurious{0}, no_latest{0};
+  std::string first_error;
+  auto reader = [&] {
+    Mlp target;
+    while (!done) {
+      auto latest = latest_checkpoint(dir().string());
+      if (!latest) {
+        ++no_latest;
+        continue;
+      }
+      try {
+        load_weights(*target, *latest);
+        ++loads;
+      } catch (const CheckpointError& e) {
+        if (!fs::exists(*latest) && std::string(e.what()).find("does not exist") != std::string::npos) {
+          ++vanished;  // rotated away before we opened it: not a failure of the load
+        } else if (spurious++ == 0) {
+          first_error = e.what();
+        }
+      }
+    }
+  };
+  std::thread r1(reader), r2(reader);
+  for (int step = 1; step <= 150; ++step) manager.save(state, {{"step", double(step)}});
+  done = true;
+  r1.join();
+  r2.join();
+  EXPECT_EQ(spurious.load(), 0) << first_error;
+  EXPECT_EQ(no_latest.load(), 0);
+  EXPECT_GT(loads.load(), 0);
+}
+
+}  // namespace
+}  // namespace torchfit::test
