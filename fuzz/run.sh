@@ -2,7 +2,8 @@
 # Builds the reader fuzz target with clang (libFuzzer, ASan, UBSan) in build-fuzz/
 # and runs it over the seed corpus and the saved crashes for SECONDS seconds
 # (default 60; 0 only replays them). New inputs go to build-fuzz/corpus, crashes
-# to build-fuzz/ (copy them into fuzz/crashes/ once fixed).
+# to build-fuzz/ (copy them into fuzz/crashes/ once fixed). FUZZ_SEED (default 1) makes
+# a run repeatable; set another to explore further.
 #
 #     fuzz/run.sh 600
 set -euo pipefail
@@ -22,6 +23,6 @@ seeds=(fuzz/corpus/torchfit fuzz/corpus/python fuzz/crashes)
 echo "fuzz: replaying $(find "${seeds[@]}" -type f ! -name '*.tsv' ! -name '*.expected' | wc -l) seed and crash files"
 build-fuzz/reader_fuzzer -runs=0 "${seeds[@]}"
 if ((seconds > 0)); then
-  build-fuzz/reader_fuzzer -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=4096 \
+  build-fuzz/reader_fuzzer -seed="${FUZZ_SEED:-1}" -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=4096 \
     -artifact_prefix=build-fuzz/ build-fuzz/corpus "${seeds[@]}"
 fi
