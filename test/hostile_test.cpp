@@ -542,5 +542,46 @@ TEST_F(HostileTest, LoadsRacingMaxToKeepRotationNeverFailSpuriously) {
   EXPECT_GT(loads.load(), 0);
 }
 
+TEST_F(HostileTest, ALatestPointerThatCannotBeWrittenIsAWarningAndTheNextSaveRetriesIt) {
+  Mlp model;
+  Checkpoint state;
+  state.add("model", model);
+  CheckpointManager manager(CheckpointOptions(path("s{step}.pt")).save_last(true).save_weights_only(true));
+  fs::create_directory(path(kLatestPointer));  // the pointer's rename fails onto a directory
+  {
+    LogCapture log;
+    EXPECT_TRUE(manager.save(state, {{"step", 1.0}}));
+    EXPECT_NE(log.text().find("recording it as the latest failed"), std::string::npos) << log.text();
+    EXPECT_NE(log.text().find(path("s1.pt")), std::string::npos) << log.text();
+  }
+  EXPECT_TRUE(verify_checkpoint(path("s1.pt")).ok);
+  fs::remove(path(kLatestPointer));
+  EXPECT_TRUE(manager.save(state, {{"step", 2.0}}));
+  EXPECT_EQ(read_file(path(kLatestPointer)), "s2.pt\n");
+}
+
+TEST_F(HostileTest, ABadGeneratorStateFailsBeforeTheModelChanges) {
+  auto s = make_setup();
+  s.trainer->save_checkpoint(path("full.pt"));
+  // Rewrite the file with garbage generator bytes of the right length.
+  auto data = FileCheckpointIO().load(path("full.pt"));
+  auto dict = data.toGenericDict();
+  auto rng = dict.at("rng").toGenericDict();
+  auto cpu = rng.at("cpu").toTensor().clone();
+  cpu.fill_(0xff);
+  rng.insert_or_assign("cpu", cpu);
+  FileCheckpointIO().save(data, path("bad_rng.pt"));
+  auto other = make_setup();
+  auto before = state_dict(*other.model);
+  for (auto& [name, t] : before) t = t.clone();
+  try {
+    other.trainer->load_checkpoint(path("bad_rng.pt"));
+    ADD_FAILURE() << "loaded a generator state of 0xff bytes";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("generator state"), std::string::npos) << e.what();
+  }
+  for (const auto& [name, t] : state_dict(*other.model)) EXPECT_TRUE(t.equal(before.at(name))) << name;
+}
+
 }  // namespace
 }  // namespace torchfit::test

@@ -97,6 +97,13 @@ class RngItem : public Checkpoint::Item {
       throw fail(fmt::format("holds {} bytes of {}, {} bytes expected", cpu_state.numel(),
                              std::string(c10::toString(cpu_state.scalar_type())), expected.numel()));
     }
+    try {
+      // Applied to a scratch generator first, so bad bytes fail before anything changes.
+      auto scratch = at::make_generator<at::CPUGeneratorImpl>();
+      set_state_of(scratch, cpu_state);
+    } catch (const c10::Error& e) {
+      throw fail(fmt::format("is unusable ({})", e.what_without_backtrace()));
+    }
     std::vector<at::Tensor> cuda_states;
     auto cuda = dict.find("cuda");
     const auto& hooks = at::detail::getCUDAHooks();
