@@ -42,8 +42,10 @@ TEST(DistChild, Train) {
     auto h = make_setup();
     h.trainer->set_process_group(group);
     auto every = std::make_shared<CheckpointCallback>(CheckpointOptions(dir + "/e{epoch}.pt").monitor("val_loss"));
+    // With TORCHFIT_DIST_FAIL, rank 0's background saves of "best" fail (a file blocks the directory).
+    auto best_path = std::getenv("TORCHFIT_DIST_FAIL") ? dir + "/blocker/best.pt" : dir + "/best.pt";
     auto best = std::make_shared<CheckpointCallback>(
-        CheckpointOptions(dir + "/best.pt").monitor("val_accuracy").save_best_only(true).async_save(true));
+        CheckpointOptions(best_path).monitor("val_accuracy").save_best_only(true).async_save(true));
     std::vector<std::shared_ptr<Callback>> callbacks{every, best};
     auto backup = std::make_shared<BackupAndRestore>(BackupOptions(dir + "/backup").save_freq(SaveFreq::batches(2)));
     if (with_backup) callbacks.insert(callbacks.begin(), backup);
@@ -110,6 +112,23 @@ TEST_F(DistributedTest, TwoRanksAgreeWithEachOtherAndWithOneProcess) {
   for (const auto& [name, tensor] : state_dict(*single.model)) {
     EXPECT_TRUE(torch::allclose(tensor, state_dict(*from_rank0).at(name), 1e-4, 1e-5)) << name;
   }
+}
+
+TEST_F(DistributedTest, AFailedBackgroundSaveOfRankZeroIsRaisedOnBothRanks) {
+  fs::create_directories(dir());
+  std::ofstream(path("blocker")) << "a file where a directory should be";
+  auto pids = spawn_ranks(dir().string(), free_port() + 5, false, {"TORCHFIT_DIST_FAIL=1"});
+  for (auto pid : pids) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 3) << "status " << status;
+  }
+  auto rank0 = read_file(path("error0.txt")), rank1 = read_file(path("error1.txt"));
+  EXPECT_NE(rank0.find(path("blocker")), std::string::npos) << rank0;
+  EXPECT_NE(rank1.find("Rank 0's background checkpoint save failed"), std::string::npos) << rank1;
+  EXPECT_NE(rank1.find(path("blocker")), std::string::npos) << rank1;
+  EXPECT_FALSE(fs::exists(path("rank0.txt")));  // neither rank finished the fit
+  EXPECT_FALSE(fs::exists(path("rank1.txt")));
 }
 
 TEST_F(DistributedTest, KillingOneRankFailsTheOtherWithinTheTimeout) {

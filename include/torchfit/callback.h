@@ -52,6 +52,11 @@ class Callback {
   virtual void on_test_end(const Logs& /*logs*/) {}
   virtual void on_test_batch_begin(int64_t /*batch*/, const Logs& /*logs*/) {}
   virtual void on_test_batch_end(int64_t /*batch*/, const Logs& /*logs*/) {}
+  /// Called when parameters and optimizer state are about to change in place:
+  /// after each backward pass, before the optimizer step, and before
+  /// `on_train_end` (where callbacks may restore weights). Async checkpoint
+  /// saves finish copying the state of their save point here.
+  virtual void on_before_update() {}
 
   /// A key identifying this callback's state in full checkpoints, built from its
   /// whole configuration so two instances of one type do not collide; empty (the
@@ -93,6 +98,7 @@ class CallbackList {
   void on_test_end(const Logs& logs);
   void on_test_batch_begin(int64_t batch, const Logs& logs);
   void on_test_batch_end(int64_t batch, const Logs& logs);
+  void on_before_update();
 
   /// States of the stateful callbacks, by `state_key()`; a key repeated by
   /// identical callbacks gets " #2", " #3", ... in order.

@@ -175,6 +175,7 @@ class Trainer : public TrainingContext {
   int world_size() const override;
   /// Waits for every rank (no-op without a process group); `what` names the point in errors.
   void barrier(const char* what) const override;
+  std::string broadcast_from_main(const std::string& message, const char* what) const override;
   /// Wall time this rank spent averaging gradients across ranks (0 alone).
   double allreduce_seconds() const;
 

@@ -55,6 +55,9 @@ class TrainingContext {
   bool is_main_process() const { return rank() == 0; }
   /// Waits for every rank; `what` names the point in errors.
   virtual void barrier(const char* what) const = 0;
+  /// Rank 0's `message` on every rank (a data-parallel run broadcasts it); `what`
+  /// names the point in errors. The default, for one process, returns it as is.
+  virtual std::string broadcast_from_main(const std::string& message, const char* what) const;
 
   /// The run's whole state as items, for a full checkpoint.
   virtual Checkpoint checkpoint(const CheckpointScope& scope = CheckpointScope()) = 0;

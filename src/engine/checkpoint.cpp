@@ -1,6 +1,7 @@
 #include "torchfit/engine/checkpoint.h"
 
 #include <algorithm>
+#include <unordered_set>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -25,6 +26,8 @@ class Checkpoint::Item {
   virtual const char* kind() const = 0;
   virtual c10::IValue save() const = 0;
   virtual std::function<void()> prepare(const c10::IValue& state, const std::string& where) = 0;
+  /// Adds the storages of the tensors only optimizer steps change in place.
+  virtual void add_step_storages(std::unordered_set<const void*>& storages) const { (void)storages; }
   bool optional = false;
 };
 
@@ -50,6 +53,10 @@ class ModuleItem : public Checkpoint::Item {
       detail::copy_weights(targets, weights);
     };
   }
+  // Parameters, not buffers: forward passes write buffers (BatchNorm's running statistics).
+  void add_step_storages(std::unordered_set<const void*>& storages) const override {
+    for (const auto& parameter : module_->parameters()) storages.insert(parameter.storage().unsafeGetStorageImpl());
+  }
 
  private:
   std::shared_ptr<torch::nn::Module> module_;
@@ -62,6 +69,11 @@ class OptimizerItem : public Checkpoint::Item {
   c10::IValue save() const override { return detail::optimizer_state_dict(*optimizer_); }
   Apply prepare(const c10::IValue& state, const std::string& where) override {
     return detail::prepare_optimizer_load(*optimizer_, state, where);
+  }
+  void add_step_storages(std::unordered_set<const void*>& storages) const override {
+    detail::for_each_tensor(save(), [&](const at::Tensor& tensor) {
+      if (tensor.defined()) storages.insert(tensor.storage().unsafeGetStorageImpl());
+    });
   }
 
  private:
@@ -276,6 +288,14 @@ c10::IValue Checkpoint::state_dict() const {
   out.insert(detail::kMetadataKey, meta);
   for (const auto& [name, item] : items_) out.insert(name, item->save());
   return out;
+}
+
+std::function<bool(const at::Tensor&)> Checkpoint::updated_by_step() const {
+  auto storages = std::make_shared<std::unordered_set<const void*>>();
+  for (const auto& [name, item] : items_) item->add_step_storages(*storages);
+  return [storages](const at::Tensor& tensor) {
+    return tensor.defined() && tensor.has_storage() && storages->count(tensor.storage().unsafeGetStorageImpl()) > 0;
+  };
 }
 
 c10::IValue Checkpoint::weights_state_dict() const {

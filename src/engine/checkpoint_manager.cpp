@@ -251,7 +251,15 @@ void CheckpointManager::write(const Checkpoint& state, const std::string& path, 
       }
     }
   };
-  io_->save(data, path, on_commit);
+  SaveHints hints;
+  hints.updated_by_step = state.updated_by_step();
+  hints.defer_copy = guards_updates_;
+  io_->save_with_hints(data, path, hints, on_commit);
+}
+
+void CheckpointManager::before_update() {
+  guards_updates_ = true;
+  io_->before_update();
 }
 
 void CheckpointManager::wait() {

@@ -177,5 +177,17 @@ void install_weights(torch::nn::Module& module, const TensorMap& weights) {
   for (auto& item : module.named_buffers(/*recurse=*/true)) install(item.key(), item.value());
 }
 
+void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit) {
+  if (value.isTensor()) {
+    visit(value.toTensor());
+  } else if (value.isGenericDict()) {
+    for (const auto& entry : value.toGenericDict()) for_each_tensor(entry.value(), visit);
+  } else if (value.isList()) {
+    for (const auto& item : value.toListRef()) for_each_tensor(item, visit);
+  } else if (value.isTuple()) {
+    for (const auto& item : value.toTupleRef().elements()) for_each_tensor(item, visit);
+  }
+}
+
 }  // namespace detail
 }  // namespace torchfit

@@ -1,6 +1,7 @@
 #pragma once
 // Module state dicts: names to tensors, checked against a module before anything is copied.
 
+#include <functional>
 #include <string>
 
 #include <ATen/core/ivalue.h>
@@ -28,6 +29,9 @@ void copy_weights(TensorMap& targets, const TensorMap& weights);
 /// a parameter or buffer takes the tensor's storage where neither shares its
 /// storage, and is copied into otherwise. Cannot fail half-way.
 void install_weights(torch::nn::Module& module, const TensorMap& weights);
+
+/// Calls `visit` with every tensor inside `value` (dicts, lists, tuples), depth first.
+void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit);
 
 /// Key of the entry that describes a torchfit checkpoint's items.
 inline constexpr const char* kMetadataKey = "torchfit";

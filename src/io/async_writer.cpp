@@ -23,13 +23,20 @@ AsyncWriter::~AsyncWriter() {
   thread_.join();
 }
 
-void AsyncWriter::submit(std::function<void()> job) {
+void AsyncWriter::submit(std::function<void()> job, std::function<void()> first) {
   std::unique_lock<std::mutex> lock(mutex_);
   if (busy_) throw Error("AsyncWriter: a save is already in flight; wait() first");
   job_ = std::move(job);
+  first_ = std::move(first);
+  first_pending_ = static_cast<bool>(first_);
   busy_ = true;
   lock.unlock();
   changed_.notify_all();
+}
+
+void AsyncWriter::wait_first() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [this] { return !first_pending_; });
 }
 
 void AsyncWriter::wait() {
@@ -43,13 +50,25 @@ void AsyncWriter::run() {
   for (;;) {
     changed_.wait(lock, [this] { return stopping_ || busy_; });
     if (busy_) {
+      auto first = std::move(first_);
       auto job = std::move(job_);
       lock.unlock();
       std::exception_ptr error;
       try {
-        job();
+        if (first) first();
       } catch (...) {
         error = std::current_exception();
+      }
+      lock.lock();
+      first_pending_ = false;
+      changed_.notify_all();
+      lock.unlock();
+      if (!error) {
+        try {
+          job();
+        } catch (...) {
+          error = std::current_exception();
+        }
       }
       lock.lock();
       error_ = error;

@@ -18,8 +18,12 @@ class AsyncWriter {
   AsyncWriter(const AsyncWriter&) = delete;
   AsyncWriter& operator=(const AsyncWriter&) = delete;
 
-  /// Runs `job` in the background. Call `wait()` first: one job at a time.
-  void submit(std::function<void()> job);
+  /// Runs `first` (if any), then `job`, in the background; `job` is skipped when
+  /// `first` fails. Call `wait()` first: one job at a time.
+  void submit(std::function<void()> job, std::function<void()> first = {});
+  /// Blocks until `first` of the job in flight is done (or failed); errors are
+  /// left to `wait()`.
+  void wait_first();
   /// Blocks until no job is in flight, then rethrows the error of the last job, once.
   void wait();
 
@@ -28,8 +32,10 @@ class AsyncWriter {
 
   std::mutex mutex_;
   std::condition_variable changed_;
+  std::function<void()> first_;
   std::function<void()> job_;
   bool busy_ = false;
+  bool first_pending_ = false;
   bool stopping_ = false;
   std::exception_ptr error_;
   std::thread thread_;

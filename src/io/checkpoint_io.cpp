@@ -95,12 +95,28 @@ AsyncCheckpointIO::~AsyncCheckpointIO() {
 }
 
 void AsyncCheckpointIO::save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit) {
-  writer_->wait();  // one save in flight; its buffers are about to be reused
-  auto copy = snapshot_->capture(checkpoint);
-  writer_->submit([storage = storage_, copy = std::move(copy), path, on_commit] {
-    storage->save(copy, path, on_commit);
-  });
+  save_with_hints(checkpoint, path, SaveHints(), on_commit);
 }
+
+void AsyncCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std::string& path,
+                                        const SaveHints& hints, const OnCommit& on_commit) {
+  writer_->wait();  // one save in flight; its buffers are about to be reused
+  c10::IValue copy;
+  try {
+    copy = snapshot_->capture(checkpoint, hints);
+  } catch (...) {
+    snapshot_->invalidate();
+    throw;
+  }
+  std::function<void()> deferred;
+  if (snapshot_->stats().deferred > 0) deferred = [snapshot = snapshot_.get()] { snapshot->copy_deferred(); };
+  writer_->submit([storage = storage_, copy = std::move(copy), path, on_commit] { storage->save(copy, path, on_commit); },
+                  std::move(deferred));
+}
+
+void AsyncCheckpointIO::before_update() { writer_->wait_first(); }
+
+SnapshotStats AsyncCheckpointIO::last_snapshot() const { return snapshot_->stats(); }
 
 c10::IValue AsyncCheckpointIO::load(const std::string& path) {
   writer_->wait();

@@ -1,8 +1,40 @@
 #include "io/snapshot.h"
 
+#include <cstring>
+
 #include <ATen/ATen.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <fmt/format.h>
+
+#include "torchfit/error.h"
 
 namespace torchfit::detail {
+namespace {
+
+constexpr int kSamples = 8;
+
+/// A few elements of a contiguous CPU tensor equal those of its copy: catches most
+/// writes that bypass the version counter (through `.data()` or raw pointers).
+bool samples_match(const at::Tensor& tensor, const at::Tensor& buffer) {
+  if (!tensor.device().is_cpu() || !tensor.is_contiguous()) return true;
+  const int64_t n = tensor.numel();
+  const size_t item = tensor.element_size();
+  auto* a = static_cast<const char*>(tensor.data_ptr());
+  auto* b = static_cast<const char*>(buffer.data_ptr());
+  for (int i = 0; i < kSamples && n > 0; ++i) {
+    int64_t at = (n - 1) * i / (kSamples - 1);
+    if (std::memcmp(a + at * item, b + at * item, item) != 0) return false;
+  }
+  return true;
+}
+
+std::string describe_name(const c10::IValue& name) {
+  return name.isString() ? fmt::format("'{}'", name.toStringRef()) : std::string("of the checkpoint");
+}
+
+}  // namespace
+
 void copy_into(at::Tensor& buffer, const at::Tensor& value) {
   if (!value.defined()) {
     buffer = at::Tensor();
@@ -13,48 +45,143 @@ void copy_into(at::Tensor& buffer, const at::Tensor& value) {
                   buffer.scalar_type() == value.scalar_type() && buffer.is_contiguous();
   if (!reusable) {
     // Pinned host memory for device tensors, so the device-to-host copy runs at full speed.
-    auto options = value.options().device(at::kCPU).pinned_memory(value.is_cuda());
+    auto options = value.options().device(at::kCPU).pinned_memory(!value.device().is_cpu());
     buffer = at::empty(value.sizes(), options);
   }
   buffer.copy_(value);
 }
 
-c10::IValue Snapshot::capture(const c10::IValue& value) {
+c10::IValue Snapshot::capture(const c10::IValue& value, const SaveHints& hints) {
   next_ = 0;
-  auto out = copy(value);
-  buffers_.resize(next_);  // a smaller state frees what it no longer uses
+  deferred_.clear();
+  ready_.clear();
+  stats_ = SnapshotStats();
+  auto out = copy(value, c10::IValue(), hints);
+  slots_.resize(next_);  // a smaller state frees what it no longer uses
   return out;
 }
 
 size_t Snapshot::nbytes() const {
   size_t total = 0;
-  for (const auto& buffer : buffers_) total += buffer.defined() ? buffer.nbytes() : 0;
+  for (const auto& slot : slots_) total += slot.buffer.defined() ? slot.buffer.nbytes() : 0;
   return total;
 }
 
-c10::IValue Snapshot::copy(const c10::IValue& value) {
-  if (value.isTensor()) {
-    if (next_ == buffers_.size()) buffers_.emplace_back();
-    auto& buffer = buffers_[next_++];
-    copy_into(buffer, value.toTensor());
-    return buffer;
+void Snapshot::invalidate() {
+  for (auto& slot : slots_) slot.version = -1;
+  deferred_.clear();
+  ready_.clear();
+}
+
+bool Snapshot::holds(const Slot& slot, const at::Tensor& tensor) const {
+  if (slot.version < 0 || tensor.is_inference() || !slot.buffer.defined()) return false;
+  return slot.storage && slot.storage->_unsafe_get_target() == tensor.storage().unsafeGetStorageImpl() &&
+         slot.data == tensor.data_ptr() && slot.version == tensor._version() &&
+         slot.buffer.sizes() == tensor.sizes() && slot.buffer.scalar_type() == tensor.scalar_type() &&
+         tensor.is_contiguous() && samples_match(tensor, slot.buffer);
+}
+
+at::Tensor Snapshot::copy_tensor(const at::Tensor& tensor, const c10::IValue& name, const SaveHints& hints) {
+  if (next_ == slots_.size()) slots_.emplace_back();
+  const size_t index = next_++;
+  Slot& slot = slots_[index];
+  if (!tensor.defined()) {
+    slot = Slot();
+    return at::Tensor();
   }
+  const bool by_step = hints.updated_by_step && hints.updated_by_step(tensor);
+  if (by_step && holds(slot, tensor)) {
+    stats_.reused += slot.buffer.nbytes();
+    return slot.buffer;
+  }
+  const bool trackable = by_step && !tensor.is_inference() && tensor.is_contiguous();
+  slot.version = -1;
+  if (trackable) {
+    slot.storage = tensor.storage().getWeakStorageImpl();
+    slot.data = tensor.data_ptr();
+  }
+  if (by_step && hints.defer_copy) {
+    // Sized now, filled by the writer: the result refers to this very buffer.
+    if (!(slot.buffer.defined() && slot.buffer.sizes() == tensor.sizes() &&
+          slot.buffer.scalar_type() == tensor.scalar_type())) {
+      auto options = tensor.options().device(at::kCPU).pinned_memory(!tensor.device().is_cpu());
+      slot.buffer = at::empty(tensor.sizes(), options);
+    }
+    if (!tensor.device().is_cpu()) {
+      bool recorded = false;
+      for (const auto& event : ready_) recorded |= event.device() == tensor.device();
+      if (!recorded) {
+        // What was queued on the device before the save point comes first.
+        c10::impl::VirtualGuardImpl device(tensor.device().type());
+        ready_.emplace_back(tensor.device().type());
+        ready_.back().record(device.getStream(tensor.device()));
+      }
+    }
+    deferred_.push_back({index, tensor, trackable ? tensor._version() : -1, name});
+    stats_.deferred += tensor.nbytes();
+    return slot.buffer;
+  }
+  copy_into(slot.buffer, tensor);
+  if (trackable) slot.version = tensor._version();
+  stats_.copied += tensor.nbytes();
+  return slot.buffer;
+}
+
+void Snapshot::copy_deferred() {
+  at::NoGradGuard no_grad;
+  // Device tensors go through a side stream that first waits for the save point.
+  std::vector<c10::Stream> streams;
+  for (auto& event : ready_) {
+    c10::impl::VirtualGuardImpl device(event.device_type());
+    streams.push_back(device.getStreamFromGlobalPool(event.device()));
+    event.block(streams.back());
+  }
+  for (const auto& item : deferred_) {
+    auto& buffer = slots_[item.slot].buffer;
+    if (item.source.device().is_cpu()) {
+      buffer.copy_(item.source);
+      continue;
+    }
+    for (const auto& stream : streams) {
+      if (stream.device() != item.source.device()) continue;
+      c10::StreamGuard guard(stream);
+      buffer.copy_(item.source, /*non_blocking=*/true);
+    }
+  }
+  for (const auto& stream : streams) stream.synchronize();
+  for (const auto& item : deferred_) {
+    if (item.version < 0) continue;
+    if (item.source._version() != item.version) {
+      invalidate();
+      throw CheckpointError(fmt::format(
+          "Tensor {} changed in place while a background save was still copying it, so the file would not hold "
+          "the state of its save point; call before_update() before changing parameters or optimizer state",
+          describe_name(item.name)));
+    }
+    slots_[item.slot].version = item.version;
+  }
+  deferred_.clear();
+  ready_.clear();
+}
+
+c10::IValue Snapshot::copy(const c10::IValue& value, const c10::IValue& name, const SaveHints& hints) {
+  if (value.isTensor()) return copy_tensor(value.toTensor(), name, hints);
   if (value.isGenericDict()) {
     const auto& dict = value.toGenericDict();
     c10::impl::GenericDict out(dict.keyType(), dict.valueType());
-    for (const auto& entry : dict) out.insert(entry.key(), copy(entry.value()));
+    for (const auto& entry : dict) out.insert(entry.key(), copy(entry.value(), entry.key(), hints));
     return out;
   }
   if (value.isList()) {
     const auto& list = value.toList();
     c10::impl::GenericList out(list.elementType());
-    for (size_t i = 0; i < list.size(); ++i) out.push_back(copy(list.get(i)));
+    for (size_t i = 0; i < list.size(); ++i) out.push_back(copy(list.get(i), name, hints));
     return out;
   }
   if (value.isTuple()) {
     std::vector<c10::IValue> items;
     const auto& elements = value.toTupleRef().elements();
-    for (size_t i = 0; i < elements.size(); ++i) items.push_back(copy(elements[i]));
+    for (size_t i = 0; i < elements.size(); ++i) items.push_back(copy(elements[i], name, hints));
     return c10::ivalue::Tuple::create(std::move(items));
   }
   return value;

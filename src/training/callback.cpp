@@ -40,6 +40,10 @@ void CallbackList::on_train_setup() {
   for (auto& c : callbacks_) c->on_train_setup();
 }
 
+void CallbackList::on_before_update() {
+  for (auto& c : callbacks_) c->on_before_update();
+}
+
 TORCHFIT_DISPATCH(on_train_begin, (const Logs& logs), (logs))
 TORCHFIT_DISPATCH(on_train_end, (const Logs& logs), (logs))
 TORCHFIT_DISPATCH(on_epoch_begin, (int64_t epoch, const Logs& logs), (epoch, logs))

@@ -1,6 +1,7 @@
 #include "torchfit/trainer.h"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include <ATen/ATen.h>
@@ -202,6 +203,17 @@ double Trainer::allreduce_seconds() const { return collectives_ ? collectives_->
 
 void Trainer::barrier(const char* what) const {
   if (collectives_) collectives_->barrier(what);
+}
+
+std::string Trainer::broadcast_from_main(const std::string& message, const char* what) const {
+  if (!collectives_) return message;
+  auto length = at::tensor({static_cast<int64_t>(message.size())}, at::kLong);
+  collectives_->broadcast_from_root({length}, what);
+  auto bytes = at::zeros({length.item<int64_t>()}, at::kByte);
+  if (rank() == 0 && !message.empty()) std::memcpy(bytes.data_ptr(), message.data(), message.size());
+  if (bytes.numel() == 0) return {};
+  collectives_->broadcast_from_root({bytes}, what);
+  return std::string(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
 }
 
 const Metric* Trainer::find_metric(const std::string& name) const {
@@ -423,6 +435,7 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
         }
         value.backward();
         if (collectives_) collectives_->average_gradients(model_->parameters());
+        callbacks.on_before_update();  // a background save's copy of the state is done
         if (!output.defined()) {  // LBFGS may evaluate more than once; log the first
           output = out.detach();
           loss = value.detach();
@@ -452,6 +465,7 @@ History Trainer::fit_passes(const detail::EpochPass& pass,
     callbacks.on_epoch_end(epoch, epoch_logs);
     if (stop_training_) break;
   }
+  callbacks.on_before_update();  // on_train_end may restore weights
   callbacks.on_train_end(epoch_logs);
   return *history;
 }

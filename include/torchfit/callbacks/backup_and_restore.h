@@ -70,6 +70,7 @@ class BackupAndRestore : public Callback {
   void on_epoch_begin(int64_t epoch, const Logs& logs) override;
   void on_train_batch_begin(int64_t batch, const Logs& logs) override;
   void on_train_batch_end(int64_t batch, const Logs& logs) override;
+  void on_before_update() override;
 
  private:
   /// Backs up now, unless nothing was trained since the last backup or restore.

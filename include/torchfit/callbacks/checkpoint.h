@@ -44,6 +44,7 @@ class CheckpointCallback : public MonitorCallback {
   void on_epoch_begin(int64_t epoch, const Logs& logs) override;
   void on_epoch_end(int64_t epoch, const Logs& logs) override;
   void on_train_batch_end(int64_t batch, const Logs& logs) override;
+  void on_before_update() override;
 
   /// Built from the filepath and every option that changes decisions.
   std::string state_key() const override;
@@ -58,9 +59,14 @@ class CheckpointCallback : public MonitorCallback {
 
  private:
   void save_model(int64_t epoch, std::optional<int64_t> batch, const Logs& logs);
+  /// Data-parallel async saves: rank 0 waits for its save in flight and every
+  /// rank raises its error, if any.
+  void settle_across_ranks();
 
   std::unique_ptr<CheckpointManager> manager_;
   int64_t current_epoch_ = 0;
+  bool async_save_ = false;       // as configured (ranks other than 0 write nothing, so save synchronously)
+  bool background_save_ = false;  // data-parallel: an async save whose outcome the ranks have not shared
 };
 
 }  // namespace torchfit

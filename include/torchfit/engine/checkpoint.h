@@ -16,6 +16,7 @@
 /// whose "generator" is a state dict and "g_opt" an optimizer state dict.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -100,6 +101,10 @@ class Checkpoint {
   /// The whole state as data: a dict from item names to their state (tensors are
   /// the live ones, not copies), plus a "torchfit" entry describing the format.
   c10::IValue state_dict() const;
+  /// Whether a tensor is one only optimizer steps change in place: a parameter of
+  /// a module item, or part of an optimizer item's state. Async saves copy these
+  /// late, or not at all when unchanged (see `SaveHints`).
+  std::function<bool(const at::Tensor&)> updated_by_step() const;
   /// The modules' state dicts only: one module's flat state dict, or a dict from
   /// module names to state dicts when there are several (weights-only files).
   c10::IValue weights_state_dict() const;

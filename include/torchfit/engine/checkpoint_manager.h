@@ -10,7 +10,9 @@
 ///             .monitor("g_loss").mode(torchfit::Mode::Min).save_top_k(3).save_last(true).async_save(true));
 ///     std::optional<std::string> from = manager.restore_latest(state);  // resume, if there is a file
 ///     for (; step < steps; ++step) {
-///       ...                                                            // train
+///       ...                                                            // forward, backward
+///       manager.before_update();                                       // the last save's copy is done
+///       g_opt->step();
 ///       manager.save(state, {{"step", double(step)}, {"g_loss", g_loss}});
 ///     }
 ///     manager.wait();                                                  // the last save is durable
@@ -54,6 +56,12 @@ class CheckpointManager {
   /// a bad template and `CheckpointError` when writing fails; the manager's state
   /// then stays as before the call.
   bool save(const Checkpoint& state, const Logs& logs);
+  /// Call before the saved tensors change: before each `optimizer.step()` (and
+  /// any other in-place change of parameters or optimizer state). Once it has
+  /// been called, async saves return before copying parameters and optimizer
+  /// state; the copy overlaps the next forward and backward pass, and this call
+  /// waits for it only if it is unfinished. Without it, saves copy at once.
+  void before_update();
   /// Waits until the save in flight is durable; raises its error, restoring the
   /// manager's state (best, kept files) to what it was before that save.
   void wait();
@@ -127,6 +135,7 @@ class CheckpointManager {
   Record before_pending_;
   std::string protected_path_;
   int64_t saves_ = 0;
+  bool guards_updates_ = false;  // before_update() has been called: saves may copy late
 };
 
 }  // namespace torchfit

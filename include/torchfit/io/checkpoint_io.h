@@ -11,6 +11,7 @@
 /// A checkpoint is data: a `c10::IValue` dict (names to tensors, numbers, strings,
 /// lists and dicts), as `Checkpoint::state_dict()` builds it.
 
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -21,6 +22,9 @@
 
 namespace c10 {
 struct IValue;
+}
+namespace at {
+class Tensor;
 }
 
 namespace torchfit {
@@ -34,6 +38,25 @@ class Snapshot;
 struct SaveOptions {
   /// False skips the fsyncs: faster, but a crash can lose the file (for comparisons only).
   TORCHFIT_ARG(bool, fsync) = true;
+};
+
+/// What a caller knows about a checkpoint's tensors, so async storage can copy less
+/// and later (`CheckpointManager` fills it in).
+struct SaveHints {
+  /// True for tensors that only optimizer steps change in place (parameters and
+  /// optimizer state). Async storage does not copy such a tensor again while its
+  /// storage and version counter are those of the copy it holds.
+  std::function<bool(const at::Tensor&)> updated_by_step;
+  /// The caller calls `before_update()` before those tensors change, so async
+  /// storage may copy them after `save` returned, while training goes on.
+  bool defer_copy = false;
+};
+
+/// Bytes of a checkpoint's tensors by what an async save did with them.
+struct SnapshotStats {
+  size_t copied = 0;    ///< copied on the caller's thread, in `save`
+  size_t deferred = 0;  ///< copied by the writer, before `before_update()` returned
+  size_t reused = 0;    ///< unchanged since the previous save: not copied again
 };
 
 /// Name of the pointer file `save_last` keeps next to the checkpoints.
@@ -55,6 +78,17 @@ class CheckpointIO {
 
   /// Stores `checkpoint` at `path`, then runs `on_commit`. Throws `CheckpointError`.
   virtual void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) = 0;
+  /// `save` with hints about the tensors. Storage that has no use for them (the
+  /// default) calls `save`.
+  virtual void save_with_hints(const c10::IValue& checkpoint, const std::string& path, const SaveHints& hints,
+                               const OnCommit& on_commit = {}) {
+    (void)hints;
+    save(checkpoint, path, on_commit);
+  }
+  /// Returns once no save reads the tensors a `save_with_hints` with `defer_copy`
+  /// left to copy later: call it before they change (before `optimizer.step()`).
+  /// A no-op for storage that copies nothing late.
+  virtual void before_update() {}
   /// The checkpoint at `path`, verified. Throws `CheckpointError` naming the path
   /// when it is missing, damaged or not a checkpoint.
   virtual c10::IValue load(const std::string& path) = 0;
@@ -100,15 +134,21 @@ class FileCheckpointIO : public CheckpointIO {
 
 /// Saves in the background through another `CheckpointIO`. `save` copies the
 /// checkpoint's tensors into reusable buffers on the caller's thread and returns;
-/// one writer thread stores the copy. At most one save is in flight: the next
-/// `save` waits for it first. A failed background save is raised by the next
-/// `save` or `wait`; the destructor waits and logs it.
+/// one writer thread stores the copy. With `SaveHints`, tensors unchanged since
+/// the last save are not copied again, and with `defer_copy` the writer copies
+/// the step-updated tensors itself, before `before_update()` returns, while the
+/// caller runs the next forward and backward pass. At most one save is in flight:
+/// the next `save` waits for it first. A failed background save is raised by the
+/// next `save` or `wait`; the destructor waits and logs it.
 class AsyncCheckpointIO : public CheckpointIO {
  public:
   explicit AsyncCheckpointIO(std::shared_ptr<CheckpointIO> storage);
   ~AsyncCheckpointIO() override;
 
   void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) override;
+  void save_with_hints(const c10::IValue& checkpoint, const std::string& path, const SaveHints& hints,
+                       const OnCommit& on_commit = {}) override;
+  void before_update() override;
   /// Waits for the save in flight first, so a file being written is read whole.
   c10::IValue load(const std::string& path) override;
   void remove(const std::string& path) override;
@@ -118,6 +158,8 @@ class AsyncCheckpointIO : public CheckpointIO {
   std::optional<std::string> latest(const std::string& directory) override;
 
   const std::shared_ptr<CheckpointIO>& storage() const { return storage_; }
+  /// What the last save copied, deferred and reused.
+  SnapshotStats last_snapshot() const;
 
  private:
   std::shared_ptr<CheckpointIO> storage_;

@@ -99,6 +99,8 @@ void BackupAndRestore::on_train_batch_begin(int64_t, const Logs&) {
 
 void BackupAndRestore::on_train_batch_end(int64_t, const Logs&) { ++batches_since_backup_; }
 
+void BackupAndRestore::on_before_update() { manager_->before_update(); }
+
 void BackupAndRestore::on_train_end(const Logs&) {
   manager_->wait();
   if (!options_.delete_checkpoint()) return;

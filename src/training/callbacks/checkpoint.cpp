@@ -41,6 +41,7 @@ Logs with_position(const Logs& logs, int64_t epoch, std::optional<int64_t> batch
 
 CheckpointCallback::CheckpointCallback(CheckpointOptions options) : MonitorCallback("CheckpointCallback", monitor_for(options)) {
   if (options.filepath().empty()) throw ValueError("CheckpointCallback: filepath must not be empty");
+  async_save_ = options.async_save();
   manager_ = std::make_unique<CheckpointManager>(std::move(options), tracker_);
 }
 
@@ -69,7 +70,12 @@ void CheckpointCallback::on_train_begin(const Logs& logs) {
   if (std::filesystem::is_directory(dir.empty() ? "." : dir, ec)) detail::remove_stale_temporaries(dir);
 }
 
-void CheckpointCallback::on_train_end(const Logs&) { wait(); }
+void CheckpointCallback::on_train_end(const Logs&) {
+  settle_across_ranks();
+  wait();
+}
+
+void CheckpointCallback::on_before_update() { manager_->before_update(); }
 
 void CheckpointCallback::on_epoch_begin(int64_t epoch, const Logs&) { current_epoch_ = epoch; }
 
@@ -83,12 +89,35 @@ void CheckpointCallback::on_train_batch_end(int64_t batch, const Logs& logs) {
 
 void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch, const Logs& logs) {
   if (context_ == nullptr) throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
+  const int64_t every = options().save_freq().every_n_batches();
+  if (every <= 0 || manager_->calls_since_last_save() + 1 >= every) settle_across_ranks();  // a save point
   bool saved = manager_->save(context_->checkpoint(CheckpointScope().caller(this)), with_position(logs, epoch, batch));
-  if (saved && context_->world_size() > 1) {
-    // Data-parallel: rank 0's save is durable before any rank runs ahead of it.
+  if (!saved || context_->world_size() == 1) return;
+  if (async_save_) {
+    background_save_ = true;  // its outcome is shared at the next save point or the end
+  } else {
+    // Data-parallel sync saves: rank 0's file is durable before any rank runs ahead of it.
     if (context_->is_main_process()) manager_->wait();
     context_->barrier("checkpoint barrier");
   }
+}
+
+void CheckpointCallback::settle_across_ranks() {
+  if (!background_save_) return;
+  background_save_ = false;
+  // Rank 0 finishes its background save; every rank learns how it went and fails alike.
+  std::string error;
+  if (context_->is_main_process()) {
+    try {
+      manager_->wait();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  error = context_->broadcast_from_main(error, "checkpoint status broadcast");
+  if (error.empty()) return;
+  if (context_->is_main_process()) throw CheckpointError(error);
+  throw CheckpointError(fmt::format("Rank 0's background checkpoint save failed: {}", error));
 }
 
 void CheckpointCallback::wait() { manager_->wait(); }
