@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <new>
@@ -13,23 +15,11 @@
 #include <torch/serialize/input-archive.h>
 
 #include "format/python_pickle.h"
+#include "format/state_dict.h"
 #include "torchfit/error.h"
 
 namespace torchfit::detail {
 namespace {
-
-/// Every tensor inside `value`, depth first.
-void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit) {
-  if (value.isTensor()) {
-    visit(value.toTensor());
-  } else if (value.isGenericDict()) {
-    for (const auto& entry : value.toGenericDict()) for_each_tensor(entry.value(), visit);
-  } else if (value.isList()) {
-    for (const auto& item : value.toListRef()) for_each_tensor(item, visit);
-  } else if (value.isTuple()) {
-    for (const auto& item : value.toTupleRef().elements()) for_each_tensor(item, visit);
-  }
-}
 
 FileReader open_regular_file(const std::string& path) {
   std::error_code ec;
@@ -61,17 +51,32 @@ void rethrow_as_checkpoint_error(const std::string& path) {
 
 CheckpointFile::CheckpointFile(const std::string& path) : reader_(open_regular_file(path)) {
   guard_read(path, [&] {
-    auto integrity = check_integrity(reader_);
-    if (integrity.status == Integrity::Status::Corrupt) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, integrity.reason));
+    trailer_ = read_trailer(reader_);
+    if (trailer_.integrity.status == Integrity::Status::Corrupt) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, trailer_.integrity.reason));
     }
-    checksummed_ = integrity.status == Integrity::Status::Intact;
-    records_ = list_records(reader_);
+    checksummed_ = trailer_.integrity.status == Integrity::Status::Intact;
+    try {
+      records_ = list_records(reader_);
+    } catch (const CheckpointError&) {
+      verify();  // a checksum mismatch explains a broken structure best
+      throw;
+    }
     for (const auto& [name, span] : records_) names_[span.offset] = name;
   });
 }
 
+void CheckpointFile::verify() const {
+  if (!checksummed_ || verified_) return;
+  auto integrity = check_integrity(reader_);
+  if (integrity.status != Integrity::Status::Intact) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(), integrity.reason));
+  }
+  verified_ = true;
+}
+
 void CheckpointFile::read(const std::vector<ReadJob>& jobs) const {
+  verify();
   for (const auto& job : jobs) {
     if (job.span.method != 0) {
       throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} is compressed; torch.save stores "
@@ -89,7 +94,10 @@ DeferredPickle CheckpointFile::unpickle() const {
   if (pickle_record == records_.end()) {
     throw CheckpointError(fmt::format("Checkpoint {} is damaged: it has no data.pkl record", path()));
   }
-  if (checksummed_) return unpickle_deferred(reader_, records_);
+  if (checksummed_) {
+    verify();
+    return unpickle_deferred(reader_, records_);
+  }
 
   std::string pickle(pickle_record->second.size, '\0');
   read({{pickle_record->second, pickle.data()}});
@@ -113,7 +121,69 @@ DeferredPickle CheckpointFile::unpickle() const {
   return out;
 }
 
+c10::IValue CheckpointFile::read_all_once() const {
+  auto damaged = [&](const std::string& what) {
+    return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(), what));
+  };
+  auto pickle_record = records_.find("data.pkl");
+  if (pickle_record == records_.end()) throw damaged("it has no data.pkl record");
+  std::string pickle(pickle_record->second.size, '\0');
+  std::vector<ReadJob> jobs{{pickle_record->second, pickle.data()}};
+  struct Storage {
+    at::DataPtr data;
+    const void* address;
+    uint64_t size;
+  };
+  std::map<std::string, Storage> storages;
+  for (const auto& [name, span] : records_) {
+    if (name.rfind("data/", 0) != 0) continue;
+    if (span.method != 0) throw damaged(fmt::format("record {} is compressed", name));
+    // Records lie inside the checksummed bytes without overlapping (checked
+    // below), so the allocations add up to less than the file's size.
+    if (span.offset + span.size > trailer_.covered) throw damaged(fmt::format("record {} runs into the checksum", name));
+    auto data = c10::GetCPUAllocator()->allocate(span.size);
+    const void* address = data.get();
+    jobs.push_back({span, const_cast<void*>(address)});
+    storages[name.substr(5)] = {std::move(data), address, span.size};
+  }
+  std::vector<const RecordSpan*> spans;
+  for (const auto& job : jobs) spans.push_back(&job.span);
+  std::sort(spans.begin(), spans.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i - 1]->offset + spans[i - 1]->size > spans[i]->offset) throw damaged("two records overlap");
+  }
+  uint32_t computed = read_once(reader_, jobs, trailer_.covered);
+  if (computed != trailer_.checksum) throw damaged(checksum_mismatch(trailer_.checksum, computed).reason);
+  verified_ = true;
+
+  std::map<const void*, uint64_t> sizes;
+  auto value = unpickle_trusted(
+      pickle,
+      [&](const std::string& key) -> at::DataPtr {
+        auto it = storages.find(key);
+        if (it == storages.end()) throw damaged(fmt::format("no record for storage {}", key));
+        auto& storage = it->second;
+        if (storage.data) {
+          sizes[storage.address] = storage.size;
+          return std::move(storage.data);
+        }
+        // Asked for twice: a copy of what the first tensor took.
+        auto copy = c10::GetCPUAllocator()->allocate(storage.size);
+        if (storage.size > 0) std::memcpy(copy.get(), storage.address, storage.size);
+        sizes[copy.get()] = storage.size;
+        return copy;
+      },
+      path());
+  for_each_tensor(value, [&](const at::Tensor& tensor) {
+    if (tensor.storage().nbytes() == 0) return;
+    auto it = sizes.find(tensor.storage().data());
+    if (it == sizes.end() || tensor.storage().nbytes() > it->second) throw damaged("a tensor overruns its record");
+  });
+  return value;
+}
+
 c10::IValue CheckpointFile::read_all() const {
+  if (checksummed_) return read_all_once();
   auto pickle = unpickle();
   for_each_tensor(pickle.value, [&](const at::Tensor& tensor) {
     if (tensor.storage().nbytes() == 0) return;
@@ -150,7 +220,11 @@ void CheckpointFile::check_all_records() const {
 
 void CheckpointFile::load_archive(torch::serialize::InputArchive& archive) const {
   // LibTorch's importer trusts what it reads: only intact files reach it.
-  if (!checksummed_) check_all_records();
+  if (checksummed_) {
+    verify();
+  } else {
+    check_all_records();
+  }
   auto read = [this](uint64_t position, void* buffer, size_t n) -> size_t {
     if (position >= reader_.size()) return 0;
     n = static_cast<size_t>(std::min<uint64_t>(n, reader_.size() - position));

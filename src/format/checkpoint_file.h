@@ -4,7 +4,8 @@
 // delete in between cannot change what is read.
 //
 // Files torchfit wrote carry a checksum of their whole content; it is checked
-// before anything is parsed, and only such files reach LibTorch's unpickler.
+// before anything is parsed (while everything is read, in one pass, when the
+// whole file is wanted), and only such files reach LibTorch's unpickler.
 // Files of other tools are parsed by our own unpickler, and the zip CRC32 of every
 // record is checked as it is read; their module archives reach LibTorch's
 // importer only after all their records were checked.
@@ -26,14 +27,18 @@ namespace torchfit::detail {
 class CheckpointFile {
  public:
   /// Opens and checks `path`: an existing regular file, a zip archive whose
-  /// records all lie inside it, and the checksum if it carries one. Throws
-  /// CheckpointError naming the path and what is wrong.
+  /// records all lie inside it. Throws CheckpointError naming the path and what
+  /// is wrong. The checksum is compared by `verify()`, which everything that
+  /// trusts the file calls first.
   explicit CheckpointFile(const std::string& path);
 
   const std::string& path() const { return reader_.path(); }
   const FileReader& reader() const { return reader_; }
-  /// Written by torchfit and intact (the whole-file checksum matched).
+  /// Written by torchfit: the file carries a whole-file checksum.
   bool checksummed() const { return checksummed_; }
+  /// Compares the checksum of a checksummed file with its content, once; throws
+  /// CheckpointError when they differ.
+  void verify() const;
   const std::map<std::string, RecordSpan>& records() const { return records_; }
   /// A LibTorch module archive: torch::save(module), torchfit 0.1 full checkpoints, TorchScript.
   bool is_module_archive() const { return records_.count("constants.pkl") > 0; }
@@ -42,7 +47,9 @@ class CheckpointFile {
   DeferredPickle unpickle() const;
   /// Runs the reads (each a whole record); checks their zip CRC32s unless checksummed.
   void read(const std::vector<ReadJob>& jobs) const;
-  /// unpickle(), then every storage read.
+  /// The whole object with every storage read. A checksummed file is read in one
+  /// pass: every byte once, into fresh storages, checksummed as it arrives, and
+  /// parsed only once the checksum matched.
   c10::IValue read_all() const;
   /// What torchfit::load reads: read_all() of a file torchfit wrote. Other files are
   /// refused, saying what they are and what reads them.
@@ -52,8 +59,11 @@ class CheckpointFile {
 
  private:
   void check_all_records() const;
+  c10::IValue read_all_once() const;
   FileReader reader_;
+  Trailer trailer_;
   bool checksummed_ = false;
+  mutable bool verified_ = false;
   std::map<std::string, RecordSpan> records_;
   std::map<uint64_t, std::string> names_;  // record name by data offset, for messages
 };

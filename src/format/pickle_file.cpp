@@ -62,13 +62,8 @@ void write_pickle(ChecksumSink& sink, const c10::IValue& value) {
   zip.finish();
 }
 
-DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::string, RecordSpan>& records) {
-  const auto& path = file.path();
-  auto pickle_record = records.find("data.pkl");
-  if (pickle_record == records.end()) {
-    throw CheckpointError(fmt::format("Checkpoint {} is damaged: it has no data.pkl record", path));
-  }
-  const std::string pickle = file.read_at(pickle_record->second.offset, pickle_record->second.size);
+c10::IValue unpickle_trusted(const std::string& pickle, const std::function<at::DataPtr(const std::string&)>& storage,
+                             const std::string& path) {
   size_t position = 0;
   auto reader = [&](char* buffer, size_t n) -> size_t {
     n = std::min(n, pickle.size() - position);
@@ -76,22 +71,34 @@ DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::str
     position += n;
     return n;
   };
-  DeferredPickle out;
-  auto read_record = [&](const std::string& key) -> at::DataPtr {
-    auto it = records.find("data/" + key);
-    if (it == records.end()) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: no record for storage {}", path, key));
-    }
-    auto data = c10::GetCPUAllocator()->allocate(it->second.size);
-    out.spans[data.get()] = it->second;
-    return data;
-  };
   try {
-    torch::jit::Unpickler unpickler(reader, nullptr, nullptr, read_record, at::Device(at::kCPU));
-    out.value = unpickler.parse_ivalue();
+    torch::jit::Unpickler unpickler(reader, nullptr, nullptr, storage, at::Device(at::kCPU));
+    return unpickler.parse_ivalue();
   } catch (const c10::Error& e) {
     throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path, e.what_without_backtrace()));
   }
+}
+
+DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::string, RecordSpan>& records) {
+  const auto& path = file.path();
+  auto pickle_record = records.find("data.pkl");
+  if (pickle_record == records.end()) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: it has no data.pkl record", path));
+  }
+  const std::string pickle = file.read_at(pickle_record->second.offset, pickle_record->second.size);
+  DeferredPickle out;
+  out.value = unpickle_trusted(
+      pickle,
+      [&](const std::string& key) -> at::DataPtr {
+        auto it = records.find("data/" + key);
+        if (it == records.end()) {
+          throw CheckpointError(fmt::format("Checkpoint {} is damaged: no record for storage {}", path, key));
+        }
+        auto data = c10::GetCPUAllocator()->allocate(it->second.size);
+        out.spans[data.get()] = it->second;
+        return data;
+      },
+      path);
   return out;
 }
 

@@ -3,6 +3,7 @@
 // record per tensor storage. torchfit writes every checkpoint this way, so
 // Python's torch.load reads them.
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -27,6 +28,12 @@ struct DeferredPickle {
 /// with LibTorch's unpickler; reading the storages is left to the caller (all of
 /// them, or only those it keeps). Throws CheckpointError naming the path.
 DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::string, RecordSpan>& records);
+
+/// Parses `pickle` (bytes of a file whose checksum matched) with LibTorch's
+/// unpickler, taking the storage of record "data/<key>" from `storage(key)`.
+/// Throws CheckpointError naming `path`.
+c10::IValue unpickle_trusted(const std::string& pickle, const std::function<at::DataPtr(const std::string&)>& storage,
+                             const std::string& path);
 
 /// Encodes `value` into an in-memory torch.save file (with our checksum).
 std::string pickle_to_bytes(const c10::IValue& value);

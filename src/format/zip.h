@@ -123,6 +123,23 @@ struct Integrity {
   std::string reason;  // why it is not intact
 };
 
+/// What a file's end says: `Intact` here means it carries a torchfit checksum
+/// (`checksum`, not yet compared), `NoChecksum` another tool's zip, `Corrupt` damage.
+struct Trailer {
+  Integrity integrity;
+  uint32_t checksum = 0;
+  uint64_t covered = 0;  // bytes the checksum covers: all but the comment
+};
+Trailer read_trailer(const FileReader& file);
+/// "checksum mismatch (stored ..., computed ...)".
+Integrity checksum_mismatch(uint32_t stored, uint32_t computed);
+
+/// Reads bytes [0, size) of `file` once: each job's span into its destination,
+/// every other byte into scratch memory, adjacent small jobs sharing one read, on
+/// two threads for large sizes. Returns the CRC32 of all those bytes, computed
+/// as they arrive. Jobs must not overlap.
+uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size);
+
 /// Checks the structure and the whole-file checksum of `file` (on two threads).
 Integrity check_integrity(const FileReader& file);
 /// The same for a path; throws only for files that cannot be opened.

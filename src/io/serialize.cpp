@@ -61,6 +61,7 @@ VerifyResult verify_checkpoint(const std::string& path) noexcept {
     if (!file.checksummed()) {
       return {false, fmt::format("{} carries no torchfit checksum (written by another tool)", path)};
     }
+    file.verify();
     if (!file.records().count("data.pkl")) return {false, fmt::format("{} has no data.pkl record", path)};
   } catch (const std::exception& e) {
     return {false, e.what()};
@@ -74,6 +75,7 @@ TensorMap read_weights(const std::string& path, const std::string& key) {
   return detail::guard_read(path, [&] {
     detail::CheckpointFile file(path);
     if (file.is_module_archive()) return detail::read_archive_weights(file);
+    if (file.checksummed()) return detail::select_weights(file.read_all(), path, key);  // one pass
     auto pending = pending_weights(file, key);
     file.read(pending.reads);
     return std::move(pending.tensors);
@@ -97,10 +99,16 @@ void load_weights(torch::nn::Module& module, const std::string& path, const std:
       detail::check_weights(module, weights, path);
       return detail::install_weights(module, weights);
     }
-    // Matched against the model before a byte of a tensor is read, and installed
-    // only after every byte was read and checked: a failing read changes nothing.
+    // Installed only after every byte was read and checked: a failing read changes nothing.
+    const std::string where = key.empty() ? path : path + " [" + key + "]";
+    if (file.checksummed()) {  // one pass over the file
+      auto weights = detail::select_weights(file.read_all(), path, key);
+      detail::check_weights(module, weights, where);
+      return detail::install_weights(module, weights);
+    }
+    // Another tool's file: matched against the model before a byte of a tensor is read.
     auto pending = pending_weights(file, key);
-    detail::check_weights(module, pending.tensors, key.empty() ? path : path + " [" + key + "]");
+    detail::check_weights(module, pending.tensors, where);
     file.read(pending.reads);
     detail::install_weights(module, pending.tensors);
   });
