@@ -182,6 +182,11 @@ int main(int argc, char** argv) try {
         results[i].lost.push_back(lost);
       }
       results[i].cpu.push_back((cpu - base_cpu) / static_cast<double>(saves));
+      if (args.number("verbose", 0) > 0) {
+        fmt::print(stderr, "{}: median base step {:.1f} ms; intervals ms:", configs[i].name, step * 1e3);
+        for (double t : intervals) fmt::print(stderr, " {:.0f}", t * 1e3);
+        fmt::print(stderr, "\n");
+      }
     }
   }
 

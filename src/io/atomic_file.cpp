@@ -208,7 +208,19 @@ void AtomicFile::write_fd(const char* bytes, size_t size) {
     }
     bytes += n;
     size -= static_cast<size_t>(n);
+    written_ += static_cast<uint64_t>(n);
   }
+#ifdef SYNC_FILE_RANGE_WRITE
+  // Start the disk on what is written so far, so the final fsync waits only for
+  // the tail instead of the whole file (a save costs about the disk's time, not
+  // the copy's plus the disk's).
+  constexpr uint64_t kWritebackChunk = 8 << 20;
+  if (fsync_ && written_ - started_ >= kWritebackChunk) {
+    ::sync_file_range(fd_, static_cast<off64_t>(started_), static_cast<off64_t>(written_ - started_),
+                      SYNC_FILE_RANGE_WRITE);
+    started_ = written_;
+  }
+#endif
 }
 
 void AtomicFile::commit() {

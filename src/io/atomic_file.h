@@ -2,6 +2,7 @@
 // Crash-safe file commits: temp file in the same directory, fsync, rename, fsync dir.
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,9 @@ class AtomicFile : public ByteSink {
 
   int fd_ = -1;
   bool committed_ = false;
+  uint64_t written_ = 0;  // bytes written to fd_
+  uint64_t started_ = 0;  // bytes whose writeback was started
+
   std::string buffer_;
 };
 
