@@ -31,6 +31,23 @@ FileReader open_regular_file(const std::string& path) {
   return FileReader(path);
 }
 
+/// Throws unless every tensor of `value` lies inside the record its storage was read from.
+void check_within_records(const c10::IValue& value, const std::map<const void*, RecordSpan>& spans,
+                          const std::string& path) {
+  for_each_tensor(value, [&](const at::Tensor& tensor) {
+    if (tensor.storage().nbytes() == 0) return;
+    auto it = spans.find(tensor.storage().data());
+    if (it == spans.end() || tensor.storage().nbytes() > it->second.size) {
+      throw CheckpointError(fmt::format("Checkpoint {} is damaged: a tensor overruns its record", path));
+    }
+  });
+}
+
+/// Refuses a foreign-file method on a file torchfit wrote (a misuse inside torchfit).
+void expect_foreign(bool checksummed, const char* method) {
+  if (checksummed) throw Error(fmt::format("CheckpointFile::{} is for files without a checksum; use read_all", method));
+}
+
 }  // namespace
 
 void rethrow_as_checkpoint_error(const std::string& path) {
@@ -76,7 +93,7 @@ void CheckpointFile::verify() const {
 }
 
 void CheckpointFile::read(const std::vector<ReadJob>& jobs) const {
-  verify();
+  expect_foreign(checksummed_, "read");
   for (const auto& job : jobs) {
     if (job.span.method != 0) {
       throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} is compressed; torch.save stores "
@@ -85,7 +102,6 @@ void CheckpointFile::read(const std::vector<ReadJob>& jobs) const {
     }
   }
   read_parallel(reader_, jobs);
-  if (checksummed_) return;
   for (const auto& job : jobs) check_record_crc(reader_, names_.at(job.span.offset), job.span, job.destination);
 }
 
@@ -94,11 +110,7 @@ DeferredPickle CheckpointFile::unpickle() const {
   if (pickle_record == records_.end()) {
     throw CheckpointError(fmt::format("Checkpoint {} is damaged: it has no data.pkl record", path()));
   }
-  if (checksummed_) {
-    verify();
-    return unpickle_deferred(reader_, records_);
-  }
-
+  expect_foreign(checksummed_, "unpickle");
   std::string pickle(pickle_record->second.size, '\0');
   read({{pickle_record->second, pickle.data()}});
   DeferredPickle out;
@@ -132,7 +144,7 @@ c10::IValue CheckpointFile::read_all_once() const {
   struct Storage {
     at::DataPtr data;
     const void* address;
-    uint64_t size;
+    RecordSpan span;
   };
   std::map<std::string, Storage> storages;
   for (const auto& [name, span] : records_) {
@@ -144,7 +156,7 @@ c10::IValue CheckpointFile::read_all_once() const {
     auto data = c10::GetCPUAllocator()->allocate(span.size);
     const void* address = data.get();
     jobs.push_back({span, const_cast<void*>(address)});
-    storages[name.substr(5)] = {std::move(data), address, span.size};
+    storages[name.substr(5)] = {std::move(data), address, span};
   }
   std::vector<const RecordSpan*> spans;
   for (const auto& job : jobs) spans.push_back(&job.span);
@@ -156,7 +168,7 @@ c10::IValue CheckpointFile::read_all_once() const {
   if (computed != trailer_.checksum) throw damaged(checksum_mismatch(trailer_.checksum, computed).reason);
   verified_ = true;
 
-  std::map<const void*, uint64_t> sizes;
+  std::map<const void*, RecordSpan> taken;  // storage address to its record
   auto value = unpickle_trusted(
       pickle,
       [&](const std::string& key) -> at::DataPtr {
@@ -164,34 +176,24 @@ c10::IValue CheckpointFile::read_all_once() const {
         if (it == storages.end()) throw damaged(fmt::format("no record for storage {}", key));
         auto& storage = it->second;
         if (storage.data) {
-          sizes[storage.address] = storage.size;
+          taken[storage.address] = storage.span;
           return std::move(storage.data);
         }
         // Asked for twice: a copy of what the first tensor took.
-        auto copy = c10::GetCPUAllocator()->allocate(storage.size);
-        if (storage.size > 0) std::memcpy(copy.get(), storage.address, storage.size);
-        sizes[copy.get()] = storage.size;
+        auto copy = c10::GetCPUAllocator()->allocate(storage.span.size);
+        if (storage.span.size > 0) std::memcpy(copy.get(), storage.address, storage.span.size);
+        taken[copy.get()] = storage.span;
         return copy;
       },
       path());
-  for_each_tensor(value, [&](const at::Tensor& tensor) {
-    if (tensor.storage().nbytes() == 0) return;
-    auto it = sizes.find(tensor.storage().data());
-    if (it == sizes.end() || tensor.storage().nbytes() > it->second) throw damaged("a tensor overruns its record");
-  });
+  check_within_records(value, taken, path());
   return value;
 }
 
 c10::IValue CheckpointFile::read_all() const {
   if (checksummed_) return read_all_once();
   auto pickle = unpickle();
-  for_each_tensor(pickle.value, [&](const at::Tensor& tensor) {
-    if (tensor.storage().nbytes() == 0) return;
-    auto it = pickle.spans.find(tensor.storage().data());
-    if (it == pickle.spans.end() || tensor.storage().nbytes() > it->second.size) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: a tensor overruns its record", path()));
-    }
-  });
+  check_within_records(pickle.value, pickle.spans, path());
   std::vector<ReadJob> jobs;
   for (const auto& [data, span] : pickle.spans) jobs.push_back({span, const_cast<void*>(data)});
   read(jobs);

@@ -43,9 +43,12 @@ class CheckpointFile {
   /// A LibTorch module archive: torch::save(module), torchfit 0.1 full checkpoints, TorchScript.
   bool is_module_archive() const { return records_.count("constants.pkl") > 0; }
 
-  /// The pickled object, with its storages allocated but not yet read.
+  /// The pickled object of a file without a checksum (another tool's), parsed by
+  /// our own unpickler, with its storages allocated but not yet read. Checksummed
+  /// files are read whole, with read_all().
   DeferredPickle unpickle() const;
-  /// Runs the reads (each a whole record); checks their zip CRC32s unless checksummed.
+  /// Runs the reads (each a whole record) of a file without a checksum, checking
+  /// their zip CRC32s.
   void read(const std::vector<ReadJob>& jobs) const;
   /// The whole object with every storage read. A checksummed file is read in one
   /// pass: every byte once, into fresh storages, checksummed as it arrives, and

@@ -3,7 +3,6 @@
 #include <cstring>
 #include <vector>
 
-#include <c10/core/CPUAllocator.h>
 #include <caffe2/serialize/inline_container.h>
 #include <fmt/format.h>
 #include <torch/csrc/jit/serialization/export.h>
@@ -77,29 +76,6 @@ c10::IValue unpickle_trusted(const std::string& pickle, const std::function<at::
   } catch (const c10::Error& e) {
     throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path, e.what_without_backtrace()));
   }
-}
-
-DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::string, RecordSpan>& records) {
-  const auto& path = file.path();
-  auto pickle_record = records.find("data.pkl");
-  if (pickle_record == records.end()) {
-    throw CheckpointError(fmt::format("Checkpoint {} is damaged: it has no data.pkl record", path));
-  }
-  const std::string pickle = file.read_at(pickle_record->second.offset, pickle_record->second.size);
-  DeferredPickle out;
-  out.value = unpickle_trusted(
-      pickle,
-      [&](const std::string& key) -> at::DataPtr {
-        auto it = records.find("data/" + key);
-        if (it == records.end()) {
-          throw CheckpointError(fmt::format("Checkpoint {} is damaged: no record for storage {}", path, key));
-        }
-        auto data = c10::GetCPUAllocator()->allocate(it->second.size);
-        out.spans[data.get()] = it->second;
-        return data;
-      },
-      path);
-  return out;
 }
 
 std::string pickle_to_bytes(const c10::IValue& value) {

@@ -24,11 +24,6 @@ struct DeferredPickle {
   std::map<const void*, RecordSpan> spans;
 };
 
-/// Parses the "data.pkl" of a file torchfit wrote (checked intact by the caller)
-/// with LibTorch's unpickler; reading the storages is left to the caller (all of
-/// them, or only those it keeps). Throws CheckpointError naming the path.
-DeferredPickle unpickle_deferred(const FileReader& file, const std::map<std::string, RecordSpan>& records);
-
 /// Parses `pickle` (bytes of a file whose checksum matched) with LibTorch's
 /// unpickler, taking the storage of record "data/<key>" from `storage(key)`.
 /// Throws CheckpointError naming `path`.
