@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -52,6 +53,24 @@ inline fs::path unpack_fashion_mnist(const fs::path& data_dir, const fs::path& c
     gunzip(source, target);
   }
   return cache_dir;
+}
+
+/// `--name value` pairs from the command line.
+inline std::map<std::string, std::string> parse_args(int argc, char** argv) {
+  std::map<std::string, std::string> args;
+  for (int i = 1; i < argc; ++i) {
+    std::string key = argv[i];
+    if (key.rfind("--", 0) != 0 || i + 1 >= argc) {
+      throw std::runtime_error(fmt::format("Bad argument '{}'; expected --name value pairs", key));
+    }
+    args[key.substr(2)] = argv[++i];
+  }
+  return args;
+}
+
+inline std::string arg(const std::map<std::string, std::string>& args, const std::string& key, std::string fallback) {
+  auto it = args.find(key);
+  return it == args.end() ? fallback : it->second;
 }
 
 /// 784 -> 256 -> 10, the same as Python's

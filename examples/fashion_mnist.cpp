@@ -2,6 +2,7 @@
 // reloads the best file and reports its test accuracy.
 //
 //   fashion_mnist [--epochs N] [--limit N] [--data DIR] [--cache DIR] [--out DIR] [--min-accuracy A]
+//                 [--verbose 0|1|2]   (1, the default: a live bar on a terminal; 2: a line per epoch)
 //
 // Data-parallel: examples/launch.sh 2 build/examples/fashion_mnist (each process
 // sees WORLD_SIZE and joins the group; rank 0 writes the checkpoint and reports).
@@ -38,47 +39,31 @@ torchfit::Trainer make_trainer(const Net& net) {
   return torchfit::Trainer(net, adam, loss, {torchfit::metrics::accuracy()});
 }
 
-std::map<std::string, std::string> parse_args(int argc, char** argv) {
-  std::map<std::string, std::string> args;
-  for (int i = 1; i < argc; ++i) {
-    std::string key = argv[i];
-    if (key.rfind("--", 0) != 0 || i + 1 >= argc) {
-      throw std::runtime_error(fmt::format("Bad argument '{}'; expected --name value pairs", key));
-    }
-    args[key.substr(2)] = argv[++i];
-  }
-  return args;
-}
-
-std::string arg(const std::map<std::string, std::string>& args, const std::string& key, std::string fallback) {
-  auto it = args.find(key);
-  return it == args.end() ? fallback : it->second;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) try {
-  auto args = parse_args(argc, argv);
+  auto args = examples::parse_args(argc, argv);
   const char* home = std::getenv("HOME");
   auto default_cache = fs::path(home ? home : "/tmp") / ".cache" / "torchfit" / "fashion-mnist";
-  auto data_dir = arg(args, "data", "/usr/share/datasets/fashion-mnist");
-  auto cache_dir = examples::unpack_fashion_mnist(data_dir, arg(args, "cache", default_cache.string()));
-  int64_t limit = std::stoll(arg(args, "limit", "0"));  // train on the first `limit` images (0: all)
-  auto out_dir = fs::path(arg(args, "out", "fashion_mnist_checkpoints"));
-  int64_t epochs = std::stoll(arg(args, "epochs", "5"));
-  double min_accuracy = std::stod(arg(args, "min-accuracy", "0.85"));
+  auto data_dir = examples::arg(args, "data", "/usr/share/datasets/fashion-mnist");
+  auto cache_dir = examples::unpack_fashion_mnist(data_dir, examples::arg(args, "cache", default_cache.string()));
+  int64_t limit = std::stoll(examples::arg(args, "limit", "0"));  // train on the first `limit` images (0: all)
+  auto out_dir = fs::path(examples::arg(args, "out", "fashion_mnist_checkpoints"));
+  int64_t epochs = std::stoll(examples::arg(args, "epochs", "5"));
+  double min_accuracy = std::stod(examples::arg(args, "min-accuracy", "0.85"));
+  int verbose = std::stoi(examples::arg(args, "verbose", "1"));
 
   torch::manual_seed(0);
   torch::data::datasets::MNIST train(cache_dir.string(), torch::data::datasets::MNIST::Mode::kTrain);
   torch::data::datasets::MNIST test(cache_dir.string(), torch::data::datasets::MNIST::Mode::kTest);
-  spdlog::info("Fashion-MNIST: {} training and {} test images from {}", train.images().size(0),
+  torchfit::logger()->info("Fashion-MNIST: {} training and {} test images from {}", train.images().size(0),
                test.images().size(0), cache_dir.string());
 
   Net net;
   auto trainer = make_trainer(net);
   if (std::getenv("WORLD_SIZE") != nullptr) {
     trainer.set_process_group(torchfit::distributed::init_from_env());
-    spdlog::info("rank {} of {}", trainer.rank(), trainer.world_size());
+    torchfit::logger()->info("rank {} of {}", trainer.rank(), trainer.world_size());
   }
   auto checkpoint = std::make_shared<torchfit::CheckpointCallback>(
       torchfit::CheckpointOptions((out_dir / "best.pt").string())
@@ -94,11 +79,11 @@ int main(int argc, char** argv) try {
                   .batch_size(128)
                   .validation_split(0.1)
                   .seed(0)
-                  .verbose(trainer.is_main_process() ? 2 : 0)
+                  .verbose(trainer.is_main_process() ? verbose : 0)
                   .callbacks({checkpoint}));
 
   double fit_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - fit_start).count();
-  spdlog::info("fit: {:.0f} samples/s over {} process(es)",
+  torchfit::logger()->info("fit: {:.0f} samples/s over {} process(es)",
                static_cast<double>(images.size(0) * epochs) * 0.9 / fit_seconds, trainer.world_size());
   if (!trainer.is_main_process()) return 0;  // rank 0 reports
   // A fresh model restored from the best checkpoint.
@@ -106,15 +91,15 @@ int main(int argc, char** argv) try {
   auto evaluator = make_trainer(restored);
   evaluator.load_weights(checkpoint->last_saved_path());
   auto logs = evaluator.evaluate(test.images(), test.targets(), 1000);
-  spdlog::info("Best checkpoint {} (val_accuracy {:.4f}): test accuracy {:.4f}, test loss {:.4f}",
+  torchfit::logger()->info("Best checkpoint {} (val_accuracy {:.4f}): test accuracy {:.4f}, test loss {:.4f}",
                checkpoint->last_saved_path(), checkpoint->best().value_or(0.0), logs.at("accuracy"),
                logs.at("loss"));
   if (logs.at("accuracy") < min_accuracy) {
-    spdlog::error("Test accuracy {:.4f} is below {:.2f}", logs.at("accuracy"), min_accuracy);
+    torchfit::logger()->error("Test accuracy {:.4f} is below {:.2f}", logs.at("accuracy"), min_accuracy);
     return 1;
   }
   return 0;
 } catch (const std::exception& e) {
-  spdlog::error("{}", e.what());
+  torchfit::logger()->error("{}", e.what());
   return 1;
 }

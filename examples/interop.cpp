@@ -19,7 +19,7 @@ using torchfit::FitOptions;
 
 int main(int argc, char** argv) try {
   if (argc != 3 || (std::string(argv[1]) != "train" && std::string(argv[1]) != "evaluate")) {
-    spdlog::error("usage: interop train|evaluate <dir>");
+    torchfit::logger()->error("usage: interop train|evaluate <dir>");
     return 2;
   }
   std::string mode = argv[1];
@@ -44,10 +44,10 @@ int main(int argc, char** argv) try {
     trainer.load_weights((dir / "from_python.pt").string());
   }
   auto logs = trainer.evaluate(test.images(), test.targets(), 1000);
-  spdlog::info("C++ {}: test accuracy {:.4f}", mode == "train" ? "trained" : "evaluated Python's model",
+  torchfit::logger()->info("C++ {}: test accuracy {:.4f}", mode == "train" ? "trained" : "evaluated Python's model",
                logs.at("accuracy"));
   return logs.at("accuracy") > 0.7 ? 0 : 1;
 } catch (const std::exception& e) {
-  spdlog::error("{}", e.what());
+  torchfit::logger()->error("{}", e.what());
   return 1;
 }

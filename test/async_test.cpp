@@ -77,14 +77,14 @@ TEST_F(AsyncTest, FileIsCompleteWhenFitReturns) {
 }
 
 TEST_F(AsyncTest, WriterErrorSurfacesAtTheNextSave) {
-  std::ofstream(path("blocker")) << "a file where a directory should be";
   auto target = path("blocker/{epoch}.pt");
   auto cb = std::make_shared<CheckpointCallback>(
       CheckpointOptions(target).monitor("loss").save_best_only(true).save_weights_only(true).async_save(true));
   Mlp model;
   auto trainer = make_trainer(model);
   try {
-    trainer->fit(data_.x_train, data_.y_train, FitOptions().epochs(3).batch_size(8).callbacks({cb}));
+    trainer->fit(data_.x_train, data_.y_train,
+                 FitOptions().epochs(3).batch_size(8).callbacks({cb, block_directory_after_start(path("blocker"))}));
     FAIL() << "expected CheckpointError";
   } catch (const CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find(path("blocker")), std::string::npos) << e.what();
@@ -96,11 +96,13 @@ TEST_F(AsyncTest, WriterErrorSurfacesAtTheNextSave) {
 }
 
 TEST_F(AsyncTest, WriterErrorSurfacesAtTrainEnd) {
-  std::ofstream(path("blocker")) << "x";
   auto cb = std::make_shared<CheckpointCallback>(CheckpointOptions(path("blocker/w.pt")).async_save(true));
   Mlp model;
   auto trainer = make_trainer(model);
-  EXPECT_THROW(trainer->fit(data_.x_train, data_.y_train, FitOptions().epochs(1).callbacks({cb})), CheckpointError);
+  EXPECT_THROW(trainer->fit(data_.x_train, data_.y_train,
+                            FitOptions().epochs(1).callbacks({cb, block_directory_after_start(path("blocker"))})),
+               CheckpointError);
+  EXPECT_EQ(trainer->state().epoch, 1);  // the error came at the end, not before training
 }
 
 TEST_F(AsyncTest, DestructorWaitsForTheSaveInFlight) {

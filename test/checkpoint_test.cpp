@@ -3,6 +3,7 @@
 // in save_decision_test.cpp.
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <limits>
 
 #include "support.h"
@@ -93,6 +94,53 @@ TEST_F(CheckpointTest, AutoModeWithUnknownDirectionFailsAtTrainBegin) {
     EXPECT_NE(msg.find("Mode::Min"), std::string::npos) << msg;
   }
   EXPECT_TRUE(files().empty());
+}
+
+TEST_F(CheckpointTest, MisspeltMonitorNamesTheNearestKey) {
+  auto cb = checkpoint(CheckpointOptions(path("c.pt")).monitor("val_acuracy").save_best_only(true));
+  try {
+    fit(cb);
+    FAIL() << "expected ValueError";
+  } catch (const ValueError& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find("monitor=val_acuracy, which is not a metric of this run. Did you mean 'val_accuracy'?"),
+              std::string::npos)
+        << msg;
+    EXPECT_EQ(msg.find("Mode::Max"), std::string::npos) << msg;  // the advice is about the name, not the mode
+  }
+  // With an explicit mode the name is only checked at the save point: the warning names it too.
+  LogCapture capture;
+  fit(checkpoint(CheckpointOptions(path("d.pt")).monitor("val_los").mode(Mode::Min).save_best_only(true)));
+  EXPECT_NE(capture.text().find("Can save best model only with val_los available, saving anyway. Available metrics "
+                                "are: accuracy, epoch, loss, val_accuracy, val_loss. Did you mean 'val_loss'?"),
+            std::string::npos)
+      << capture.text();
+  EXPECT_EQ(did_you_mean("lr", std::vector<std::string>{"loss", "accuracy"}), "");
+  EXPECT_EQ(did_you_mean("acc", std::vector<std::string>{"loss", "accuracy"}), "");
+  EXPECT_EQ(did_you_mean("acuracy", std::vector<std::string>{"loss", "accuracy"}), " Did you mean 'accuracy'?");
+}
+
+TEST_F(CheckpointTest, UnwritableDirectoriesFailBeforeTheFirstBatch) {
+  std::ofstream(path("blocker")) << "x";
+  auto expect_failure = [&](std::shared_ptr<Callback> callback, const std::string& fragment) {
+    try {
+      fit(std::move(callback));
+      FAIL() << "expected CheckpointError containing " << fragment;
+    } catch (const CheckpointError& e) {
+      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(setup_.trainer->state().global_step, 0);
+  };
+  expect_failure(checkpoint(CheckpointOptions(path("blocker/ckpt/{epoch}.pt"))),
+                 "CheckpointCallback: cannot create the directory " + path("blocker/ckpt") + ": " + path("blocker") +
+                     " is not a directory");
+  expect_failure(std::make_shared<BackupAndRestore>(BackupOptions(path("blocker/backup"))),
+                 "BackupAndRestore: cannot create the directory " + path("blocker/backup"));
+  // A directory that does not exist yet is fine, and is not created until a save.
+  fit(checkpoint(CheckpointOptions(path("later/{epoch}/c.pt")).save_best_only(true).monitor("val_loss")
+                     .initial_value_threshold(-1.0)));
+  EXPECT_FALSE(fs::exists(path("later")));
+  EXPECT_EQ(files(), (std::vector<std::string>{"blocker"}));  // no probe left behind
 }
 
 TEST_F(CheckpointTest, AutoModeResolvesAtTrainBegin) {

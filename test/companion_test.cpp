@@ -57,14 +57,69 @@ TEST_F(CompanionTest, CsvLoggerAppendContinuesWithoutAHeader) {
   EXPECT_EQ(lines_of(read_file(path("log.csv"))).size(), 2u);
 }
 
-TEST_F(CompanionTest, CsvLoggerUnwritablePathNamesIt) {
+TEST_F(CompanionTest, CsvLoggerUnwritablePathFailsBeforeTrainingAndNamesIt) {
   std::ofstream(path("blocker")) << "x";
   try {
     fit({std::make_shared<CSVLogger>(path("blocker/log.csv"))}, 1);
     FAIL();
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("failed opening " + path("blocker/log.csv")), std::string::npos) << e.what();
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("CSVLogger: cannot create the directory " + path("blocker") + ": " +
+                                         path("blocker") + " is not a directory"),
+              std::string::npos)
+        << e.what();
   }
+  EXPECT_EQ(setup_.trainer->state().global_step, 0);
+  // A missing directory is created.
+  fit({std::make_shared<CSVLogger>(path("logs/run1/log.csv"))}, 1);
+  EXPECT_EQ(lines_of(read_file(path("logs/run1/log.csv"))).size(), 2u);
+}
+
+/// Throws at the end of epoch `epoch`, as a crash would end the run there.
+class CrashAtEpochEnd : public Callback {
+ public:
+  explicit CrashAtEpochEnd(int64_t epoch) : epoch_(epoch) {}
+  void on_epoch_end(int64_t epoch, const Logs&) override {
+    if (epoch == epoch_) throw std::runtime_error("crash");
+  }
+
+ private:
+  int64_t epoch_;
+};
+
+TEST_F(CompanionTest, CsvLoggerContinuesARunResumedByBackupAndRestore) {
+  auto options = BackupOptions(path("backup")).delete_checkpoint(false);
+  auto run = [&](std::vector<std::shared_ptr<Callback>> extra) {
+    std::vector<std::shared_ptr<Callback>> callbacks{std::make_shared<BackupAndRestore>(options),
+                                                     std::make_shared<CSVLogger>(path("log.csv"))};
+    for (auto& callback : extra) callbacks.push_back(callback);
+    return fit(callbacks, 4);
+  };
+  // The crash comes after epoch 2's row is written, but the backup is epoch 2's start.
+  EXPECT_THROW(run({std::make_shared<CrashAtEpochEnd>(2)}), std::runtime_error);
+  ASSERT_EQ(lines_of(read_file(path("log.csv"))).size(), 4u);
+  auto before = lines_of(read_file(path("log.csv")));
+  auto history = run({});
+  auto lines = lines_of(read_file(path("log.csv")));
+  ASSERT_EQ(lines.size(), 5u) << read_file(path("log.csv"));
+  EXPECT_EQ(lines[0], "epoch,accuracy,loss");
+  EXPECT_EQ(lines[1], before[1]);
+  EXPECT_EQ(lines[2], before[2]);
+  for (size_t epoch = 0; epoch < 4; ++epoch) {
+    EXPECT_EQ(lines[epoch + 1], fmt::format("{},{},{}", epoch, history.history.at("accuracy")[epoch],
+                                            history.history.at("loss")[epoch]));
+  }
+}
+
+TEST_F(CompanionTest, CsvLoggerContinuesARunResumedByLoadCheckpoint) {
+  auto checkpoints = std::make_shared<CheckpointCallback>(CheckpointOptions(path("ckpt/{epoch}.pt")));
+  fit({std::make_shared<CSVLogger>(path("log.csv")), checkpoints}, 3);
+  auto resumed = make_setup();
+  resumed.trainer->load_checkpoint(path("ckpt/2.pt"));  // after epoch index 1
+  resumed.trainer->fit(data_.x_train, data_.y_train,
+                       FitOptions().epochs(3).batch_size(10).callbacks({std::make_shared<CSVLogger>(path("log.csv"))}));
+  auto lines = lines_of(read_file(path("log.csv")));
+  ASSERT_EQ(lines.size(), 4u) << read_file(path("log.csv"));
+  for (int epoch = 0; epoch < 3; ++epoch) EXPECT_EQ(lines[epoch + 1].substr(0, 2), fmt::format("{},", epoch));
 }
 
 TEST_F(CompanionTest, TerminateOnNaNStopsAtTheBadBatch) {

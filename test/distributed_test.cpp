@@ -42,17 +42,35 @@ TEST(DistChild, Train) {
     auto h = make_setup();
     h.trainer->set_process_group(group);
     auto every = std::make_shared<CheckpointCallback>(CheckpointOptions(dir + "/e{epoch}.pt").monitor("val_loss"));
-    // With TORCHFIT_DIST_FAIL, rank 0's background saves of "best" fail (a file blocks the directory).
+    // With TORCHFIT_DIST_FAIL, rank 0's background saves of "best" fail (a file made after the
+    // start blocks the directory).
     auto best_path = std::getenv("TORCHFIT_DIST_FAIL") ? dir + "/blocker/best.pt" : dir + "/best.pt";
     auto best = std::make_shared<CheckpointCallback>(
         CheckpointOptions(best_path).monitor("val_accuracy").save_best_only(true).async_save(true));
     std::vector<std::shared_ptr<Callback>> callbacks{every, best};
+    if (std::getenv("TORCHFIT_DIST_FAIL") && rank == 0) {  // after rank 0's check of that directory
+      callbacks.push_back(block_directory_after_start(dir + "/blocker"));
+    }
     auto backup = std::make_shared<BackupAndRestore>(BackupOptions(dir + "/backup").save_freq(SaveFreq::batches(2)));
     if (with_backup) callbacks.insert(callbacks.begin(), backup);
     if (slow) callbacks.push_back(std::make_shared<Sleep>());
-    auto history = h.trainer->fit(data.x_train, data.y_train,
-                                  FitOptions().epochs(epochs).batch_size(5).seed(9)
-                                      .validation_data(data.x_test, data.y_test).callbacks(callbacks));
+    History history;
+    if (std::getenv("TORCHFIT_DIST_LOADERS") != nullptr) {
+      // Each rank's loaders read their shard; validation totals are summed across ranks.
+      auto train = torch::data::make_data_loader(
+          XYDataset(data.x_train, data.y_train).map(torch::data::transforms::Stack<>()),
+          torch::data::samplers::DistributedSequentialSampler(40, 2, static_cast<size_t>(rank)), 5);
+      auto val = torch::data::make_data_loader(
+          XYDataset(data.x_test, data.y_test).map(torch::data::transforms::Stack<>()),
+          torch::data::samplers::DistributedSequentialSampler(10, 2, static_cast<size_t>(rank)), 2);
+      history = h.trainer->fit(*train, FitOptions().epochs(epochs).steps_per_epoch(3).validation_data(*val)
+                                           .callbacks(callbacks));
+      std::ofstream(fmt::format("{}/val{}.txt", dir, rank)) << fmt::format("{}", h.trainer->evaluate(*val).at("loss"));
+    } else {
+      history = h.trainer->fit(data.x_train, data.y_train,
+                               FitOptions().epochs(epochs).batch_size(5).seed(9)
+                                   .validation_data(data.x_test, data.y_test).callbacks(callbacks));
+    }
     std::ofstream(fmt::format("{}/rank{}.txt", dir, rank)) << bits(*h.model);
     std::ofstream(fmt::format("{}/best{}.txt", dir, rank)) << fmt::format("{}", *best->best());
     std::ofstream(fmt::format("{}/history{}.txt", dir, rank)) << fmt::format("{}", fmt::join(history.history["loss"], ","));
@@ -114,9 +132,28 @@ TEST_F(DistributedTest, TwoRanksAgreeWithEachOtherAndWithOneProcess) {
   }
 }
 
+TEST_F(DistributedTest, TwoRanksTrainAndValidateOnLoaders) {
+  fs::create_directories(dir());
+  int status = 0;
+  for (auto pid : spawn_ranks(dir().string(), free_port() + 6, false, {"TORCHFIT_DIST_LOADERS=1"})) {
+    waitpid(pid, &status, 0);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "status " << status << " " << read_file(path("error0.txt")) << read_file(path("error1.txt"));
+  }
+  ASSERT_TRUE(fs::exists(path("rank0.txt")));
+  EXPECT_EQ(read_file(path("rank0.txt")), read_file(path("rank1.txt")));
+  EXPECT_EQ(read_file(path("history0.txt")), read_file(path("history1.txt")));
+  EXPECT_EQ(read_file(path("val0.txt")), read_file(path("val1.txt")));
+  // The two halves evaluated apart and summed are the whole test set evaluated at once.
+  auto data = make_data(40, 10);
+  auto single = make_setup();
+  load_weights(*single.model, path("e3.pt"));
+  EXPECT_NEAR(std::stod(read_file(path("val0.txt"))), single.trainer->evaluate(data.x_test, data.y_test).at("loss"),
+              1e-6);
+}
+
 TEST_F(DistributedTest, AFailedBackgroundSaveOfRankZeroIsRaisedOnBothRanks) {
   fs::create_directories(dir());
-  std::ofstream(path("blocker")) << "a file where a directory should be";
   auto pids = spawn_ranks(dir().string(), free_port() + 5, false, {"TORCHFIT_DIST_FAIL=1"});
   for (auto pid : pids) {
     int status = 0;

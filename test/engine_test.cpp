@@ -331,40 +331,6 @@ TEST_F(EngineTest, FreeCheckpointFunctionsTakeWhatFirstAndKeepThe01Order) {
   }
 }
 
-/// A hand-written loop's view for callbacks: no Trainer involved.
-class LoopContext : public TrainingContext {
- public:
-  LoopContext(Mlp model, std::shared_ptr<torch::optim::Optimizer> optimizer)
-      : model_(std::move(model)), optimizer_(std::move(optimizer)) {}
-  torch::nn::Module& model() const override { return *model_.ptr(); }
-  torch::optim::Optimizer& optimizer() const override { return *optimizer_; }
-  const Metric* find_metric(const std::string&) const override { return nullptr; }
-  const TrainerState& state() const override { return state_; }
-  void stop_training(bool value) override { stop_ = value; }
-  bool stop_training() const override { return stop_; }
-  int rank() const override { return 0; }
-  int world_size() const override { return 1; }
-  void barrier(const char*) const override {}
-  Checkpoint checkpoint(const CheckpointScope&) override {
-    Checkpoint out;
-    out.add("model", model_);
-    out.add("optimizer", optimizer_);
-    return out;
-  }
-  void restore_backup(const std::string& path) override {
-    auto state = checkpoint(CheckpointScope());
-    load(state, path);
-  }
-  const std::string& resumed_from() const override { return resumed_from_; }
-
- private:
-  Mlp model_;
-  std::shared_ptr<torch::optim::Optimizer> optimizer_;
-  TrainerState state_;
-  bool stop_ = false;
-  std::string resumed_from_;
-};
-
 TEST_F(EngineTest, CallbacksRunInAHandWrittenLoopThroughTrainingContext) {
   Mlp model;
   auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);

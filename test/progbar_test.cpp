@@ -6,6 +6,7 @@
 
 #include <regex>
 
+#include <spdlog/sinks/ringbuffer_sink.h>
 #include <spdlog/spdlog.h>
 
 #include "support.h"
@@ -15,11 +16,13 @@ namespace {
 
 class ProgbarTest : public TorchfitTest {
  protected:
-  /// Runs a 2-epoch fit (3 steps an epoch) with the logger writing to `stream`.
-  History fit_into(std::FILE* stream, int verbose) {
+  /// Runs a 2-epoch fit (3 steps an epoch) with the logger writing to `stream`
+  /// (and to `other`, if given).
+  History fit_into(std::FILE* stream, int verbose, spdlog::sink_ptr other = nullptr) {
     auto log = logger();
     auto saved = log->sinks();
     log->sinks() = {std::make_shared<TerminalSink>(stream)};
+    if (other) log->sinks().push_back(other);
     auto data = make_data();
     auto s = make_setup();
     History history;
@@ -81,17 +84,66 @@ TEST_F(ProgbarTest, TerminalGetsALiveBarThatTheEpochLineReplaces) {
   auto text = mask_timings(drain(master));
   std::fclose(writer);
   ::close(master);
-  // The first step is drawn at once, the last always; the epoch line replaces the bar.
-  auto first = "\r1/3 [=========>....................] - ETA: Xs";
-  auto last = "\r3/3 [==============================] - Xs Xms/step";
+  // The header is drawn as the epoch begins, the first step at once, the last
+  // always; the epoch line replaces the bar.
+  auto header = "\rEpoch 1/2\x1b[K";
+  auto first = "\rEpoch 1/2 - 1/3 [=========>....................] - ETA: Xs";
+  auto last = "\rEpoch 1/2 - 3/3 [==============================] - Xs Xms/step";
   auto replace = "\r\x1b[K" + epoch_line(history, 0);
-  auto at_first = text.find(first), at_last = text.find(last), at_replace = text.find(replace);
+  auto at_header = text.find(header), at_first = text.find(first), at_last = text.find(last),
+       at_replace = text.find(replace);
+  ASSERT_NE(at_header, std::string::npos) << text;
   ASSERT_NE(at_first, std::string::npos) << text;
+  EXPECT_LT(at_header, at_first);
   ASSERT_NE(at_last, std::string::npos) << text;
   ASSERT_NE(at_replace, std::string::npos) << text;
   EXPECT_LT(at_first, at_last);
   EXPECT_LT(at_last, at_replace);
   EXPECT_NE(text.find("\r\x1b[K" + epoch_line(history, 1)), std::string::npos) << text;
+}
+
+TEST_F(ProgbarTest, OtherSinksGetNoProgressRedraws) {
+  int master = -1, slave = -1;
+  if (::openpty(&master, &slave, nullptr, nullptr, nullptr) != 0) GTEST_SKIP() << "no pseudo-terminal here";
+  std::FILE* writer = ::fdopen(slave, "w");
+  // Stands for a file sink: it sees exactly what the logger logs.
+  auto file = std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(100);
+  file->set_pattern("%v");
+  auto history = fit_into(writer, 1, file);
+  auto terminal = drain(master);
+  std::fclose(writer);
+  ::close(master);
+  EXPECT_NE(terminal.find("Epoch 2/2 - 1/3 ["), std::string::npos) << terminal;  // the terminal had the bar
+  auto lines = file->last_formatted();
+  ASSERT_EQ(lines.size(), 2u);
+  for (size_t e = 0; e < 2; ++e) {
+    EXPECT_EQ(mask_timings("[torchfit] [info] " + lines[e]), epoch_line(history, e));
+    EXPECT_EQ(lines[e].find('\r'), std::string::npos);
+  }
+}
+
+TEST_F(ProgbarTest, LoaderStepsAreLearntInTheFirstEpoch) {
+  int master = -1, slave = -1;
+  if (::openpty(&master, &slave, nullptr, nullptr, nullptr) != 0) GTEST_SKIP() << "no pseudo-terminal here";
+  std::FILE* writer = ::fdopen(slave, "w");
+  auto log = logger();
+  auto saved = log->sinks();
+  log->sinks() = {std::make_shared<TerminalSink>(writer)};
+  // Any range of batches is a loader; this one cannot tell its length.
+  auto data = make_data();
+  std::vector<torch::data::Example<>> loader;
+  for (int64_t start = 0; start < 30; start += 10) {
+    loader.push_back({data.x_train.narrow(0, start, 10), data.y_train.narrow(0, start, 10)});
+  }
+  auto s = make_setup();
+  s.trainer->fit(loader, FitOptions().epochs(2).verbose(1));
+  log->sinks() = saved;
+  std::fflush(writer);
+  auto text = drain(master);
+  std::fclose(writer);
+  ::close(master);
+  EXPECT_NE(text.find("Epoch 1/2 - 1/Unknown"), std::string::npos) << text;
+  EXPECT_NE(text.find("Epoch 2/2 - 1/3 [=========>....................] - ETA: "), std::string::npos) << text;
 }
 
 TEST_F(ProgbarTest, VerboseTwoIsOneLinePerEpochEvenOnATerminal) {

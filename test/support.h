@@ -4,6 +4,7 @@
 #include <sys/types.h>
 
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,62 @@ struct Dataset {
   torch::Tensor x_train, y_train, x_test, y_test;
 };
 Dataset make_data(int64_t train = 30, int64_t test = 30, uint64_t seed = 42);
+
+/// x/y pairs as a LibTorch dataset (examples of one sample each).
+class XYDataset : public torch::data::datasets::Dataset<XYDataset> {
+ public:
+  XYDataset(torch::Tensor x, torch::Tensor y) : x_(std::move(x)), y_(std::move(y)) {}
+  torch::data::Example<> get(size_t i) override {
+    return {x_[static_cast<int64_t>(i)], y_[static_cast<int64_t>(i)]};
+  }
+  torch::optional<size_t> size() const override { return static_cast<size_t>(x_.size(0)); }
+
+ private:
+  torch::Tensor x_, y_;
+};
+
+/// A hand-written loop's view for callbacks: no Trainer involved.
+class LoopContext : public TrainingContext {
+ public:
+  LoopContext(Mlp model, std::shared_ptr<torch::optim::Optimizer> optimizer)
+      : model_(std::move(model)), optimizer_(std::move(optimizer)) {}
+  torch::nn::Module& model() const override { return *model_.ptr(); }
+  torch::optim::Optimizer& optimizer() const override { return *optimizer_; }
+  const Metric* find_metric(const std::string&) const override { return nullptr; }
+  const TrainerState& state() const override { return state_; }
+  void stop_training(bool value) override { stop_ = value; }
+  bool stop_training() const override { return stop_; }
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  void barrier(const char*) const override {}
+  Checkpoint checkpoint(const CheckpointScope&) override {
+    Checkpoint out;
+    out.add("model", model_);
+    out.add("optimizer", optimizer_);
+    return out;
+  }
+  void restore_backup(const std::string& path) override {
+    auto state = checkpoint(CheckpointScope());
+    load(state, path);
+  }
+  const std::string& resumed_from() const override { return resumed_from_; }
+
+ private:
+  Mlp model_;
+  std::shared_ptr<torch::optim::Optimizer> optimizer_;
+  TrainerState state_;
+  bool stop_ = false;
+  std::string resumed_from_;
+};
+
+/// A callback that puts a regular file at `path` once the fit has started (after
+/// the callbacks before it checked their directories), so writes under it fail
+/// later, at a save.
+inline std::shared_ptr<Callback> block_directory_after_start(std::string path) {
+  auto block = std::make_shared<LambdaCallback>();
+  block->train_begin = [path](const Logs&) { std::ofstream(path) << "a file where a directory should be"; };
+  return block;
+}
 
 /// A trainer over a fresh Mlp with SGD, cross-entropy and accuracy.
 struct Harness {

@@ -65,7 +65,12 @@ TEST_F(TrainerTest, BadConstructorArguments) {
   auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
   auto loss = [](const torch::Tensor& o, const torch::Tensor& t) { return torch::nn::functional::cross_entropy(o, t); };
   expect_value_error([&] { Trainer(model, nullptr, loss); }, "optimizer must not be null");
-  expect_value_error([&] { Trainer(model, sgd, nullptr); }, "loss function must not be empty");
+  // No loss is allowed (custom steps compute it), until a default step needs one.
+  auto data = make_data();
+  Trainer without_loss(model, sgd, nullptr);
+  expect_value_error([&] { without_loss.fit(data.x_train, data.y_train); },
+                     "fit: the Trainer has no loss function; pass one to its constructor, or set Trainer::train_step");
+  expect_value_error([&] { without_loss.evaluate(data.x_train, data.y_train); }, "evaluate: the Trainer has no loss");
   expect_value_error([&] { Trainer(model, sgd, loss, {metrics::accuracy(), metrics::accuracy()}); },
                      "metric 'accuracy' is given twice");
   expect_value_error([&] { Trainer(model, sgd, loss, {Metric{"loss", metrics::mse().fn, Mode::Min}}); },
@@ -135,19 +140,6 @@ TEST_F(TrainerTest, InitialEpochAndStateCounters) {
   // As in Keras, a plain second fit starts again at epoch 0.
   EXPECT_EQ(s.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(1)).epoch, (std::vector<int64_t>{0}));
 }
-
-/// x/y pairs as a LibTorch dataset.
-class XYDataset : public torch::data::datasets::Dataset<XYDataset> {
- public:
-  XYDataset(torch::Tensor x, torch::Tensor y) : x_(std::move(x)), y_(std::move(y)) {}
-  torch::data::Example<> get(size_t i) override {
-    return {x_[static_cast<int64_t>(i)], y_[static_cast<int64_t>(i)]};
-  }
-  torch::optional<size_t> size() const override { return static_cast<size_t>(x_.size(0)); }
-
- private:
-  torch::Tensor x_, y_;
-};
 
 TEST_F(TrainerTest, FitsDataLoaders) {
   auto data = make_data(300, 100);

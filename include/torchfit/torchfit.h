@@ -24,6 +24,7 @@
 #include "torchfit/metrics.h"
 #include "torchfit/mode.h"
 #include "torchfit/serialize.h"
+#include "torchfit/step.h"
 #include "torchfit/trainer.h"
 #include "torchfit/training_context.h"
 #include "torchfit/trainer_state.h"

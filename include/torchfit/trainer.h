@@ -16,7 +16,9 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -30,6 +32,7 @@
 #include "torchfit/logs.h"
 #include "torchfit/training_context.h"
 #include "torchfit/metrics.h"
+#include "torchfit/step.h"
 #include "torchfit/trainer_state.h"
 
 namespace torch::optim {
@@ -41,63 +44,9 @@ class ProcessGroup;
 
 namespace torchfit {
 
-/// Options of `Trainer::fit`, with chainable setters.
-class FitOptions {
- public:
-  /// Run until this many epochs in total have completed (as Keras's `epochs`).
-  FitOptions& epochs(int64_t value) { epochs_ = value; return *this; }
-  FitOptions& batch_size(int64_t value) { batch_size_ = value; return *this; }
-  /// Shuffle tensor inputs before each epoch (ignored for data loaders).
-  FitOptions& shuffle(bool value) { shuffle_ = value; return *this; }
-  /// Seed of the per-epoch shuffle; by default drawn from torch's global generator.
-  FitOptions& seed(uint64_t value) { seed_ = value; return *this; }
-  FitOptions& validation_data(at::Tensor x, at::Tensor y) {
-    validation_data_ = std::make_pair(std::move(x), std::move(y));
-    return *this;
-  }
-  /// Fraction of the tensor inputs, taken from the end before shuffling, held out
-  /// for validation. Must be in [0, 1).
-  FitOptions& validation_split(double value) { validation_split_ = value; return *this; }
-  FitOptions& callbacks(std::vector<std::shared_ptr<Callback>> value) {
-    callbacks_ = std::move(value);
-    return *this;
-  }
-  /// Epoch to start at. By default 0, or the epoch restored by `Trainer::load_checkpoint`.
-  FitOptions& initial_epoch(int64_t value) { initial_epoch_ = value; return *this; }
-  /// 0: silent, 1: progress, 2: one line per epoch.
-  FitOptions& verbose(int value) { verbose_ = value; return *this; }
-
-  int64_t epochs() const { return epochs_; }
-  int64_t batch_size() const { return batch_size_; }
-  bool shuffle() const { return shuffle_; }
-  const std::optional<uint64_t>& seed() const { return seed_; }
-  const std::optional<std::pair<at::Tensor, at::Tensor>>& validation_data() const {
-    return validation_data_;
-  }
-  double validation_split() const { return validation_split_; }
-  const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
-  const std::optional<int64_t>& initial_epoch() const { return initial_epoch_; }
-  int verbose() const { return verbose_; }
-
- private:
-  int64_t epochs_ = 1;
-  int64_t batch_size_ = 32;
-  bool shuffle_ = true;
-  std::optional<uint64_t> seed_;
-  std::optional<std::pair<at::Tensor, at::Tensor>> validation_data_;
-  double validation_split_ = 0.0;
-  std::vector<std::shared_ptr<Callback>> callbacks_;
-  std::optional<int64_t> initial_epoch_;
-  int verbose_ = 0;
-};
-
 namespace detail {
 class CheckpointFile;
 class Collectives;
-/// Called once per batch; returns false to stop the pass.
-using BatchVisitor = std::function<bool(const at::Tensor& x, const at::Tensor& y)>;
-/// Runs one pass over the training data for the given epoch.
-using EpochPass = std::function<void(int64_t epoch, const BatchVisitor& visit)>;
 
 template <typename T>
 struct is_smart_pointer : std::false_type {};
@@ -117,9 +66,25 @@ decltype(auto) deref(T& value) {
   }
 }
 
-/// A stacked batch (`Example<Tensor, Tensor>`) or a vector of examples.
+/// The loader behind `T` (a loader, or a pointer to one).
+template <typename T>
+using loader_t = std::remove_reference_t<decltype(deref(std::declval<std::remove_reference_t<T>&>()))>;
+
+/// True for what the loader overloads take: anything but tensors that has begin() and end().
+template <typename T, typename = void>
+struct is_loader : std::false_type {};
+template <typename T>
+struct is_loader<T, std::void_t<decltype(std::declval<loader_t<T>&>().begin()),
+                                decltype(std::declval<loader_t<T>&>().end())>>
+    : std::bool_constant<!std::is_convertible_v<T, at::Tensor>> {};
+
+/// Batches the default steps take: `Example<Tensor, Tensor>`, or a vector of
+/// them (a loader without `Stack`), stacked.
 template <typename Batch>
-std::pair<at::Tensor, at::Tensor> unpack_batch(const Batch& batch);
+inline constexpr bool is_example_batch =
+    std::is_same_v<Batch, torch::data::Example<at::Tensor, at::Tensor>> ||
+    std::is_same_v<Batch, std::vector<torch::data::Example<at::Tensor, at::Tensor>>>;
+
 std::pair<at::Tensor, at::Tensor> stack_examples(
     const std::vector<torch::data::Example<at::Tensor, at::Tensor>>& examples);
 
@@ -131,7 +96,213 @@ std::pair<at::Tensor, at::Tensor> unpack_batch(const Batch& batch) {
     return stack_examples(batch);
   }
 }
+
+/// One batch as the Trainer sees it.
+struct Batch {
+  /// Inputs, targets and sample weights, for the default steps (when the data
+  /// yields example batches).
+  at::Tensor x, y, sample_weight;
+  /// The batch the data yielded, for custom steps; valid until the next batch.
+  const void* item = nullptr;
+};
+
+/// Batches in passes over a dataset: the Trainer pulls them one at a time, so an
+/// epoch of `steps_per_epoch` batches can stop mid-pass and the next continue it.
+class BatchSource {
+ public:
+  virtual ~BatchSource();
+  /// Starts pass `pass` (a tensor source's shuffle order depends on it).
+  virtual void begin_pass(int64_t pass) = 0;
+  /// The pass's next batch; false at the end of the pass.
+  virtual bool next(Batch& batch) = 0;
+  /// Skips up to `count` batches of the current pass; returns how many it skipped.
+  virtual int64_t skip(int64_t count);
+  /// Batches per pass, when known without running one.
+  virtual std::optional<int64_t> batches_per_pass() const { return std::nullopt; }
+  /// The type of `Batch::item`, and whether `x` and `y` are filled.
+  virtual const std::type_info& batch_type() const = 0;
+  virtual bool has_tensors() const = 0;
+};
+
+/// A LibTorch data loader (or any range of batches), by reference.
+template <typename Loader>
+class LoaderSource final : public BatchSource {
+ public:
+  using Iterator = decltype(std::declval<Loader&>().begin());
+  using Item = std::decay_t<decltype(*std::declval<Iterator&>())>;
+
+  explicit LoaderSource(Loader& loader) : loader_(loader) {}
+  // The loader's iterator is taken at the first batch, not here, so a pass that
+  // is begun but never read starts no prefetching.
+  void begin_pass(int64_t) override {
+    current_.reset();
+    started_ = false;
+    advance_ = false;
+  }
+  bool next(Batch& batch) override {
+    if (!started_) {
+      current_.emplace(loader_.begin());
+      started_ = true;
+    } else if (advance_) {  // only now, so the previous batch stayed valid until this call
+      ++*current_;
+    }
+    advance_ = false;
+    if (*current_ == loader_.end()) return false;
+    const Item& item = **current_;
+    advance_ = true;
+    batch.item = &item;
+    if constexpr (is_example_batch<Item>) std::tie(batch.x, batch.y) = unpack_batch(item);
+    return true;
+  }
+  const std::type_info& batch_type() const override { return typeid(Item); }
+  bool has_tensors() const override { return is_example_batch<Item>; }
+
+ private:
+  Loader& loader_;
+  std::optional<Iterator> current_;
+  bool started_ = false;
+  bool advance_ = false;
+};
+
+/// A custom step with the batch type it takes, type-erased.
+template <typename Signature>
+struct ErasedStep {
+  const std::type_info* batch_type = nullptr;
+  std::function<Signature> run;
+  explicit operator bool() const { return static_cast<bool>(run); }
+};
+using TrainStep = ErasedStep<Logs(StepContext& step, const void* batch)>;
+using PredictStep = ErasedStep<at::Tensor(const void* batch)>;
+
+template <typename T, typename = void>
+struct has_tensor_forward : std::false_type {};
+template <typename T>
+struct has_tensor_forward<T, std::void_t<decltype(std::declval<T&>().forward(std::declval<at::Tensor>()))>>
+    : std::is_convertible<decltype(std::declval<T&>().forward(std::declval<at::Tensor>())), at::Tensor> {};
+
+/// A source over `loader` (a loader, or a pointer to one) that refers to it.
+template <typename T>
+std::shared_ptr<BatchSource> make_loader_source(T& loader) {
+  return std::make_shared<LoaderSource<loader_t<T>>>(deref(loader));
+}
 }  // namespace detail
+
+/// Options of `Trainer::fit`, with chainable setters.
+class FitOptions {
+ public:
+  /// Run until this many epochs in total have completed (as Keras's `epochs`).
+  FitOptions& epochs(int64_t value) { epochs_ = value; return *this; }
+  /// Samples per batch of tensor inputs (a data loader batches itself: setting it
+  /// for one is a ValueError). Also the validation batch size, unless set below.
+  FitOptions& batch_size(int64_t value) {
+    batch_size_ = value;
+    batch_size_set_ = true;
+    return *this;
+  }
+  /// Shuffle tensor inputs before each epoch (a ValueError for data loaders).
+  FitOptions& shuffle(bool value) {
+    shuffle_ = value;
+    shuffle_set_ = true;
+    return *this;
+  }
+  /// Seed of the per-epoch shuffle; by default drawn from torch's global generator.
+  FitOptions& seed(uint64_t value) { seed_ = value; return *this; }
+  FitOptions& validation_data(at::Tensor x, at::Tensor y) {
+    validation_data_ = std::make_pair(std::move(x), std::move(y));
+    validation_loader_.reset();
+    return *this;
+  }
+  /// Validates on a LibTorch data loader (or a pointer to one), which must outlive the fit.
+  template <typename Loader, typename = std::enable_if_t<detail::is_loader<Loader>::value>>
+  FitOptions& validation_data(Loader& loader) {
+    validation_loader_ = detail::make_loader_source(loader);
+    validation_data_.reset();
+    return *this;
+  }
+  /// Fraction of the tensor inputs, taken from the end before shuffling, held out
+  /// for validation. Must be in [0, 1); not for data loaders.
+  FitOptions& validation_split(double value) { validation_split_ = value; return *this; }
+  /// Batch size of tensor validation data; by default `batch_size`.
+  FitOptions& validation_batch_size(int64_t value) { validation_batch_size_ = value; return *this; }
+  /// As Keras: batches per epoch. The data is not restarted at each epoch: the
+  /// next epoch continues where this one stopped, and a pass that runs out ends
+  /// its epoch early (with a warning) and starts again in the next. By default
+  /// an epoch is one pass.
+  FitOptions& steps_per_epoch(int64_t value) { steps_per_epoch_ = value; return *this; }
+  /// As Keras: validate after every `value`-th epoch (epochs value, 2 * value, ...).
+  FitOptions& validation_freq(int64_t value) { validation_freq_ = value; return *this; }
+  /// Per-sample weights of tensor inputs [N], as Keras's `sample_weight`: they
+  /// weigh each sample's loss (the loss must return one value per sample) and
+  /// are passed to stateful metrics.
+  FitOptions& sample_weight(at::Tensor value) { sample_weight_ = std::move(value); return *this; }
+  /// Weights by target class, as Keras's `class_weight`: each training sample's
+  /// weight is multiplied by its class's (every class met must be listed).
+  FitOptions& class_weight(std::map<int64_t, double> value) { class_weight_ = std::move(value); return *this; }
+  /// Default step (and `StepContext::minimize`): rescale the gradients so that
+  /// their global L2 norm is at most `max_norm` (`torch::nn::utils::clip_grad_norm_`).
+  FitOptions& clip_grad_norm(double max_norm) { clip_grad_norm_ = max_norm; return *this; }
+  /// Clamp each gradient element into [-value, value] (`clip_grad_value_`).
+  FitOptions& clip_grad_value(double value) { clip_grad_value_ = value; return *this; }
+  /// Sum the gradients of `n` batches (each loss divided by n) before each
+  /// optimizer step, as Keras 3's optimizer option. An epoch's leftover batches
+  /// step at its end.
+  FitOptions& gradient_accumulation_steps(int64_t n) { gradient_accumulation_steps_ = n; return *this; }
+  FitOptions& callbacks(std::vector<std::shared_ptr<Callback>> value) {
+    callbacks_ = std::move(value);
+    return *this;
+  }
+  /// Epoch to start at. By default 0, or the epoch restored by `Trainer::load_checkpoint`.
+  FitOptions& initial_epoch(int64_t value) { initial_epoch_ = value; return *this; }
+  /// 0: silent, 1: progress, 2: one line per epoch.
+  FitOptions& verbose(int value) { verbose_ = value; return *this; }
+
+  int64_t epochs() const { return epochs_; }
+  int64_t batch_size() const { return batch_size_; }
+  bool shuffle() const { return shuffle_; }
+  const std::optional<uint64_t>& seed() const { return seed_; }
+  const std::optional<std::pair<at::Tensor, at::Tensor>>& validation_data() const {
+    return validation_data_;
+  }
+  /// The validation loader, if one was given.
+  const std::shared_ptr<detail::BatchSource>& validation_loader() const { return validation_loader_; }
+  double validation_split() const { return validation_split_; }
+  int64_t validation_batch_size() const { return validation_batch_size_.value_or(batch_size_); }
+  const std::optional<int64_t>& steps_per_epoch() const { return steps_per_epoch_; }
+  int64_t validation_freq() const { return validation_freq_; }
+  const at::Tensor& sample_weight() const { return sample_weight_; }
+  const std::map<int64_t, double>& class_weight() const { return class_weight_; }
+  const std::optional<double>& clip_grad_norm() const { return clip_grad_norm_; }
+  const std::optional<double>& clip_grad_value() const { return clip_grad_value_; }
+  int64_t gradient_accumulation_steps() const { return gradient_accumulation_steps_; }
+  const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
+  const std::optional<int64_t>& initial_epoch() const { return initial_epoch_; }
+  int verbose() const { return verbose_; }
+  /// Whether `batch_size` / `shuffle` were set (they are errors for data loaders).
+  bool batch_size_set() const { return batch_size_set_; }
+  bool shuffle_set() const { return shuffle_set_; }
+
+ private:
+  int64_t epochs_ = 1;
+  int64_t batch_size_ = 32;
+  bool batch_size_set_ = false;
+  bool shuffle_ = true;
+  bool shuffle_set_ = false;
+  std::optional<uint64_t> seed_;
+  std::optional<std::pair<at::Tensor, at::Tensor>> validation_data_;
+  std::shared_ptr<detail::BatchSource> validation_loader_;
+  double validation_split_ = 0.0;
+  std::optional<int64_t> validation_batch_size_;
+  std::optional<int64_t> steps_per_epoch_;
+  int64_t validation_freq_ = 1;
+  at::Tensor sample_weight_;
+  std::map<int64_t, double> class_weight_;
+  std::optional<double> clip_grad_norm_;
+  std::optional<double> clip_grad_value_;
+  int64_t gradient_accumulation_steps_ = 1;
+  std::vector<std::shared_ptr<Callback>> callbacks_;
+  std::optional<int64_t> initial_epoch_;
+  int verbose_ = 0;
+};
 
 /// Trains a module with an optimizer and a loss, firing callbacks in Keras order.
 class Trainer : public TrainingContext {
@@ -139,12 +310,13 @@ class Trainer : public TrainingContext {
   using LossFn = std::function<at::Tensor(const at::Tensor& output, const at::Tensor& target)>;
   using ForwardFn = std::function<at::Tensor(const at::Tensor& input)>;
 
-  /// `M` is any `torch::nn::Module` with `Tensor forward(Tensor)`.
+  /// `M` is any `torch::nn::Module`. The default steps call its `Tensor
+  /// forward(Tensor)`; a model with several inputs or outputs needs custom steps
+  /// (`train_step`, `test_step`, `predict_step`), and then `loss` may be empty.
   template <typename M, typename = std::enable_if_t<std::is_base_of_v<torch::nn::Module, M>>>
   Trainer(std::shared_ptr<M> model, std::shared_ptr<torch::optim::Optimizer> optimizer, LossFn loss,
           std::vector<Metric> metrics = {})
-      : Trainer(model, [raw = model.get()](const at::Tensor& x) { return raw->forward(x); },
-                std::move(optimizer), std::move(loss), std::move(metrics)) {}
+      : Trainer(model, tensor_forward(model), std::move(optimizer), std::move(loss), std::move(metrics)) {}
 
   /// Accepts module holders such as `torch::nn::Sequential` or `TORCH_MODULE` types.
   template <typename Impl>
@@ -161,6 +333,39 @@ class Trainer : public TrainingContext {
   ~Trainer();
   Trainer(Trainer&&) noexcept;
   Trainer& operator=(Trainer&&) noexcept;
+
+  /// Replaces the training step for batches of type `Batch`: what the data
+  /// yields (`torch::data::Example<>` for tensor inputs and stacked loaders).
+  /// `fn(torchfit::StepContext& step, const Batch& batch)` returns nothing or
+  /// `Logs` of extra values to log (the same keys every batch); it must record
+  /// the loss through `step.minimize` or `step.record_loss`. See step.h.
+  template <typename Batch, typename Fn>
+  Trainer& train_step(Fn fn) {
+    train_step_ = erase_step<Batch>(std::move(fn));
+    return *this;
+  }
+  /// Replaces the evaluation step (validation and `evaluate`) likewise; it runs
+  /// in eval mode without grad and records the loss with `step.record_loss`.
+  template <typename Batch, typename Fn>
+  Trainer& test_step(Fn fn) {
+    test_step_ = erase_step<Batch>(std::move(fn));
+    return *this;
+  }
+  /// Replaces what `predict` computes for a batch: `fn(const Batch&)` returns
+  /// the batch's outputs, concatenated over batches.
+  template <typename Batch, typename Fn>
+  Trainer& predict_step(Fn fn) {
+    constexpr bool callable = std::is_invocable_v<Fn&, const Batch&>;
+    static_assert(callable, "Trainer::predict_step<Batch>(fn): fn must be callable as fn(const Batch& batch)");
+    if constexpr (callable) {
+      static_assert(std::is_convertible_v<std::invoke_result_t<Fn&, const Batch&>, at::Tensor>,
+                    "Trainer::predict_step<Batch>(fn): fn must return the batch's outputs as an at::Tensor");
+      predict_step_ = {&typeid(Batch), [fn = std::move(fn)](const void* batch) mutable -> at::Tensor {
+                         return fn(*static_cast<const Batch*>(batch));
+                       }};
+    }
+    return *this;
+  }
 
   /// Trains data-parallel with the ranks of `group` (see distributed.h): rank 0's
   /// parameters are broadcast at the start of `fit`, each rank trains on its
@@ -184,24 +389,31 @@ class Trainer : public TrainingContext {
 
   /// Trains on a LibTorch data loader (or a pointer to one), e.g. from
   /// `torch::data::make_data_loader(MNIST(...).map(Stack<>()), 64)`. Batching and
-  /// shuffling are the loader's; `batch_size`, `shuffle` and `validation_split`
-  /// do not apply.
-  template <typename Loader>
+  /// shuffling are the loader's: setting `batch_size`, `shuffle` or
+  /// `validation_split` is a ValueError. The batches per epoch are learnt in the
+  /// first epoch (or given by `steps_per_epoch`).
+  template <typename Loader, typename = std::enable_if_t<detail::is_loader<Loader>::value>>
   History fit(Loader&& loader, FitOptions options = FitOptions()) {
-    auto& source = detail::deref(loader);
-    detail::EpochPass pass = [&source](int64_t, const detail::BatchVisitor& visit) {
-      for (auto& batch : source) {
-        auto [x, y] = detail::unpack_batch(batch);
-        if (!visit(x, y)) return;
-      }
-    };
-    return fit_passes(pass, std::nullopt, std::move(options));  // loaders do not tell their length
+    return fit_source(*detail::make_loader_source(loader), std::nullopt, std::move(options), true);
   }
 
-  /// Loss and metrics over the data, in eval mode without grad.
-  Logs evaluate(const at::Tensor& x, const at::Tensor& y, int64_t batch_size = 32);
+  /// Loss and metrics over the data, in eval mode without grad; `sample_weight`
+  /// [N] weighs the loss and the stateful metrics.
+  Logs evaluate(const at::Tensor& x, const at::Tensor& y, int64_t batch_size = 32,
+                const at::Tensor& sample_weight = {});
+  /// Loss and metrics over one pass of a data loader (or a pointer to one).
+  template <typename Loader, typename = std::enable_if_t<detail::is_loader<Loader>::value>>
+  Logs evaluate(Loader&& loader) {
+    CallbackList none;
+    return evaluate_source(*detail::make_loader_source(loader), none);
+  }
   /// Model outputs for `x`, in eval mode without grad, concatenated over batches.
   at::Tensor predict(const at::Tensor& x, int64_t batch_size = 32);
+  /// Model outputs for one pass of a data loader's inputs (targets are ignored).
+  template <typename Loader, typename = std::enable_if_t<detail::is_loader<Loader>::value>>
+  at::Tensor predict(Loader&& loader) {
+    return predict_source(*detail::make_loader_source(loader));
+  }
 
   /// Asks `fit` to stop; checked after each batch and each epoch.
   void stop_training(bool value) override { stop_training_ = value; }
@@ -232,6 +444,8 @@ class Trainer : public TrainingContext {
   const std::vector<Metric>& metrics() const { return metrics_; }
   /// The metric registered under `name`, if any.
   const Metric* find_metric(const std::string& name) const override;
+  /// "loss", each metric, and their "val_" forms.
+  std::vector<std::string> log_keys() const override;
   const TrainerState& state() const override { return state_; }
   /// `state()` plus the RNG state, as full checkpoints store it.
   TrainerState checkpoint_state() const;
@@ -242,15 +456,76 @@ class Trainer : public TrainingContext {
   std::map<std::string, CallbackState> callback_states() const;
 
  private:
-  History fit_passes(const detail::EpochPass& pass,
-                     std::optional<std::pair<at::Tensor, at::Tensor>> validation,
-                     FitOptions options, std::optional<int64_t> steps_per_epoch = std::nullopt);
-  Logs evaluate_with(const at::Tensor& x, const at::Tensor& y, int64_t batch_size,
-                     CallbackList& callbacks);
-  Logs evaluate_shard(const at::Tensor& x, const at::Tensor& y, int64_t batch_size, CallbackList& callbacks);
+  History fit_source(detail::BatchSource& train,
+                     std::optional<std::pair<at::Tensor, at::Tensor>> validation, FitOptions options,
+                     bool from_loader);
+  /// Tensor evaluation data, sharded across the ranks.
+  std::unique_ptr<detail::BatchSource> evaluation_source(const at::Tensor& x, const at::Tensor& y,
+                                                         int64_t batch_size, const at::Tensor& weights = {}) const;
+  Logs evaluate_source(detail::BatchSource& source, CallbackList& callbacks);
+  at::Tensor predict_source(detail::BatchSource& source);
   void restore(const std::string& path, bool with_history);
   /// Reads a torchfit 0.1 full checkpoint (a LibTorch module archive).
   void restore_legacy(const detail::CheckpointFile& file);
+
+  template <typename M>
+  static ForwardFn tensor_forward(const std::shared_ptr<M>& model) {
+    if constexpr (detail::has_tensor_forward<M>::value) {
+      return [raw = model.get()](const at::Tensor& x) -> at::Tensor { return raw->forward(x); };
+    } else {
+      return {};  // several inputs or outputs: custom steps run it
+    }
+  }
+
+  template <typename Batch, typename Fn>
+  static detail::TrainStep erase_step(Fn fn) {
+    constexpr bool callable = std::is_invocable_v<Fn&, StepContext&, const Batch&>;
+    static_assert(callable,
+                  "Trainer::train_step<Batch>(fn) and test_step<Batch>(fn): fn must be callable as "
+                  "fn(torchfit::StepContext& step, const Batch& batch), where Batch is what the data yields "
+                  "(torch::data::Example<> for tensor inputs and stacked loaders)");
+    if constexpr (callable) {
+      using Result = std::invoke_result_t<Fn&, StepContext&, const Batch&>;
+      constexpr bool returns = std::is_void_v<Result> || std::is_convertible_v<Result, Logs>;
+      static_assert(returns,
+                    "Trainer::train_step<Batch>(fn) and test_step<Batch>(fn): fn must return void or "
+                    "torchfit::Logs (extra values to log)");
+      if constexpr (returns) {
+        return {&typeid(Batch), [fn = std::move(fn)](StepContext& step, const void* batch) mutable -> Logs {
+                  if constexpr (std::is_void_v<Result>) {
+                    fn(step, *static_cast<const Batch*>(batch));
+                    return {};
+                  } else {
+                    return fn(step, *static_cast<const Batch*>(batch));
+                  }
+                }};
+      }
+    }
+    return {};
+  }
+
+  friend class StepContext;
+  /// What the running fit's steps do with gradients.
+  struct GradientOptions {
+    std::optional<double> clip_norm, clip_value;
+    int64_t accumulation = 1;
+  };
+  /// Default steps.
+  void default_train_step(StepContext& step, const at::Tensor& x, const at::Tensor& y);
+  void default_test_step(StepContext& step, const at::Tensor& x, const at::Tensor& y);
+  /// What StepContext does.
+  at::Tensor forward_checked(const at::Tensor& x) const;
+  at::Tensor compute_loss(const at::Tensor& output, const at::Tensor& target, const at::Tensor& sample_weight) const;
+  void minimize(StepContext& step, const at::Tensor& loss);
+  void minimize(StepContext& step, const std::function<at::Tensor()>& closure);
+  void update_metrics(StepContext& step, const at::Tensor& output, const at::Tensor& target,
+                      const at::Tensor& sample_weight) const;
+  /// Averages across ranks, clips, lets callbacks finish with the parameters.
+  void finish_gradients();
+  /// The optimizer step for the gradients accumulated so far.
+  void apply_gradients();
+  /// Checks that the steps this run needs exist and take what `source` yields.
+  void check_steps(const detail::BatchSource& source, bool training, const char* what) const;
 
   std::shared_ptr<torch::nn::Module> model_;
   ForwardFn forward_;
@@ -269,6 +544,10 @@ class Trainer : public TrainingContext {
   struct CallbacksItem;
   std::string resumed_from_;
   std::unique_ptr<detail::Collectives> collectives_;
+  detail::TrainStep train_step_, test_step_;
+  detail::PredictStep predict_step_;
+  GradientOptions gradients_;
+  int64_t accumulated_ = 0;  // backward passes since the last optimizer step
 };
 
 }  // namespace torchfit

@@ -5,6 +5,7 @@
 /// (EarlyStopping, ReduceLROnPlateau, CheckpointCallback, ...) itself.
 
 #include <string>
+#include <vector>
 
 #include "torchfit/arg.h"
 #include "torchfit/engine/checkpoint.h"
@@ -42,6 +43,9 @@ class TrainingContext {
   virtual torch::optim::Optimizer& optimizer() const = 0;
   /// The metric registered under `name`, if any (its direction resolves `Mode::Auto`).
   virtual const Metric* find_metric(const std::string& name) const = 0;
+  /// The keys the run's epoch logs can have ("loss", the metrics, and their
+  /// "val_" forms), for "did you mean" hints; empty if unknown (the default).
+  virtual std::vector<std::string> log_keys() const;
   /// Progress of the run.
   virtual const TrainerState& state() const = 0;
 

@@ -136,7 +136,8 @@ bool CheckpointManager::should_save(const std::string& point, const Logs& logs, 
   }
   auto value = monitor_->current(logs);
   if (!value) {
-    log->warn("Can save best model only with {} available, saving anyway", name);
+    log->warn("Can save best model only with {} available, saving anyway. Available metrics are: {}.{}", name,
+              join_keys(logs), did_you_mean(name, logs));
     return true;
   }
   monitor_->resolve();

@@ -1,8 +1,10 @@
 #include "torchfit/engine/metric_monitor.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "torchfit/error.h"
 
@@ -22,7 +24,8 @@ MetricMonitor::MetricMonitor(std::string owner, std::string monitor, Mode mode, 
   }
 }
 
-void MetricMonitor::resolve(const std::function<Mode(const std::string&)>& metric_direction) {
+void MetricMonitor::resolve(const std::function<Mode(const std::string&)>& metric_direction,
+                            const std::vector<std::string>& known_keys) {
   if (mode_ != Mode::Auto) return;
   std::string name = monitor_.rfind("val_", 0) == 0 ? monitor_.substr(4) : monitor_;
   if (name == "loss") {
@@ -31,6 +34,14 @@ void MetricMonitor::resolve(const std::function<Mode(const std::string&)>& metri
     mode_ = metric_direction(name);
   }
   if (mode_ != Mode::Auto) return;
+  if (std::find(known_keys.begin(), known_keys.end(), monitor_) == known_keys.end()) {
+    auto hint = did_you_mean(monitor_, known_keys);
+    if (!hint.empty()) {
+      throw ValueError(fmt::format("{} callback received monitor={}, which is not a metric of this run.{} Its logs "
+                                   "have: {}",
+                                   owner_, monitor_, hint, fmt::join(known_keys, ", ")));
+    }
+  }
   throw ValueError(fmt::format(
       "{} callback received monitor={}, but torchfit cannot tell whether that metric should be "
       "maximized or minimized. Pass .mode(torchfit::Mode::Max) to keep the highest value, or "

@@ -13,9 +13,16 @@ c10::IValue trainer_state_to_ivalue(const TrainerState& state) {
   out.insert("epoch", state.epoch);
   out.insert("global_step", state.global_step);
   out.insert("batch_in_epoch", state.batch_in_epoch);
+  if (state.data_pass) out.insert("data_pass", *state.data_pass);
+  if (state.batch_in_pass) out.insert("batch_in_pass", *state.batch_in_pass);
   out.insert("seed", static_cast<int64_t>(state.seed));
   out.insert("epoch_sums", sums);
   out.insert("epoch_weight", state.epoch_weight);
+  if (!state.metric_states.empty()) {
+    c10::impl::GenericDict metrics(c10::StringType::get(), c10::ListType::create(c10::FloatType::get()));
+    for (const auto& [name, values] : state.metric_states) metrics.insert(name, c10::List<double>(values));
+    out.insert("metric_states", metrics);
+  }
   return out;
 }
 
@@ -40,6 +47,13 @@ TrainerState trainer_state_from_ivalue(const c10::IValue& value, const std::stri
   state.global_step = integer("global_step");
   state.batch_in_epoch = integer("batch_in_epoch");
   state.seed = static_cast<uint64_t>(integer("seed"));
+  for (auto [name, field] : {std::pair{"data_pass", &TrainerState::data_pass},
+                             std::pair{"batch_in_pass", &TrainerState::batch_in_pass}}) {
+    if (dict.contains(name)) {
+      state.*field = integer(name);
+      if (*(state.*field) < 0) throw fail(fmt::format("negative '{}': {}", name, *(state.*field)));
+    }
+  }
   auto weight = get("epoch_weight");
   if (!weight.isDouble()) throw fail("field 'epoch_weight' is not a number");
   state.epoch_weight = weight.toDouble();
@@ -48,6 +62,15 @@ TrainerState trainer_state_from_ivalue(const c10::IValue& value, const std::stri
   for (const auto& entry : sums.toGenericDict()) {
     if (!entry.key().isString() || !entry.value().isDouble()) throw fail("an entry of 'epoch_sums'");
     state.epoch_sums[entry.key().toStringRef()] = entry.value().toDouble();
+  }
+  if (dict.contains("metric_states")) {
+    auto metrics = get("metric_states");
+    if (!metrics.isGenericDict()) throw fail("field 'metric_states' is not a dict");
+    for (const auto& entry : metrics.toGenericDict()) {
+      if (!entry.key().isString() || !entry.value().isDoubleList()) throw fail("an entry of 'metric_states'");
+      auto values = entry.value().toDoubleList();
+      state.metric_states[entry.key().toStringRef()] = std::vector<double>(values.begin(), values.end());
+    }
   }
   if (state.epoch < 0 || state.global_step < 0 || state.batch_in_epoch < 0) {
     throw fail(fmt::format("negative position (epoch {}, step {}, batch {})", state.epoch, state.global_step,

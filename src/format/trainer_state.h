@@ -9,7 +9,8 @@
 
 namespace torchfit::detail {
 
-/// {"epoch", "global_step", "batch_in_epoch", "seed", "epoch_sums", "epoch_weight"}; the RNG is an item of its own.
+/// {"epoch", "global_step", "batch_in_epoch", "seed", "epoch_sums", "epoch_weight"}, plus
+/// "data_pass", "batch_in_pass" and "metric_states" when set; the RNG is an item of its own.
 c10::IValue trainer_state_to_ivalue(const TrainerState& state);
 /// Throws CheckpointError starting with `where` and naming the bad field.
 TrainerState trainer_state_from_ivalue(const c10::IValue& value, const std::string& where);

@@ -137,6 +137,32 @@ void create_parent_directories(const std::string& path) {
   }
 }
 
+void check_writable_directory(const std::string& directory, const std::string& owner) {
+  // Probe the directory, or the nearest ancestor that exists (where the first
+  // save will create it); nothing is created here.
+  fs::path probe_in = directory.empty() ? fs::path(".") : fs::path(directory);
+  std::error_code ec;
+  while (!fs::exists(probe_in, ec) && probe_in != ".") {
+    // "ckpt" has no parent: it is made in the working directory.
+    probe_in = probe_in.has_parent_path() && probe_in.parent_path() != probe_in ? probe_in.parent_path() : ".";
+  }
+  if (!fs::is_directory(probe_in, ec)) {
+    throw CheckpointError(fmt::format("{}: cannot create the directory {}: {} is not a directory", owner,
+                                      directory, probe_in.string()));
+  }
+  // A probe named as our temporaries, so a crash right here leaves nothing that
+  // the stale-temporary sweep would not remove.
+  auto probe = unique_temp_path((probe_in / "write-check").string());
+  int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    throw CheckpointError(fmt::format("{}: cannot write in {}{}: {}", owner, probe_in.string(),
+                                      probe_in == fs::path(directory) ? "" : " (to create " + directory + ")",
+                                      std::strerror(errno)));
+  }
+  ::close(fd);
+  ::unlink(probe.c_str());
+}
+
 void write_latest_pointer(const std::string& checkpoint, bool fsync) {
   fs::path path(checkpoint);
   AtomicFile pointer((path.parent_path() / kLatestPointer).string(), fsync);

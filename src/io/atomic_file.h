@@ -63,6 +63,13 @@ void check_not_directory(const std::string& path, const std::string& owner);
 /// Throws CheckpointError unless `path` is an existing file (not a directory).
 void check_readable_file(const std::string& path);
 
+/// Throws CheckpointError naming `owner` and the directory unless `directory`
+/// ("" is the working directory) is writable, or can be created: its nearest
+/// existing ancestor is a writable directory. Proves it by creating and
+/// removing a file; creates nothing else. Run where a fit starts, so a bad path
+/// fails then and not at the first save.
+void check_writable_directory(const std::string& directory, const std::string& owner);
+
 /// Creates the parent directories of `path` if missing; throws CheckpointError.
 void create_parent_directories(const std::string& path);
 

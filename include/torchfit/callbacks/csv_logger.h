@@ -11,7 +11,10 @@
 namespace torchfit {
 
 /// Writes `epoch` plus the sorted log keys of each epoch to `filename`. With
-/// `append`, a resumed run continues the file without repeating the header.
+/// `append`, a later run continues the file without repeating the header. A
+/// run resumed by `Trainer::load_checkpoint` or BackupAndRestore always does,
+/// and first drops the rows of the epochs it will run again. The directory is
+/// created and checked for writing when the fit starts.
 class CSVLogger : public Callback {
  public:
   explicit CSVLogger(std::string filename, char separator = ',', bool append = false);

@@ -12,10 +12,12 @@
 
 namespace torchfit {
 
-/// verbose 1: a live progress bar (steps, ETA, time per step, running metrics)
-/// on a terminal, and one line per epoch; verbose 2: one line per epoch only;
-/// 0: silent. Output goes through the "torchfit" logger: its TerminalSink draws
-/// the bar on a terminal and drops it elsewhere, so pipes get plain lines.
+/// verbose 1: a live "Epoch n/N" line with a progress bar (steps, ETA, time per
+/// step, running metrics) on a terminal, and one line per epoch; verbose 2: one
+/// line per epoch only; 0: silent. Epoch lines go through the "torchfit" logger;
+/// the live line only to its terminal sinks (`show_progress`), so log files and
+/// pipes get whole lines. Without a known step count, the first whole epoch's
+/// is used from the second epoch on.
 class ProgbarLogger : public Callback {
  public:
   /// `epochs` is the total the fit runs to; `steps` the batches per epoch, if known.
@@ -37,6 +39,8 @@ class ProgbarLogger : public Callback {
   int64_t epochs_;
   std::optional<int64_t> steps_;
   int64_t seen_ = 0;
+  bool whole_epoch_ = true;
+  std::string header_;  // "Epoch n/N"
   std::chrono::steady_clock::time_point epoch_start_;
   double last_update_ = -1.0;
 };

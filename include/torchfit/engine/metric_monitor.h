@@ -7,6 +7,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "torchfit/logs.h"
 #include "torchfit/mode.h"
@@ -34,8 +35,10 @@ class MetricMonitor {
 
   /// Resolves `Mode::Auto`: `loss` and `val_loss` are minimised; other names ask
   /// `metric_direction` (given the name without `val_`), which returns `Auto`
-  /// when it does not know. Throws `ValueError` naming the owner and the monitor.
-  void resolve(const std::function<Mode(const std::string& metric)>& metric_direction = {});
+  /// when it does not know. Throws `ValueError` naming the owner and the monitor,
+  /// and the nearest of `known_keys` when the monitor looks misspelt.
+  void resolve(const std::function<Mode(const std::string& metric)>& metric_direction = {},
+               const std::vector<std::string>& known_keys = {});
   /// Strictly better than `reference` by more than min_delta; NaN never is.
   /// An empty reference is beaten by any number. Resolves `Auto` first.
   bool is_improvement(double value, std::optional<double> reference);

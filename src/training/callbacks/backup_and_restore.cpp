@@ -5,6 +5,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "io/atomic_file.h"
+#include "training/fail_early.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
 #include "torchfit/serialize.h"
@@ -29,6 +31,7 @@ std::string BackupAndRestore::previous_backup_path() const {
 }
 
 void BackupAndRestore::on_train_setup() {
+  detail::check_directory_on_main(*context_, options_.backup_dir(), "BackupAndRestore");
   restored_ = false;
   batches_since_backup_ = 0;
   last_backup_step_ = -1;

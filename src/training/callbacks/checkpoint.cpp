@@ -7,6 +7,7 @@
 
 #include "engine/filepath_template.h"
 #include "io/atomic_file.h"
+#include "training/fail_early.h"
 #include "torchfit/error.h"
 #include "torchfit/training_context.h"
 
@@ -54,6 +55,7 @@ std::string CheckpointCallback::format_filepath(const std::string& filepath, int
 
 void CheckpointCallback::on_train_begin(const Logs& logs) {
   MonitorCallback::on_train_begin(logs);
+  const bool to_files = !options().io();  // what rank 0 (whose options stay the user's) writes to
   if (context_->world_size() > 1 && !context_->is_main_process()) {
     // Ranks other than 0 decide alike but write nothing; they keep the tables.
     auto state = manager_->state_dict();
@@ -64,8 +66,11 @@ void CheckpointCallback::on_train_begin(const Logs& logs) {
     manager_->load_state_dict(state);
   }
   if (!context_->resumed_from().empty()) manager_->protect(context_->resumed_from());
-  // Leftovers of a killed run in the directory we write to (up to the first field).
+  // Fail now, not an epoch later at the first save; then sweep leftovers of a
+  // killed run from the directory we write to (up to the first field).
   auto dir = detail::FilepathTemplate(options().filepath()).literal_directory();
+  detail::check_directory_on_main(*context_, dir, "CheckpointCallback", to_files);
+  if (!to_files || !context_->is_main_process()) return;  // only rank 0 writes
   std::error_code ec;
   if (std::filesystem::is_directory(dir.empty() ? "." : dir, ec)) detail::remove_stale_temporaries(dir);
 }

@@ -1,10 +1,13 @@
 #include "torchfit/callbacks/csv_logger.h"
 
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
 #include <fmt/format.h>
 
+#include "io/atomic_file.h"
+#include "training/fail_early.h"
 #include "torchfit/error.h"
 #include "torchfit/training_context.h"
 
@@ -15,11 +18,53 @@ CSVLogger::CSVLogger(std::string filename, char separator, bool append)
   if (filename_.empty()) throw ValueError("CSVLogger: filename must not be empty");
 }
 
+namespace {
+
+/// Removes the rows of epochs `epoch` and later (a resumed run writes them again).
+void drop_rows_from(const std::string& filename, int64_t epoch, char separator) {
+  std::ifstream in(filename);
+  if (!in) return;
+  std::string line, kept;
+  bool dropped = false, header = true;
+  while (std::getline(in, line)) {
+    if (!header) {
+      const char* first = line.c_str();
+      char* end = nullptr;
+      long long row = std::strtoll(first, &end, 10);
+      if (end != first && *end == separator && row >= epoch) {
+        dropped = true;
+        continue;
+      }
+    }
+    header = false;
+    kept += line + '\n';
+  }
+  if (!dropped) return;
+  detail::AtomicFile out(filename, /*fsync=*/false);
+  out.write(kept.data(), kept.size());
+  out.commit();
+}
+
+}  // namespace
+
 void CSVLogger::on_train_begin(const Logs&) {
   enabled_ = context_ == nullptr || context_->is_main_process();  // one writer when data-parallel
+  const auto directory = std::filesystem::path(filename_).parent_path().string();
+  if (context_ != nullptr) {
+    detail::check_directory_on_main(*context_, directory, "CSVLogger");
+  } else {
+    detail::check_writable_directory(directory, "CSVLogger");
+  }
   if (!enabled_) return;
+  detail::create_parent_directories(filename_);
+  // A run resumed by load_checkpoint or BackupAndRestore continues its file, as
+  // with `append`, less the rows of the epochs it runs again.
+  const bool resumed = context_ != nullptr && !context_->resumed_from().empty() &&
+                       (context_->state().epoch > 0 || context_->state().batch_in_epoch > 0);
+  const bool append = append_ || resumed;
+  if (resumed) drop_rows_from(filename_, context_->state().epoch, separator_);
   // As Keras: appending to a non-empty file keeps its header and columns.
-  write_header_ = !(append_ && std::filesystem::exists(filename_) && std::filesystem::file_size(filename_) > 0);
+  write_header_ = !(append && std::filesystem::exists(filename_) && std::filesystem::file_size(filename_) > 0);
   keys_.clear();
   if (!write_header_) {
     std::ifstream in(filename_);
@@ -32,7 +77,7 @@ void CSVLogger::on_train_begin(const Logs&) {
       start = end;
     }
   }
-  file_.open(filename_, append_ ? std::ios::app : std::ios::trunc);
+  file_.open(filename_, append ? std::ios::app : std::ios::trunc);
   if (!file_) {
     throw Error(fmt::format("CSVLogger: failed opening {} for writing: {}", filename_, std::strerror(errno)));
   }

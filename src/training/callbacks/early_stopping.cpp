@@ -47,8 +47,8 @@ void EarlyStopping::on_train_begin(const Logs& logs) {
 void EarlyStopping::on_epoch_end(int64_t epoch, const Logs& logs) {
   auto value = current(logs);
   if (!value) {
-    logger()->warn("Early stopping conditioned on metric `{}` which is not available. Available metrics are: {}",
-                   monitor_, join_keys(logs));
+    logger()->warn("Early stopping conditioned on metric `{}` which is not available. Available metrics are: {}.{}",
+                   monitor_, join_keys(logs), did_you_mean(monitor_, logs));
     return;
   }
   if (epoch < options_.start_from_epoch()) return;

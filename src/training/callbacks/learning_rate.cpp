@@ -55,8 +55,8 @@ void ReduceLROnPlateau::on_epoch_end(int64_t epoch, const Logs& logs) {
   auto value = current(logs);
   if (!value) {
     logger()->warn("Learning rate reduction is conditioned on metric `{}` which is not available. Available metrics "
-                   "are: {}",
-                   monitor_, join_keys(logs));
+                   "are: {}.{}",
+                   monitor_, join_keys(logs), did_you_mean(monitor_, logs));
     return;
   }
   if (cooldown_counter_ > 0) {

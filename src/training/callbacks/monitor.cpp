@@ -23,7 +23,8 @@ auto metric_directions(const TrainingContext* context) {
 
 Mode resolve_mode(Mode mode, const std::string& monitor, const Trainer* trainer, const std::string& owner) {
   MetricMonitor tracker(owner, monitor, mode);
-  tracker.resolve(metric_directions(trainer != nullptr ? context_of(trainer) : nullptr));
+  const TrainingContext* context = trainer != nullptr ? context_of(trainer) : nullptr;
+  tracker.resolve(metric_directions(context), context != nullptr ? context->log_keys() : std::vector<std::string>{});
   return tracker.mode();
 }
 
@@ -35,7 +36,7 @@ MonitorCallback::MonitorCallback(std::string name, std::shared_ptr<MetricMonitor
     : name_(std::move(name)), monitor_(tracker->monitor()), tracker_(std::move(tracker)) {}
 
 void MonitorCallback::on_train_begin(const Logs&) {
-  tracker_->resolve(metric_directions(context_));
+  tracker_->resolve(metric_directions(context_), context_ != nullptr ? context_->log_keys() : std::vector<std::string>{});
 }
 
 bool MonitorCallback::is_improvement(double value, std::optional<double> reference) const {

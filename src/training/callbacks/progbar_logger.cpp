@@ -20,10 +20,13 @@ double ProgbarLogger::elapsed() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - epoch_start_).count();
 }
 
-void ProgbarLogger::on_epoch_begin(int64_t, const Logs&) {
+void ProgbarLogger::on_epoch_begin(int64_t epoch, const Logs&) {
   seen_ = 0;
+  whole_epoch_ = true;
   last_update_ = -1.0;
   epoch_start_ = std::chrono::steady_clock::now();
+  header_ = fmt::format("Epoch {}/{}", epoch + 1, epochs_);
+  if (verbose_ == 1) show_progress(header_);  // until the first step ends
 }
 
 std::string ProgbarLogger::bar(int64_t step, int64_t steps) {
@@ -36,7 +39,8 @@ std::string ProgbarLogger::bar(int64_t step, int64_t steps) {
   return "[" + out + "]";
 }
 
-void ProgbarLogger::on_train_batch_end(int64_t, const Logs& logs) {
+void ProgbarLogger::on_train_batch_end(int64_t batch, const Logs& logs) {
+  if (seen_ == 0 && batch > 0) whole_epoch_ = false;  // resumed mid-epoch
   ++seen_;
   if (verbose_ != 1) return;
   double now = elapsed();
@@ -48,7 +52,7 @@ void ProgbarLogger::on_train_batch_end(int64_t, const Logs& logs) {
                                 : fmt::format("{}/Unknown", seen_);
   std::string timing = steps_ && !last ? fmt::format("ETA: {:.0f}s", per_step * static_cast<double>(*steps_ - seen_))
                                        : fmt::format("{:.0f}s {:.0f}ms/step", now, 1000.0 * per_step);
-  logger()->info("\r{} - {}{}", position, timing, format_logs(logs));
+  show_progress(fmt::format("{} - {} - {}{}", header_, position, timing, format_logs(logs)));
 }
 
 std::string ProgbarLogger::format_logs(const Logs& logs) {
@@ -67,6 +71,8 @@ void ProgbarLogger::on_epoch_end(int64_t epoch, const Logs& logs) {
   double per_step_ms = seen_ > 0 ? 1000.0 * seconds / static_cast<double>(seen_) : 0.0;
   logger()->info("Epoch {}/{} - {} steps - {:.0f}s - {:.0f}ms/step{}", epoch + 1, epochs_, seen_, seconds,
                  per_step_ms, format_logs(logs));
+  // As Keras's Progbar: a loader's length is learnt from its first whole epoch, for the ETA.
+  if (!steps_ && whole_epoch_ && seen_ > 0) steps_ = seen_;
 }
 
 }  // namespace torchfit
