@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seconds=${1:-60}
 ./third_party/install.sh
-flags="-fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1 -g"
-cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_COMPILER=clang++ \
+flags="-fsanitize=address,undefined,fuzzer-no-link -fno-sanitize-recover=undefined -fno-omit-frame-pointer -O1 -gline-tables-only"
+cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_CXX_FLAGS="$flags" -DTORCHFIT_FUZZ=ON -DTORCHFIT_BUILD_TESTS=OFF \
   -DTORCHFIT_BUILD_EXAMPLES=OFF -DTORCHFIT_BUILD_BENCHMARKS=OFF -DTORCHFIT_INSTALL=OFF > /dev/null
 cmake --build build-fuzz --target reader_fuzzer

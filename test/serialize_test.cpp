@@ -312,5 +312,49 @@ TEST_F(SerializeTest, WeightsOnlyFileLoadsInPython) {
   EXPECT_EQ(read_bytes(path("out.txt")), expected);
 }
 
+TEST_F(SerializeTest, BackgroundSavesWriteLargeRecordsAsSyncSavesDo) {
+  // Records of 16 MiB and more take the writer's one-thread path (CRC fused with the write).
+  c10::impl::GenericDict state(c10::StringType::get(), c10::TensorType::get());
+  state.insert("large", torch::randn({5 << 20}));  // 20 MiB
+  state.insert("small", torch::randn({100}));
+  FileCheckpointIO sync;
+  sync.save(state, path("sync.pt"));
+  AsyncCheckpointIO async(std::make_shared<FileCheckpointIO>());
+  async.save(state, path("async.pt"));
+  async.wait();
+  // The pickles may differ in memo numbering (the async one pickles snapshot copies);
+  // the large record, its header and its CRC descriptor must not.
+  auto async_bytes = read_bytes(path("async.pt")), sync_bytes = read_bytes(path("sync.pt"));
+  auto differ = std::mismatch(async_bytes.begin(), async_bytes.end(), sync_bytes.begin(), sync_bytes.end());
+  EXPECT_GT(differ.first - async_bytes.begin(), (20 << 20) + 64 + 16);
+  auto verified = verify_checkpoint(path("async.pt"));
+  EXPECT_TRUE(verified.ok) << verified.reason;
+  auto loaded = async.load(path("async.pt")).toGenericDict();
+  EXPECT_TRUE(torch::equal(loaded.at("large").toTensor(), state.at("large").toTensor()));
+}
+
+TEST_F(SerializeTest, SmallTensorsOfOneLoadAreIndependentAndOutliveTheRest) {
+  // Small records share one allocation; each tensor must still behave as its own.
+  c10::impl::GenericDict state(c10::StringType::get(), c10::TensorType::get());
+  for (int i = 0; i < 300; ++i) state.insert("t" + std::to_string(i), torch::full({i % 7 + 1}, static_cast<float>(i)));
+  state.insert("empty", torch::empty({0}));
+  state.insert("large", torch::arange(100000, torch::kFloat));  // its own allocation
+  FileCheckpointIO io;
+  io.save(state, path("many.pt"));
+  at::Tensor kept;
+  {
+    auto loaded = io.load(path("many.pt")).toGenericDict();
+    ASSERT_EQ(loaded.size(), 302u);
+    loaded.at("t5").toTensor().add_(1000);  // writes nothing into its neighbours
+    EXPECT_TRUE(torch::equal(loaded.at("t4").toTensor(), state.at("t4").toTensor()));
+    EXPECT_TRUE(torch::equal(loaded.at("t6").toTensor(), state.at("t6").toTensor()));
+    EXPECT_EQ(loaded.at("empty").toTensor().numel(), 0);
+    kept = loaded.at("t299").toTensor();
+  }
+  std::vector<at::Tensor> churn;  // reuse freed memory, if any was freed too early
+  for (int i = 0; i < 300; ++i) churn.push_back(torch::full({8}, -1.0f));
+  EXPECT_TRUE(torch::equal(kept, state.at("t299").toTensor()));
+}
+
 }  // namespace
 }  // namespace torchfit::test

@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -42,6 +43,48 @@ void check_within_records(const c10::IValue& value, const std::map<const void*, 
     }
   });
 }
+
+/// One allocation shared by the storages of many small records, freed with the
+/// last of them: thousands of separate allocations cost more than reading their
+/// bytes. Each storage holds a reference.
+class SharedBlock {
+ public:
+  /// Room for records of these sizes, each 64-byte aligned.
+  static SharedBlock* create(const std::vector<uint64_t>& sizes) {
+    uint64_t total = 0;
+    for (auto size : sizes) total += slot_size(size);
+    auto memory = c10::GetCPUAllocator()->allocate(total);
+    advise_huge_pages(memory.get(), total);
+    return new SharedBlock(std::move(memory));
+  }
+  static uint64_t slot_size(uint64_t size) { return (std::max<uint64_t>(size, 1) + 63) / 64 * 64; }
+
+  /// The next slot, sized for `size` bytes (slots are taken in create()'s order).
+  at::DataPtr take(uint64_t size) {
+    ++users_;
+    void* data = static_cast<char*>(memory_.get()) + used_;
+    used_ += slot_size(size);
+    return at::DataPtr(data, this, &release, at::Device(at::kCPU));
+  }
+  /// The creator's own reference, released when the returned pointer dies.
+  at::DataPtr owner() {
+    ++users_;
+    return at::DataPtr(nullptr, this, &release, at::Device(at::kCPU));
+  }
+
+ private:
+  explicit SharedBlock(at::DataPtr memory) : memory_(std::move(memory)) {}
+  static void release(void* context) {
+    auto* block = static_cast<SharedBlock*>(context);
+    if (block->users_.fetch_sub(1) == 1) delete block;
+  }
+  at::DataPtr memory_;
+  uint64_t used_ = 0;
+  std::atomic<uint64_t> users_{0};
+};
+
+/// Records smaller than this share one allocation.
+constexpr uint64_t kSharedRecord = 64 << 10;
 
 /// Refuses a foreign-file method on a file torchfit wrote (a misuse inside torchfit).
 void expect_foreign(bool checksummed, const char* method) {
@@ -147,13 +190,20 @@ c10::IValue CheckpointFile::read_all_once() const {
     RecordSpan span;
   };
   std::map<std::string, Storage> storages;
+  std::vector<uint64_t> small_sizes;
   for (const auto& [name, span] : records_) {
     if (name.rfind("data/", 0) != 0) continue;
     if (span.method != 0) throw damaged(fmt::format("record {} is compressed", name));
     // Records lie inside the checksummed bytes without overlapping (checked
     // below), so the allocations add up to less than the file's size.
     if (span.offset + span.size > trailer_.covered) throw damaged(fmt::format("record {} runs into the checksum", name));
-    auto data = c10::GetCPUAllocator()->allocate(span.size);
+    if (span.size < kSharedRecord) small_sizes.push_back(span.size);
+  }
+  SharedBlock* block = small_sizes.empty() ? nullptr : SharedBlock::create(small_sizes);
+  at::DataPtr block_owner = block ? block->owner() : at::DataPtr();
+  for (const auto& [name, span] : records_) {  // in the order small_sizes was built
+    if (name.rfind("data/", 0) != 0) continue;
+    auto data = span.size < kSharedRecord ? block->take(span.size) : c10::GetCPUAllocator()->allocate(span.size);
     const void* address = data.get();
     jobs.push_back({span, const_cast<void*>(address)});
     storages[name.substr(5)] = {std::move(data), address, span};

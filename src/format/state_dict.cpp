@@ -125,7 +125,9 @@ TensorMap select_weights(const c10::IValue& value, const std::string& path, cons
 
 /// Checks that `weights` fit the module exactly; returns the module's tensors by name.
 TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights, const std::string& path) {
-  TensorMap expected = state_dict(module);
+  TensorMap expected;  // the module's own tensors (not detached aliases), for install_weights
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) expected.emplace(item.key(), item.value());
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) expected.emplace(item.key(), item.value());
   std::vector<std::string> missing, unexpected, mismatched;
   for (const auto& [name, target] : expected) {
     auto it = weights.find(name);
@@ -155,7 +157,7 @@ void copy_weights(TensorMap& targets, const TensorMap& weights) {
   for (auto& [name, target] : targets) target.copy_(weights.at(name));
 }
 
-void install_weights(torch::nn::Module& module, const TensorMap& weights) {
+void install_weights(TensorMap& targets, const TensorMap& weights) {
   at::NoGradGuard no_grad;
   std::map<const void*, int> storage_users;
   for (const auto& [name, source] : weights) storage_users[source.storage().unsafeGetStorageImpl()]++;
@@ -173,8 +175,7 @@ void install_weights(torch::nn::Module& module, const TensorMap& weights) {
     }
     target.unsafeGetTensorImpl()->bump_version();
   };
-  for (auto& item : module.named_parameters(/*recurse=*/true)) install(item.key(), item.value());
-  for (auto& item : module.named_buffers(/*recurse=*/true)) install(item.key(), item.value());
+  for (auto& [name, target] : targets) install(name, target);
 }
 
 void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit) {

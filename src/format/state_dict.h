@@ -20,15 +20,16 @@ TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path)
 /// CheckpointError listing the keys or candidates when it cannot tell.
 TensorMap select_weights(const c10::IValue& value, const std::string& path, const std::string& key = "");
 /// Checks that `weights` fit the module exactly; returns the module's tensors by
-/// name. Otherwise throws CheckpointError listing every missing, unexpected and
+/// name (the tensors themselves, for copy_weights and install_weights). Otherwise throws CheckpointError listing every missing, unexpected and
 /// mismatching key.
 TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights, const std::string& path);
 /// Copies `weights` into `targets` (the module's tensors from check_weights).
 void copy_weights(TensorMap& targets, const TensorMap& weights);
-/// Puts checked `weights` that nothing else holds (freshly read) into the module:
-/// a parameter or buffer takes the tensor's storage where neither shares its
-/// storage, and is copied into otherwise. Cannot fail half-way.
-void install_weights(torch::nn::Module& module, const TensorMap& weights);
+/// Puts checked `weights` that nothing else holds (freshly read) into `targets`
+/// (the module's tensors from check_weights): a parameter or buffer takes the
+/// tensor's storage where neither shares its storage, and is copied into
+/// otherwise. Cannot fail half-way.
+void install_weights(TensorMap& targets, const TensorMap& weights);
 
 /// Calls `visit` with every tensor inside `value` (dicts, lists, tuples), depth first.
 void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit);

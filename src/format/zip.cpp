@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <thread>
+#include <utility>
 
 #include <fmt/format.h>
 
@@ -80,8 +81,16 @@ void run_pair(First&& first, Second&& second) {
 }
 
 constexpr uint64_t kParallelThreshold = 4 * kChunk;
+/// Larger than AtomicFile's buffer, so each chunk goes straight to write(2);
+/// small enough to stay in the last-level cache between the CRC and the write.
+constexpr size_t kFusedChunk = 2 << 20;
+
+thread_local bool one_thread_writes = false;
 
 }  // namespace
+
+OneThreadWrites::OneThreadWrites() : previous_(std::exchange(one_thread_writes, true)) {}
+OneThreadWrites::~OneThreadWrites() { one_thread_writes = previous_; }
 
 void ChecksumSink::pass_through(const char* data, size_t size) {
   if (size == 0) return;
@@ -177,9 +186,16 @@ void ZipWriter::add(const std::string& name, const void* data, size_t size) {
   header.append(padding, 'Z');
   sink_(header.data(), header.size());
 
-  // The CRC runs on a second thread while this one writes the same bytes.
   uint32_t crc = 0;
-  if (size >= kParallelThreshold) {
+  if (size >= kParallelThreshold && one_thread_writes) {
+    auto* bytes = static_cast<const char*>(data);
+    for (size_t done = 0; done < size; done += kFusedChunk) {
+      size_t n = std::min(kFusedChunk, size - done);
+      crc = crc32_of(bytes + done, n, crc);
+      sink_.write_uncounted(bytes + done, n);
+    }
+  } else if (size >= kParallelThreshold) {
+    // The CRC runs on a second thread while this one writes the same bytes.
     run_pair([&] { sink_.write_uncounted(data, size); }, [&] { crc = crc32_of(data, size); });
   } else {
     crc = crc32_of(data, size);
@@ -368,8 +384,8 @@ namespace {
 constexpr uint64_t kReadChunk = 1 << 20;
 constexpr uint64_t kDirectRead = 64 << 10;  // smaller jobs are copied out of shared reads
 
-/// Asks for transparent huge pages on the interior of a large fresh buffer: far
-/// fewer page faults while it is filled.
+}  // namespace
+
 void advise_huge_pages(void* data, size_t size) {
 #ifdef MADV_HUGEPAGE
   constexpr uintptr_t kHuge = 2 << 20;
@@ -381,6 +397,8 @@ void advise_huge_pages(void* data, size_t size) {
   (void)size;
 #endif
 }
+
+namespace {
 
 /// read_once over bytes [begin, end), jobs sorted by offset.
 uint32_t read_range_once(const FileReader& file, const std::vector<ReadJob>& jobs, uint64_t begin, uint64_t end) {
@@ -491,7 +509,12 @@ std::map<std::string, RecordSpan> list_records(const FileReader& file) {
   }
   const std::string directory = file.read_at(directory_offset, directory_size);
   auto* bytes = reinterpret_cast<const unsigned char*>(directory.data());
-  std::map<std::string, RecordSpan> records;
+  struct Entry {
+    std::string name;
+    uint64_t local;
+    RecordSpan span;  // offset still unknown: it depends on the local header
+  };
+  std::vector<Entry> entries;
   uint64_t at = 0;
   for (uint64_t i = 0; i < count; ++i) {
     if (directory_size - at < kCentralHeaderSize || get32(bytes + at) != kCentralHeaderSig) {
@@ -529,19 +552,42 @@ std::map<std::string, RecordSpan> list_records(const FileReader& file) {
     if (local > size || size - local < kLocalHeaderSize) {
       throw damaged(fmt::format("record {} starts at {}, past the end of the file", name, local));
     }
-    std::string local_header = file.read_at(local, kLocalHeaderSize);
-    auto* lh = reinterpret_cast<const unsigned char*>(local_header.data());
-    if (get32(lh) != kLocalHeaderSig) throw damaged(fmt::format("record {} has no local header", name));
-    const uint64_t data = local + kLocalHeaderSize + get16(lh + 26) + get16(lh + 28);
-    if (data > size || record_size > size - data) {
-      throw damaged(fmt::format("record {} ({} bytes at {}) runs past the end of the file", name, record_size, data));
-    }
-    auto slash = name.find('/');
     if (method == 0 && uncompressed != record_size) {
       throw damaged(fmt::format("record {} is stored but its sizes differ ({} and {})", name, record_size, uncompressed));
     }
-    records[slash == std::string::npos ? name : name.substr(slash + 1)] = {data, record_size, crc, method, uncompressed};
+    entries.push_back({std::move(name), local, {0, record_size, crc, method, uncompressed}});
     at += kCentralHeaderSize + name_size + extra_size + comment_size;
+  }
+  // Local headers close to each other are read together: one read for many
+  // small records instead of one per record.
+  constexpr uint64_t kHeaderWindow = 256 << 10;
+  std::vector<Entry*> by_offset;
+  for (auto& entry : entries) by_offset.push_back(&entry);
+  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->local < b->local; });
+  std::vector<char> window;
+  for (size_t first = 0; first < by_offset.size();) {
+    const uint64_t begin = by_offset[first]->local;
+    size_t last = first;
+    while (last + 1 < by_offset.size() && by_offset[last + 1]->local + kLocalHeaderSize - begin <= kHeaderWindow) ++last;
+    window.resize(by_offset[last]->local + kLocalHeaderSize - begin);
+    file.read_at(begin, window.data(), window.size());
+    for (size_t k = first; k <= last; ++k) {
+      Entry& entry = *by_offset[k];
+      auto* lh = reinterpret_cast<const unsigned char*>(window.data() + (entry.local - begin));
+      if (get32(lh) != kLocalHeaderSig) throw damaged(fmt::format("record {} has no local header", entry.name));
+      const uint64_t data = entry.local + kLocalHeaderSize + get16(lh + 26) + get16(lh + 28);
+      if (data > size || entry.span.size > size - data) {
+        throw damaged(fmt::format("record {} ({} bytes at {}) runs past the end of the file", entry.name,
+                                  entry.span.size, data));
+      }
+      entry.span.offset = data;
+    }
+    first = last + 1;
+  }
+  std::map<std::string, RecordSpan> records;
+  for (auto& entry : entries) {
+    auto slash = entry.name.find('/');
+    records[slash == std::string::npos ? entry.name : entry.name.substr(slash + 1)] = entry.span;
   }
   return records;
 }

@@ -43,6 +43,22 @@ class ChecksumSink {
   std::string error_;
 };
 
+/// While one is alive on a thread, ZipWriter there computes each large record's
+/// CRC32 in the same pass as its write, chunk by chunk while the bytes are still
+/// in cache, instead of on a helper thread. Background saves use it: they then
+/// take one core and read the state from memory once, and leave the rest of the
+/// machine to training.
+class OneThreadWrites {
+ public:
+  OneThreadWrites();
+  ~OneThreadWrites();
+  OneThreadWrites(const OneThreadWrites&) = delete;
+  OneThreadWrites& operator=(const OneThreadWrites&) = delete;
+
+ private:
+  bool previous_;
+};
+
 /// Writes a PyTorch-style zip: stored records under "<archive>/", data aligned
 /// to 64 bytes, CRC32s computed while streaming. Only for archives under 4 GiB;
 /// `fits()` tells beforehand.
@@ -113,6 +129,10 @@ struct ReadJob {
   RecordSpan span;
   void* destination;
 };
+
+/// Asks for transparent huge pages on the interior of a large fresh buffer: far
+/// fewer page faults while it is filled.
+void advise_huge_pages(void* data, size_t size);
 
 /// Runs the reads, split over two threads by bytes for large totals.
 void read_parallel(const FileReader& file, const std::vector<ReadJob>& jobs);

@@ -96,21 +96,21 @@ void load_weights(torch::nn::Module& module, const std::string& path, const std:
     detail::CheckpointFile file(path);
     if (file.is_module_archive()) {
       auto weights = detail::read_archive_weights(file);
-      detail::check_weights(module, weights, path);
-      return detail::install_weights(module, weights);
+      auto targets = detail::check_weights(module, weights, path);
+      return detail::install_weights(targets, weights);
     }
     // Installed only after every byte was read and checked: a failing read changes nothing.
     const std::string where = key.empty() ? path : path + " [" + key + "]";
     if (file.checksummed()) {  // one pass over the file
       auto weights = detail::select_weights(file.read_all(), path, key);
-      detail::check_weights(module, weights, where);
-      return detail::install_weights(module, weights);
+      auto targets = detail::check_weights(module, weights, where);
+      return detail::install_weights(targets, weights);
     }
     // Another tool's file: matched against the model before a byte of a tensor is read.
     auto pending = pending_weights(file, key);
-    detail::check_weights(module, pending.tensors, where);
+    auto targets = detail::check_weights(module, pending.tensors, where);
     file.read(pending.reads);
-    detail::install_weights(module, pending.tensors);
+    detail::install_weights(targets, pending.tensors);
   });
 }
 
