@@ -313,7 +313,7 @@ TEST_F(SerializeTest, WeightsOnlyFileLoadsInPython) {
 }
 
 TEST_F(SerializeTest, BackgroundSavesWriteLargeRecordsAsSyncSavesDo) {
-  // Records of 16 MiB and more take the writer's one-thread path (CRC fused with the write).
+  // Records of 16 MiB and more are written while a second thread computes their CRC.
   c10::impl::GenericDict state(c10::StringType::get(), c10::TensorType::get());
   state.insert("large", torch::randn({5 << 20}));  // 20 MiB
   state.insert("small", torch::randn({100}));

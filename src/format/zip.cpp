@@ -14,7 +14,6 @@
 #include <cstring>
 #include <limits>
 #include <thread>
-#include <utility>
 
 #include <fmt/format.h>
 
@@ -81,16 +80,8 @@ void run_pair(First&& first, Second&& second) {
 }
 
 constexpr uint64_t kParallelThreshold = 4 * kChunk;
-/// Larger than AtomicFile's buffer, so each chunk goes straight to write(2);
-/// small enough to stay in the last-level cache between the CRC and the write.
-constexpr size_t kFusedChunk = 2 << 20;
-
-thread_local bool one_thread_writes = false;
 
 }  // namespace
-
-OneThreadWrites::OneThreadWrites() : previous_(std::exchange(one_thread_writes, true)) {}
-OneThreadWrites::~OneThreadWrites() { one_thread_writes = previous_; }
 
 void ChecksumSink::pass_through(const char* data, size_t size) {
   if (size == 0) return;
@@ -186,16 +177,9 @@ void ZipWriter::add(const std::string& name, const void* data, size_t size) {
   header.append(padding, 'Z');
   sink_(header.data(), header.size());
 
+  // The CRC runs on a second thread while this one writes the same bytes.
   uint32_t crc = 0;
-  if (size >= kParallelThreshold && one_thread_writes) {
-    auto* bytes = static_cast<const char*>(data);
-    for (size_t done = 0; done < size; done += kFusedChunk) {
-      size_t n = std::min(kFusedChunk, size - done);
-      crc = crc32_of(bytes + done, n, crc);
-      sink_.write_uncounted(bytes + done, n);
-    }
-  } else if (size >= kParallelThreshold) {
-    // The CRC runs on a second thread while this one writes the same bytes.
+  if (size >= kParallelThreshold) {
     run_pair([&] { sink_.write_uncounted(data, size); }, [&] { crc = crc32_of(data, size); });
   } else {
     crc = crc32_of(data, size);

@@ -43,22 +43,6 @@ class ChecksumSink {
   std::string error_;
 };
 
-/// While one is alive on a thread, ZipWriter there computes each large record's
-/// CRC32 in the same pass as its write, chunk by chunk while the bytes are still
-/// in cache, instead of on a helper thread. Background saves use it: they then
-/// take one core and read the state from memory once, and leave the rest of the
-/// machine to training.
-class OneThreadWrites {
- public:
-  OneThreadWrites();
-  ~OneThreadWrites();
-  OneThreadWrites(const OneThreadWrites&) = delete;
-  OneThreadWrites& operator=(const OneThreadWrites&) = delete;
-
- private:
-  bool previous_;
-};
-
 /// Writes a PyTorch-style zip: stored records under "<archive>/", data aligned
 /// to 64 bytes, CRC32s computed while streaming. Only for archives under 4 GiB;
 /// `fits()` tells beforehand.

@@ -2,7 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include "format/zip.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
 
@@ -47,8 +46,6 @@ void AsyncWriter::wait() {
 }
 
 void AsyncWriter::run() {
-  // Training keeps the other core: this thread's writes compute their CRCs themselves.
-  OneThreadWrites one_thread;
   std::unique_lock<std::mutex> lock(mutex_);
   for (;;) {
     changed_.wait(lock, [this] { return stopping_ || busy_; });
