@@ -20,8 +20,9 @@ TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path)
 /// CheckpointError listing the keys or candidates when it cannot tell.
 TensorMap select_weights(const c10::IValue& value, const std::string& path, const std::string& key = "");
 /// Checks that `weights` fit the module exactly; returns the module's tensors by
-/// name (the tensors themselves, for copy_weights and install_weights). Otherwise throws CheckpointError listing every missing, unexpected and
-/// mismatching key.
+/// name (the tensors themselves, not detached aliases, for copy_weights and
+/// install_weights). Otherwise throws CheckpointError listing every missing,
+/// unexpected and mismatching key.
 TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights, const std::string& path);
 /// Copies `weights` into `targets` (the module's tensors from check_weights).
 void copy_weights(TensorMap& targets, const TensorMap& weights);
