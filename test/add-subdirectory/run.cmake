@@ -4,12 +4,7 @@
 # CMakeLists.txt and main.cpp. Variables: TORCHFIT_DIR, SOURCE_DIR, WORK_DIR, GENERATOR,
 # CXX_COMPILER, MAKE_PROGRAM (the last two optional).
 file(REMOVE_RECURSE "${WORK_DIR}")
-function(run)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "failed (${rc}): ${ARGN}")
-  endif()
-endfunction()
+include("${CMAKE_CURRENT_LIST_DIR}/../cmake/run.cmake")
 set(args -S "${SOURCE_DIR}" -B "${WORK_DIR}" -G "${GENERATOR}" "-DTORCHFIT_DIR=${TORCHFIT_DIR}"
     "-DCMAKE_BUILD_TYPE=" -DBUILD_TESTING=OFF)
 if(CXX_COMPILER)
