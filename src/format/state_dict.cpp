@@ -12,15 +12,21 @@
 #include "torchfit/error.h"
 
 namespace torchfit {
+namespace {
+
+/// The module's parameters and buffers by name: its own tensors, not detached aliases.
+TensorMap module_tensors(const torch::nn::Module& module) {
+  TensorMap out;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) out[item.key()] = item.value();
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) out[item.key()] = item.value();
+  return out;
+}
+
+}  // namespace
 
 TensorMap state_dict(const torch::nn::Module& module) {
-  TensorMap out;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-    out[item.key()] = item.value().detach();
-  }
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
-    out[item.key()] = item.value().detach();
-  }
+  TensorMap out = module_tensors(module);
+  for (auto& [name, tensor] : out) tensor = tensor.detach();
   return out;
 }
 
@@ -125,9 +131,7 @@ TensorMap select_weights(const c10::IValue& value, const std::string& path, cons
 
 /// Checks that `weights` fit the module exactly; returns the module's tensors by name.
 TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights, const std::string& path) {
-  TensorMap expected;  // the module's own tensors (not detached aliases), for install_weights
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) expected.emplace(item.key(), item.value());
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) expected.emplace(item.key(), item.value());
+  TensorMap expected = module_tensors(module);  // for copy_weights and install_weights
   std::vector<std::string> missing, unexpected, mismatched;
   for (const auto& [name, target] : expected) {
     auto it = weights.find(name);
