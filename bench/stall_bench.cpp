@@ -1,12 +1,14 @@
 // How much training time an async checkpoint costs inside fit (P1, P1f), and
 // where the writer's time goes. One compute thread, as the measurements.
 //
-//   stall_bench [--width 2048] [--layers 8] [--batch 16] [--every 8] [--saves 4] [--rounds 5]
-//               [--dir bench_out] [--json stall_bench.json]
+//   stall_bench [--width 2048] [--layers 8] [--batch 16] [--every 16] [--window 8] [--saves 3]
+//               [--rounds 5] [--dir bench_out] [--json stall_bench.json]
 //
-// P1 is the time the training thread loses per save: over the `every` step
-// intervals after each save point, the excess over the median step interval of a
-// run without checkpoints in the same round; median over saves and rounds. It is
+// P1 is the time the training thread loses per save: over the `window` step
+// intervals after each save point, the excess over the median of the
+// `every - window` step intervals just before it (with `window` >= `every`: of a
+// run without checkpoints in the same round); median over saves and rounds.
+// Comparing neighbouring steps of one run keeps the machine's drift out. It is
 // compared with a synchronous torch::save of the same model, timed side by side.
 #include <fcntl.h>
 #include <sys/resource.h>
@@ -45,12 +47,39 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-/// Times each batch start on the training thread.
+/// CPU time of the calling thread.
+double thread_cpu_seconds() {
+  timespec t{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_nsec) * 1e-9;
+}
+
+/// Times each batch start on the training thread, in wall time and in the
+/// training thread's CPU time.
 struct StepClock : Callback {
-  std::vector<double> starts;
-  void on_train_batch_begin(int64_t, const Logs&) override { starts.push_back(now()); }
-  void on_train_end(const Logs&) override { starts.push_back(now()); }
+  std::vector<double> starts, cpu_starts;
+  double cpu_begin = 0;
+  void on_train_begin(const Logs&) override { cpu_begin = thread_cpu_seconds(); }
+  void on_train_batch_begin(int64_t, const Logs&) override { mark(); }
+  void on_train_end(const Logs&) override { mark(); }
+  void mark() {
+    starts.push_back(now());
+    cpu_starts.push_back(thread_cpu_seconds());
+  }
 };
+
+/// One fit: its step intervals, and the CPU time of the threads other than the
+/// training thread (the writer's).
+struct Run {
+  std::vector<double> intervals, cpu_intervals;
+  double background_cpu = 0;
+};
+
+std::vector<double> differences(const std::vector<double>& v) {
+  std::vector<double> out;
+  for (size_t i = 1; i < v.size(); ++i) out.push_back(v[i] - v[i - 1]);
+  return out;
+}
 
 /// An async storage that ignores the hints: every save copies everything at once
 /// on the training thread, as torchfit 0.1 did.
@@ -91,8 +120,9 @@ int main(int argc, char** argv) try {
   auto width = static_cast<int64_t>(args.number("width", 2048));
   auto layers = static_cast<int64_t>(args.number("layers", 8));
   auto batch = static_cast<int64_t>(args.number("batch", 16));
-  auto every = static_cast<int64_t>(args.number("every", 8));
-  auto saves = static_cast<int64_t>(args.number("saves", 4));
+  auto every = static_cast<int64_t>(args.number("every", 16));
+  auto window = std::min(every, static_cast<int64_t>(args.number("window", 8)));
+  auto saves = static_cast<int64_t>(args.number("saves", 3));
   auto rounds = static_cast<int>(args.number("rounds", 5));
   auto dir = fs::path(args.get("dir", "bench_out")) / "stall";
   fs::create_directories(dir);
@@ -119,14 +149,16 @@ int main(int argc, char** argv) try {
   };
 
   struct Result {
-    std::vector<double> lost;  // per save
-    std::vector<double> cpu;   // extra CPU seconds per save (all threads)
+    std::vector<double> lost;           // per save
+    std::vector<double> lost_cpu;       // per save, the same in the training thread's CPU time
+    std::vector<double> quiet_vs_base;  // per save: the steps just before it / the run without checkpoints
+    std::vector<double> background_cpu;  // per save: CPU seconds of the other threads
   };
   std::vector<Result> results(configs.size());
   double state_bytes = 0;
   std::vector<double> torch_save_s;
 
-  auto run = [&](const Config& config, std::vector<double>& intervals, double& cpu) {
+  auto run = [&](const Config& config, Run& out) {
     torch::manual_seed(1);
     auto model = make_model(width, layers, config.frozen);
     state_bytes = 0;
@@ -145,24 +177,22 @@ int main(int argc, char** argv) try {
     }
     double cpu_start = cpu_seconds();
     trainer.fit(x, y, FitOptions().epochs(1).batch_size(batch).shuffle(false).callbacks(callbacks));
-    cpu = cpu_seconds() - cpu_start;
-    intervals.clear();
-    for (size_t i = 1; i < clock->starts.size(); ++i) intervals.push_back(clock->starts[i] - clock->starts[i - 1]);
+    double cpu = cpu_seconds() - cpu_start;
+    out.intervals = differences(clock->starts);
+    out.cpu_intervals = differences(clock->cpu_starts);
+    out.background_cpu = cpu - (clock->cpu_starts.back() - clock->cpu_begin);
     // The model for the side-by-side torch::save.
     return model;
   };
 
-  { std::vector<double> warm; double cpu; run(configs[0], warm, cpu); }
+  { Run warm; run(configs[0], warm); }
   for (int round = 0; round < rounds; ++round) {
-    std::vector<double> base_intervals;
-    double base_cpu = 0;
+    Run base;
     for (size_t i = 0; i < configs.size(); ++i) {
-      std::vector<double> intervals;
-      double cpu = 0;
-      auto model = run(configs[i], intervals, cpu);
+      Run current;
+      auto model = run(configs[i], current);
       if (configs[i].storage.empty()) {
-        base_intervals = intervals;
-        base_cpu = cpu;
+        base = current;
         if (configs[i].frozen == 0) {
           ::sync();
           double start = now();
@@ -171,20 +201,35 @@ int main(int argc, char** argv) try {
         }
         continue;
       }
-      // Saves happen at the end of batches every-1, 2*every-1, ...: the intervals
-      // from each save point to the next are the ones its background work can slow.
-      double step = median(base_intervals);
-      for (int64_t s = 0; s < saves; ++s) {
-        double lost = 0;
-        for (int64_t j = (s + 1) * every - 1; j < (s + 2) * every - 1 && j < static_cast<int64_t>(intervals.size()); ++j) {
-          lost += intervals[j] - step;
+      // Saves happen at the end of batches every-1, 2*every-1, ...: the `window`
+      // intervals from each save point on are the ones its background work can
+      // slow. Each is compared with the quiet steps just before its save point:
+      // this machine's step time shifts by up to 20 % for stretches of several
+      // steps, which a run-wide median would count as lost or won time.
+      const int64_t quiet = every - window;
+      // The time lost per save in `intervals`, each save against the steps before it.
+      auto lost_per_save = [&](const std::vector<double>& intervals, const std::vector<double>& base_intervals,
+                               std::vector<double>& lost_out, std::vector<double>* quiet_vs_base) {
+        for (int64_t s = 0; s < saves; ++s) {
+          const int64_t start = (s + 1) * every - 1;
+          if (start + window > static_cast<int64_t>(intervals.size())) break;
+          double step = median(base_intervals);
+          if (quiet > 0) {
+            step = median(std::vector<double>(intervals.begin() + start - quiet, intervals.begin() + start));
+            if (quiet_vs_base) quiet_vs_base->push_back(step / median(base_intervals));
+          }
+          double lost = 0;
+          for (int64_t j = start; j < start + window; ++j) lost += intervals[static_cast<size_t>(j)] - step;
+          lost_out.push_back(lost);
         }
-        results[i].lost.push_back(lost);
-      }
-      results[i].cpu.push_back((cpu - base_cpu) / static_cast<double>(saves));
+      };
+      lost_per_save(current.intervals, base.intervals, results[i].lost, &results[i].quiet_vs_base);
+      lost_per_save(current.cpu_intervals, base.cpu_intervals, results[i].lost_cpu, nullptr);
+      results[i].background_cpu.push_back((current.background_cpu - base.background_cpu) /
+                                          static_cast<double>(saves));
       if (args.number("verbose", 0) > 0) {
-        fmt::print(stderr, "{}: median base step {:.1f} ms; intervals ms:", configs[i].name, step * 1e3);
-        for (double t : intervals) fmt::print(stderr, " {:.0f}", t * 1e3);
+        fmt::print(stderr, "{}: median base step {:.1f} ms; intervals ms:", configs[i].name, median(base.intervals) * 1e3);
+        for (double t : current.intervals) fmt::print(stderr, " {:.0f}", t * 1e3);
         fmt::print(stderr, "\n");
       }
     }
@@ -192,7 +237,11 @@ int main(int argc, char** argv) try {
 
   // Where a save's time goes, each phase alone on the same bytes.
   std::vector<char> source(static_cast<size_t>(state_bytes), 1), target(source.size(), 0);
-  std::vector<double> memcpy_s, crc_s, write_s, fsync_s;
+  std::vector<double> memcpy_s, crc_s, write_s, write_cpu_s, fsync_s, direct_s, direct_cpu_s;
+  const size_t direct_bytes = source.size() / 4096 * 4096;
+  void* aligned = nullptr;
+  if (::posix_memalign(&aligned, 4096, std::max<size_t>(direct_bytes, 4096)) != 0) throw std::bad_alloc();
+  std::memset(aligned, 1, direct_bytes);
   for (int r = 0; r < rounds; ++r) {
     double t0 = now();
     std::memcpy(target.data(), source.data(), source.size());
@@ -204,35 +253,59 @@ int main(int argc, char** argv) try {
     auto file = (dir / "raw.bin").string();
     int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     t0 = now();
+    double c0 = thread_cpu_seconds();
     for (size_t done = 0; done < target.size();) {
       auto n = ::write(fd, target.data() + done, target.size() - done);
       if (n <= 0) throw std::runtime_error("write failed");
       done += static_cast<size_t>(n);
     }
     write_s.push_back(now() - t0);
+    write_cpu_s.push_back(thread_cpu_seconds() - c0);
     t0 = now();
     ::fsync(fd);
     fsync_s.push_back(now() - t0);
     ::close(fd);
+    // What durable background saves do with large records: straight to the disk.
+    fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT, 0644);
+    if (fd < 0) continue;  // a file system without O_DIRECT
+    t0 = now();
+    c0 = thread_cpu_seconds();
+    for (size_t done = 0; done < direct_bytes;) {
+      auto n = ::pwrite(fd, static_cast<char*>(aligned) + done, direct_bytes - done, static_cast<off_t>(done));
+      if (n <= 0) break;
+      done += static_cast<size_t>(n);
+    }
+    ::fsync(fd);
+    direct_s.push_back(now() - t0);
+    direct_cpu_s.push_back(thread_cpu_seconds() - c0);
+    ::close(fd);
   }
+  std::free(aligned);
 
   double torch_save = median(torch_save_s);
   bench::JsonRows json;
   fmt::print("workload: {} x Linear({}, {}), SGD, batch {}, one compute thread; weights-only async save every {} batches; "
-             "state {:.0f} MiB; median of {} saves x {} rounds; sync torch::save of the model {:.1f} ms\n\n",
-             layers, width, width, batch, every, state_bytes / (1 << 20), saves, rounds, torch_save * 1e3);
-  fmt::print("| configuration | lost per save ms | vs torch::save | extra CPU per save ms |\n|---|---|---|---|\n");
+             "state {:.0f} MiB; {} steps after each save point against the steps just before it; median of {} saves x {} "
+             "rounds; sync torch::save of the model {:.1f} ms\n\n",
+             layers, width, width, batch, every, state_bytes / (1 << 20), window, saves, rounds, torch_save * 1e3);
+  fmt::print("| configuration | lost per save ms | vs torch::save | training thread's CPU time lost per save ms | "
+             "other threads' CPU per save ms | steps before saves / run without checkpoints |\n"
+             "|---|---|---|---|---|---|\n");
   for (size_t i = 0; i < configs.size(); ++i) {
     if (configs[i].storage.empty()) continue;
-    double lost = median(results[i].lost), cpu = median(results[i].cpu);
-    fmt::print("| {} | {:.1f} | {:.3f} | {:.1f} |\n", configs[i].name, lost * 1e3, lost / torch_save, cpu * 1e3);
-    json.add({{"lost_s", lost}, {"ratio", lost / torch_save}, {"extra_cpu_s", cpu}, {"torch_save_s", torch_save},
-              {"state_bytes", state_bytes}},
+    double lost = median(results[i].lost), lost_cpu = median(results[i].lost_cpu);
+    double background = median(results[i].background_cpu);
+    fmt::print("| {} | {:.1f} | {:.3f} | {:.1f} | {:.1f} | {:.3f} |\n", configs[i].name, lost * 1e3, lost / torch_save,
+               lost_cpu * 1e3, background * 1e3, median(results[i].quiet_vs_base));
+    json.add({{"lost_s", lost}, {"ratio", lost / torch_save}, {"lost_thread_cpu_s", lost_cpu},
+              {"background_cpu_s", background}, {"torch_save_s", torch_save}, {"state_bytes", state_bytes}},
              {{"configuration", configs[i].name}});
   }
-  fmt::print("\n| phase, alone, {:.0f} MiB | ms |\n|---|---|\n", state_bytes / (1 << 20));
-  fmt::print("| memcpy | {:.1f} |\n| CRC32 (libdeflate) | {:.1f} |\n| write to page cache | {:.1f} |\n| fsync | {:.1f} |\n",
-             median(memcpy_s) * 1e3, median(crc_s) * 1e3, median(write_s) * 1e3, median(fsync_s) * 1e3);
+  fmt::print("\n| phase, alone, {:.0f} MiB | ms | CPU ms |\n|---|---|---|\n", state_bytes / (1 << 20));
+  fmt::print("| memcpy | {:.1f} | |\n| CRC32 (libdeflate) | {:.1f} | |\n| write to page cache | {:.1f} | {:.1f} |\n"
+             "| fsync after it | {:.1f} | |\n| write with O_DIRECT, then fsync | {:.1f} | {:.1f} |\n",
+             median(memcpy_s) * 1e3, median(crc_s) * 1e3, median(write_s) * 1e3, median(write_cpu_s) * 1e3,
+             median(fsync_s) * 1e3, median(direct_s) * 1e3, median(direct_cpu_s) * 1e3);
   auto json_path = args.get("json", (dir.parent_path() / "stall_bench.json").string());
   std::ofstream(json_path) << json.str();
   fmt::print("\nJSON: {}\n", json_path);

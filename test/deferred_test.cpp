@@ -183,6 +183,43 @@ TEST_F(DeferredTest, SnapshotCopiesBuffersAtOnceAndParametersLater) {
   EXPECT_TRUE(torch::equal(again.at("weight").toTensor(), torch::full({4, 4}, 3.0)));
 }
 
+TEST_F(DeferredTest, SnapshotKeepsTheCrcsOfUnchangedBuffersOnly) {
+  // The writer fills in CRCs as it writes; a buffer the next capture reuses keeps
+  // its CRC (frozen layers are not read again), one it copies into loses it.
+  auto frozen = torch::randn({64});
+  auto moving = torch::randn({64});
+  c10::impl::GenericDict state(c10::StringType::get(), c10::TensorType::get());
+  state.insert("frozen", frozen);
+  state.insert("moving", moving);
+  state.insert("running", torch::zeros({4}));  // not updated by steps: copied every time
+  SaveHints hints;
+  hints.updated_by_step = [&](const at::Tensor& t) { return t.numel() == 64; };
+
+  detail::Snapshot snapshot;
+  auto first = snapshot.capture(state, hints).toGenericDict();
+  auto data = [](const c10::impl::GenericDict& d, const char* key) { return d.at(key).toTensor().data_ptr(); };
+  for (const char* key : {"frozen", "moving", "running"}) {
+    const auto& buffer = first.at(key).toTensor();
+    EXPECT_FALSE(snapshot.crcs().find(buffer.data_ptr(), buffer.nbytes())) << key;
+    snapshot.crcs().remember(buffer.data_ptr(), buffer.nbytes(), 100);  // as a save writing it would
+  }
+  EXPECT_EQ(snapshot.crcs().find(data(first, "frozen"), frozen.nbytes()), 100u);
+  EXPECT_FALSE(snapshot.crcs().find(data(first, "frozen"), frozen.nbytes() + 1)) << "another size is another record";
+
+  {
+    torch::NoGradGuard no_grad;
+    moving.add_(1);
+  }
+  auto second = snapshot.capture(state, hints).toGenericDict();
+  EXPECT_EQ(snapshot.stats().reused, frozen.nbytes());
+  EXPECT_EQ(snapshot.crcs().find(data(second, "frozen"), frozen.nbytes()), 100u);
+  EXPECT_FALSE(snapshot.crcs().find(data(second, "moving"), moving.nbytes()));
+  EXPECT_FALSE(snapshot.crcs().find(data(second, "running"), 16));
+
+  snapshot.invalidate();  // a failed save: nothing is trusted any more
+  EXPECT_FALSE(snapshot.crcs().find(data(second, "frozen"), frozen.nbytes()));
+}
+
 TEST_F(DeferredTest, AParameterChangedBeforeTheLateCopyFailsTheSaveNamingIt) {
   auto weight = torch::randn({4});
   c10::impl::GenericDict state(c10::StringType::get(), c10::TensorType::get());

@@ -1,6 +1,12 @@
 // Checkpoint files: round trips, the commit protocol, and bad files.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <fstream>
 
+#include "format/zip.h"
+#include "io/atomic_file.h"
 #include "support.h"
 
 namespace torchfit::test {
@@ -354,6 +360,96 @@ TEST_F(SerializeTest, SmallTensorsOfOneLoadAreIndependentAndOutliveTheRest) {
   std::vector<at::Tensor> churn;  // reuse freed memory, if any was freed too early
   for (int i = 0; i < 300; ++i) churn.push_back(torch::full({8}, -1.0f));
   EXPECT_TRUE(torch::equal(kept, state.at("t299").toTensor()));
+}
+
+/// Which pages of `file` are in the page cache (looking reads nothing).
+std::vector<bool> resident_pages(const std::string& file) {
+  std::vector<bool> out;
+  int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return out;
+  auto length = static_cast<size_t>(::lseek(fd, 0, SEEK_END));
+  void* map = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) return out;
+  std::vector<unsigned char> pages((length + detail::kPageSize - 1) / detail::kPageSize);
+  if (::mincore(map, length, pages.data()) == 0) {
+    for (auto page : pages) out.push_back(page & 1);
+  }
+  ::munmap(map, length);
+  return out;
+}
+
+TEST_F(SerializeTest, DurableBackgroundSavesWriteLargeRecordsPastThePageCache) {
+  // Large records start on a page of the file, and a durable background save
+  // sends its page-aligned copies straight to the disk: the training thread's
+  // memory bandwidth is not spent copying them through the page cache.
+  int probe = ::open(path("probe").c_str(), O_WRONLY | O_CREAT | O_DIRECT | O_CLOEXEC, 0644);
+  if (probe < 0) GTEST_SKIP() << "this file system does not take O_DIRECT";
+  ::close(probe);
+  c10::impl::GenericDict state(c10::StringType::get(), c10::TensorType::get());
+  state.insert("small", torch::randn({100}));
+  state.insert("large", torch::randn({(2 << 20) / 4 + 7}));  // 2 MiB and a bit: a partial last page
+  AsyncCheckpointIO durable(std::make_shared<FileCheckpointIO>());
+  AsyncCheckpointIO cached(std::make_shared<FileCheckpointIO>(SaveOptions().fsync(false)));
+  durable.save(state, path("durable.pt"));
+  cached.save(state, path("cached.pt"));
+  durable.wait();
+  cached.wait();
+
+  for (const char* file : {"durable.pt", "cached.pt"}) {
+    auto resident_before_reading = resident_pages(path(file));
+    auto records = detail::list_records(detail::FileReader(path(file)));
+    uint64_t large = 0;
+    for (const auto& [name, span] : records) {
+      EXPECT_EQ(span.offset % (span.size >= detail::kPageAlignedRecord ? detail::kPageSize : 64), 0u) << name;
+      if (span.size >= detail::kPageAlignedRecord) large = span.offset;
+    }
+    ASSERT_GT(large, 0u) << file;
+    size_t whole_pages = state.at("large").toTensor().nbytes() / detail::kPageSize;
+    ASSERT_GE(resident_before_reading.size(), large / detail::kPageSize + whole_pages);
+    auto first = resident_before_reading.begin() + static_cast<std::ptrdiff_t>(large / detail::kPageSize);
+    auto resident = static_cast<size_t>(std::count(first, first + static_cast<std::ptrdiff_t>(whole_pages), true));
+    if (std::string(file) == "durable.pt") {
+      EXPECT_EQ(resident, 0u) << "the durable save went through the page cache";
+    } else {
+      EXPECT_EQ(resident, whole_pages) << "the control: a buffered write stays in the page cache";
+    }
+    auto verified = verify_checkpoint(path(file));
+    EXPECT_TRUE(verified.ok) << file << ": " << verified.reason;
+    auto loaded = durable.load(path(file)).toGenericDict();
+    EXPECT_TRUE(torch::equal(loaded.at("large").toTensor(), state.at("large").toTensor())) << file;
+    EXPECT_TRUE(torch::equal(loaded.at("small").toTensor(), state.at("small").toTensor())) << file;
+  }
+}
+
+TEST_F(SerializeTest, ZipWriterTrustsAndFillsKnownCrcsOfRegisteredBuffersOnly) {
+  std::vector<float> tracked(3000, 1.5f), other(3000, 2.5f);
+  const size_t bytes = tracked.size() * sizeof(float);
+  detail::KnownCrcs crcs;
+  crcs.track(tracked.data(), bytes);
+  auto write = [&](const std::string& file) {
+    detail::KnownCrcs::Scope scope(crcs);
+    detail::AtomicFile out(file, false);
+    detail::ChecksumSink sink(out);
+    detail::ZipWriter zip(sink, "archive");
+    zip.add("data/0", tracked.data(), bytes);
+    zip.add("data/1", other.data(), bytes);
+    zip.finish();
+    out.commit();
+  };
+  write(path("first.zip"));
+  auto records = detail::list_records(detail::FileReader(path("first.zip")));
+  EXPECT_EQ(crcs.find(tracked.data(), bytes), records.at("data/0").crc);
+  EXPECT_FALSE(crcs.find(other.data(), bytes)) << "an unregistered buffer's address may be reused";
+  EXPECT_TRUE(detail::check_integrity(path("first.zip")).status == detail::Integrity::Status::Intact);
+
+  // A known CRC is written without reading the bytes: the snapshot must forget it
+  // whenever the buffer changes, or the file fails its checksum (never loads wrong).
+  crcs.remember(tracked.data(), bytes, records.at("data/0").crc ^ 1);
+  write(path("second.zip"));
+  EXPECT_EQ(detail::list_records(detail::FileReader(path("second.zip"))).at("data/0").crc,
+            records.at("data/0").crc ^ 1);
+  EXPECT_FALSE(verify_checkpoint(path("second.zip")).ok);
 }
 
 }  // namespace

@@ -149,6 +149,31 @@ void ChecksumSink::finish() {
   tail_.clear();
 }
 
+namespace {
+thread_local KnownCrcs* current_crcs = nullptr;
+}
+
+void KnownCrcs::track(const void* data, size_t size, const KnownCrcs* previous) {
+  Entry entry{size, std::nullopt};
+  if (previous) entry.crc = previous->find(data, size);
+  entries_[data] = entry;
+}
+
+std::optional<uint32_t> KnownCrcs::find(const void* data, size_t size) const {
+  auto it = entries_.find(data);
+  if (it == entries_.end() || it->second.size != size) return std::nullopt;
+  return it->second.crc;
+}
+
+void KnownCrcs::remember(const void* data, size_t size, uint32_t crc) {
+  auto it = entries_.find(data);
+  if (it != entries_.end() && it->second.size == size) it->second.crc = crc;
+}
+
+KnownCrcs::Scope::Scope(KnownCrcs& crcs) : previous_(current_crcs) { current_crcs = &crcs; }
+KnownCrcs::Scope::~Scope() { current_crcs = previous_; }
+KnownCrcs* KnownCrcs::current() { return current_crcs; }
+
 bool ZipWriter::fits(uint64_t payload_bytes, size_t records) {
   // Generous per-record overhead: headers, names, padding, descriptors.
   return payload_bytes + records * 512 + (1 << 20) < std::numeric_limits<uint32_t>::max();
@@ -169,7 +194,8 @@ void ZipWriter::add(const std::string& name, const void* data, size_t size) {
   put32(header, 0);
   put16(header, static_cast<uint16_t>(full_name.size()));
   size_t start = offset + kLocalHeaderSize + full_name.size() + 4;
-  size_t padding = (kAlignment - start % kAlignment) % kAlignment;
+  size_t alignment = size >= kPageAlignedRecord ? kPageSize : kAlignment;
+  size_t padding = (alignment - start % alignment) % alignment;
   put16(header, static_cast<uint16_t>(4 + padding));
   header += full_name;
   put16(header, 0x4246);  // "FB": PyTorch's padding field
@@ -178,13 +204,19 @@ void ZipWriter::add(const std::string& name, const void* data, size_t size) {
   sink_(header.data(), header.size());
 
   // The CRC runs on a second thread while this one writes the same bytes.
+  KnownCrcs* known = KnownCrcs::current();
+  std::optional<uint32_t> known_crc = known ? known->find(data, size) : std::nullopt;
   uint32_t crc = 0;
-  if (size >= kParallelThreshold) {
+  if (known_crc) {
+    crc = *known_crc;
+    sink_.write_uncounted(data, size);
+  } else if (size >= kParallelThreshold) {
     run_pair([&] { sink_.write_uncounted(data, size); }, [&] { crc = crc32_of(data, size); });
   } else {
     crc = crc32_of(data, size);
     sink_.write_uncounted(data, size);
   }
+  if (known && !known_crc) known->remember(data, size, crc);
   sink_.count(crc, size);
   std::string descriptor;
   put32(descriptor, kDescriptorSig);

@@ -8,11 +8,53 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace torchfit::detail {
 
 class ByteSink;
+
+/// Records at least this large start on a page boundary of the file, so a
+/// page-aligned buffer can go to the disk without the page cache (O_DIRECT).
+inline constexpr size_t kPageAlignedRecord = 1 << 20;
+inline constexpr size_t kPageSize = 4096;
+
+/// CRC32s of buffers whose bytes did not change since the CRC was computed, so
+/// ZipWriter need not read them again (the snapshot buffers of frozen tensors).
+/// Only buffers the owner registered are looked up or filled: their addresses
+/// cannot be reused by other allocations while a save writes them.
+class KnownCrcs {
+ public:
+  struct Entry {
+    size_t size;
+    std::optional<uint32_t> crc;
+  };
+  /// Registers `data`, keeping its CRC from `previous` if that holds one for the
+  /// same bytes.
+  void track(const void* data, size_t size, const KnownCrcs* previous = nullptr);
+  void clear() { entries_.clear(); }
+  std::optional<uint32_t> find(const void* data, size_t size) const;
+  /// Stores the CRC of a registered buffer; ignores others.
+  void remember(const void* data, size_t size, uint32_t crc);
+
+  /// While a Scope lives, ZipWriters on this thread consult and fill `crcs`.
+  class Scope {
+   public:
+    explicit Scope(KnownCrcs& crcs);
+    ~Scope();
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+   private:
+    KnownCrcs* previous_;
+  };
+  /// The CRCs of the innermost Scope on this thread, or null.
+  static KnownCrcs* current();
+
+ private:
+  std::unordered_map<const void*, Entry> entries_;
+};
 
 /// Passes a zip stream through to `file`, keeping a CRC32 of every byte, and on
 /// `finish()` rewrites the end-of-central-directory record to carry our checksum

@@ -16,6 +16,7 @@
 
 #include <fmt/format.h>
 
+#include "format/zip.h"
 #include "torchfit/io/checkpoint_io.h"
 #include "torchfit/error.h"
 
@@ -188,7 +189,12 @@ AtomicFile::AtomicFile(std::string target, bool fsync) : target_(std::move(targe
       ::unlink(temp_path_.c_str());
       throw CheckpointError(errno_message("Failed locking file", temp_path_, error));
     }
-    if (same_file(fd_, temp_path_)) return;
+    if (same_file(fd_, temp_path_)) {
+#ifdef O_DIRECT
+      if (fsync_) direct_fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_DIRECT | O_CLOEXEC);  // -1: not supported
+#endif
+      return;
+    }
     int error = errno;
     ::close(fd_);
     fd_ = -1;
@@ -197,6 +203,7 @@ AtomicFile::AtomicFile(std::string target, bool fsync) : target_(std::move(targe
 }
 
 AtomicFile::~AtomicFile() {
+  if (direct_fd_ >= 0) ::close(direct_fd_);
   if (fd_ >= 0) ::close(fd_);
   if (!committed_) ::unlink(temp_path_.c_str());
 }
@@ -215,9 +222,33 @@ void AtomicFile::write(const void* data, size_t size) {
   flush();
   if (size < kBufferSize) {
     buffer_.append(bytes, size);
-  } else {
-    write_fd(bytes, size);
+    return;
   }
+  if (direct_fd_ >= 0 && written_ % kPageSize == 0 && reinterpret_cast<uintptr_t>(bytes) % kPageSize == 0) {
+    size_t direct = write_direct(bytes, size / kPageSize * kPageSize);
+    bytes += direct;
+    size -= direct;
+  }
+  write_fd(bytes, size);
+}
+
+size_t AtomicFile::write_direct(const char* bytes, size_t size) {
+  size_t done = 0;
+  while (done < size) {
+    ssize_t n = ::pwrite(direct_fd_, bytes + done, size - done, static_cast<off_t>(written_));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EINVAL) {
+      // This file system or device wants other alignments: buffered writes from here on.
+      ::close(direct_fd_);
+      direct_fd_ = -1;
+      break;
+    }
+    if (n < 0) throw CheckpointError(errno_message("Failed writing file", target_, errno));
+    done += static_cast<size_t>(n);
+    written_ += static_cast<uint64_t>(n);
+    if (n % kPageSize != 0) break;  // a short write left the rest unaligned
+  }
+  return done;
 }
 
 void AtomicFile::flush() {
@@ -227,7 +258,7 @@ void AtomicFile::flush() {
 
 void AtomicFile::write_fd(const char* bytes, size_t size) {
   while (size > 0) {
-    ssize_t n = ::write(fd_, bytes, size);
+    ssize_t n = ::pwrite(fd_, bytes, size, static_cast<off_t>(written_));
     if (n < 0) {
       if (errno == EINTR) continue;
       throw CheckpointError(errno_message("Failed writing file", target_, errno));

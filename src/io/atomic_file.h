@@ -24,7 +24,10 @@ class AtomicFile : public ByteSink {
   AtomicFile& operator=(const AtomicFile&) = delete;
 
   /// Appends all of `data` (small writes are buffered); throws CheckpointError
-  /// with the path and errno text.
+  /// with the path and errno text. A durable file takes the whole pages of a
+  /// page-aligned `data` at a page-aligned position straight to the disk
+  /// (O_DIRECT): the final fsync waits for them anyway, and copying them through
+  /// the page cache would take memory bandwidth from training.
   void write(const void* data, size_t size) override;
   /// Flushes, fsyncs, renames over the target and fsyncs the directory.
   void commit();
@@ -37,9 +40,11 @@ class AtomicFile : public ByteSink {
   std::string temp_path_;
   bool fsync_;
   void write_fd(const char* data, size_t size);
+  size_t write_direct(const char* data, size_t size);
   void flush();
 
   int fd_ = -1;
+  int direct_fd_ = -1;  // the same file opened with O_DIRECT, if the file system allows
   bool committed_ = false;
   uint64_t written_ = 0;  // bytes written to fd_
   uint64_t started_ = 0;  // bytes whose writeback was started

@@ -110,8 +110,13 @@ void AsyncCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std
   }
   std::function<void()> deferred;
   if (snapshot_->stats().deferred > 0) deferred = [snapshot = snapshot_.get()] { snapshot->copy_deferred(); };
-  writer_->submit([storage = storage_, copy = std::move(copy), path, on_commit] { storage->save(copy, path, on_commit); },
-                  std::move(deferred));
+  // The job reads the snapshot's CRCs: the next capture waits for it first.
+  writer_->submit(
+      [storage = storage_, copy = std::move(copy), path, on_commit, crcs = &snapshot_->crcs()] {
+        detail::KnownCrcs::Scope known(*crcs);
+        storage->save(copy, path, on_commit);
+      },
+      std::move(deferred));
 }
 
 void AsyncCheckpointIO::before_update() { writer_->wait_first(); }

@@ -1,6 +1,8 @@
 #include "io/snapshot.h"
 
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include <ATen/ATen.h>
 #include <c10/core/StreamGuard.h>
@@ -35,6 +37,18 @@ std::string describe_name(const c10::IValue& name) {
 
 }  // namespace
 
+at::Tensor empty_buffer(const at::Tensor& like) {
+  auto options = like.options().device(at::kCPU);
+  const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (!like.device().is_cpu() || nbytes < kPageAlignedRecord) {
+    return at::empty(like.sizes(), options.pinned_memory(!like.device().is_cpu()));
+  }
+  void* data = nullptr;
+  if (::posix_memalign(&data, kPageSize, nbytes) != 0) throw std::bad_alloc();
+  advise_huge_pages(data, nbytes);
+  return at::from_blob(data, like.sizes(), [](void* p) { std::free(p); }, options);
+}
+
 void copy_into(at::Tensor& buffer, const at::Tensor& value) {
   if (!value.defined()) {
     buffer = at::Tensor();
@@ -43,11 +57,7 @@ void copy_into(at::Tensor& buffer, const at::Tensor& value) {
   at::NoGradGuard no_grad;
   bool reusable = buffer.defined() && buffer.sizes() == value.sizes() &&
                   buffer.scalar_type() == value.scalar_type() && buffer.is_contiguous();
-  if (!reusable) {
-    // Pinned host memory for device tensors, so the device-to-host copy runs at full speed.
-    auto options = value.options().device(at::kCPU).pinned_memory(!value.device().is_cpu());
-    buffer = at::empty(value.sizes(), options);
-  }
+  if (!reusable) buffer = empty_buffer(value);
   buffer.copy_(value);
 }
 
@@ -56,7 +66,10 @@ c10::IValue Snapshot::capture(const c10::IValue& value, const SaveHints& hints) 
   deferred_.clear();
   ready_.clear();
   stats_ = SnapshotStats();
+  previous_crcs_ = std::move(crcs_);
+  crcs_.clear();
   auto out = copy(value, c10::IValue(), hints);
+  previous_crcs_.clear();
   slots_.resize(next_);  // a smaller state frees what it no longer uses
   return out;
 }
@@ -69,6 +82,7 @@ size_t Snapshot::nbytes() const {
 
 void Snapshot::invalidate() {
   for (auto& slot : slots_) slot.version = -1;
+  crcs_.clear();
   deferred_.clear();
   ready_.clear();
 }
@@ -92,6 +106,7 @@ at::Tensor Snapshot::copy_tensor(const at::Tensor& tensor, const c10::IValue& na
   const bool by_step = hints.updated_by_step && hints.updated_by_step(tensor);
   if (by_step && holds(slot, tensor)) {
     stats_.reused += slot.buffer.nbytes();
+    crcs_.track(slot.buffer.data_ptr(), slot.buffer.nbytes(), &previous_crcs_);
     return slot.buffer;
   }
   const bool trackable = by_step && !tensor.is_inference() && tensor.is_contiguous();
@@ -104,9 +119,9 @@ at::Tensor Snapshot::copy_tensor(const at::Tensor& tensor, const c10::IValue& na
     // Sized now, filled by the writer: the result refers to this very buffer.
     if (!(slot.buffer.defined() && slot.buffer.sizes() == tensor.sizes() &&
           slot.buffer.scalar_type() == tensor.scalar_type())) {
-      auto options = tensor.options().device(at::kCPU).pinned_memory(!tensor.device().is_cpu());
-      slot.buffer = at::empty(tensor.sizes(), options);
+      slot.buffer = empty_buffer(tensor);
     }
+    crcs_.track(slot.buffer.data_ptr(), slot.buffer.nbytes());
     if (!tensor.device().is_cpu()) {
       bool recorded = false;
       for (const auto& event : ready_) recorded |= event.device() == tensor.device();
@@ -122,6 +137,7 @@ at::Tensor Snapshot::copy_tensor(const at::Tensor& tensor, const c10::IValue& na
     return slot.buffer;
   }
   copy_into(slot.buffer, tensor);
+  crcs_.track(slot.buffer.data_ptr(), slot.buffer.nbytes());
   if (trackable) slot.version = tensor._version();
   stats_.copied += tensor.nbytes();
   return slot.buffer;

@@ -20,6 +20,7 @@
 #include <c10/core/Event.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include "format/zip.h"
 #include "torchfit/io/checkpoint_io.h"
 
 namespace torchfit::detail {
@@ -39,6 +40,9 @@ class Snapshot {
   void invalidate();
 
   const SnapshotStats& stats() const { return stats_; }
+  /// The CRC32s of the buffers of the last capture: kept for buffers it reused,
+  /// filled by the save that writes them (through a KnownCrcs::Scope).
+  KnownCrcs& crcs() { return crcs_; }
   /// Bytes held in buffers.
   size_t nbytes() const;
 
@@ -66,11 +70,18 @@ class Snapshot {
   /// Per device of deferred device tensors: recorded on its current stream at capture.
   std::vector<c10::Event> ready_;
   SnapshotStats stats_;
+  KnownCrcs crcs_;
+  KnownCrcs previous_crcs_;  // during a capture: the last capture's
 };
 
 /// Copies `value` into `buffer`, reusing the buffer when its shape and dtype
-/// match and allocating a CPU tensor otherwise (pinned for device tensors); an
-/// undefined value clears it.
+/// match and allocating a CPU tensor otherwise (pinned for device tensors, page
+/// aligned for large ones, see `empty_buffer`); an undefined value clears it.
 void copy_into(at::Tensor& buffer, const at::Tensor& value);
+
+/// A contiguous CPU tensor shaped as `like`, to hold its copy: pinned for device
+/// tensors, so the device-to-host copy runs at full speed; page aligned from
+/// kPageAlignedRecord bytes, so a durable save writes it without the page cache.
+at::Tensor empty_buffer(const at::Tensor& like);
 
 }  // namespace torchfit::detail
