@@ -46,7 +46,7 @@ class AtomicFile : public ByteSink {
   int fd_ = -1;
   int direct_fd_ = -1;  // the same file opened with O_DIRECT, if the file system allows
   bool committed_ = false;
-  uint64_t written_ = 0;  // bytes written to fd_
+  uint64_t written_ = 0;  // bytes written to the file (through either descriptor)
   uint64_t started_ = 0;  // bytes whose writeback was started
 
   std::string buffer_;
