@@ -203,7 +203,6 @@ void ZipWriter::add(const std::string& name, const void* data, size_t size) {
   header.append(padding, 'Z');
   sink_(header.data(), header.size());
 
-  // The CRC runs on a second thread while this one writes the same bytes.
   KnownCrcs* known = KnownCrcs::current();
   std::optional<uint32_t> known_crc = known ? known->find(data, size) : std::nullopt;
   uint32_t crc = 0;
@@ -211,6 +210,7 @@ void ZipWriter::add(const std::string& name, const void* data, size_t size) {
     crc = *known_crc;
     sink_.write_uncounted(data, size);
   } else if (size >= kParallelThreshold) {
+    // The CRC runs on a second thread while this one writes the same bytes.
     run_pair([&] { sink_.write_uncounted(data, size); }, [&] { crc = crc32_of(data, size); });
   } else {
     crc = crc32_of(data, size);

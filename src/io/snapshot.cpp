@@ -49,15 +49,25 @@ at::Tensor empty_buffer(const at::Tensor& like) {
   return at::from_blob(data, like.sizes(), [](void* p) { std::free(p); }, options);
 }
 
+namespace {
+
+/// Makes `buffer` a contiguous CPU tensor of `like`'s shape and dtype: kept if it
+/// is one, otherwise allocated with `empty_buffer`.
+void fit_buffer(at::Tensor& buffer, const at::Tensor& like) {
+  bool reusable = buffer.defined() && buffer.sizes() == like.sizes() &&
+                  buffer.scalar_type() == like.scalar_type() && buffer.is_contiguous();
+  if (!reusable) buffer = empty_buffer(like);
+}
+
+}  // namespace
+
 void copy_into(at::Tensor& buffer, const at::Tensor& value) {
   if (!value.defined()) {
     buffer = at::Tensor();
     return;
   }
   at::NoGradGuard no_grad;
-  bool reusable = buffer.defined() && buffer.sizes() == value.sizes() &&
-                  buffer.scalar_type() == value.scalar_type() && buffer.is_contiguous();
-  if (!reusable) buffer = empty_buffer(value);
+  fit_buffer(buffer, value);
   buffer.copy_(value);
 }
 
@@ -117,10 +127,7 @@ at::Tensor Snapshot::copy_tensor(const at::Tensor& tensor, const c10::IValue& na
   }
   if (by_step && hints.defer_copy) {
     // Sized now, filled by the writer: the result refers to this very buffer.
-    if (!(slot.buffer.defined() && slot.buffer.sizes() == tensor.sizes() &&
-          slot.buffer.scalar_type() == tensor.scalar_type())) {
-      slot.buffer = empty_buffer(tensor);
-    }
+    fit_buffer(slot.buffer, tensor);
     crcs_.track(slot.buffer.data_ptr(), slot.buffer.nbytes());
     if (!tensor.device().is_cpu()) {
       bool recorded = false;
