@@ -4,7 +4,14 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <map>
+#include <optional>
 
+#include <c10/core/CPUAllocator.h>
+#include <torch/csrc/jit/serialization/pickler.h>
+#include <torch/csrc/jit/serialization/unpickler.h>
+
+#include "format/libtorch_pickle.h"
 #include "format/zip.h"
 #include "io/atomic_file.h"
 #include "support.h"
@@ -454,3 +461,188 @@ TEST_F(SerializeTest, ZipWriterTrustsAndFillsKnownCrcsOfRegisteredBuffersOnly) {
 
 }  // namespace
 }  // namespace torchfit::test
+
+// ---- The fast reader of LibTorch's pickles (format/libtorch_pickle.h)
+
+/// A pickle as LibTorch's Pickler writes it into every torchfit file, with the
+/// tensors whose storages it names.
+struct Pickled {
+  std::string bytes;
+  std::vector<at::Tensor> storages;
+
+  explicit Pickled(const c10::IValue& value) {
+    torch::jit::Pickler pickler([this](const char* data, size_t size) { bytes.append(data, size); }, nullptr,
+                                nullptr, nullptr);
+    pickler.protocol();
+    pickler.pushIValue(value);
+    pickler.stop();
+    storages = pickler.tensorData();
+  }
+  /// A fresh copy of the bytes of storage `key`.
+  at::DataPtr copy(const std::string& key) const {
+    auto data = torch::jit::getWriteableTensorData(storages.at(std::stoul(key)));
+    auto out = c10::GetCPUAllocator()->allocate(data.sizeInBytes());
+    if (data.sizeInBytes() > 0) std::memcpy(out.get(), data.data(), data.sizeInBytes());
+    return out;
+  }
+  c10::IValue with_libtorch() const {
+    size_t position = 0;
+    auto reader = [&](char* buffer, size_t n) {
+      n = std::min(n, bytes.size() - position);
+      std::memcpy(buffer, bytes.data() + position, n);
+      position += n;
+      return n;
+    };
+    torch::jit::Unpickler unpickler(reader, nullptr, nullptr, [this](const std::string& key) { return copy(key); },
+                                    at::Device(at::kCPU));
+    return unpickler.parse_ivalue();
+  }
+  std::optional<c10::IValue> fast() const {
+    auto out = torchfit::detail::read_libtorch_pickle(bytes);
+    if (!out) return std::nullopt;
+    for (auto& unbound : out->storages) {
+      if (unbound.storage.nbytes() > 0) unbound.storage.set_data_ptr_noswap(copy(unbound.key));
+    }
+    return out->value;
+  }
+};
+
+/// Expects `fast` to be what LibTorch made, down to types, tensor layouts and
+/// which tensors and storages are shared.
+class SameValue {
+ public:
+  void check(const c10::IValue& expected, const c10::IValue& fast, const std::string& where) {
+    ASSERT_EQ(expected.tagKind(), fast.tagKind()) << where;
+    EXPECT_EQ(expected.type()->str(), fast.type()->str()) << where;
+    if (expected.isTensor()) return tensor(expected.toTensor(), fast.toTensor(), where);
+    if (expected.isGenericDict()) {
+      auto a = expected.toGenericDict(), b = fast.toGenericDict();
+      ASSERT_EQ(a.size(), b.size()) << where;
+      for (auto i = a.begin(), j = b.begin(); i != a.end(); ++i, ++j) {
+        check(i->key(), j->key(), where + " key");
+        check(i->value(), j->value(), where + "[" + (i->key().isString() ? i->key().toStringRef() : "?") + "]");
+      }
+    } else if (expected.isList()) {
+      auto a = expected.toListRef(), b = fast.toListRef();
+      ASSERT_EQ(a.size(), b.size()) << where;
+      for (size_t i = 0; i < a.size(); ++i) check(a[i], b[i], where + "[" + std::to_string(i) + "]");
+    } else if (expected.isTuple()) {
+      auto a = expected.toTupleRef().elements().asArrayRef(), b = fast.toTupleRef().elements().asArrayRef();
+      ASSERT_EQ(a.size(), b.size()) << where;
+      for (size_t i = 0; i < a.size(); ++i) check(a[i], b[i], where + "(" + std::to_string(i) + ")");
+    } else {
+      EXPECT_TRUE(expected == fast) << where << ": " << expected << " vs " << fast;
+    }
+  }
+
+ private:
+  void tensor(const at::Tensor& a, const at::Tensor& b, const std::string& where) {
+    EXPECT_EQ(a.scalar_type(), b.scalar_type()) << where;
+    EXPECT_EQ(a.sizes(), b.sizes()) << where;
+    EXPECT_EQ(a.strides(), b.strides()) << where;
+    EXPECT_EQ(a.storage_offset(), b.storage_offset()) << where;
+    EXPECT_EQ(a.requires_grad(), b.requires_grad()) << where;
+    EXPECT_EQ(a.unsafeGetTensorImpl()->key_set(), b.unsafeGetTensorImpl()->key_set()) << where;
+    EXPECT_EQ(a.storage().nbytes(), b.storage().nbytes()) << where;
+    EXPECT_EQ(a.storage().resizable(), b.storage().resizable()) << where;
+    if (a.numel() > 0) EXPECT_TRUE(a.equal(b)) << where;
+    same_identity(tensors_, a.unsafeGetTensorImpl(), b.unsafeGetTensorImpl(), where + " (tensor)");
+    same_identity(storages_, a.storage().unsafeGetStorageImpl(), b.storage().unsafeGetStorageImpl(),
+                  where + " (storage)");
+  }
+  /// `a` and `b` pair up as every earlier pair did, in both directions.
+  static void same_identity(std::map<const void*, const void*>& pairs, const void* a, const void* b,
+                            const std::string& where) {
+    auto [it, added] = pairs.emplace(a, b);
+    EXPECT_EQ(it->second, b) << where << " is shared differently";
+    if (added) {
+      for (const auto& [x, y] : pairs) EXPECT_TRUE(x == a || y != b) << where << " is shared differently";
+    }
+  }
+  std::map<const void*, const void*> tensors_, storages_;
+};
+
+void expect_fast_read_matches_libtorch(const c10::IValue& value) {
+  Pickled pickled(value);
+  auto fast = pickled.fast();
+  ASSERT_TRUE(fast.has_value()) << "the fast reader fell back on a LibTorch pickle";
+  SameValue().check(pickled.with_libtorch(), *fast, "value");
+}
+
+TEST(LibTorchPickleTest, ReadsStateDictsAsLibTorchDoes) {
+  c10::impl::GenericDict weights(c10::StringType::get(), c10::TensorType::get());
+  for (auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16, at::kLong, at::kInt, at::kShort, at::kChar,
+                     at::kByte, at::kBool, at::kComplexFloat}) {
+    weights.insert(std::string("dtype.") + c10::toString(dtype), at::randn({3, 2}).to(dtype));
+  }
+  auto base = at::arange(24, at::kFloat).reshape({4, 6});
+  weights.insert("transposed", base.t());
+  weights.insert("row", base[2]);                      // shares base's storage, with an offset
+  weights.insert("column", base.select(1, 3));         // strided view of the same storage
+  weights.insert("base", base);
+  weights.insert("base.again", base);                  // the same tensor twice
+  weights.insert("scalar", at::scalar_tensor(2.5));
+  weights.insert("empty", at::empty({0, 3}));
+  weights.insert("parameter", at::randn({5}).requires_grad_());
+  weights.insert("big", at::full({2}, int64_t{1} << 40, at::kLong));
+  expect_fast_read_matches_libtorch(weights);
+}
+
+TEST(LibTorchPickleTest, ReadsNestedStateAsLibTorchDoes) {
+  c10::impl::GenericDict inner(c10::StringType::get(), c10::TensorType::get());
+  inner.insert("exp_avg", at::randn({4}));
+  c10::impl::GenericDict by_id(c10::IntType::get(), c10::StringType::get());
+  by_id.insert(7, "seven");
+  by_id.insert(-70000, "negative");
+  c10::impl::GenericList mixed(c10::AnyType::get());
+  mixed.push_back(1);
+  mixed.push_back("two");
+  mixed.push_back(3.25);
+  mixed.push_back(c10::IValue());
+  mixed.push_back(at::ones({2}));
+  c10::impl::GenericDict state(c10::StringType::get(), c10::AnyType::get());
+  state.insert("ints", c10::List<int64_t>({0, 255, 256, 65535, 65536, -1, INT32_MIN, int64_t{1} << 40}));
+  state.insert("doubles", c10::List<double>({0.1, -2.5e300, 0.0}));
+  state.insert("bools", c10::List<bool>({true, false}));
+  state.insert("tensors", c10::List<at::Tensor>({at::zeros({1}), at::ones({2, 2})}));
+  state.insert("mixed", mixed);
+  state.insert("empty list", c10::impl::GenericList(c10::AnyType::get()));
+  for (int n = 0; n <= 4; ++n) {
+    std::vector<c10::IValue> items;
+    for (int i = 0; i < n; ++i) items.emplace_back(i);
+    state.insert("tuple" + std::to_string(n), c10::ivalue::Tuple::create(std::move(items)));
+  }
+  state.insert("text", "ünïcödé ✓");
+  state.insert("flag", true);
+  state.insert("nothing", c10::IValue());
+  state.insert("optimizer", inner);
+  state.insert("by id", by_id);
+  expect_fast_read_matches_libtorch(state);
+}
+
+TEST(LibTorchPickleTest, LeavesEverythingElseToLibTorch) {
+  Pickled pickled(c10::IValue(at::ones({4})));
+  const std::string& bytes = pickled.bytes;
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(bytes.substr(0, bytes.size() - 1))) << "cut short";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x03") + bytes.substr(2))) << "protocol 3";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x02" "cbuiltins\nset\n)R.", 18))) << "other global";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x02" "K\x01" "K\x02.", 7))) << "two values left";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x02" "h\x05.", 5))) << "memo never set";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x02" "u.", 4))) << "SETITEMS without a mark";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle("")) << "empty";
+}
+
+TEST(LibTorchPickleTest, RefusesATensorPastItsStorage) {
+  Pickled pickled(c10::IValue(at::ones({4})));
+  // The storage's element count is the BININT1 right before TUPLE and BINPERSID.
+  auto at = pickled.bytes.find(std::string("K\x04tQ", 4));
+  ASSERT_NE(at, std::string::npos);
+  auto bytes = pickled.bytes;
+  bytes[at + 1] = '\x03';
+  try {
+    torchfit::detail::read_libtorch_pickle(bytes);
+    FAIL() << "a 4-element tensor over a 3-element storage was read";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("reaches element 3 of a storage of 3"), std::string::npos) << e.what();
+  }
+}

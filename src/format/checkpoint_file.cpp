@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -15,6 +16,7 @@
 #include <fmt/format.h>
 #include <torch/serialize/input-archive.h>
 
+#include "format/libtorch_pickle.h"
 #include "format/python_pickle.h"
 #include "format/state_dict.h"
 #include "torchfit/error.h"
@@ -44,6 +46,13 @@ void check_within_records(const c10::IValue& value, const std::map<const void*, 
   });
 }
 
+/// Memory for storages read from the file: huge pages where it is large (see
+/// allocate_for_filling), released by the storage like any other.
+at::DataPtr storage_memory(size_t size) {
+  void* data = allocate_for_filling(size);
+  return at::DataPtr(data, data, [](void* p) { std::free(p); }, at::Device(at::kCPU));
+}
+
 /// One allocation shared by the storages of many small records, freed with the
 /// last of them: thousands of separate allocations cost more than reading their
 /// bytes. Each storage holds a reference.
@@ -53,9 +62,7 @@ class SharedBlock {
   static SharedBlock* create(const std::vector<uint64_t>& sizes) {
     uint64_t total = 0;
     for (auto size : sizes) total += slot_size(size);
-    auto memory = c10::GetCPUAllocator()->allocate(total);
-    advise_huge_pages(memory.get(), total);
-    return new SharedBlock(std::move(memory));
+    return new SharedBlock(storage_memory(total));
   }
   static uint64_t slot_size(uint64_t size) { return (std::max<uint64_t>(size, 1) + 63) / 64 * 64; }
 
@@ -203,7 +210,7 @@ c10::IValue CheckpointFile::read_all_once() const {
   at::DataPtr block_owner = block ? block->owner() : at::DataPtr();
   for (const auto& [name, span] : records_) {  // in the order small_sizes was built
     if (name.rfind("data/", 0) != 0) continue;
-    auto data = span.size < kSharedRecord ? block->take(span.size) : c10::GetCPUAllocator()->allocate(span.size);
+    auto data = span.size < kSharedRecord ? block->take(span.size) : storage_memory(span.size);
     const void* address = data.get();
     jobs.push_back({span, const_cast<void*>(address)});
     storages[name.substr(5)] = {std::move(data), address, span};
@@ -218,22 +225,33 @@ c10::IValue CheckpointFile::read_all_once() const {
   if (computed != trailer_.checksum) throw damaged(checksum_mismatch(trailer_.checksum, computed).reason);
   verified_ = true;
 
+  // The bytes of record "data/<key>": moved out the first time, copied after that.
+  auto take = [&](const std::string& key) -> std::pair<at::DataPtr, RecordSpan> {
+    auto it = storages.find(key);
+    if (it == storages.end()) throw damaged(fmt::format("no record for storage {}", key));
+    auto& storage = it->second;
+    if (storage.data) return {std::move(storage.data), storage.span};
+    auto copy = storage_memory(storage.span.size);
+    if (storage.span.size > 0) std::memcpy(copy.get(), storage.address, storage.span.size);
+    return {std::move(copy), storage.span};
+  };
+  if (auto fast = guard_read(path(), [&] { return read_libtorch_pickle(pickle); })) {
+    for (auto& unbound : fast->storages) {
+      if (unbound.storage.nbytes() == 0) continue;  // no bytes to read, as in LibTorch
+      auto [data, span] = take(unbound.key);
+      if (unbound.storage.nbytes() > span.size) throw damaged("a tensor overruns its record");
+      unbound.storage.set_data_ptr_noswap(std::move(data));
+    }
+    return std::move(fast->value);
+  }
+  // Anything else LibTorch's Pickler may write goes to LibTorch's Unpickler.
   std::map<const void*, RecordSpan> taken;  // storage address to its record
   auto value = unpickle_trusted(
       pickle,
-      [&](const std::string& key) -> at::DataPtr {
-        auto it = storages.find(key);
-        if (it == storages.end()) throw damaged(fmt::format("no record for storage {}", key));
-        auto& storage = it->second;
-        if (storage.data) {
-          taken[storage.address] = storage.span;
-          return std::move(storage.data);
-        }
-        // Asked for twice: a copy of what the first tensor took.
-        auto copy = c10::GetCPUAllocator()->allocate(storage.span.size);
-        if (storage.span.size > 0) std::memcpy(copy.get(), storage.address, storage.span.size);
-        taken[copy.get()] = storage.span;
-        return copy;
+      [&](const std::string& key) {
+        auto [data, span] = take(key);
+        taken[data.get()] = span;
+        return std::move(data);
       },
       path());
   check_within_records(value, taken, path());

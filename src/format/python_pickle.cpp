@@ -14,8 +14,6 @@
 namespace torchfit::detail {
 namespace {
 
-constexpr size_t kMaxDims = 64;
-
 /// A pickled value. Values live in the reader's arena and point at each other
 /// with plain pointers: destroying a deeply nested or cyclic tree is then flat.
 struct Value {
@@ -37,21 +35,6 @@ const char* kind_name(Kind kind) {
   static const char* names[] = {"None", "bool", "int",    "float",   "str",    "tuple", "list",
                                 "set",  "dict", "object", "storage", "tensor", "mark"};
   return names[static_cast<int>(kind)];
-}
-
-at::ScalarType storage_dtype(const std::string& name) {
-  static const std::unordered_map<std::string, at::ScalarType> types = {
-      {"torch.FloatStorage", at::kFloat},     {"torch.DoubleStorage", at::kDouble},
-      {"torch.HalfStorage", at::kHalf},       {"torch.BFloat16Storage", at::kBFloat16},
-      {"torch.LongStorage", at::kLong},       {"torch.IntStorage", at::kInt},
-      {"torch.ShortStorage", at::kShort},     {"torch.CharStorage", at::kChar},
-      {"torch.ByteStorage", at::kByte},       {"torch.BoolStorage", at::kBool},
-      {"torch.ComplexFloatStorage", at::kComplexFloat}, {"torch.ComplexDoubleStorage", at::kComplexDouble},
-      {"torch.UntypedStorage", at::kByte},
-  };
-  auto it = types.find(name);
-  if (it == types.end()) throw std::invalid_argument("unsupported storage type " + name);
-  return it->second;
 }
 
 class Reader {
@@ -345,7 +328,7 @@ class Reader {
 
   std::vector<int64_t> int_tuple(const Value* v, const char* what) {
     if (v->kind != Kind::Tuple) throw fail(fmt::format("a tensor's {} is a {}, not a tuple", what, kind_name(v->kind)));
-    if (v->items.size() > kMaxDims) throw fail(fmt::format("a tensor has {} dimensions", v->items.size()));
+    if (v->items.size() > kMaxTensorDims) throw fail(fmt::format("a tensor has {} dimensions", v->items.size()));
     std::vector<int64_t> out;
     for (const Value* item : v->items) {
       if (item->kind != Kind::Int || item->integer < 0) throw fail(fmt::format("a tensor's {} are not sizes", what));
@@ -363,25 +346,10 @@ class Reader {
     const int64_t offset = args[1]->integer;
     auto sizes = int_tuple(args[2], "sizes");
     auto strides = int_tuple(args[3], "strides");
-    if (sizes.size() != strides.size()) {
-      throw fail(fmt::format("a tensor has {} sizes but {} strides", sizes.size(), strides.size()));
-    }
-    if (offset < 0 || offset > storage.numel) {
-      throw fail(fmt::format("a tensor starts at element {} of a storage of {}", offset, storage.numel));
-    }
-    // The last element's index must lie inside the storage (checked without overflow).
-    bool empty = false;
-    int64_t last = offset;
-    for (size_t i = 0; i < sizes.size(); ++i) {
-      int64_t step = 0;
-      empty = empty || sizes[i] == 0;
-      if (sizes[i] > 0 && (__builtin_mul_overflow(sizes[i] - 1, strides[i], &step) ||
-                           __builtin_add_overflow(last, step, &last))) {
-        throw fail("a tensor's extent overflows");
-      }
-    }
-    if (!empty && last >= storage.numel) {
-      throw fail(fmt::format("a tensor reaches element {} of a storage of {}", last, storage.numel));
+    try {
+      check_tensor_extent(offset, sizes, strides, storage.numel);
+    } catch (const std::invalid_argument& e) {
+      throw fail(e.what());
     }
     Value* v = make(Kind::Tensor);
     v->tensor = at::empty({0}, at::TensorOptions().dtype(storage.dtype)).set_(storage.storage, offset, sizes, strides);
@@ -487,6 +455,45 @@ class Reader {
 };
 
 }  // namespace
+
+at::ScalarType storage_dtype(const std::string& name) {
+  static const std::unordered_map<std::string, at::ScalarType> types = {
+      {"torch.FloatStorage", at::kFloat},     {"torch.DoubleStorage", at::kDouble},
+      {"torch.HalfStorage", at::kHalf},       {"torch.BFloat16Storage", at::kBFloat16},
+      {"torch.LongStorage", at::kLong},       {"torch.IntStorage", at::kInt},
+      {"torch.ShortStorage", at::kShort},     {"torch.CharStorage", at::kChar},
+      {"torch.ByteStorage", at::kByte},       {"torch.BoolStorage", at::kBool},
+      {"torch.ComplexFloatStorage", at::kComplexFloat}, {"torch.ComplexDoubleStorage", at::kComplexDouble},
+      {"torch.UntypedStorage", at::kByte},
+  };
+  auto it = types.find(name);
+  if (it == types.end()) throw std::invalid_argument("unsupported storage type " + name);
+  return it->second;
+}
+
+void check_tensor_extent(int64_t offset, c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t numel) {
+  if (sizes.size() != strides.size()) {
+    throw std::invalid_argument(fmt::format("a tensor has {} sizes but {} strides", sizes.size(), strides.size()));
+  }
+  if (offset < 0 || offset > numel) {
+    throw std::invalid_argument(fmt::format("a tensor starts at element {} of a storage of {}", offset, numel));
+  }
+  // The last element's index must lie inside the storage (checked without overflow).
+  bool empty = false;
+  int64_t last = offset;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    int64_t step = 0;
+    if (sizes[i] < 0 || strides[i] < 0) throw std::invalid_argument("a tensor has negative sizes or strides");
+    empty = empty || sizes[i] == 0;
+    if (sizes[i] > 0 && (__builtin_mul_overflow(sizes[i] - 1, strides[i], &step) ||
+                         __builtin_add_overflow(last, step, &last))) {
+      throw std::invalid_argument("a tensor's extent overflows");
+    }
+  }
+  if (!empty && last >= numel) {
+    throw std::invalid_argument(fmt::format("a tensor reaches element {} of a storage of {}", last, numel));
+  }
+}
 
 c10::IValue unpickle_python(const std::string& pickle, const StorageAllocator& allocate) {
   return Reader(pickle, allocate).run();

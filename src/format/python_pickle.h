@@ -18,6 +18,17 @@ namespace torchfit::detail {
 /// How deep containers may nest in a pickle we read (state dicts need about 5).
 inline constexpr int kMaxPickleDepth = 100;
 
+/// How many dimensions a tensor we read may have.
+inline constexpr size_t kMaxTensorDims = 64;
+
+/// The dtype of a pickled storage class ("torch.FloatStorage"); throws
+/// std::invalid_argument for any other name.
+at::ScalarType storage_dtype(const std::string& name);
+
+/// Throws std::invalid_argument unless a tensor of these sizes and strides,
+/// starting at element `offset`, lies inside a storage of `numel` elements.
+void check_tensor_extent(int64_t offset, c10::IntArrayRef sizes, c10::IntArrayRef strides, int64_t numel);
+
 /// Allocates the storage of record "data/<key>": `nbytes` bytes, read later.
 /// Throws std::invalid_argument when the record is missing or too small.
 using StorageAllocator = std::function<at::DataPtr(const std::string& key, size_t nbytes)>;

@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <thread>
 
 #include <fmt/format.h>
@@ -402,16 +403,17 @@ constexpr uint64_t kDirectRead = 64 << 10;  // smaller jobs are copied out of sh
 
 }  // namespace
 
-void advise_huge_pages(void* data, size_t size) {
+void* allocate_for_filling(size_t size) {
+  constexpr size_t kHugePage = 2 << 20;
+  void* data = nullptr;
+  if (::posix_memalign(&data, size >= kHugePage ? kHugePage : kPageSize, std::max<size_t>(size, 1)) != 0) {
+    throw std::bad_alloc();
+  }
 #ifdef MADV_HUGEPAGE
-  constexpr uintptr_t kHuge = 2 << 20;
-  auto begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  auto end = (reinterpret_cast<uintptr_t>(data) + size) & ~(kHuge - 1);
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)size;
+  // Whole huge pages only: the tail keeps small pages rather than round up the memory used.
+  if (size >= kHugePage) ::madvise(data, size / kHugePage * kHugePage, MADV_HUGEPAGE);
 #endif
+  return data;
 }
 
 namespace {
@@ -457,9 +459,6 @@ uint32_t read_range_once(const FileReader& file, const std::vector<ReadJob>& job
 
 uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size) {
   std::sort(jobs.begin(), jobs.end(), [](const ReadJob& a, const ReadJob& b) { return a.span.offset < b.span.offset; });
-  for (const auto& job : jobs) {
-    if (job.span.size >= kParallelThreshold) advise_huge_pages(job.destination, job.span.size);
-  }
   if (size < kParallelThreshold) return read_range_once(file, jobs, 0, size);
   uint64_t half = size / 2;
   uint32_t first = 0, second = 0;

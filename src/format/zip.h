@@ -156,9 +156,11 @@ struct ReadJob {
   void* destination;
 };
 
-/// Asks for transparent huge pages on the interior of a large fresh buffer: far
-/// fewer page faults while it is filled.
-void advise_huge_pages(void* data, size_t size);
+/// Fresh CPU memory for a buffer about to be filled: page-aligned, and from 2 MiB
+/// up aligned to 2 MiB with transparent huge pages asked for, so filling it takes
+/// a fault per 2 MiB instead of one per page. Release it with std::free. Throws
+/// std::bad_alloc.
+void* allocate_for_filling(size_t size);
 
 /// Runs the reads, split over two threads by bytes for large totals.
 void read_parallel(const FileReader& file, const std::vector<ReadJob>& jobs);

@@ -2,7 +2,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <new>
 
 #include <ATen/ATen.h>
 #include <c10/core/StreamGuard.h>
@@ -43,9 +42,7 @@ at::Tensor empty_buffer(const at::Tensor& like) {
   if (!like.device().is_cpu() || nbytes < kPageAlignedRecord) {
     return at::empty(like.sizes(), options.pinned_memory(!like.device().is_cpu()));
   }
-  void* data = nullptr;
-  if (::posix_memalign(&data, kPageSize, nbytes) != 0) throw std::bad_alloc();
-  advise_huge_pages(data, nbytes);
+  void* data = allocate_for_filling(nbytes);
   return at::from_blob(data, like.sizes(), [](void* p) { std::free(p); }, options);
 }
 

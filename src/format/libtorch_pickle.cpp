@@ -1,0 +1,352 @@
+#include "format/libtorch_pickle.h"
+
+#include <cstring>
+#include <stdexcept>
+#include <unordered_map>
+
+#include <ATen/core/Dict.h>
+#include <ATen/core/List.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/jit/frontend/script_type_parser.h>
+
+#include "format/python_pickle.h"
+
+namespace torchfit::detail {
+namespace {
+
+/// The few globals LibTorch's Pickler writes outside containers.
+enum class Callable : uint8_t {
+  None, RebuildTensor, OrderedDict, RestoreTypeTag, IntList, TensorList, DoubleList, BoolList
+};
+
+/// A stack or memo entry: a value, or a global to call with REDUCE. A storage
+/// class ("torch.FloatStorage") is its ScalarType as an int, as in LibTorch.
+struct Item {
+  c10::IValue value;
+  Callable callable = Callable::None;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::string_view pickle) : data_(pickle) {}
+
+  /// nullopt on anything the fast path does not know.
+  std::optional<LibTorchPickle> run() {
+    uint8_t protocol = 0;
+    if (!byte() || data_[0] != '\x80' || !read(protocol) || protocol != 2) return std::nullopt;
+    while (position_ < data_.size()) {
+      const char op = data_[position_++];
+      if (op == '.') {  // STOP
+        if (stack_.size() != 1 || stack_[0].callable != Callable::None || !marks_.empty()) return std::nullopt;
+        LibTorchPickle out;
+        out.value = std::move(stack_[0].value);
+        out.storages = std::move(storages_);
+        return out;
+      }
+      if (!step(op)) return std::nullopt;
+    }
+    return std::nullopt;
+  }
+
+ private:
+  bool step(char op) {
+    switch (op) {
+      case '(': marks_.push_back(stack_.size()); return true;                              // MARK
+      case '}': return push(c10::impl::GenericDict(c10::AnyType::get(), c10::AnyType::get()));  // EMPTY_DICT
+      case ']': return push(c10::impl::GenericList(c10::AnyType::get()));                  // EMPTY_LIST
+      case ')': return push(c10::ivalue::Tuple::create({}));                               // EMPTY_TUPLE
+      case 't': return tuple_from_mark();                                                  // TUPLE
+      case '\x85': return tuple_of_last(1);                                                // TUPLE1
+      case '\x86': return tuple_of_last(2);                                                // TUPLE2
+      case '\x87': return tuple_of_last(3);                                                // TUPLE3
+      case 'u': return set_items();                                                        // SETITEMS
+      case 'e': return append_items();                                                     // APPENDS
+      case 'N': return push(c10::IValue());                                                // NONE
+      case '\x88': return push(true);                                                      // NEWTRUE
+      case '\x89': return push(false);                                                     // NEWFALSE
+      case 'K': return push_int<uint8_t>();                                                // BININT1
+      case 'M': return push_int<uint16_t>();                                               // BININT2
+      case 'J': return push_int<int32_t>();                                                // BININT
+      case '\x8a': {                                                                       // LONG1, 8 bytes
+        uint8_t length = 0;
+        return read(length) && length == 8 && push_int<int64_t>();
+      }
+      case 'G': {  // BINFLOAT, big-endian
+        uint64_t bits = 0;
+        if (!read(bits)) return false;
+        bits = __builtin_bswap64(bits);
+        double value = 0;
+        std::memcpy(&value, &bits, sizeof value);
+        return push(value);
+      }
+      case 'X': {  // BINUNICODE
+        uint32_t length = 0;
+        if (!read(length) || data_.size() - position_ < length) return false;
+        push(std::string(data_.substr(position_, length)));
+        position_ += length;
+        return true;
+      }
+      case 'q': return memo_put<uint8_t>();   // BINPUT
+      case 'r': return memo_put<uint32_t>();  // LONG_BINPUT
+      case 'h': return memo_get<uint8_t>();   // BINGET
+      case 'j': return memo_get<uint32_t>();  // LONG_BINGET
+      case 'c': return global();
+      case 'Q': return persistent_id();       // BINPERSID
+      case 'R': return reduce();
+      default: return false;
+    }
+  }
+
+  bool byte() { return position_ < data_.size() && (++position_, true); }
+  template <typename T>
+  bool read(T& value) {
+    if (data_.size() - position_ < sizeof(T)) return false;
+    std::memcpy(&value, data_.data() + position_, sizeof(T));  // pickle integers are little-endian, as is x86/ARM
+    position_ += sizeof(T);
+    return true;
+  }
+  template <typename T>
+  bool push_int() {
+    T value{};
+    return read(value) && push(static_cast<int64_t>(value));
+  }
+  bool push(c10::IValue value, Callable callable = Callable::None) {
+    stack_.push_back({std::move(value), callable});
+    return true;
+  }
+  /// The top value, popped; nullopt when the stack is empty or holds a callable there.
+  std::optional<c10::IValue> pop_value() {
+    if (stack_.empty() || stack_.back().callable != Callable::None) return std::nullopt;
+    auto value = std::move(stack_.back().value);
+    stack_.pop_back();
+    return value;
+  }
+  /// The stack index of the last MARK, popped.
+  std::optional<size_t> pop_mark() {
+    if (marks_.empty() || marks_.back() > stack_.size()) return std::nullopt;
+    size_t mark = marks_.back();
+    marks_.pop_back();
+    return mark;
+  }
+  bool values_from(size_t first) const {
+    for (size_t i = first; i < stack_.size(); ++i) {
+      if (stack_[i].callable != Callable::None) return false;
+    }
+    return true;
+  }
+
+  bool tuple_of(size_t first) {
+    if (!values_from(first)) return false;
+    std::vector<c10::IValue> elements;
+    elements.reserve(stack_.size() - first);
+    for (size_t i = first; i < stack_.size(); ++i) elements.push_back(std::move(stack_[i].value));
+    stack_.resize(first);
+    return push(c10::ivalue::Tuple::create(std::move(elements)));
+  }
+  bool tuple_from_mark() {
+    auto mark = pop_mark();
+    return mark && tuple_of(*mark);
+  }
+  bool tuple_of_last(size_t n) { return stack_.size() >= n && tuple_of(stack_.size() - n); }
+
+  bool set_items() {
+    auto mark = pop_mark();
+    if (!mark || *mark == 0 || (stack_.size() - *mark) % 2 != 0 || !values_from(*mark)) return false;
+    auto& target = stack_[*mark - 1];
+    if (target.callable != Callable::None || !target.value.isGenericDict()) return false;
+    auto dict = target.value.toGenericDict();
+    for (size_t i = *mark; i < stack_.size(); i += 2) {
+      dict.insert_or_assign(std::move(stack_[i].value), std::move(stack_[i + 1].value));
+    }
+    stack_.resize(*mark);
+    return true;
+  }
+  bool append_items() {
+    auto mark = pop_mark();
+    if (!mark || *mark == 0 || !values_from(*mark)) return false;
+    auto& target = stack_[*mark - 1];
+    if (target.callable != Callable::None || !target.value.isList()) return false;
+    auto list = target.value.toList();
+    for (size_t i = *mark; i < stack_.size(); ++i) list.push_back(std::move(stack_[i].value));
+    stack_.resize(*mark);
+    return true;
+  }
+
+  template <typename T>
+  bool memo_put() {
+    T id{};
+    // LibTorch numbers memo entries from 0 up; a far larger id is not its pickle.
+    if (!read(id) || stack_.empty() || id > memo_.size() + 1024) return false;
+    if (id >= memo_.size()) memo_.resize(static_cast<size_t>(id) + 1);
+    memo_[id] = stack_.back();
+    return true;
+  }
+  template <typename T>
+  bool memo_get() {
+    T id{};
+    if (!read(id) || id >= memo_.size()) return false;
+    stack_.push_back(memo_[id]);
+    return true;
+  }
+
+  std::optional<std::string_view> line() {
+    auto end = data_.find('\n', position_);
+    if (end == std::string_view::npos) return std::nullopt;
+    auto text = data_.substr(position_, end - position_);
+    position_ = end + 1;
+    return text;
+  }
+  bool global() {
+    auto module = line();
+    auto name = module ? line() : std::nullopt;
+    if (!name) return false;
+    if (*module == "torch._utils" && *name == "_rebuild_tensor_v2") return push(c10::IValue(), Callable::RebuildTensor);
+    if (*module == "collections" && *name == "OrderedDict") return push(c10::IValue(), Callable::OrderedDict);
+    if (*module == "torch.jit._pickle") {
+      static const std::pair<std::string_view, Callable> builders[] = {
+          {"restore_type_tag", Callable::RestoreTypeTag}, {"build_intlist", Callable::IntList},
+          {"build_tensorlist", Callable::TensorList},     {"build_doublelist", Callable::DoubleList},
+          {"build_boollist", Callable::BoolList}};
+      for (const auto& [builder, callable] : builders) {
+        if (*name == builder) return push(c10::IValue(), callable);
+      }
+      return false;
+    }
+    if (*module != "torch") return false;
+    try {
+      return push(static_cast<int64_t>(storage_dtype("torch." + std::string(*name))));
+    } catch (const std::invalid_argument&) {
+      return false;
+    }
+  }
+
+  /// ('storage', dtype, key, location, numel): a 1-d tensor over a storage whose
+  /// bytes are bound later. The location is ignored: everything is read to the CPU.
+  bool persistent_id() {
+    auto id = pop_value();
+    if (!id || !id->isTuple()) return false;
+    const auto items = id->toTupleRef().elements().asArrayRef();
+    if (items.size() != 5 || !items[0].isString() || items[0].toStringRef() != "storage" || !items[1].isInt() ||
+        !items[2].isString() || !items[3].isString() || !items[4].isInt()) {
+      return false;
+    }
+    const int64_t type = items[1].toInt(), numel = items[4].toInt();
+    if (type < 0 || type >= static_cast<int64_t>(at::ScalarType::NumOptions) || numel < 0) return false;
+    const auto dtype = static_cast<at::ScalarType>(type);
+    int64_t nbytes = 0;
+    if (__builtin_mul_overflow(numel, static_cast<int64_t>(c10::elementSize(dtype)), &nbytes)) return false;
+    c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(nbytes), at::DataPtr(),
+                         /*allocator=*/nullptr, /*resizable=*/false);
+    storages_.push_back({storage, items[2].toStringRef()});
+    auto tensor = make_tensor(std::move(storage), dtype, 0, {numel}, {1});
+    return push(std::move(tensor));
+  }
+
+  static at::Tensor make_tensor(c10::Storage storage, at::ScalarType dtype, int64_t offset, c10::IntArrayRef sizes,
+                                c10::IntArrayRef strides) {
+    auto tensor = at::detail::make_tensor<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                           c10::scalarTypeToTypeMeta(dtype));
+    tensor.unsafeGetTensorImpl()->set_storage_offset(offset);
+    tensor.unsafeGetTensorImpl()->set_sizes_and_strides(sizes, strides);
+    return tensor;
+  }
+
+  static bool int_tuple(const c10::IValue& value, std::vector<int64_t>& out) {
+    if (!value.isTuple()) return false;
+    const auto items = value.toTupleRef().elements().asArrayRef();
+    if (items.size() > kMaxTensorDims) return false;
+    out.clear();
+    for (const auto& item : items) {
+      if (!item.isInt()) return false;
+      out.push_back(item.toInt());
+    }
+    return true;
+  }
+
+  bool reduce() {
+    auto args = pop_value();
+    if (!args || !args->isTuple() || stack_.empty()) return false;
+    const Callable callable = stack_.back().callable;
+    stack_.pop_back();
+    const auto items = args->toTupleRef().elements().asArrayRef();
+    switch (callable) {
+      case Callable::OrderedDict:  // only ever the empty backward hooks, which LibTorch reads as None
+        return items.empty() && push(c10::IValue());
+      case Callable::RestoreTypeTag:
+        return items.size() == 2 && items[1].isString() && restore_type(items[0], items[1].toStringRef()) &&
+               push(items[0]);
+      case Callable::RebuildTensor:
+        return rebuild_tensor(items);
+      case Callable::IntList:
+        return typed_list(items, c10::IntType::get());
+      case Callable::TensorList:
+        return typed_list(items, c10::TensorType::get());
+      case Callable::DoubleList:
+        return typed_list(items, c10::FloatType::get());
+      case Callable::BoolList:
+        return typed_list(items, c10::BoolType::get());
+      case Callable::None:
+        return false;
+    }
+    return false;
+  }
+
+  /// build_intlist(list) and the like: the list, with its element type set.
+  bool typed_list(c10::ArrayRef<c10::IValue> items, const c10::TypePtr& type) {
+    if (items.size() != 1 || !items[0].isList()) return false;
+    items[0].toList().unsafeSetElementType(type);
+    return push(items[0]);
+  }
+
+  /// (storage tensor, offset, sizes, strides, requires_grad, backward hooks)
+  bool rebuild_tensor(c10::ArrayRef<c10::IValue> items) {
+    if (items.size() != 6 || !items[0].isTensor() || !items[1].isInt() || !int_tuple(items[2], sizes_) ||
+        !int_tuple(items[3], strides_) || !items[4].isBool()) {
+      return false;
+    }
+    const auto& base = items[0].toTensor();
+    const int64_t offset = items[1].toInt();
+    check_tensor_extent(offset, sizes_, strides_, base.numel());
+    auto tensor = make_tensor(base.storage(), base.scalar_type(), offset, sizes_, strides_);
+    return push(torch::autograd::make_variable(std::move(tensor), items[4].toBool()));
+  }
+
+  /// Sets the container's element types, as LibTorch's restore_type_tag does.
+  bool restore_type(const c10::IValue& container, const std::string& annotation) {
+    auto& type = types_[annotation];
+    if (!type) {
+      try {
+        type = torch::jit::ScriptTypeParser().parseType(annotation);  // as LibTorch's Unpickler does
+      } catch (const std::exception&) {
+        return false;
+      }
+    }
+    if (type->kind() == c10::DictType::Kind && container.isGenericDict()) {
+      auto dict = container.toGenericDict();
+      dict.unsafeSetKeyType(type->containedType(0));
+      dict.unsafeSetValueType(type->containedType(1));
+      return true;
+    }
+    if (type->kind() == c10::ListType::Kind && container.isList()) {
+      container.toList().unsafeSetElementType(type->containedType(0));
+      return true;
+    }
+    return false;
+  }
+
+  std::string_view data_;
+  size_t position_ = 0;
+  std::vector<Item> stack_;
+  std::vector<size_t> marks_;
+  std::vector<Item> memo_;
+  std::vector<UnboundStorage> storages_;
+  std::unordered_map<std::string, c10::TypePtr> types_;
+  std::vector<int64_t> sizes_, strides_;
+};
+
+}  // namespace
+
+std::optional<LibTorchPickle> read_libtorch_pickle(std::string_view pickle) { return Reader(pickle).run(); }
+
+}  // namespace torchfit::detail
