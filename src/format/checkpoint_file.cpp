@@ -53,30 +53,23 @@ at::DataPtr storage_memory(size_t size) {
   return at::DataPtr(data, data, [](void* p) { std::free(p); }, at::Device(at::kCPU));
 }
 
-/// One allocation shared by the storages of many small records, freed with the
-/// last of them: thousands of separate allocations cost more than reading their
-/// bytes. Each storage holds a reference.
+/// One allocation holding a stretch of the file with many small records, shared
+/// by their storages and freed with the last of them: thousands of separate
+/// allocations and copies cost more than reading their bytes. The local headers
+/// between the records come along (about 2 % for 4 KiB records).
 class SharedBlock {
  public:
-  /// Room for records of these sizes, each 64-byte aligned.
-  static SharedBlock* create(const std::vector<uint64_t>& sizes) {
-    uint64_t total = 0;
-    for (auto size : sizes) total += slot_size(size);
-    return new SharedBlock(storage_memory(total));
+  /// A block of `size` bytes, owned by the returned pointer until storages share it.
+  static at::DataPtr create(uint64_t size) {
+    auto* block = new SharedBlock(storage_memory(size));
+    return block->share(0);
   }
-  static uint64_t slot_size(uint64_t size) { return (std::max<uint64_t>(size, 1) + 63) / 64 * 64; }
+  static SharedBlock& of(const at::DataPtr& owner) { return *static_cast<SharedBlock*>(owner.get_context()); }
 
-  /// The next slot, sized for `size` bytes (slots are taken in create()'s order).
-  at::DataPtr take(uint64_t size) {
+  /// The bytes from `offset` on, as a storage's pointer holding a reference.
+  at::DataPtr share(uint64_t offset) {
     ++users_;
-    void* data = static_cast<char*>(memory_.get()) + used_;
-    used_ += slot_size(size);
-    return at::DataPtr(data, this, &release, at::Device(at::kCPU));
-  }
-  /// The creator's own reference, released when the returned pointer dies.
-  at::DataPtr owner() {
-    ++users_;
-    return at::DataPtr(nullptr, this, &release, at::Device(at::kCPU));
+    return at::DataPtr(static_cast<char*>(memory_.get()) + offset, this, &release, at::Device(at::kCPU));
   }
 
  private:
@@ -86,11 +79,10 @@ class SharedBlock {
     if (block->users_.fetch_sub(1) == 1) delete block;
   }
   at::DataPtr memory_;
-  uint64_t used_ = 0;
   std::atomic<uint64_t> users_{0};
 };
 
-/// Records smaller than this share one allocation.
+/// Storage records smaller than this are read in stretches, into shared blocks.
 constexpr uint64_t kSharedRecord = 64 << 10;
 
 /// Refuses a foreign-file method on a file torchfit wrote (a misuse inside torchfit).
@@ -124,12 +116,18 @@ CheckpointFile::CheckpointFile(const std::string& path) : reader_(open_regular_f
     }
     checksummed_ = trailer_.integrity.status == Integrity::Status::Intact;
     try {
-      records_ = list_records(reader_);
+      // A checksummed file is read whole, local headers included: read_all_once
+      // resolves the offsets then.
+      auto directory = read_directory(reader_, /*read_local_headers=*/!checksummed_);
+      records_ = std::move(directory.records);
+      directory_offset_ = directory.directory_offset;
     } catch (const CheckpointError&) {
       verify();  // a checksum mismatch explains a broken structure best
       throw;
     }
-    for (const auto& [name, span] : records_) names_[span.offset] = name;
+    if (!checksummed_) {
+      for (const auto& [name, span] : records_) names_[span.offset] = name;
+    }
   });
 }
 
@@ -187,43 +185,86 @@ c10::IValue CheckpointFile::read_all_once() const {
   auto damaged = [&](const std::string& what) {
     return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(), what));
   };
-  auto pickle_record = records_.find("data.pkl");
-  if (pickle_record == records_.end()) throw damaged("it has no data.pkl record");
-  std::string pickle(pickle_record->second.size, '\0');
-  std::vector<ReadJob> jobs{{pickle_record->second, pickle.data()}};
+  if (!records_.count("data.pkl")) throw damaged("it has no data.pkl record");
+  // Records in file order; each must end before the next one's local header, or
+  // before the directory for the last.
+  struct Record {
+    const std::string* name;
+    RecordSpan span;
+    uint64_t bound = 0;
+    bool storage = false;
+  };
+  std::vector<Record> order;
+  for (const auto& [name, span] : records_) order.push_back({&name, span, 0, name.rfind("data/", 0) == 0});
+  std::sort(order.begin(), order.end(), [](const Record& a, const Record& b) { return a.span.local < b.span.local; });
+  for (size_t i = 0; i < order.size(); ++i) {
+    order[i].bound = i + 1 < order.size() ? order[i + 1].span.local : directory_offset_;
+    if (order[i].bound > trailer_.covered) throw damaged(fmt::format("record {} runs into the checksum", *order[i].name));
+    if (order[i].storage && order[i].span.method != 0) throw damaged(fmt::format("record {} is compressed", *order[i].name));
+  }
+  auto check_within_bound = [&](const Record& record) {
+    if (record.span.offset + record.span.size > record.bound) {
+      throw damaged(fmt::format("record {} overlaps the next one", *record.name));
+    }
+  };
+
+  // Consecutive small storage records are read as one stretch of the file each,
+  // straight into a shared block; every other record on its own.
+  struct Stretch {
+    size_t first, last;  // into order
+    at::DataPtr block;
+  };
+  std::vector<Stretch> stretches;
+  std::string pickle;
+  std::vector<ReadJob> jobs;
   struct Storage {
     at::DataPtr data;
     const void* address;
     RecordSpan span;
   };
   std::map<std::string, Storage> storages;
-  std::vector<uint64_t> small_sizes;
-  for (const auto& [name, span] : records_) {
-    if (name.rfind("data/", 0) != 0) continue;
-    if (span.method != 0) throw damaged(fmt::format("record {} is compressed", name));
-    // Records lie inside the checksummed bytes without overlapping (checked
-    // below), so the allocations add up to less than the file's size.
-    if (span.offset + span.size > trailer_.covered) throw damaged(fmt::format("record {} runs into the checksum", name));
-    if (span.size < kSharedRecord) small_sizes.push_back(span.size);
+  for (size_t i = 0; i < order.size(); ++i) {
+    auto& record = order[i];
+    if (record.storage && record.span.size < kSharedRecord) {
+      if (stretches.empty() || stretches.back().last + 1 != i) stretches.push_back({i, i, {}});
+      stretches.back().last = i;
+      continue;
+    }
+    resolve_offset(reader_, *record.name, record.span);
+    check_within_bound(record);
+    if (*record.name == "data.pkl") {
+      pickle.resize(record.span.size);
+      jobs.push_back({record.span, pickle.data()});
+    } else if (record.storage) {
+      auto data = storage_memory(record.span.size);
+      const void* address = data.get();
+      jobs.push_back({record.span, data.get()});
+      storages[record.name->substr(5)] = {std::move(data), address, record.span};
+    }
   }
-  SharedBlock* block = small_sizes.empty() ? nullptr : SharedBlock::create(small_sizes);
-  at::DataPtr block_owner = block ? block->owner() : at::DataPtr();
-  for (const auto& [name, span] : records_) {  // in the order small_sizes was built
-    if (name.rfind("data/", 0) != 0) continue;
-    auto data = span.size < kSharedRecord ? block->take(span.size) : storage_memory(span.size);
-    const void* address = data.get();
-    jobs.push_back({span, const_cast<void*>(address)});
-    storages[name.substr(5)] = {std::move(data), address, span};
-  }
-  std::vector<const RecordSpan*> spans;
-  for (const auto& job : jobs) spans.push_back(&job.span);
-  std::sort(spans.begin(), spans.end(), [](auto* a, auto* b) { return a->offset < b->offset; });
-  for (size_t i = 1; i < spans.size(); ++i) {
-    if (spans[i - 1]->offset + spans[i - 1]->size > spans[i]->offset) throw damaged("two records overlap");
+  for (auto& stretch : stretches) {
+    const uint64_t begin = order[stretch.first].span.local, end = order[stretch.last].bound;
+    stretch.block = SharedBlock::create(end - begin);
+    jobs.push_back({RecordSpan{begin, end - begin}, stretch.block.get()});
   }
   uint32_t computed = read_once(reader_, jobs, trailer_.covered);
   if (computed != trailer_.checksum) throw damaged(checksum_mismatch(trailer_.checksum, computed).reason);
   verified_ = true;
+  for (auto& stretch : stretches) {
+    const uint64_t begin = order[stretch.first].span.local;
+    auto* bytes = static_cast<const unsigned char*>(stretch.block.get());
+    for (size_t i = stretch.first; i <= stretch.last; ++i) {
+      auto& record = order[i];
+      if (record.bound - record.span.local < kLocalHeaderSize) {
+        throw damaged(fmt::format("record {} overlaps the next one", *record.name));
+      }
+      resolve_offset(reader_, *record.name, record.span, bytes + (record.span.local - begin));
+      check_within_bound(record);
+      auto data = SharedBlock::of(stretch.block).share(record.span.offset - begin);
+      const void* address = data.get();
+      storages[record.name->substr(5)] = {std::move(data), address, record.span};
+    }
+  }
 
   // The bytes of record "data/<key>": moved out the first time, copied after that.
   auto take = [&](const std::string& key) -> std::pair<at::DataPtr, RecordSpan> {

@@ -39,6 +39,8 @@ class CheckpointFile {
   /// Compares the checksum of a checksummed file with its content, once; throws
   /// CheckpointError when they differ.
   void verify() const;
+  /// The records by name. A checksummed file's offsets are resolved only while
+  /// read_all reads it: use their names and sizes.
   const std::map<std::string, RecordSpan>& records() const { return records_; }
   /// A LibTorch module archive: torch::save(module), torchfit 0.1 full checkpoints, TorchScript.
   bool is_module_archive() const { return records_.count("constants.pkl") > 0; }
@@ -68,6 +70,7 @@ class CheckpointFile {
   bool checksummed_ = false;
   mutable bool verified_ = false;
   std::map<std::string, RecordSpan> records_;
+  uint64_t directory_offset_ = 0;
   std::map<uint64_t, std::string> names_;  // record name by data offset, for messages
 };
 

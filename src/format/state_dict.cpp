@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <unordered_map>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -133,17 +134,25 @@ TensorMap select_weights(const c10::IValue& value, const std::string& path, cons
 TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weights, const std::string& path) {
   TensorMap expected = module_tensors(module);  // for copy_weights and install_weights
   std::vector<std::string> missing, unexpected, mismatched;
-  for (const auto& [name, target] : expected) {
-    auto it = weights.find(name);
-    if (it == weights.end()) {
-      missing.push_back(fmt::format("'{}' ({})", name, describe(target)));
-    } else if (it->second.sizes() != target.sizes() || it->second.scalar_type() != target.scalar_type()) {
-      mismatched.push_back(fmt::format("'{}' has {} in the checkpoint but {} in the model", name,
-                                       describe(it->second), describe(target)));
+  // Both maps are sorted by name: one pass over them side by side.
+  auto target = expected.begin();
+  auto source = weights.begin();
+  while (target != expected.end() || source != weights.end()) {
+    if (source == weights.end() || (target != expected.end() && target->first < source->first)) {
+      missing.push_back(fmt::format("'{}' ({})", target->first, describe(target->second)));
+      ++target;
+    } else if (target == expected.end() || source->first < target->first) {
+      unexpected.push_back(fmt::format("'{}' ({})", source->first, describe(source->second)));
+      ++source;
+    } else {
+      if (source->second.sizes() != target->second.sizes() ||
+          source->second.scalar_type() != target->second.scalar_type()) {
+        mismatched.push_back(fmt::format("'{}' has {} in the checkpoint but {} in the model", target->first,
+                                         describe(source->second), describe(target->second)));
+      }
+      ++target;
+      ++source;
     }
-  }
-  for (const auto& [name, source] : weights) {
-    if (!expected.count(name)) unexpected.push_back(fmt::format("'{}' ({})", name, describe(source)));
   }
   if (missing.empty() && unexpected.empty() && mismatched.empty()) return expected;
   std::vector<std::string> problems;
@@ -156,17 +165,34 @@ TensorMap check_weights(const torch::nn::Module& module, const TensorMap& weight
       fmt::format("Checkpoint {} does not match the model: {}", path, fmt::join(problems, "; ")));
 }
 
+namespace {
+
+/// Calls `assign(target, source)` for each target and the weight of its name
+/// (check_weights made both maps hold the same names, in the same order).
+template <typename Assign>
+void for_each_pair(TensorMap& targets, const TensorMap& weights, Assign&& assign) {
+  auto source = weights.begin();
+  for (auto& [name, target] : targets) {
+    if (source == weights.end() || source->first != name) source = weights.find(name);
+    if (source == weights.end()) throw Error(fmt::format("no weight named '{}' to assign", name));
+    assign(target, source->second);
+    ++source;
+  }
+}
+
+}  // namespace
+
 void copy_weights(TensorMap& targets, const TensorMap& weights) {
   at::NoGradGuard no_grad;
-  for (auto& [name, target] : targets) target.copy_(weights.at(name));
+  for_each_pair(targets, weights, [](at::Tensor& target, const at::Tensor& source) { target.copy_(source); });
 }
 
 void install_weights(TensorMap& targets, const TensorMap& weights) {
   at::NoGradGuard no_grad;
-  std::map<const void*, int> storage_users;
+  std::unordered_map<const void*, int> storage_users;
+  storage_users.reserve(weights.size());
   for (const auto& [name, source] : weights) storage_users[source.storage().unsafeGetStorageImpl()]++;
-  auto install = [&](const std::string& name, at::Tensor& target) {
-    const auto& source = weights.at(name);
+  for_each_pair(targets, weights, [&](at::Tensor& target, const at::Tensor& source) {
     // Swapping storages costs no copy; it is only safe when neither side shares its storage.
     bool swap = target.device() == source.device() && target.is_contiguous() && source.is_contiguous() &&
                 source.storage_offset() == 0 && source.storage().nbytes() == source.nbytes() &&
@@ -178,8 +204,7 @@ void install_weights(TensorMap& targets, const TensorMap& weights) {
       target.copy_(source);
     }
     target.unsafeGetTensorImpl()->bump_version();
-  };
-  for (auto& [name, target] : targets) install(name, target);
+  });
 }
 
 void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit) {

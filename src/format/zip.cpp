@@ -33,7 +33,6 @@ constexpr uint32_t kCentralHeaderSig = 0x02014b50;
 constexpr uint32_t kEndSig = 0x06054b50;
 constexpr uint32_t kDescriptorSig = 0x08074b50;
 constexpr size_t kEndSize = 22;
-constexpr size_t kLocalHeaderSize = 30;
 constexpr size_t kAlignment = 64;  // as PyTorch, so tensors can be mapped in place
 constexpr size_t kChunk = 4 << 20;
 // "torchfit-crc32:" + 8 hex digits: the CRC32 of every byte before the comment.
@@ -490,7 +489,7 @@ uint64_t find_end_record(const FileReader& file, const std::string& tail, uint64
 
 }  // namespace
 
-std::map<std::string, RecordSpan> list_records(const FileReader& file) {
+ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
   const uint64_t size = file.size();
   auto damaged = [&](const std::string& what) {
     return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), what));
@@ -526,7 +525,6 @@ std::map<std::string, RecordSpan> list_records(const FileReader& file) {
   auto* bytes = reinterpret_cast<const unsigned char*>(directory.data());
   struct Entry {
     std::string name;
-    uint64_t local;
     RecordSpan span;  // offset still unknown: it depends on the local header
   };
   std::vector<Entry> entries;
@@ -570,41 +568,62 @@ std::map<std::string, RecordSpan> list_records(const FileReader& file) {
     if (method == 0 && uncompressed != record_size) {
       throw damaged(fmt::format("record {} is stored but its sizes differ ({} and {})", name, record_size, uncompressed));
     }
-    entries.push_back({std::move(name), local, {0, record_size, crc, method, uncompressed}});
+    entries.push_back({std::move(name), {0, record_size, crc, method, uncompressed, local}});
     at += kCentralHeaderSize + name_size + extra_size + comment_size;
   }
-  // Local headers close to each other are read together: one read for many
-  // small records instead of one per record.
-  constexpr uint64_t kHeaderWindow = 256 << 10;
-  std::vector<Entry*> by_offset;
-  for (auto& entry : entries) by_offset.push_back(&entry);
-  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->local < b->local; });
-  std::vector<char> window;
-  for (size_t first = 0; first < by_offset.size();) {
-    const uint64_t begin = by_offset[first]->local;
-    size_t last = first;
-    while (last + 1 < by_offset.size() && by_offset[last + 1]->local + kLocalHeaderSize - begin <= kHeaderWindow) ++last;
-    window.resize(by_offset[last]->local + kLocalHeaderSize - begin);
-    file.read_at(begin, window.data(), window.size());
-    for (size_t k = first; k <= last; ++k) {
-      Entry& entry = *by_offset[k];
-      auto* lh = reinterpret_cast<const unsigned char*>(window.data() + (entry.local - begin));
-      if (get32(lh) != kLocalHeaderSig) throw damaged(fmt::format("record {} has no local header", entry.name));
-      const uint64_t data = entry.local + kLocalHeaderSize + get16(lh + 26) + get16(lh + 28);
-      if (data > size || entry.span.size > size - data) {
-        throw damaged(fmt::format("record {} ({} bytes at {}) runs past the end of the file", entry.name,
-                                  entry.span.size, data));
+  ZipDirectory out;
+  out.directory_offset = directory_offset;
+  if (read_local_headers) {
+    // Local headers close to each other are read together: one read for many
+    // small records instead of one per record.
+    constexpr uint64_t kHeaderWindow = 256 << 10;
+    std::vector<Entry*> by_offset;
+    for (auto& entry : entries) by_offset.push_back(&entry);
+    std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->span.local < b->span.local; });
+    std::vector<char> window;
+    for (size_t first = 0; first < by_offset.size();) {
+      const uint64_t begin = by_offset[first]->span.local;
+      size_t last = first;
+      while (last + 1 < by_offset.size() && by_offset[last + 1]->span.local + kLocalHeaderSize - begin <= kHeaderWindow) {
+        ++last;
       }
-      entry.span.offset = data;
+      window.resize(by_offset[last]->span.local + kLocalHeaderSize - begin);
+      file.read_at(begin, window.data(), window.size());
+      for (size_t k = first; k <= last; ++k) {
+        Entry& entry = *by_offset[k];
+        resolve_offset(file, entry.name, entry.span,
+                       reinterpret_cast<const unsigned char*>(window.data() + (entry.span.local - begin)));
+      }
+      first = last + 1;
     }
-    first = last + 1;
   }
-  std::map<std::string, RecordSpan> records;
   for (auto& entry : entries) {
     auto slash = entry.name.find('/');
-    records[slash == std::string::npos ? entry.name : entry.name.substr(slash + 1)] = entry.span;
+    out.records[slash == std::string::npos ? entry.name : entry.name.substr(slash + 1)] = entry.span;
   }
-  return records;
+  return out;
+}
+
+std::map<std::string, RecordSpan> list_records(const FileReader& file) {
+  return read_directory(file, /*read_local_headers=*/true).records;
+}
+
+void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span, const unsigned char* header) {
+  if (get32(header) != kLocalHeaderSig) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} has no local header", file.path(), name));
+  }
+  const uint64_t data = span.local + kLocalHeaderSize + get16(header + 26) + get16(header + 28);
+  if (data > file.size() || span.size > file.size() - data) {
+    throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} ({} bytes at {}) runs past the end of the file",
+                                      file.path(), name, span.size, data));
+  }
+  span.offset = data;
+}
+
+void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span) {
+  unsigned char header[kLocalHeaderSize];
+  file.read_at(span.local, header, sizeof header);
+  resolve_offset(file, name, span, header);
 }
 
 void check_record(const FileReader& file, const std::string& name, const RecordSpan& span) {

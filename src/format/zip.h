@@ -19,6 +19,8 @@ class ByteSink;
 /// page-aligned buffer can go to the disk without the page cache (O_DIRECT).
 inline constexpr size_t kPageAlignedRecord = 1 << 20;
 inline constexpr size_t kPageSize = 4096;
+/// The fixed part of a zip local header; its name and extra field follow.
+inline constexpr size_t kLocalHeaderSize = 30;
 
 /// CRC32s of buffers whose bytes did not change since the CRC was computed, so
 /// ZipWriter need not read them again (the snapshot buffers of frozen tensors).
@@ -137,11 +139,29 @@ struct RecordSpan {
   uint32_t crc = 0;
   uint16_t method = 0;             // 0 stored; 8 deflate (LibTorch compresses TorchScript code)
   uint64_t uncompressed_size = 0;  // for deflated records
+  uint64_t local = 0;              // where its local header starts
 };
 
-/// The records of any zip whose records are stored or deflated, zip64 included, by
-/// name without the archive prefix. Every offset and size is checked against the
-/// file's size; throws CheckpointError naming the path and the damage.
+/// A zip's records, by name without the archive prefix, and where its central
+/// directory starts (every record ends before it).
+struct ZipDirectory {
+  std::map<std::string, RecordSpan> records;
+  uint64_t directory_offset = 0;
+};
+
+/// Reads the zip directory of any zip whose records are stored or deflated, zip64
+/// included; every offset and size is checked against the file's size. Without
+/// `read_local_headers` each record's `offset` stays 0 until `resolve_offset`
+/// (one read fewer per record, for callers that read the headers anyway). Throws
+/// CheckpointError naming the path and the damage.
+ZipDirectory read_directory(const FileReader& file, bool read_local_headers);
+
+/// Sets `span.offset` from the record's local header: `header` holds the
+/// kLocalHeaderSize bytes at `span.local`, or, without it, they are read.
+void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span, const unsigned char* header);
+void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span);
+
+/// read_directory's records, with their offsets.
 std::map<std::string, RecordSpan> list_records(const FileReader& file);
 
 /// Throws CheckpointError unless `data` (record `name` of `file`) matches the
