@@ -620,15 +620,30 @@ TEST(LibTorchPickleTest, ReadsNestedStateAsLibTorchDoes) {
   expect_fast_read_matches_libtorch(state);
 }
 
+/// The bytes of a string literal, embedded NULs included.
+template <size_t N>
+std::string raw_pickle(const char (&bytes)[N]) {
+  return std::string(bytes, N - 1);
+}
+
 TEST(LibTorchPickleTest, LeavesEverythingElseToLibTorch) {
   Pickled pickled(c10::IValue(at::ones({4})));
   const std::string& bytes = pickled.bytes;
   EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(bytes.substr(0, bytes.size() - 1))) << "cut short";
   EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x03") + bytes.substr(2))) << "protocol 3";
-  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x02" "cbuiltins\nset\n)R.", 18))) << "other global";
-  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x02" "K\x01" "K\x02.", 7))) << "two values left";
-  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x02" "h\x05.", 5))) << "memo never set";
-  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(std::string("\x80\x02" "u.", 4))) << "SETITEMS without a mark";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(raw_pickle("\x80\x02" "cbuiltins\nset\n)R."))) << "other global";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(raw_pickle("\x80\x02" "K\x01" "K\x02."))) << "two values left";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(raw_pickle("\x80\x02" "h\x05."))) << "memo never set";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(raw_pickle("\x80\x02" "u."))) << "SETITEMS without a mark";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(raw_pickle("\x80\x02" "}(NK\x01u."))) << "None as a key";
+  EXPECT_FALSE(torchfit::detail::read_libtorch_pickle(raw_pickle("\x80\x02" "K\x01q\x05."))) << "memo id skipped";
+  // The same shapes done right are read.
+  auto dict = torchfit::detail::read_libtorch_pickle(raw_pickle("\x80\x02" "}(X\x01\x00\x00\x00" "aK\x01u."));
+  ASSERT_TRUE(dict);
+  EXPECT_EQ(dict->value.toGenericDict().at("a").toInt(), 1);
+  auto memo = torchfit::detail::read_libtorch_pickle(raw_pickle("\x80\x02" "K\x07q\x00h\x00\x86."));
+  ASSERT_TRUE(memo);
+  EXPECT_EQ(memo->value.toTupleRef().elements().at(1).toInt(), 7);
   EXPECT_FALSE(torchfit::detail::read_libtorch_pickle("")) << "empty";
 }
 

@@ -157,10 +157,17 @@ class Reader {
     if (target.callable != Callable::None || !target.value.isGenericDict()) return false;
     auto dict = target.value.toGenericDict();
     for (size_t i = *mark; i < stack_.size(); i += 2) {
+      if (!dict_key(stack_[i].value)) return false;
+    }
+    for (size_t i = *mark; i < stack_.size(); i += 2) {
       dict.insert_or_assign(std::move(stack_[i].value), std::move(stack_[i + 1].value));
     }
     stack_.resize(*mark);
     return true;
+  }
+  /// The keys LibTorch's dicts may have.
+  static bool dict_key(const c10::IValue& key) {
+    return key.isString() || key.isInt() || key.isDouble() || key.isBool() || key.isTensor();
   }
   bool append_items() {
     auto mark = pop_mark();
@@ -176,8 +183,8 @@ class Reader {
   template <typename T>
   bool memo_put() {
     T id{};
-    // LibTorch numbers memo entries from 0 up; a far larger id is not its pickle.
-    if (!read(id) || stack_.empty() || id > memo_.size() + 1024) return false;
+    // LibTorch numbers memo entries from 0 up, one at a time.
+    if (!read(id) || stack_.empty() || id > memo_.size()) return false;
     if (id >= memo_.size()) memo_.resize(static_cast<size_t>(id) + 1);
     memo_[id] = stack_.back();
     return true;
@@ -347,6 +354,12 @@ class Reader {
 
 }  // namespace
 
-std::optional<LibTorchPickle> read_libtorch_pickle(std::string_view pickle) { return Reader(pickle).run(); }
+std::optional<LibTorchPickle> read_libtorch_pickle(std::string_view pickle) {
+  try {
+    return Reader(pickle).run();
+  } catch (const c10::Error&) {  // whatever LibTorch refuses, its Unpickler will say best
+    return std::nullopt;
+  }
+}
 
 }  // namespace torchfit::detail
