@@ -1,8 +1,14 @@
 // Data-parallel fit with 2 processes on loopback (c10d Gloo).
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <thread>
 
@@ -100,7 +106,20 @@ bool wait_for(const std::string& file) {
   return fs::exists(file);
 }
 
-int free_port() { return 20000 + static_cast<int>(::getpid() % 20000); }
+/// A port nothing listens on, chosen by the kernel: ctest runs tests side by side,
+/// and ports derived from pids collided.
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof address;
+  bool ok = fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0 &&
+            ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
+  if (fd >= 0) ::close(fd);
+  if (!ok) throw std::runtime_error(std::string("no free port: ") + std::strerror(errno));
+  return ntohs(address.sin_port);
+}
 
 TEST_F(DistributedTest, TwoRanksAgreeWithEachOtherAndWithOneProcess) {
   fs::create_directories(dir());
@@ -135,7 +154,7 @@ TEST_F(DistributedTest, TwoRanksAgreeWithEachOtherAndWithOneProcess) {
 TEST_F(DistributedTest, TwoRanksTrainAndValidateOnLoaders) {
   fs::create_directories(dir());
   int status = 0;
-  for (auto pid : spawn_ranks(dir().string(), free_port() + 6, false, {"TORCHFIT_DIST_LOADERS=1"})) {
+  for (auto pid : spawn_ranks(dir().string(), free_port(), false, {"TORCHFIT_DIST_LOADERS=1"})) {
     waitpid(pid, &status, 0);
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
         << "status " << status << " " << read_file(path("error0.txt")) << read_file(path("error1.txt"));
@@ -154,7 +173,7 @@ TEST_F(DistributedTest, TwoRanksTrainAndValidateOnLoaders) {
 
 TEST_F(DistributedTest, AFailedBackgroundSaveOfRankZeroIsRaisedOnBothRanks) {
   fs::create_directories(dir());
-  auto pids = spawn_ranks(dir().string(), free_port() + 5, false, {"TORCHFIT_DIST_FAIL=1"});
+  auto pids = spawn_ranks(dir().string(), free_port(), false, {"TORCHFIT_DIST_FAIL=1"});
   for (auto pid : pids) {
     int status = 0;
     waitpid(pid, &status, 0);
@@ -170,7 +189,7 @@ TEST_F(DistributedTest, AFailedBackgroundSaveOfRankZeroIsRaisedOnBothRanks) {
 
 TEST_F(DistributedTest, KillingOneRankFailsTheOtherWithinTheTimeout) {
   fs::create_directories(dir());
-  auto pids = spawn_ranks(dir().string(), free_port() + 1, true, {"TORCHFIT_DIST_EPOCHS=1000"});
+  auto pids = spawn_ranks(dir().string(), free_port(), true, {"TORCHFIT_DIST_EPOCHS=1000"});
   EXPECT_TRUE(wait_for(path("e1.pt")));
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   ::kill(pids[1], SIGKILL);
@@ -202,10 +221,10 @@ TEST_F(DistributedTest, ResumeAfterAKillContinuesFromTheLastBackupOnBothRanks) {
   fs::create_directories(reference);
   fs::create_directories(killed);
   std::vector<int> statuses;
-  wait_all(spawn_ranks(reference, free_port() + 2, false, run), &statuses);
+  wait_all(spawn_ranks(reference, free_port(), false, run), &statuses);
   ASSERT_EQ(statuses, (std::vector<int>{0, 0})) << read_file(reference + "/error0.txt");
 
-  auto pids = spawn_ranks(killed, free_port() + 3, true, run);  // about 1.5 s of training
+  auto pids = spawn_ranks(killed, free_port(), true, run);  // about 1.5 s of training
   EXPECT_TRUE(wait_for(killed + "/backup/backup.pt"));
   std::this_thread::sleep_for(std::chrono::milliseconds(300));  // a few more batches, mid-epoch
   ::kill(pids[1], SIGKILL);
@@ -215,7 +234,7 @@ TEST_F(DistributedTest, ResumeAfterAKillContinuesFromTheLastBackupOnBothRanks) {
   fs::remove(killed + "/error0.txt");
 
   statuses.clear();
-  wait_all(spawn_ranks(killed, free_port() + 4, false, run), &statuses);
+  wait_all(spawn_ranks(killed, free_port(), false, run), &statuses);
   ASSERT_EQ(statuses, (std::vector<int>{0, 0})) << read_file(killed + "/error0.txt") << read_file(killed + "/error1.txt");
   for (int rank = 0; rank < 2; ++rank) {
     EXPECT_EQ(read_file(fmt::format("{}/restored{}.txt", killed, rank)), "1");
