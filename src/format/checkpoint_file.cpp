@@ -10,6 +10,7 @@
 #include <functional>
 #include <new>
 #include <stdexcept>
+#include <unordered_map>
 
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
@@ -222,7 +223,8 @@ c10::IValue CheckpointFile::read_all_once() const {
     const void* address;
     RecordSpan span;
   };
-  std::map<std::string, Storage> storages;
+  std::unordered_map<std::string, Storage> storages;
+  storages.reserve(order.size());
   for (size_t i = 0; i < order.size(); ++i) {
     auto& record = order[i];
     if (record.storage && record.span.size < kSharedRecord) {

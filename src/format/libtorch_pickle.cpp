@@ -92,8 +92,14 @@ class Reader {
       case 'h': return memo_get<uint8_t>();   // BINGET
       case 'j': return memo_get<uint32_t>();  // LONG_BINGET
       case 'c': return global();
-      case 'Q': return persistent_id();       // BINPERSID
-      case 'R': return reduce();
+      case 'Q': {  // BINPERSID
+        auto id = pop_value();
+        return id && id->isTuple() && persistent_id(id->toTupleRef().elements().asArrayRef());
+      }
+      case 'R': {  // REDUCE
+        auto args = pop_value();
+        return args && args->isTuple() && call(args->toTupleRef().elements().asArrayRef());
+      }
       default: return false;
     }
   }
@@ -146,7 +152,19 @@ class Reader {
   }
   bool tuple_from_mark() {
     auto mark = pop_mark();
-    return mark && tuple_of(*mark);
+    if (!mark) return false;
+    // The Pickler follows the tuples of a storage id and of a tensor's rebuild
+    // arguments with BINPERSID and REDUCE: those take the items off the stack
+    // without a tuple in between.
+    const char next = position_ < data_.size() ? data_[position_] : '\0';
+    if ((next == 'Q' || next == 'R') && values_from(*mark)) {
+      ++position_;
+      arguments_.clear();
+      for (size_t i = *mark; i < stack_.size(); ++i) arguments_.push_back(std::move(stack_[i].value));
+      stack_.resize(*mark);
+      return next == 'Q' ? persistent_id(arguments_) : call(arguments_);
+    }
+    return tuple_of(*mark);
   }
   bool tuple_of_last(size_t n) { return stack_.size() >= n && tuple_of(stack_.size() - n); }
 
@@ -230,10 +248,7 @@ class Reader {
 
   /// ('storage', dtype, key, location, numel): a 1-d tensor over a storage whose
   /// bytes are bound later. The location is ignored: everything is read to the CPU.
-  bool persistent_id() {
-    auto id = pop_value();
-    if (!id || !id->isTuple()) return false;
-    const auto items = id->toTupleRef().elements().asArrayRef();
+  bool persistent_id(c10::ArrayRef<c10::IValue> items) {
     if (items.size() != 5 || !items[0].isString() || items[0].toStringRef() != "storage" || !items[1].isInt() ||
         !items[2].isString() || !items[3].isString() || !items[4].isInt()) {
       return false;
@@ -271,12 +286,11 @@ class Reader {
     return true;
   }
 
-  bool reduce() {
-    auto args = pop_value();
-    if (!args || !args->isTuple() || stack_.empty()) return false;
+  /// Calls the callable on the stack with `items`.
+  bool call(c10::ArrayRef<c10::IValue> items) {
+    if (stack_.empty()) return false;
     const Callable callable = stack_.back().callable;
     stack_.pop_back();
-    const auto items = args->toTupleRef().elements().asArrayRef();
     switch (callable) {
       case Callable::OrderedDict:  // only ever the empty backward hooks, which LibTorch reads as None
         return items.empty() && push(c10::IValue());
@@ -350,6 +364,7 @@ class Reader {
   std::vector<UnboundStorage> storages_;
   std::unordered_map<std::string, c10::TypePtr> types_;
   std::vector<int64_t> sizes_, strides_;
+  std::vector<c10::IValue> arguments_;  // of the BINPERSID or REDUCE after a tuple
 };
 
 }  // namespace

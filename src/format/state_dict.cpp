@@ -18,8 +18,13 @@ namespace {
 /// The module's parameters and buffers by name: its own tensors, not detached aliases.
 TensorMap module_tensors(const torch::nn::Module& module) {
   TensorMap out;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) out[item.key()] = item.value();
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) out[item.key()] = item.value();
+  // Hinted at the end: names often come sorted, and each insertion is then O(1).
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    out.insert_or_assign(out.end(), item.key(), item.value());
+  }
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+    out.insert_or_assign(out.end(), item.key(), item.value());
+  }
   return out;
 }
 
@@ -91,7 +96,7 @@ TensorMap weights_from_ivalue(const c10::IValue& value, const std::string& path)
         list_names(keys_of(dict)), odd, hint));
   }
   TensorMap out;
-  for (const auto& entry : dict) out[entry.key().toStringRef()] = entry.value().toTensor();
+  for (const auto& entry : dict) out.insert_or_assign(out.end(), entry.key().toStringRef(), entry.value().toTensor());
   return out;
 }
 
