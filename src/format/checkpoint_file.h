@@ -5,7 +5,8 @@
 //
 // Files torchfit wrote carry a checksum of their whole content; it is checked
 // before anything is parsed (while everything is read, in one pass, when the
-// whole file is wanted), and only such files reach LibTorch's unpickler.
+// whole file is wanted), and only such files are parsed as LibTorch's pickles
+// (by read_libtorch_pickle, or LibTorch's unpickler for what that leaves).
 // Files of other tools are parsed by our own unpickler, and the zip CRC32 of every
 // record is checked as it is read; their module archives reach LibTorch's
 // importer only after all their records were checked.
@@ -53,8 +54,9 @@ class CheckpointFile {
   /// their zip CRC32s.
   void read(const std::vector<ReadJob>& jobs) const;
   /// The whole object with every storage read. A checksummed file is read in one
-  /// pass: every byte once, into fresh storages, checksummed as it arrives, and
-  /// parsed only once the checksum matched.
+  /// pass: every byte once, into fresh storages (small records in shared
+  /// stretches, local headers included), checksummed as it arrives, and parsed
+  /// only once the checksum matched.
   c10::IValue read_all() const;
   /// What torchfit::load reads: read_all() of a file torchfit wrote. Other files are
   /// refused, saying what they are and what reads them.
