@@ -225,6 +225,10 @@ c10::IValue CheckpointFile::read_all_once() const {
   };
   std::unordered_map<std::string, Storage> storages;
   storages.reserve(order.size());
+  auto keep = [&](const Record& record, at::DataPtr data) {  // "data/<key>" becomes storage <key>
+    const void* address = data.get();
+    storages[record.name->substr(5)] = {std::move(data), address, record.span};
+  };
   for (size_t i = 0; i < order.size(); ++i) {
     auto& record = order[i];
     if (record.storage && record.span.size < kSharedRecord) {
@@ -239,9 +243,8 @@ c10::IValue CheckpointFile::read_all_once() const {
       jobs.push_back({record.span, pickle.data()});
     } else if (record.storage) {
       auto data = storage_memory(record.span.size);
-      const void* address = data.get();
       jobs.push_back({record.span, data.get()});
-      storages[record.name->substr(5)] = {std::move(data), address, record.span};
+      keep(record, std::move(data));
     }
   }
   for (auto& stretch : stretches) {
@@ -262,9 +265,7 @@ c10::IValue CheckpointFile::read_all_once() const {
       }
       resolve_offset(reader_, *record.name, record.span, bytes + (record.span.local - begin));
       check_within_bound(record);
-      auto data = SharedBlock::of(stretch.block).share(record.span.offset - begin);
-      const void* address = data.get();
-      storages[record.name->substr(5)] = {std::move(data), address, record.span};
+      keep(record, SharedBlock::of(stretch.block).share(record.span.offset - begin));
     }
   }
 

@@ -604,10 +604,6 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
   return out;
 }
 
-std::map<std::string, RecordSpan> list_records(const FileReader& file) {
-  return read_directory(file, /*read_local_headers=*/true).records;
-}
-
 void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span, const unsigned char* header) {
   if (get32(header) != kLocalHeaderSig) {
     throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} has no local header", file.path(), name));

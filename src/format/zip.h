@@ -161,9 +161,6 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers);
 void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span, const unsigned char* header);
 void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span);
 
-/// read_directory's records, with their offsets.
-std::map<std::string, RecordSpan> list_records(const FileReader& file);
-
 /// Throws CheckpointError unless `data` (record `name` of `file`) matches the
 /// CRC32 the zip directory gives for it.
 void check_record_crc(const FileReader& file, const std::string& name, const RecordSpan& span, const void* data);
