@@ -459,9 +459,6 @@ TEST_F(SerializeTest, ZipWriterTrustsAndFillsKnownCrcsOfRegisteredBuffersOnly) {
   EXPECT_FALSE(verify_checkpoint(path("second.zip")).ok);
 }
 
-}  // namespace
-}  // namespace torchfit::test
-
 // ---- The fast reader of LibTorch's pickles (format/libtorch_pickle.h)
 
 /// A pickle as LibTorch's Pickler writes it into every torchfit file, with the
@@ -661,3 +658,55 @@ TEST(LibTorchPickleTest, RefusesATensorPastItsStorage) {
     EXPECT_NE(std::string(e.what()).find("reaches element 3 of a storage of 3"), std::string::npos) << e.what();
   }
 }
+
+// ---- Checksummed files whose structure is broken under a valid checksum
+
+/// Re-seals `bytes` (a torchfit file) with the checksum of its new content, as a
+/// hostile writer could.
+void reseal(std::string& bytes) {
+  const size_t covered = bytes.size() - 8;
+  const size_t before_comment = covered - std::strlen("torchfit-crc32:");
+  uint32_t crc = 0xffffffffu;
+  for (size_t i = 0; i < before_comment; ++i) {
+    crc ^= static_cast<unsigned char>(bytes[i]);
+    for (int bit = 0; bit < 8; ++bit) crc = (crc >> 1) ^ (0xedb88320u & (0u - (crc & 1)));
+  }
+  bytes.replace(covered, 8, fmt::format("{:08x}", ~crc));
+}
+
+/// Points the zip directory entry of `moved` at the local header of `target`.
+void share_local_header(std::string& bytes, const std::string& moved, const std::string& target) {
+  auto local_of = [&](const std::string& name) -> size_t {
+    const std::string central("PK\x01\x02", 4);
+    for (size_t at = bytes.find(central); at != std::string::npos; at = bytes.find(central, at + 1)) {
+      uint16_t name_size = 0;
+      std::memcpy(&name_size, &bytes[at + 28], 2);
+      if (bytes.compare(at + 46, name_size, name) == 0) return at + 42;
+    }
+    ADD_FAILURE() << "no directory entry " << name;
+    return 0;
+  };
+  std::memcpy(&bytes[local_of(moved)], &bytes[local_of(target)], 4);
+  reseal(bytes);
+}
+
+TEST_F(SerializeTest, RecordsSharingALocalHeaderUnderAValidChecksumAreRefused) {
+  // 4 KiB tensors are read in one stretch with their headers, 256 KiB ones one by one.
+  for (int64_t numel : {1024, 65536}) {
+    torch::nn::Linear model(numel, 1);
+    save_weights(*model, path("shared.pt"));
+    auto bytes = read_bytes(path("shared.pt"));
+    share_local_header(bytes, "archive/data/1", "archive/data/0");
+    write_bytes(path("shared.pt"), bytes);
+    ASSERT_TRUE(verify_checkpoint(path("shared.pt")).ok) << "the checksum must still match";
+
+    torch::nn::Linear target(numel, 1);
+    auto before = target->weight.clone();
+    expect_error([&] { load_weights(*target, path("shared.pt")); },
+                 {path("shared.pt"), "is damaged", "overlaps the next one"});
+    EXPECT_TRUE(target->weight.equal(before)) << numel;
+  }
+}
+
+}  // namespace
+}  // namespace torchfit::test
