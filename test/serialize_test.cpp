@@ -197,6 +197,33 @@ TEST_F(SerializeTest, MismatchedArchitectureNamesTheKey) {
   expect_error([&] { load_weights(*doubles, path("wide.pt")); }, {"dtype Float", "dtype Double"});
 }
 
+TEST_F(SerializeTest, ADamagedFileIsReportedBeforeAMismatchWithTheModel) {
+  // The model is matched while the file is still read; the checksum speaks first.
+  auto wide = torch::nn::Sequential(torch::nn::Linear(3, 7));
+  save_weights(*wide, path("wide.pt"));
+  uint64_t tensor_at = 0;
+  {
+    detail::FileReader file(path("wide.pt"));
+    tensor_at = detail::read_directory(file, /*read_local_headers=*/true).records.at("data/0").offset;
+  }
+  auto bytes = read_bytes(path("wide.pt"));
+  bytes[tensor_at] ^= 0x01;  // a tensor's byte: the pickle still parses
+  write_bytes(path("wide.pt"), bytes);
+  auto narrow = torch::nn::Sequential(torch::nn::Linear(3, 5));
+  for (auto* model : {&wide, &narrow}) {
+    auto before = state_dict(**model);
+    try {
+      load_weights(**model, path("wide.pt"));
+      FAIL() << "expected CheckpointError";
+    } catch (const CheckpointError& e) {
+      EXPECT_NE(std::string(e.what()).find(path("wide.pt") + " is damaged: checksum mismatch"), std::string::npos)
+          << e.what();
+      EXPECT_EQ(std::string(e.what()).find("does not match"), std::string::npos) << e.what();
+    }
+    for (const auto& [name, tensor] : state_dict(**model)) EXPECT_TRUE(torch::equal(tensor, before.at(name))) << name;
+  }
+}
+
 TEST_F(SerializeTest, FullCheckpointRestoresOptimizerState) {
   auto data = make_data();
   auto model = Mlp();
@@ -300,6 +327,40 @@ TEST_F(SerializeTest, PythonStateDictLoadsInCpp) {
   load_weights(*model, path("python.pt"));
   EXPECT_EQ(bits_of(state_dict(*model)), read_bytes(path("expected.txt")));
   EXPECT_EQ(state_dict(*model).at("bn.num_batches_tracked").item<int64_t>(), 1);
+}
+
+TEST_F(SerializeTest, OneTensorUnderTwoNamesLoadsIntoIndependentParameters) {
+  // A file may hold one tensor under two names; the two parameters it loads
+  // into must not end up sharing memory.
+  struct Pair : torch::nn::Module {
+    at::Tensor first = register_parameter("first", torch::zeros({1024}));
+    at::Tensor second = register_parameter("second", torch::zeros({1024}));
+  };
+  c10::impl::GenericDict weights(c10::StringType::get(), c10::TensorType::get());
+  auto values = torch::arange(1024, torch::kFloat);
+  weights.insert("first", values);
+  weights.insert("second", values);
+  FileCheckpointIO().save(weights, path("twice.pt"));  // two tensors sharing one storage
+  std::vector<std::string> files = {path("twice.pt")};
+  if (have_python_torch()) {  // Python's pickle memoizes: one tensor object under both names
+    write_bytes(path("make.py"), fmt::format("import torch\nt = torch.arange(1024, dtype=torch.float32)\n"
+                                             "torch.save({{'first': t, 'second': t}}, '{}')\n",
+                                             path("python_twice.pt")));
+    ASSERT_EQ(std::system(fmt::format("/usr/bin/python3 {}", path("make.py")).c_str()), 0);
+    files.push_back(path("python_twice.pt"));
+  }
+  for (const auto& file : files) {
+    SCOPED_TRACE(file);
+    Pair model;
+    load_weights(model, file);
+    EXPECT_TRUE(model.first.equal(values));
+    EXPECT_TRUE(model.second.equal(values));
+    {
+      torch::NoGradGuard no_grad;
+      model.first.add_(1);
+    }
+    EXPECT_TRUE(model.second.equal(values)) << "writing one parameter changed the other";
+  }
 }
 
 TEST_F(SerializeTest, WeightsOnlyFileLoadsInPython) {

@@ -6,11 +6,12 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <functional>
 #include <new>
+#include <optional>
 #include <stdexcept>
-#include <unordered_map>
 
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
@@ -182,31 +183,43 @@ DeferredPickle CheckpointFile::unpickle() const {
   return out;
 }
 
-c10::IValue CheckpointFile::read_all_once() const {
+c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
   auto damaged = [&](const std::string& what) {
     return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(), what));
   };
   if (!records_.count("data.pkl")) throw damaged("it has no data.pkl record");
-  // Records in file order; each must end before the next one's local header, or
-  // before the directory for the last.
   struct Record {
     const std::string* name;
     RecordSpan span;
     uint64_t bound = 0;
     bool storage = false;
+    at::DataPtr data;  // a storage's bytes until a tensor takes them
+    const void* address = nullptr;
   };
-  std::vector<Record> order;
-  for (const auto& [name, span] : records_) order.push_back({&name, span, 0, name.rfind("data/", 0) == 0});
-  std::sort(order.begin(), order.end(), [](const Record& a, const Record& b) { return a.span.local < b.span.local; });
+  // By name, as records_ (storages are looked up by name), and in file order:
+  // each must end before the next one's local header, or before the directory
+  // for the last.
+  std::vector<Record> records;
+  records.reserve(records_.size());
+  for (const auto& [name, span] : records_) records.push_back({&name, span, 0, name.rfind("data/", 0) == 0, {}, nullptr});
+  std::vector<Record*> order;
+  order.reserve(records.size());
+  for (auto& record : records) order.push_back(&record);
+  std::sort(order.begin(), order.end(), [](const Record* a, const Record* b) { return a->span.local < b->span.local; });
   for (size_t i = 0; i < order.size(); ++i) {
-    order[i].bound = i + 1 < order.size() ? order[i + 1].span.local : directory_offset_;
-    if (order[i].bound > trailer_.covered) throw damaged(fmt::format("record {} runs into the checksum", *order[i].name));
-    if (order[i].storage && order[i].span.method != 0) throw damaged(fmt::format("record {} is compressed", *order[i].name));
+    auto& record = *order[i];
+    record.bound = i + 1 < order.size() ? order[i + 1]->span.local : directory_offset_;
+    if (record.bound > trailer_.covered) throw damaged(fmt::format("record {} runs into the checksum", *record.name));
+    if (record.storage && record.span.method != 0) throw damaged(fmt::format("record {} is compressed", *record.name));
   }
   auto check_within_bound = [&](const Record& record) {
     if (record.span.offset + record.span.size > record.bound) {
       throw damaged(fmt::format("record {} overlaps the next one", *record.name));
     }
+  };
+  auto keep = [](Record& record, at::DataPtr data) {
+    record.address = data.get();
+    record.data = std::move(data);
   };
 
   // Consecutive small storage records are read as one stretch of the file each,
@@ -218,19 +231,8 @@ c10::IValue CheckpointFile::read_all_once() const {
   std::vector<Stretch> stretches;
   std::string pickle;
   std::vector<ReadJob> jobs;
-  struct Storage {
-    at::DataPtr data;
-    const void* address;
-    RecordSpan span;
-  };
-  std::unordered_map<std::string, Storage> storages;
-  storages.reserve(order.size());
-  auto keep = [&](const Record& record, at::DataPtr data) {  // "data/<key>" becomes storage <key>
-    const void* address = data.get();
-    storages[record.name->substr(5)] = {std::move(data), address, record.span};
-  };
   for (size_t i = 0; i < order.size(); ++i) {
-    auto& record = order[i];
+    auto& record = *order[i];
     if (record.storage && record.span.size < kSharedRecord) {
       if (stretches.empty() || stretches.back().last + 1 != i) stretches.push_back({i, i, {}});
       stretches.back().last = i;
@@ -240,7 +242,8 @@ c10::IValue CheckpointFile::read_all_once() const {
     check_within_bound(record);
     if (*record.name == "data.pkl") {
       pickle.resize(record.span.size);
-      jobs.push_back({record.span, pickle.data()});
+      reader_.read_at(record.span.offset, pickle.data(), pickle.size());
+      jobs.push_back({record.span, pickle.data(), /*filled=*/true});
     } else if (record.storage) {
       auto data = storage_memory(record.span.size);
       jobs.push_back({record.span, data.get()});
@@ -248,18 +251,35 @@ c10::IValue CheckpointFile::read_all_once() const {
     }
   }
   for (auto& stretch : stretches) {
-    const uint64_t begin = order[stretch.first].span.local, end = order[stretch.last].bound;
+    const uint64_t begin = order[stretch.first]->span.local, end = order[stretch.last]->bound;
     stretch.block = SharedBlock::create(end - begin);
     jobs.push_back({RecordSpan{begin, end - begin}, stretch.block.get()});
   }
-  uint32_t computed = read_once(reader_, jobs, trailer_.covered);
+  // The pickle is parsed while the rest of the file is read and checksummed: for
+  // many small tensors the two take about as long. Its result counts only once
+  // the checksum matched, and its storages are bound only then.
+  uint32_t computed = 0;
+  std::optional<LibTorchPickle> fast;
+  std::exception_ptr parse_error;
+  // The parse stays on the calling thread, whose modes (inference mode) the tensors take.
+  run_pair(
+      [&] {
+        try {
+          fast = guard_read(path(), [&] { return read_libtorch_pickle(pickle); });
+          if (fast && inspect) inspect(fast->value);
+        } catch (...) {
+          parse_error = std::current_exception();
+        }
+      },
+      [&] { computed = read_once(reader_, jobs, trailer_.covered); });
   if (computed != trailer_.checksum) throw damaged(checksum_mismatch(trailer_.checksum, computed).reason);
+  if (parse_error) std::rethrow_exception(parse_error);
   verified_ = true;
   for (auto& stretch : stretches) {
-    const uint64_t begin = order[stretch.first].span.local;
+    const uint64_t begin = order[stretch.first]->span.local;
     auto* bytes = static_cast<const unsigned char*>(stretch.block.get());
     for (size_t i = stretch.first; i <= stretch.last; ++i) {
-      auto& record = order[i];
+      auto& record = *order[i];
       if (record.bound - record.span.local < kLocalHeaderSize) {
         throw damaged(fmt::format("record {} overlaps the next one", *record.name));
       }
@@ -270,16 +290,19 @@ c10::IValue CheckpointFile::read_all_once() const {
   }
 
   // The bytes of record "data/<key>": moved out the first time, copied after that.
+  std::string name;
   auto take = [&](const std::string& key) -> std::pair<at::DataPtr, RecordSpan> {
-    auto it = storages.find(key);
-    if (it == storages.end()) throw damaged(fmt::format("no record for storage {}", key));
-    auto& storage = it->second;
+    name.assign("data/").append(key);
+    auto it = std::lower_bound(records.begin(), records.end(), name,
+                               [](const Record& record, const std::string& name) { return *record.name < name; });
+    if (it == records.end() || *it->name != name) throw damaged(fmt::format("no record for storage {}", key));
+    auto& storage = *it;
     if (storage.data) return {std::move(storage.data), storage.span};
     auto copy = storage_memory(storage.span.size);
     if (storage.span.size > 0) std::memcpy(copy.get(), storage.address, storage.span.size);
     return {std::move(copy), storage.span};
   };
-  if (auto fast = guard_read(path(), [&] { return read_libtorch_pickle(pickle); })) {
+  if (fast) {
     for (auto& unbound : fast->storages) {
       if (unbound.storage.nbytes() == 0) continue;  // no bytes to read, as in LibTorch
       auto [data, span] = take(unbound.key);
@@ -299,13 +322,15 @@ c10::IValue CheckpointFile::read_all_once() const {
       },
       path());
   check_within_records(value, taken, path());
+  if (inspect) inspect(value);
   return value;
 }
 
-c10::IValue CheckpointFile::read_all() const {
-  if (checksummed_) return read_all_once();
+c10::IValue CheckpointFile::read_all(const Inspect& inspect) const {
+  if (checksummed_) return read_all_once(inspect);
   auto pickle = unpickle();
   check_within_records(pickle.value, pickle.spans, path());
+  if (inspect) inspect(pickle.value);
   std::vector<ReadJob> jobs;
   for (const auto& [data, span] : pickle.spans) jobs.push_back({span, const_cast<void*>(data)});
   read(jobs);

@@ -4,13 +4,14 @@
 // delete in between cannot change what is read.
 //
 // Files torchfit wrote carry a checksum of their whole content; it is checked
-// before anything is parsed (while everything is read, in one pass, when the
+// before anything parsed counts (while everything is read, in one pass, when the
 // whole file is wanted), and only such files are parsed as LibTorch's pickles
 // (by read_libtorch_pickle, or LibTorch's unpickler for what that leaves).
 // Files of other tools are parsed by our own unpickler, and the zip CRC32 of every
 // record is checked as it is read; their module archives reach LibTorch's
 // importer only after all their records were checked.
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -53,11 +54,16 @@ class CheckpointFile {
   /// Runs the reads (each a whole record) of a file without a checksum, checking
   /// their zip CRC32s.
   void read(const std::vector<ReadJob>& jobs) const;
+  /// Looks at the object before its storages hold their bytes (structure, names,
+  /// sizes and dtypes are there), on the calling thread. It must change nothing,
+  /// as the read may still fail after it.
+  using Inspect = std::function<void(const c10::IValue&)>;
   /// The whole object with every storage read. A checksummed file is read in one
   /// pass: every byte once, into fresh storages (small records in shared
-  /// stretches, local headers included), checksummed as it arrives, and parsed
-  /// only once the checksum matched.
-  c10::IValue read_all() const;
+  /// stretches, local headers included), checksummed as it arrives. Meanwhile
+  /// read_libtorch_pickle parses the pickle and `inspect` runs; their errors count
+  /// only once the checksum matched, and anything else is parsed only then.
+  c10::IValue read_all(const Inspect& inspect = {}) const;
   /// What torchfit::load reads: read_all() of a file torchfit wrote. Other files are
   /// refused, saying what they are and what reads them.
   c10::IValue read_torchfit() const;
@@ -66,7 +72,7 @@ class CheckpointFile {
 
  private:
   void check_all_records() const;
-  c10::IValue read_all_once() const;
+  c10::IValue read_all_once(const Inspect& inspect) const;
   FileReader reader_;
   Trailer trailer_;
   bool checksummed_ = false;

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cerrno>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <new>
 #include <thread>
@@ -58,9 +59,11 @@ uint32_t crc32_of(const void* data, size_t size, uint32_t crc = 0) {
   return libdeflate_crc32(crc, data, size);
 }
 
-/// Runs `first` here and `second` on a helper thread; rethrows either's error.
-template <typename First, typename Second>
-void run_pair(First&& first, Second&& second) {
+constexpr uint64_t kParallelThreshold = 4 * kChunk;
+
+}  // namespace
+
+void run_pair(const std::function<void()>& first, const std::function<void()>& second) {
   std::exception_ptr error;
   std::thread helper([&] {
     try {
@@ -78,10 +81,6 @@ void run_pair(First&& first, Second&& second) {
   helper.join();
   if (error) std::rethrow_exception(error);
 }
-
-constexpr uint64_t kParallelThreshold = 4 * kChunk;
-
-}  // namespace
 
 void ChecksumSink::pass_through(const char* data, size_t size) {
   if (size == 0) return;
@@ -419,30 +418,32 @@ namespace {
 
 /// read_once over bytes [begin, end), jobs sorted by offset.
 uint32_t read_range_once(const FileReader& file, const std::vector<ReadJob>& jobs, uint64_t begin, uint64_t end) {
+  // Large and filled jobs take their bytes in place; small ones are copied out of shared reads.
+  auto in_place = [](const ReadJob& job) { return job.filled || job.span.size >= kDirectRead; };
   std::vector<char> scratch;
   uint32_t crc = 0;
   size_t j = 0;
   for (uint64_t pos = begin; pos < end;) {
     while (j < jobs.size() && jobs[j].span.offset + jobs[j].span.size <= pos) ++j;
-    if (j < jobs.size() && jobs[j].span.size >= kDirectRead && jobs[j].span.offset <= pos) {
+    if (j < jobs.size() && in_place(jobs[j]) && jobs[j].span.offset <= pos) {
       const auto& job = jobs[j];
       uint64_t n = std::min({job.span.offset + job.span.size, end, pos + kReadChunk}) - pos;
       char* destination = static_cast<char*>(job.destination) + (pos - job.span.offset);
-      file.read_at(pos, destination, n);
+      if (!job.filled) file.read_at(pos, destination, n);
       crc = crc32_of(destination, n, crc);  // while the bytes are in cache
       pos += n;
       continue;
     }
     uint64_t stop = std::min(end, pos + kReadChunk);
     for (size_t k = j; k < jobs.size() && jobs[k].span.offset < stop; ++k) {
-      if (jobs[k].span.size >= kDirectRead) stop = std::max(pos + 1, std::min(stop, jobs[k].span.offset));
+      if (in_place(jobs[k])) stop = std::max(pos + 1, std::min(stop, jobs[k].span.offset));
     }
     scratch.resize(stop - pos);
     file.read_at(pos, scratch.data(), scratch.size());
     crc = crc32_of(scratch.data(), scratch.size(), crc);
     for (size_t k = j; k < jobs.size() && jobs[k].span.offset < stop; ++k) {
       const auto& job = jobs[k];
-      if (job.span.size >= kDirectRead) continue;
+      if (in_place(job)) continue;
       uint64_t from = std::max(pos, job.span.offset), to = std::min(stop, job.span.offset + job.span.size);
       if (from < to) {
         std::memcpy(static_cast<char*>(job.destination) + (from - job.span.offset), scratch.data() + (from - pos),
@@ -477,14 +478,14 @@ constexpr uint32_t kMax32 = 0xffffffff;
 
 uint64_t get64(const unsigned char* p) { return get32(p) | (static_cast<uint64_t>(get32(p + 4)) << 32); }
 
-/// Where the end-of-central-directory record starts: right before our checksum
-/// comment, at the very end, or (other writers' comments) searched backwards.
-uint64_t find_end_record(const FileReader& file, const std::string& tail, uint64_t tail_offset) {
+/// Where the end-of-central-directory record starts, searched backwards in the
+/// file's last bytes `tail` (at `tail_offset`): the one whose comment ends the file.
+std::optional<uint64_t> find_end_record(const std::string& tail, uint64_t tail_offset) {
   auto* t = reinterpret_cast<const unsigned char*>(tail.data());
   for (size_t at = tail.size() - kEndSize + 1; at-- > 0;) {
     if (get32(t + at) == kEndSig && at + kEndSize + get16(t + at + 20) == tail.size()) return tail_offset + at;
   }
-  throw CheckpointError(fmt::format("Checkpoint {} is damaged: no zip end-of-directory record", file.path()));
+  return std::nullopt;
 }
 
 }  // namespace
@@ -495,9 +496,18 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
     return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), what));
   };
   if (size < kEndSize) throw damaged(fmt::format("{} bytes are too few for a zip archive", size));
-  const uint64_t tail_size = std::min<uint64_t>(size, kEndSize + 0xffff);
-  const std::string tail = file.read_at(size - tail_size, tail_size);
-  const uint64_t end_offset = find_end_record(file, tail, size - tail_size);
+  // The end record sits in the last kEndSize bytes plus its comment (up to 64 KiB):
+  // a short tail first, which holds ours.
+  uint64_t tail_size = std::min<uint64_t>(size, 4096);
+  std::string tail = file.read_at(size - tail_size, tail_size);
+  auto end_record = find_end_record(tail, size - tail_size);
+  if (!end_record && tail_size < size) {
+    tail_size = std::min<uint64_t>(size, kEndSize + 0xffff);
+    tail = file.read_at(size - tail_size, tail_size);
+    end_record = find_end_record(tail, size - tail_size);
+  }
+  if (!end_record) throw damaged("no zip end-of-directory record");
+  const uint64_t end_offset = *end_record;
   auto* end = reinterpret_cast<const unsigned char*>(tail.data() + (end_offset - (size - tail_size)));
   uint64_t count = get16(end + 10), directory_size = get32(end + 12), directory_offset = get32(end + 16);
   if (count == 0xffff || directory_size == kMax32 || directory_offset == kMax32) {
@@ -524,8 +534,8 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
   const std::string directory = file.read_at(directory_offset, directory_size);
   auto* bytes = reinterpret_cast<const unsigned char*>(directory.data());
   struct Entry {
-    std::string name;
-    RecordSpan span;  // offset still unknown: it depends on the local header
+    std::string_view name;  // into `directory`
+    RecordSpan span;        // offset still unknown: it depends on the local header
   };
   std::vector<Entry> entries;
   uint64_t at = 0;
@@ -538,7 +548,7 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
     if (directory_size - at - kCentralHeaderSize < name_size + extra_size + comment_size) {
       throw damaged(fmt::format("zip directory entry {} runs past the directory", i));
     }
-    std::string name(reinterpret_cast<const char*>(h + kCentralHeaderSize), name_size);
+    const std::string_view name(reinterpret_cast<const char*>(h + kCentralHeaderSize), name_size);
     const uint16_t flags = get16(h + 8), method = get16(h + 10);
     if (flags & 0x0001) throw damaged(fmt::format("record {} is encrypted", name));
     if (method != 0 && method != 8) throw damaged(fmt::format("record {} uses compression method {}", name, method));
@@ -568,7 +578,7 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
     if (method == 0 && uncompressed != record_size) {
       throw damaged(fmt::format("record {} is stored but its sizes differ ({} and {})", name, record_size, uncompressed));
     }
-    entries.push_back({std::move(name), {0, record_size, crc, method, uncompressed, local}});
+    entries.push_back({name, {0, record_size, crc, method, uncompressed, local}});
     at += kCentralHeaderSize + name_size + extra_size + comment_size;
   }
   ZipDirectory out;
@@ -599,12 +609,13 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
   }
   for (auto& entry : entries) {
     auto slash = entry.name.find('/');
-    out.records[slash == std::string::npos ? entry.name : entry.name.substr(slash + 1)] = entry.span;
+    out.records.insert_or_assign(std::string(slash == std::string_view::npos ? entry.name : entry.name.substr(slash + 1)),
+                                 entry.span);
   }
   return out;
 }
 
-void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span, const unsigned char* header) {
+void resolve_offset(const FileReader& file, std::string_view name, RecordSpan& span, const unsigned char* header) {
   if (get32(header) != kLocalHeaderSig) {
     throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} has no local header", file.path(), name));
   }
@@ -616,7 +627,7 @@ void resolve_offset(const FileReader& file, const std::string& name, RecordSpan&
   span.offset = data;
 }
 
-void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span) {
+void resolve_offset(const FileReader& file, std::string_view name, RecordSpan& span) {
   unsigned char header[kLocalHeaderSize];
   file.read_at(span.local, header, sizeof header);
   resolve_offset(file, name, span, header);

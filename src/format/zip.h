@@ -5,9 +5,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -158,8 +160,8 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers);
 
 /// Sets `span.offset` from the record's local header: `header` holds the
 /// kLocalHeaderSize bytes at `span.local`, or, without it, they are read.
-void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span, const unsigned char* header);
-void resolve_offset(const FileReader& file, const std::string& name, RecordSpan& span);
+void resolve_offset(const FileReader& file, std::string_view name, RecordSpan& span, const unsigned char* header);
+void resolve_offset(const FileReader& file, std::string_view name, RecordSpan& span);
 
 /// Throws CheckpointError unless `data` (record `name` of `file`) matches the
 /// CRC32 the zip directory gives for it.
@@ -171,6 +173,7 @@ void check_record(const FileReader& file, const std::string& name, const RecordS
 struct ReadJob {
   RecordSpan span;
   void* destination;
+  bool filled = false;  // `destination` holds the bytes already: read_once only counts them
 };
 
 /// Fresh CPU memory for a buffer about to be filled: page-aligned, and from 2 MiB
@@ -178,6 +181,10 @@ struct ReadJob {
 /// a fault per 2 MiB instead of one per page. Release it with std::free. Throws
 /// std::bad_alloc.
 void* allocate_for_filling(size_t size);
+
+/// Runs `first` here and `second` on a helper thread; rethrows the first's error,
+/// else the second's.
+void run_pair(const std::function<void()>& first, const std::function<void()>& second);
 
 /// Runs the reads, split over two threads by bytes for large totals.
 void read_parallel(const FileReader& file, const std::vector<ReadJob>& jobs);

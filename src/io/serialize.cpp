@@ -101,9 +101,12 @@ void load_weights(torch::nn::Module& module, const std::string& path, const std:
     }
     // Installed only after every byte was read and checked: a failing read changes nothing.
     const std::string where = key.empty() ? path : path + " [" + key + "]";
-    if (file.checksummed()) {  // one pass over the file
-      auto weights = detail::select_weights(file.read_all(), path, key);
-      auto targets = detail::check_weights(module, weights, where);
+    if (file.checksummed()) {  // one pass over the file, matched against the model while it is read
+      TensorMap weights, targets;
+      file.read_all([&](const c10::IValue& value) {
+        weights = detail::select_weights(value, path, key);
+        targets = detail::check_weights(module, weights, where);
+      });
       return detail::install_weights(targets, weights);
     }
     // Another tool's file: matched against the model before a byte of a tensor is read.
