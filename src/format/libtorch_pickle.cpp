@@ -144,6 +144,18 @@ class Reader {
 
   bool tuple_of(size_t first) {
     if (!values_from(first)) return false;
+    auto take = [&](size_t i) { return std::move(stack_[first + i].value); };
+    c10::intrusive_ptr<c10::ivalue::Tuple> tuple;
+    switch (stack_.size() - first) {  // up to 3 elements are stored inline: no vector
+      case 1: tuple = c10::ivalue::Tuple::create(take(0)); break;
+      case 2: tuple = c10::ivalue::Tuple::create(take(0), take(1)); break;
+      case 3: tuple = c10::ivalue::Tuple::create(take(0), take(1), take(2)); break;
+      default: break;
+    }
+    if (tuple) {
+      stack_.resize(first);
+      return push(std::move(tuple));
+    }
     std::vector<c10::IValue> elements;
     elements.reserve(stack_.size() - first);
     for (size_t i = first; i < stack_.size(); ++i) elements.push_back(std::move(stack_[i].value));

@@ -398,6 +398,7 @@ Integrity check_integrity(const FileReader& file) {
 namespace {
 constexpr uint64_t kReadChunk = 1 << 20;
 constexpr uint64_t kDirectRead = 64 << 10;  // smaller jobs are copied out of shared reads
+constexpr uint64_t kParallelRead = 4 << 20;
 
 }  // namespace
 
@@ -459,7 +460,7 @@ uint32_t read_range_once(const FileReader& file, const std::vector<ReadJob>& job
 
 uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size) {
   std::sort(jobs.begin(), jobs.end(), [](const ReadJob& a, const ReadJob& b) { return a.span.offset < b.span.offset; });
-  if (size < kParallelThreshold) return read_range_once(file, jobs, 0, size);
+  if (size < kParallelRead) return read_range_once(file, jobs, 0, size);
   uint64_t half = size / 2;
   uint32_t first = 0, second = 0;
   run_pair([&] { first = read_range_once(file, jobs, 0, half); },
