@@ -55,7 +55,7 @@ class Reader {
       case '(': marks_.push_back(stack_.size()); return true;                              // MARK
       case '}': return push(c10::impl::GenericDict(c10::AnyType::get(), c10::AnyType::get()));  // EMPTY_DICT
       case ']': return push(c10::impl::GenericList(c10::AnyType::get()));                  // EMPTY_LIST
-      case ')': return push(c10::ivalue::Tuple::create({}));                               // EMPTY_TUPLE
+      case ')': return empty_tuple();                                                      // EMPTY_TUPLE
       case 't': return tuple_from_mark();                                                  // TUPLE
       case '\x85': return tuple_of_last(1);                                                // TUPLE1
       case '\x86': return tuple_of_last(2);                                                // TUPLE2
@@ -177,6 +177,14 @@ class Reader {
       return next == 'Q' ? persistent_id(arguments_) : call(arguments_);
     }
     return tuple_of(*mark);
+  }
+  bool empty_tuple() {
+    // OrderedDict() of every tensor's backward hooks: REDUCE follows, with no arguments.
+    if (position_ < data_.size() && data_[position_] == 'R') {
+      ++position_;
+      return call({});
+    }
+    return push(c10::ivalue::Tuple::create({}));
   }
   bool tuple_of_last(size_t n) { return stack_.size() >= n && tuple_of(stack_.size() - n); }
 
