@@ -7,6 +7,7 @@
 // Sizes are MiB of float32 state in 4 tensors; --small adds a case of that many
 // 4 KiB tensors (0 to skip).
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -70,6 +71,19 @@ void raw_read(const std::string& path, char* buffer, size_t size) {
     done += static_cast<size_t>(n);
   }
   ::close(fd);
+}
+
+/// raw_read into memory fresh from the kernel, allocated as a load allocates its
+/// storages (2 MiB-aligned with huge pages from 2 MiB up): what filling new memory
+/// costs on this machine, apart from the reading.
+void raw_read_fresh(const std::string& path, size_t size) {
+  constexpr size_t kHugePage = 2 << 20;
+  void* buffer = nullptr;
+  check(::posix_memalign(&buffer, size >= kHugePage ? kHugePage : 4096, std::max<size_t>(size, 1)) == 0,
+        "posix_memalign");
+  if (size >= kHugePage) ::madvise(buffer, size / kHugePage * kHugePage, MADV_HUGEPAGE);
+  raw_read(path, static_cast<char*>(buffer), size);
+  std::free(buffer);
 }
 
 /// Resets the peak-RSS counter (Linux >= 4.0) and returns the current RSS in bytes.
@@ -140,8 +154,8 @@ int main(int argc, char** argv) try {
 
   torch::manual_seed(0);
   bench::JsonRows json;
-  fmt::print("| state | bytes | memcpy ms | raw write+fsync ms | torch::save ms | sync weights ms | sync full ms | async block ms | async durable ms | python torch.save+fsync ms | raw read ms | load ms | P1 block/memcpy | P1 block/torch::save | P2 raw/sync | P4 raw read/load | P5 peak/bytes | P6 python+fsync/sync |\n");
-  fmt::print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  fmt::print("| state | bytes | memcpy ms | raw write+fsync ms | torch::save ms | sync weights ms | sync full ms | async block ms | async durable ms | python torch.save+fsync ms | raw read ms | raw read, fresh memory ms | load ms | P1 block/memcpy | P1 block/torch::save | P2 raw/sync | P4 raw read/load | fresh raw read/load | P5 peak/bytes | P6 python+fsync/sync |\n");
+  fmt::print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& c : cases) {
     Blob model(c.numels);
     auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
@@ -194,24 +208,26 @@ int main(int argc, char** argv) try {
       async.callback->wait();
     }, step);
     methods.add("raw_read", [&] { raw_read(path("read.bin"), target.data(), bytes); });
+    methods.add("raw_read_fresh", [&] { raw_read_fresh(path("read.bin"), bytes); });
     methods.add("load", [&] { load_weights(*loaded, path("weights.pt")); });
     auto t = methods.run(reps);
     async.callback->wait();
     double memcpy_s = t["memcpy"], raw_s = t["raw"], torch_save_s = t["torch_save"];
     double sync_weights_s = t["sync_weights"], sync_full_s = t["sync_full"];
     double block_s = t["async_block"], durable_s = t["async_durable"];
-    double raw_read_s = t["raw_read"], load_s = t["load"];
+    double raw_read_s = t["raw_read"], raw_read_fresh_s = t["raw_read_fresh"], load_s = t["load"];
 
     auto py = python_timings(python, c, path("python.pt"), reps);
     double python_s = json_number(py, "save_fsync_s");  // durable, as torchfit's saves
 
     auto ms = [](double s) { return fmt::format("{:.2f}", s * 1e3); };
     auto ratio = [](double a, double b) { return b > 0 ? fmt::format("{:.2f}", a / b) : std::string("n/a"); };
-    fmt::print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+    fmt::print("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                c.name, bytes, ms(memcpy_s), ms(raw_s), ms(torch_save_s), ms(sync_weights_s), ms(sync_full_s),
-               ms(block_s), ms(durable_s), python_s > 0 ? ms(python_s) : "n/a", ms(raw_read_s), ms(load_s),
-               ratio(block_s, memcpy_s), ratio(block_s, torch_save_s), ratio(raw_s, sync_weights_s),
-               ratio(raw_read_s, load_s), ratio(peak_extra, static_cast<double>(bytes)), ratio(python_s, sync_weights_s));
+               ms(block_s), ms(durable_s), python_s > 0 ? ms(python_s) : "n/a", ms(raw_read_s),
+               ms(raw_read_fresh_s), ms(load_s), ratio(block_s, memcpy_s), ratio(block_s, torch_save_s),
+               ratio(raw_s, sync_weights_s), ratio(raw_read_s, load_s), ratio(raw_read_fresh_s, load_s),
+               ratio(peak_extra, static_cast<double>(bytes)), ratio(python_s, sync_weights_s));
     std::fflush(stdout);
     json.add({{"bytes", static_cast<double>(bytes)},
               {"memcpy_s", memcpy_s},
@@ -224,6 +240,7 @@ int main(int argc, char** argv) try {
               {"python_torch_save_s", json_number(py, "save_s")},
               {"python_torch_save_fsync_s", json_number(py, "save_fsync_s")},
               {"raw_read_s", raw_read_s},
+              {"raw_read_fresh_s", raw_read_fresh_s},
               {"load_weights_s", load_s},
               {"async_peak_extra_bytes", peak_extra}},
              {{"state", c.name}});
