@@ -224,6 +224,31 @@ TEST_F(SerializeTest, ADamagedFileIsReportedBeforeAMismatchWithTheModel) {
   }
 }
 
+TEST_F(SerializeTest, LoadedParametersStayTrainableLeaves) {
+  // A load swaps storages into the parameters: they must stay the same leaf
+  // tensors, with their gradient flag, a new version, and train from the new values.
+  torch::nn::Linear source(64, 32), target(64, 32);
+  save_weights(*source, path("w.pt"));
+  auto weight = target->weight;  // the same tensor object, before and after
+  auto view_before = target->weight.detach()[0].clone();
+  const auto version = target->weight._version();
+  load_weights(*target, path("w.pt"));
+  EXPECT_TRUE(target->weight.is_same(weight));
+  EXPECT_TRUE(target->weight.equal(source->weight));
+  EXPECT_TRUE(target->weight.requires_grad());
+  EXPECT_TRUE(target->weight.is_leaf());
+  EXPECT_GT(target->weight._version(), version);
+  EXPECT_FALSE(target->weight[0].equal(view_before));
+
+  torch::optim::SGD sgd(target->parameters(), 0.5);
+  auto loss = target->forward(torch::ones({2, 64})).sum();
+  loss.backward();
+  ASSERT_TRUE(target->weight.grad().defined());
+  EXPECT_EQ(target->weight.grad().sizes(), target->weight.sizes());
+  sgd.step();
+  EXPECT_TRUE(target->weight.equal(source->weight - 0.5 * target->weight.grad()));
+}
+
 TEST_F(SerializeTest, FullCheckpointRestoresOptimizerState) {
   auto data = make_data();
   auto model = Mlp();
