@@ -7,11 +7,11 @@
 // Sizes are MiB of float32 state in 4 tensors; --small adds a case of that many
 // 4 KiB tensors (0 to skip).
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -21,6 +21,7 @@
 #include <torchfit/torchfit.h>
 
 #include "bench_util.h"
+#include "format/zip.h"  // allocate_for_filling, as loads use it
 
 namespace fs = std::filesystem;
 using namespace torchfit;
@@ -73,15 +74,11 @@ void raw_read(const std::string& path, char* buffer, size_t size) {
   ::close(fd);
 }
 
-/// raw_read into memory fresh from the kernel, allocated as a load allocates its
-/// storages (2 MiB-aligned with huge pages from 2 MiB up): what filling new memory
-/// costs on this machine, apart from the reading.
+/// raw_read into memory fresh from the kernel, allocated by the function a load
+/// allocates its storages with: what filling new memory costs on this machine,
+/// apart from the reading.
 void raw_read_fresh(const std::string& path, size_t size) {
-  constexpr size_t kHugePage = 2 << 20;
-  void* buffer = nullptr;
-  check(::posix_memalign(&buffer, size >= kHugePage ? kHugePage : 4096, std::max<size_t>(size, 1)) == 0,
-        "posix_memalign");
-  if (size >= kHugePage) ::madvise(buffer, size / kHugePage * kHugePage, MADV_HUGEPAGE);
+  void* buffer = torchfit::detail::allocate_for_filling(size);
   raw_read(path, static_cast<char*>(buffer), size);
   std::free(buffer);
 }
