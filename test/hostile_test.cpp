@@ -35,15 +35,22 @@ class StringSink : public detail::ByteSink {
   std::string name_ = "(memory)";
 };
 
-/// A stored zip of `records` under "archive/", as torch.save lays it out, without torchfit's checksum.
-std::string foreign_zip(const std::vector<std::pair<std::string, std::string>>& records) {
+/// A stored zip of `records` under "archive/", as torch.save lays it out, sealed
+/// with torchfit's checksum as a hostile writer can seal anything.
+std::string sealed_zip(const std::vector<std::pair<std::string, std::string>>& records) {
   StringSink out;
   detail::ChecksumSink sink(out);
   detail::ZipWriter zip(sink, "archive");
   for (const auto& [name, bytes] : records) zip.add(name, bytes.data(), bytes.size());
   zip.finish();
+  return std::move(out.bytes);
+}
+
+/// The same without torchfit's checksum.
+std::string foreign_zip(const std::vector<std::pair<std::string, std::string>>& records) {
   // Drop the checksum comment: a plain end record, as other writers leave it.
-  std::string bytes = out.bytes.substr(0, out.bytes.size() - 23);
+  auto sealed = sealed_zip(records);
+  std::string bytes = sealed.substr(0, sealed.size() - 23);
   bytes[bytes.size() - 2] = 0;
   bytes[bytes.size() - 1] = 0;
   return bytes;
@@ -242,6 +249,46 @@ TEST_F(HostileTest, CraftedPicklesAreRefusedWithAReason) {
     EXPECT_EQ(fuzz::read_everything(path("case.pt")), "") << c.name;
     EXPECT_NE(refusal(path("case.pt")).find(c.reason), std::string::npos) << c.name << ": " << refusal(path("case.pt"));
     EXPECT_NE(refusal(path("case.pt")).find(path("case.pt")), std::string::npos) << c.name;
+  }
+}
+
+// The readers of checksummed files (torchfit's fast one and LibTorch's) never see
+// a pickle that could make them, or what walks their value, recurse without bound.
+TEST_F(HostileTest, SealedPicklesThatCouldRecurseAreRefusedWithAReason) {
+  std::string lists = "\x80\x02}(" + pk::str("w");
+  for (int i = 0; i < 200000; ++i) lists += "](";
+  lists += "]" + std::string(200000, 'e') + "u.";
+  std::string dicts = "\x80\x02}(" + pk::str("w");
+  for (int i = 0; i < 200000; ++i) dicts += "}(K\x01";
+  dicts += "}" + std::string(200000, 'u') + "u.";
+  const std::string in_itself = "\x80\x02}(" + pk::str("w") + "]r" + pk::u32(0) + "(j" + pk::u32(0) + "eu.";
+  struct Case {
+    const char* name;
+    std::string pickle;
+    const char* reason;
+  };
+  const Case cases[] = {
+      {"deep lists", lists, "containers nest deeper than 100 levels"},
+      {"deep dicts", dicts, "containers nest deeper than 100 levels"},
+      {"a list in itself", in_itself, "changes a list or dict after sharing it"},
+      {"a far memo entry", "\x80\x02K\x01r" + pk::u32(0xffffffff) + ".", "stores memo entry 4294967295 out of order"},
+      {"APPEND", "\x80\x02]K\x01" "a.", "opcode 0x61, which LibTorch's Pickler never writes"},
+  };
+  // TORCHFIT_CRASH_DIR=fuzz/crashes keeps those under 512 KiB for the fuzzer to replay.
+  const char* keep = std::getenv("TORCHFIT_CRASH_DIR");
+  for (const auto& [name, pickle, reason] : cases) {
+    auto bytes = sealed_zip({{"data.pkl", pickle}, {"version", "3\n"}});
+    if (keep != nullptr && bytes.size() < (512 << 10)) {
+      std::string file = std::string("sealed ") + name;
+      std::replace(file.begin(), file.end(), ' ', '_');
+      write_bytes((fs::path(keep) / (file + ".pt")).string(), bytes);
+    }
+    write_bytes(path("sealed.pt"), bytes);
+    ASSERT_TRUE(verify_checkpoint(path("sealed.pt")).ok) << reason;
+    EXPECT_EQ(fuzz::read_everything(path("sealed.pt")), "") << reason;
+    auto what = refusal(path("sealed.pt"));
+    EXPECT_NE(what.find(reason), std::string::npos) << what;
+    EXPECT_NE(what.find(path("sealed.pt")), std::string::npos) << what;
   }
 }
 

@@ -1,5 +1,6 @@
 #include "format/libtorch_pickle.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <unordered_map>
@@ -7,6 +8,7 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/List.h>
 #include <c10/util/Exception.h>
+#include <fmt/format.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/jit/frontend/script_type_parser.h>
 
@@ -14,6 +16,189 @@
 
 namespace torchfit::detail {
 namespace {
+
+/// How deep a value's containers nest, and whether it may still be filled (an
+/// EMPTY_LIST or EMPTY_DICT not yet shared through the memo or a call).
+struct Nesting {
+  int depth = 0;
+  bool open = false;
+};
+
+/// Where a reader is in a pickle, and the rules on nesting both readers of
+/// checksummed files keep for every value on their stack. A checksum is easily
+/// forged: a crafted file must not make them, or what walks their value later,
+/// recurse without bound or around a cycle.
+class PickleWalk {
+ protected:
+  explicit PickleWalk(std::string_view pickle) : data_(pickle) {}
+
+  std::invalid_argument fail(const std::string& what) const {
+    return std::invalid_argument(fmt::format("{} (data.pkl byte {})", what, at_));
+  }
+  static constexpr Nesting kScalar{0, false};
+  static constexpr Nesting kContainer{1, true};
+  /// A tuple around values nested `deepest` deep.
+  Nesting tuple_around(int deepest) const { return checked({deepest + 1, false}); }
+  /// What a REDUCE makes of arguments nested `deepest` deep: no deeper, as every
+  /// global LibTorch reads makes a tensor, a scalar or one of its arguments.
+  static Nesting call_result(int deepest) { return {deepest, false}; }
+  /// APPENDS or SETITEMS (`name`) put values nested `deepest` deep into `target`.
+  void fill(Nesting& target, int deepest, const char* name) const {
+    // LibTorch's Pickler shares a value only once it is complete: a change after
+    // that could put a value inside itself.
+    if (!target.open) throw fail(fmt::format("the pickle changes a list or dict after sharing it ({})", name));
+    target.depth = checked({std::max(target.depth, deepest + 1), true}).depth;
+  }
+  Nesting checked(Nesting nesting) const {
+    // One level more for the argument tuple of a call around a value of full depth.
+    if (nesting.depth > kMaxPickleDepth + 1) {
+      throw fail(fmt::format("containers nest deeper than {} levels", kMaxPickleDepth));
+    }
+    return nesting;
+  }
+
+  std::string_view data_;
+  size_t position_ = 0;
+  size_t at_ = 0;  // where the current opcode starts
+};
+
+/// Follows every opcode LibTorch's Pickler writes through its effect on the
+/// stack, for what LibTorch's Unpickler reads and for what torchfit writes.
+class ShapeCheck : PickleWalk {
+ public:
+  explicit ShapeCheck(std::string_view pickle) : PickleWalk(pickle) {}
+
+  void run() {
+    while (position_ < data_.size()) {
+      at_ = position_;
+      const char op = data_[position_++];
+      switch (op) {
+        case '\x80': skip(1); break;  // PROTO
+        case '(': marks_.push_back(stack_.size()); break;
+        case '.':  // STOP
+          if (stack_.size() != 1 || !marks_.empty()) {
+            throw fail(fmt::format("the pickle stops with {} values", stack_.size()));
+          }
+          return;
+        case ']': case '}': stack_.push_back(kContainer); break;  // EMPTY_LIST, EMPTY_DICT
+        case ')': stack_.push_back(tuple_around(0)); break;       // EMPTY_TUPLE
+        case 't': stack_.push_back(tuple_around(pop_deepest(pop_mark()))); break;
+        case '\x85': case '\x86': case '\x87':  // TUPLE1, TUPLE2, TUPLE3
+          stack_.push_back(tuple_around(pop_deepest_of_last(op - '\x85' + 1)));
+          break;
+        case 'e': case 'u': fill_since_mark(op == 'e' ? "APPENDS" : "SETITEMS"); break;
+        case 'N': case '\x88': case '\x89': stack_.push_back(kScalar); break;
+        case 'K': scalar(1); break;
+        case 'M': scalar(2); break;
+        case 'J': scalar(4); break;
+        case 'G': scalar(8); break;
+        case '\x8a': scalar(byte()); break;  // LONG1
+        case 'X': scalar(u32()); break;       // BINUNICODE
+        case 'c': line(), line(), stack_.push_back(kScalar); break;  // GLOBAL
+        case 'q': put(byte()); break;
+        case 'r': put(u32()); break;
+        case 'h': get(byte()); break;
+        case 'j': get(u32()); break;
+        case 'Q': pop(), stack_.push_back(kScalar); break;  // BINPERSID: a storage
+        case '\x81': pop(); break;                          // NEWOBJ drops its empty tuple, as LibTorch does
+        case 'R': {  // REDUCE: the callable below its argument tuple
+          const int arguments = pop();
+          pop();
+          stack_.push_back(call_result(std::max(0, arguments - 1)));
+          break;
+        }
+        case 'b': {  // BUILD: the object holds its state
+          const int state = pop();
+          pop();
+          stack_.push_back(checked({state + 1, false}));
+          break;
+        }
+        default:
+          throw fail(fmt::format("the pickle has opcode 0x{:02x}, which LibTorch's Pickler never writes",
+                                 static_cast<unsigned>(static_cast<unsigned char>(op))));
+      }
+    }
+    throw fail("the pickle ends without STOP");
+  }
+
+ private:
+  std::string_view skip(size_t n) {
+    if (data_.size() - position_ < n) throw fail("the pickle ends inside an opcode");
+    auto bytes = data_.substr(position_, n);
+    position_ += n;
+    return bytes;
+  }
+  uint32_t byte() { return static_cast<unsigned char>(skip(1)[0]); }
+  uint32_t u32() {
+    auto b = skip(4);
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(b[i]);
+    return v;
+  }
+  void line() {
+    auto end = data_.find('\n', position_);
+    if (end == std::string_view::npos) throw fail("the pickle ends inside a GLOBAL");
+    position_ = end + 1;
+  }
+  void scalar(size_t bytes) {
+    skip(bytes);
+    stack_.push_back(kScalar);
+  }
+
+  /// The depth of the top value, popped.
+  int pop() {
+    if (stack_.size() <= floor()) throw fail("the pickle takes a value from an empty stack");
+    const int depth = stack_.back().depth;
+    stack_.pop_back();
+    return depth;
+  }
+  size_t floor() const { return marks_.empty() ? 0 : marks_.back(); }
+  /// The stack index of the last MARK, popped.
+  size_t pop_mark() {
+    if (marks_.empty()) throw fail("the pickle closes a MARK it never opened");
+    size_t mark = marks_.back();
+    marks_.pop_back();
+    return mark;
+  }
+  /// How deep the deepest value from stack index `first` on nests; they are popped.
+  int pop_deepest(size_t first) {
+    int depth = 0;
+    for (size_t i = first; i < stack_.size(); ++i) depth = std::max(depth, stack_[i].depth);
+    stack_.resize(first);
+    return depth;
+  }
+  int pop_deepest_of_last(size_t n) {
+    if (stack_.size() < floor() + n) throw fail("the pickle takes a value from an empty stack");
+    return pop_deepest(stack_.size() - n);
+  }
+  void fill_since_mark(const char* name) {
+    const size_t mark = pop_mark();
+    if (name[0] == 'S' && (stack_.size() - mark) % 2 != 0) {
+      throw fail("the pickle's SETITEMS has a key without a value");
+    }
+    const int deepest = pop_deepest(mark);
+    if (stack_.size() <= floor()) throw fail(fmt::format("the pickle's {} has no list or dict to fill", name));
+    fill(stack_.back(), deepest, name);
+  }
+  void put(uint32_t id) {
+    // LibTorch's Pickler numbers memo entries from 0 up; LibTorch's Unpickler
+    // would fill any gap, up to 4 billion entries.
+    if (stack_.size() <= floor() || id > memo_.size()) {
+      throw fail(fmt::format("the pickle stores memo entry {} out of order", id));
+    }
+    stack_.back().open = false;
+    if (id == memo_.size()) memo_.emplace_back();
+    memo_[id] = stack_.back().depth;
+  }
+  void get(uint32_t id) {
+    if (id >= memo_.size()) throw fail(fmt::format("the pickle reads memo entry {}, never stored", id));
+    stack_.push_back({memo_[id], false});
+  }
+
+  std::vector<Nesting> stack_;
+  std::vector<size_t> marks_;
+  std::vector<int> memo_;  // the depths of the values stored, all shared
+};
 
 /// The few globals LibTorch's Pickler writes outside containers.
 enum class Callable : uint8_t {
@@ -25,17 +210,19 @@ enum class Callable : uint8_t {
 struct Item {
   c10::IValue value;
   Callable callable = Callable::None;
+  Nesting nesting;
 };
 
-class Reader {
+class Reader : PickleWalk {
  public:
-  explicit Reader(std::string_view pickle) : data_(pickle) {}
+  explicit Reader(std::string_view pickle) : PickleWalk(pickle) {}
 
   /// nullopt on anything the fast path does not know.
   std::optional<LibTorchPickle> run() {
     uint8_t protocol = 0;
     if (!byte() || data_[0] != '\x80' || !read(protocol) || protocol != 2) return std::nullopt;
     while (position_ < data_.size()) {
+      at_ = position_;
       const char op = data_[position_++];
       if (op == '.') {  // STOP
         if (stack_.size() != 1 || stack_[0].callable != Callable::None || !marks_.empty()) return std::nullopt;
@@ -53,8 +240,9 @@ class Reader {
   bool step(char op) {
     switch (op) {
       case '(': marks_.push_back(stack_.size()); return true;                              // MARK
-      case '}': return push(c10::impl::GenericDict(c10::AnyType::get(), c10::AnyType::get()));  // EMPTY_DICT
-      case ']': return push(c10::impl::GenericList(c10::AnyType::get()));                  // EMPTY_LIST
+      // EMPTY_DICT and EMPTY_LIST, filled by SETITEMS and APPENDS
+      case '}': return push(c10::impl::GenericDict(c10::AnyType::get(), c10::AnyType::get()), kContainer);
+      case ']': return push(c10::impl::GenericList(c10::AnyType::get()), kContainer);
       case ')': return empty_tuple();                                                      // EMPTY_TUPLE
       case 't': return tuple_from_mark();                                                  // TUPLE
       case '\x85': return tuple_of_last(1);                                                // TUPLE1
@@ -97,8 +285,10 @@ class Reader {
         return id && id->isTuple() && persistent_id(id->toTupleRef().elements().asArrayRef());
       }
       case 'R': {  // REDUCE
+        const int depth = stack_.empty() ? 0 : stack_.back().nesting.depth;
         auto args = pop_value();
-        return args && args->isTuple() && call(args->toTupleRef().elements().asArrayRef());
+        return args && args->isTuple() &&
+               call(args->toTupleRef().elements().asArrayRef(), call_result(std::max(0, depth - 1)));
       }
       default: return false;
     }
@@ -117,8 +307,12 @@ class Reader {
     T value{};
     return read(value) && push(static_cast<int64_t>(value));
   }
-  bool push(c10::IValue value, Callable callable = Callable::None) {
-    stack_.push_back({std::move(value), callable});
+  bool push(c10::IValue value, Nesting nesting = kScalar) {
+    stack_.push_back({std::move(value), Callable::None, nesting});
+    return true;
+  }
+  bool push_callable(Callable callable) {
+    stack_.push_back({c10::IValue(), callable, kScalar});
     return true;
   }
   /// The top value, popped; nullopt when the stack is empty or holds a callable there.
@@ -141,9 +335,16 @@ class Reader {
     }
     return true;
   }
+  /// How deep the deepest value from stack index `first` on nests.
+  int deepest_from(size_t first) const {
+    int depth = 0;
+    for (size_t i = first; i < stack_.size(); ++i) depth = std::max(depth, stack_[i].nesting.depth);
+    return depth;
+  }
 
   bool tuple_of(size_t first) {
     if (!values_from(first)) return false;
+    const Nesting nesting = tuple_around(deepest_from(first));
     auto take = [&](size_t i) { return std::move(stack_[first + i].value); };
     c10::intrusive_ptr<c10::ivalue::Tuple> tuple;
     switch (stack_.size() - first) {  // up to 3 elements are stored inline: no vector
@@ -154,13 +355,13 @@ class Reader {
     }
     if (tuple) {
       stack_.resize(first);
-      return push(std::move(tuple));
+      return push(std::move(tuple), nesting);
     }
     std::vector<c10::IValue> elements;
     elements.reserve(stack_.size() - first);
     for (size_t i = first; i < stack_.size(); ++i) elements.push_back(std::move(stack_[i].value));
     stack_.resize(first);
-    return push(c10::ivalue::Tuple::create(std::move(elements)));
+    return push(c10::ivalue::Tuple::create(std::move(elements)), nesting);
   }
   bool tuple_from_mark() {
     auto mark = pop_mark();
@@ -171,10 +372,11 @@ class Reader {
     const char next = position_ < data_.size() ? data_[position_] : '\0';
     if ((next == 'Q' || next == 'R') && values_from(*mark)) {
       ++position_;
+      const int deepest = deepest_from(*mark);
       arguments_.clear();
       for (size_t i = *mark; i < stack_.size(); ++i) arguments_.push_back(std::move(stack_[i].value));
       stack_.resize(*mark);
-      return next == 'Q' ? persistent_id(arguments_) : call(arguments_);
+      return next == 'Q' ? persistent_id(arguments_) : call(arguments_, call_result(deepest));
     }
     return tuple_of(*mark);
   }
@@ -182,9 +384,9 @@ class Reader {
     // OrderedDict() of every tensor's backward hooks: REDUCE follows, with no arguments.
     if (position_ < data_.size() && data_[position_] == 'R') {
       ++position_;
-      return call({});
+      return call({}, call_result(0));
     }
-    return push(c10::ivalue::Tuple::create({}));
+    return push(c10::ivalue::Tuple::create({}), tuple_around(0));
   }
   bool tuple_of_last(size_t n) { return stack_.size() >= n && tuple_of(stack_.size() - n); }
 
@@ -197,6 +399,7 @@ class Reader {
     for (size_t i = *mark; i < stack_.size(); i += 2) {
       if (!dict_key(stack_[i].value)) return false;
     }
+    fill(target.nesting, deepest_from(*mark), "SETITEMS");
     for (size_t i = *mark; i < stack_.size(); i += 2) {
       dict.insert_or_assign(std::move(stack_[i].value), std::move(stack_[i + 1].value));
     }
@@ -212,6 +415,7 @@ class Reader {
     if (!mark || *mark == 0 || !values_from(*mark)) return false;
     auto& target = stack_[*mark - 1];
     if (target.callable != Callable::None || !target.value.isList()) return false;
+    fill(target.nesting, deepest_from(*mark), "APPENDS");
     auto list = target.value.toList();
     for (size_t i = *mark; i < stack_.size(); ++i) list.push_back(std::move(stack_[i].value));
     stack_.resize(*mark);
@@ -224,6 +428,7 @@ class Reader {
     // LibTorch numbers memo entries from 0 up, one at a time.
     if (!read(id) || stack_.empty() || id > memo_.size()) return false;
     if (id >= memo_.size()) memo_.resize(static_cast<size_t>(id) + 1);
+    stack_.back().nesting.open = false;  // shared from now on
     memo_[id] = stack_.back();
     return true;
   }
@@ -246,15 +451,15 @@ class Reader {
     auto module = line();
     auto name = module ? line() : std::nullopt;
     if (!name) return false;
-    if (*module == "torch._utils" && *name == "_rebuild_tensor_v2") return push(c10::IValue(), Callable::RebuildTensor);
-    if (*module == "collections" && *name == "OrderedDict") return push(c10::IValue(), Callable::OrderedDict);
+    if (*module == "torch._utils" && *name == "_rebuild_tensor_v2") return push_callable(Callable::RebuildTensor);
+    if (*module == "collections" && *name == "OrderedDict") return push_callable(Callable::OrderedDict);
     if (*module == "torch.jit._pickle") {
       static const std::pair<std::string_view, Callable> builders[] = {
           {"restore_type_tag", Callable::RestoreTypeTag}, {"build_intlist", Callable::IntList},
           {"build_tensorlist", Callable::TensorList},     {"build_doublelist", Callable::DoubleList},
           {"build_boollist", Callable::BoolList}};
       for (const auto& [builder, callable] : builders) {
-        if (*name == builder) return push(c10::IValue(), callable);
+        if (*name == builder) return push_callable(callable);
       }
       return false;
     }
@@ -306,8 +511,8 @@ class Reader {
     return true;
   }
 
-  /// Calls the callable on the stack with `items`.
-  bool call(c10::ArrayRef<c10::IValue> items) {
+  /// Calls the callable on the stack with `items`; what it makes nests as `result`.
+  bool call(c10::ArrayRef<c10::IValue> items, Nesting result) {
     if (stack_.empty()) return false;
     const Callable callable = stack_.back().callable;
     stack_.pop_back();
@@ -316,17 +521,17 @@ class Reader {
         return items.empty() && push(c10::IValue());
       case Callable::RestoreTypeTag:
         return items.size() == 2 && items[1].isString() && restore_type(items[0], items[1].toStringRef()) &&
-               push(items[0]);
+               push(items[0], result);
       case Callable::RebuildTensor:
         return rebuild_tensor(items);
       case Callable::IntList:
-        return typed_list(items, c10::IntType::get());
+        return typed_list(items, c10::IntType::get(), result);
       case Callable::TensorList:
-        return typed_list(items, c10::TensorType::get());
+        return typed_list(items, c10::TensorType::get(), result);
       case Callable::DoubleList:
-        return typed_list(items, c10::FloatType::get());
+        return typed_list(items, c10::FloatType::get(), result);
       case Callable::BoolList:
-        return typed_list(items, c10::BoolType::get());
+        return typed_list(items, c10::BoolType::get(), result);
       case Callable::None:
         return false;
     }
@@ -334,10 +539,10 @@ class Reader {
   }
 
   /// build_intlist(list) and the like: the list, with its element type set.
-  bool typed_list(c10::ArrayRef<c10::IValue> items, const c10::TypePtr& type) {
+  bool typed_list(c10::ArrayRef<c10::IValue> items, const c10::TypePtr& type, Nesting result) {
     if (items.size() != 1 || !items[0].isList()) return false;
     items[0].toList().unsafeSetElementType(type);
-    return push(items[0]);
+    return push(items[0], result);
   }
 
   /// (storage tensor, offset, sizes, strides, requires_grad, backward hooks)
@@ -376,8 +581,6 @@ class Reader {
     return false;
   }
 
-  std::string_view data_;
-  size_t position_ = 0;
   std::vector<Item> stack_;
   std::vector<size_t> marks_;
   std::vector<Item> memo_;
@@ -389,12 +592,15 @@ class Reader {
 
 }  // namespace
 
+void check_pickle_shape(std::string_view pickle) { ShapeCheck(pickle).run(); }
+
 std::optional<LibTorchPickle> read_libtorch_pickle(std::string_view pickle) {
   try {
-    return Reader(pickle).run();
+    if (auto out = Reader(pickle).run()) return out;
   } catch (const c10::Error&) {  // whatever LibTorch refuses, its Unpickler will say best
-    return std::nullopt;
   }
+  check_pickle_shape(pickle);  // before LibTorch's Unpickler sees it
+  return std::nullopt;
 }
 
 }  // namespace torchfit::detail

@@ -10,6 +10,7 @@
 #include <torch/csrc/jit/serialization/unpickler.h>
 
 #include "format/byte_sink.h"
+#include "format/libtorch_pickle.h"
 #include "torchfit/error.h"
 
 namespace torchfit::detail {
@@ -36,6 +37,7 @@ void write_pickle(ChecksumSink& sink, const c10::IValue& value) {
   pickler.protocol();
   pickler.pushIValue(value);
   pickler.stop();
+  check_pickle_shape({pickle.data(), pickle.size()});  // what would not read back is not written
 
   std::vector<torch::jit::WriteableTensorData> storages;
   uint64_t payload = pickle.size();

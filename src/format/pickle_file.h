@@ -14,7 +14,9 @@
 namespace torchfit::detail {
 
 /// Pickles `value` (dicts, lists, tuples, numbers, strings, tensors) as torch.save
-/// does and streams the zip into `sink`, ending with `sink.finish()`.
+/// does and streams the zip into `sink`, ending with `sink.finish()`. Throws
+/// std::invalid_argument, before writing, for a value the readers would refuse
+/// (containers nested deeper than kMaxPickleDepth).
 void write_pickle(ChecksumSink& sink, const c10::IValue& value);
 
 /// A file's pickle, parsed with its storages allocated but not yet read.
@@ -24,9 +26,9 @@ struct DeferredPickle {
   std::map<const void*, RecordSpan> spans;
 };
 
-/// Parses `pickle` (bytes of a file whose checksum matched) with LibTorch's
-/// unpickler, taking the storage of record "data/<key>" from `storage(key)`.
-/// Throws CheckpointError naming `path`.
+/// Parses `pickle` (bytes of a file whose checksum matched, which passed
+/// check_pickle_shape) with LibTorch's unpickler, taking the storage of record
+/// "data/<key>" from `storage(key)`. Throws CheckpointError naming `path`.
 c10::IValue unpickle_trusted(const std::string& pickle, const std::function<at::DataPtr(const std::string&)>& storage,
                              const std::string& path);
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <stdexcept>
 
 #include <ATen/core/ivalue.h>
 #include <fmt/format.h>
@@ -34,6 +35,8 @@ void FileCheckpointIO::save(const c10::IValue& checkpoint, const std::string& pa
     } catch (const c10::Error& e) {
       sink.raise_if_failed();  // an I/O error explains a failing writer best
       throw CheckpointError(fmt::format("Failed writing checkpoint {}: {}", path, e.what_without_backtrace()));
+    } catch (const std::invalid_argument& e) {
+      throw CheckpointError(fmt::format("Failed writing checkpoint {}: it would not load back: {}", path, e.what()));
     }
     file.commit();
   }
