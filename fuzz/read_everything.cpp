@@ -79,14 +79,14 @@ std::string read_everything(const std::string& path) {
     load(checkpoint, path);
   });
   run("load_checkpoint", [&] { (void)load_checkpoint(*model, optimizer, path); });
-  // The fast pickle reader only ever sees checksummed files, which mutations
-  // rarely make: it reads the raw bytes too (fuzz/corpus/pickles seeds them).
+  // The reader of LibTorch's pickles only ever sees checksummed files, which
+  // mutations rarely make: it reads the raw bytes too (fuzz/corpus/pickles seeds them).
   run("read_libtorch_pickle", [&] {
     std::ifstream in(path, std::ios::binary);
     std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
     try {
       (void)detail::read_libtorch_pickle(bytes);
-    } catch (const std::invalid_argument&) {  // a tensor past its storage: refused, as it should be
+    } catch (const std::invalid_argument&) {  // refused, saying why, as it should be
     }
   });
   return problems;

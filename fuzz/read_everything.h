@@ -7,7 +7,7 @@
 namespace torchfit::fuzz {
 
 /// Runs verify_checkpoint, read_weights (with and without a key), load_weights,
-/// torchfit::load and load_checkpoint on `path` (and the fast pickle reader on its
+/// torchfit::load and load_checkpoint on `path` (and the LibTorch pickle reader on its
 /// raw bytes) against a small model and an Adam
 /// optimizer. Returns an empty string when every reader behaved: it either
 /// succeeded or threw a CheckpointError and left model and optimizer as they

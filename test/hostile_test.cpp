@@ -252,9 +252,10 @@ TEST_F(HostileTest, CraftedPicklesAreRefusedWithAReason) {
   }
 }
 
-// The readers of checksummed files (torchfit's fast one and LibTorch's) never see
-// a pickle that could make them, or what walks their value, recurse without bound.
-TEST_F(HostileTest, SealedPicklesThatCouldRecurseAreRefusedWithAReason) {
+// A forged checksum lets no pickle make the reader, or what walks its value,
+// recurse without bound, and none reaches LibTorch's Unpickler, which trusts
+// what it reads.
+TEST_F(HostileTest, SealedPicklesLibTorchsPicklerDoesNotWriteAreRefusedWithAReason) {
   std::string lists = "\x80\x02}(" + pk::str("w");
   for (int i = 0; i < 200000; ++i) lists += "](";
   lists += "]" + std::string(200000, 'e') + "u.";
@@ -262,6 +263,11 @@ TEST_F(HostileTest, SealedPicklesThatCouldRecurseAreRefusedWithAReason) {
   for (int i = 0; i < 200000; ++i) dicts += "}(K\x01";
   dicts += "}" + std::string(200000, 'u') + "u.";
   const std::string in_itself = "\x80\x02}(" + pk::str("w") + "]r" + pk::u32(0) + "(j" + pk::u32(0) + "eu.";
+  // A storage of dtype 1000, which crashes LibTorch's Unpickler.
+  const std::string bad_dtype = "\x80\x02}(" + pk::str("w") + pk::global("torch._utils", "_rebuild_tensor_v2") + "(" +
+                                pk::tuple({pk::str("storage"), "M\xe8\x03", pk::str("0"), pk::str("cpu"), pk::i64(4)}) +
+                                "QK\x00" + pk::tuple({pk::i64(4)}) + pk::tuple({pk::i64(1)}) + "\x89" +
+                                pk::global("collections", "OrderedDict") + ")RtRu.";
   struct Case {
     const char* name;
     std::string pickle;
@@ -271,8 +277,10 @@ TEST_F(HostileTest, SealedPicklesThatCouldRecurseAreRefusedWithAReason) {
       {"deep lists", lists, "containers nest deeper than 100 levels"},
       {"deep dicts", dicts, "containers nest deeper than 100 levels"},
       {"a list in itself", in_itself, "changes a list or dict after sharing it"},
-      {"a far memo entry", "\x80\x02K\x01r" + pk::u32(0xffffffff) + ".", "stores memo entry 4294967295 out of order"},
-      {"APPEND", "\x80\x02]K\x01" "a.", "opcode 0x61, which LibTorch's Pickler never writes"},
+      {"a far memo entry", "\x80\x02K\x01r" + pk::u32(0xffffffff) + ".", "opcode 0x72"},
+      {"APPEND", "\x80\x02]K\x01" "a.", "is not as LibTorch's Pickler writes it: opcode 0x61"},
+      {"a bad dtype", bad_dtype, "is not as LibTorch's Pickler writes it"},
+      {"a Python set", "\x80\x02" + pk::global("builtins", "set") + ")R.", "calls builtins.set, which torchfit does not read"},
   };
   // TORCHFIT_CRASH_DIR=fuzz/crashes keeps those under 512 KiB for the fuzzer to replay.
   const char* keep = std::getenv("TORCHFIT_CRASH_DIR");

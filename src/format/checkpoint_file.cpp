@@ -10,7 +10,6 @@
 #include <filesystem>
 #include <functional>
 #include <new>
-#include <optional>
 #include <stdexcept>
 
 #include <c10/core/CPUAllocator.h>
@@ -259,14 +258,14 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
   // many small tensors the two take about as long. Its result counts only once
   // the checksum matched, and its storages are bound only then.
   uint32_t computed = 0;
-  std::optional<LibTorchPickle> fast;
+  LibTorchPickle parsed;
   std::exception_ptr parse_error;
   // The parse stays on the calling thread, whose modes (inference mode) the tensors take.
   run_pair(
       [&] {
         try {
-          fast = guard_read(path(), [&] { return read_libtorch_pickle(pickle); });
-          if (fast && inspect) inspect(fast->value);
+          parsed = guard_read(path(), [&] { return read_libtorch_pickle(pickle); });
+          if (inspect) inspect(parsed.value);
         } catch (...) {
           parse_error = std::current_exception();
         }
@@ -302,28 +301,13 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
     if (storage.span.size > 0) std::memcpy(copy.get(), storage.address, storage.span.size);
     return {std::move(copy), storage.span};
   };
-  if (fast) {
-    for (auto& unbound : fast->storages) {
-      if (unbound.storage.nbytes() == 0) continue;  // no bytes to read, as in LibTorch
-      auto [data, span] = take(unbound.key);
-      if (unbound.storage.nbytes() > span.size) throw damaged("a tensor overruns its record");
-      unbound.storage.set_data_ptr_noswap(std::move(data));
-    }
-    return std::move(fast->value);
+  for (auto& unbound : parsed.storages) {
+    if (unbound.storage.nbytes() == 0) continue;  // no bytes to read, as in LibTorch
+    auto [data, span] = take(unbound.key);
+    if (unbound.storage.nbytes() > span.size) throw damaged("a tensor overruns its record");
+    unbound.storage.set_data_ptr_noswap(std::move(data));
   }
-  // Anything else LibTorch's Pickler may write goes to LibTorch's Unpickler.
-  std::map<const void*, RecordSpan> taken;  // storage address to its record
-  auto value = unpickle_trusted(
-      pickle,
-      [&](const std::string& key) {
-        auto [data, span] = take(key);
-        taken[data.get()] = span;
-        return std::move(data);
-      },
-      path());
-  check_within_records(value, taken, path());
-  if (inspect) inspect(value);
-  return value;
+  return std::move(parsed.value);
 }
 
 c10::IValue CheckpointFile::read_all(const Inspect& inspect) const {

@@ -6,7 +6,7 @@
 // Files torchfit wrote carry a checksum of their whole content; it is checked
 // before anything parsed counts (while everything is read, in one pass, when the
 // whole file is wanted), and only such files are parsed as LibTorch's pickles
-// (by read_libtorch_pickle, or LibTorch's unpickler for what that leaves).
+// (by read_libtorch_pickle).
 // Files of other tools are parsed by our own unpickler, and the zip CRC32 of every
 // record is checked as it is read; their module archives reach LibTorch's
 // importer only after all their records were checked.
@@ -62,7 +62,7 @@ class CheckpointFile {
   /// pass: every byte once, into fresh storages (small records in shared
   /// stretches, local headers included), checksummed as it arrives. Meanwhile
   /// read_libtorch_pickle parses the pickle and `inspect` runs; their errors count
-  /// only once the checksum matched, and anything else is parsed only then.
+  /// only once the checksum matched, and storages are bound only then.
   c10::IValue read_all(const Inspect& inspect = {}) const;
   /// What torchfit::load reads: read_all() of a file torchfit wrote. Other files are
   /// refused, saying what they are and what reads them.

@@ -7,6 +7,8 @@
 
 #include <ATen/core/Dict.h>
 #include <ATen/core/List.h>
+#include <ATen/ops/_empty_affine_quantized.h>
+#include <ATen/ops/_empty_per_channel_affine_quantized.h>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
 #include <torch/csrc/autograd/variable.h>
@@ -24,14 +26,54 @@ struct Nesting {
   bool open = false;
 };
 
-/// Where a reader is in a pickle, and the rules on nesting both readers of
-/// checksummed files keep for every value on their stack. A checksum is easily
-/// forged: a crafted file must not make them, or what walks their value later,
-/// recurse without bound or around a cycle.
-class PickleWalk {
- protected:
-  explicit PickleWalk(std::string_view pickle) : data_(pickle) {}
+/// The few globals LibTorch's Pickler writes outside containers.
+enum class Callable : uint8_t {
+  None, RebuildTensor, RebuildQTensor, OrderedDict, RestoreTypeTag, IntList, TensorList, DoubleList, BoolList,
+  Device, Complex
+};
 
+/// A stack or memo entry: a value, or a global to call with REDUCE. A storage
+/// class ("torch.FloatStorage") is its ScalarType as an int, as in LibTorch.
+struct Item {
+  c10::IValue value;
+  Callable callable = Callable::None;
+  Nesting nesting;
+};
+
+/// Reads a pickle, keeping for every value on its stack how deep its containers
+/// nest and whether it may still be filled. A checksum is easily forged: a crafted
+/// file must not make the reader, or what walks its value later, recurse without
+/// bound or around a cycle.
+class Reader {
+ public:
+  explicit Reader(std::string_view pickle) : data_(pickle) {}
+
+  LibTorchPickle run() {
+    uint8_t protocol = 0;
+    if (!byte() || data_[0] != '\x80' || !read(protocol) || protocol != 2) {
+      throw fail("the pickle is not of protocol 2, as LibTorch's Pickler writes");
+    }
+    while (position_ < data_.size()) {
+      at_ = position_;
+      const char op = data_[position_++];
+      if (op == '.') {  // STOP
+        if (stack_.size() != 1 || stack_[0].callable != Callable::None || !marks_.empty()) {
+          throw fail(fmt::format("the pickle stops with {} values", stack_.size()));
+        }
+        LibTorchPickle out;
+        out.value = std::move(stack_[0].value);
+        out.storages = std::move(storages_);
+        return out;
+      }
+      if (!step(op)) {
+        throw fail(fmt::format("the pickle is not as LibTorch's Pickler writes it: opcode 0x{:02x}",
+                               static_cast<unsigned>(static_cast<unsigned char>(op))));
+      }
+    }
+    throw fail("the pickle ends without STOP");
+  }
+
+ private:
   std::invalid_argument fail(const std::string& what) const {
     return std::invalid_argument(fmt::format("{} (data.pkl byte {})", what, at_));
   }
@@ -57,186 +99,6 @@ class PickleWalk {
     return nesting;
   }
 
-  std::string_view data_;
-  size_t position_ = 0;
-  size_t at_ = 0;  // where the current opcode starts
-};
-
-/// Follows every opcode LibTorch's Pickler writes through its effect on the
-/// stack, for what LibTorch's Unpickler reads and for what torchfit writes.
-class ShapeCheck : PickleWalk {
- public:
-  explicit ShapeCheck(std::string_view pickle) : PickleWalk(pickle) {}
-
-  void run() {
-    while (position_ < data_.size()) {
-      at_ = position_;
-      const char op = data_[position_++];
-      switch (op) {
-        case '\x80': skip(1); break;  // PROTO
-        case '(': marks_.push_back(stack_.size()); break;
-        case '.':  // STOP
-          if (stack_.size() != 1 || !marks_.empty()) {
-            throw fail(fmt::format("the pickle stops with {} values", stack_.size()));
-          }
-          return;
-        case ']': case '}': stack_.push_back(kContainer); break;  // EMPTY_LIST, EMPTY_DICT
-        case ')': stack_.push_back(tuple_around(0)); break;       // EMPTY_TUPLE
-        case 't': stack_.push_back(tuple_around(pop_deepest(pop_mark()))); break;
-        case '\x85': case '\x86': case '\x87':  // TUPLE1, TUPLE2, TUPLE3
-          stack_.push_back(tuple_around(pop_deepest_of_last(op - '\x85' + 1)));
-          break;
-        case 'e': case 'u': fill_since_mark(op == 'e' ? "APPENDS" : "SETITEMS"); break;
-        case 'N': case '\x88': case '\x89': stack_.push_back(kScalar); break;
-        case 'K': scalar(1); break;
-        case 'M': scalar(2); break;
-        case 'J': scalar(4); break;
-        case 'G': scalar(8); break;
-        case '\x8a': scalar(byte()); break;  // LONG1
-        case 'X': scalar(u32()); break;       // BINUNICODE
-        case 'c': line(), line(), stack_.push_back(kScalar); break;  // GLOBAL
-        case 'q': put(byte()); break;
-        case 'r': put(u32()); break;
-        case 'h': get(byte()); break;
-        case 'j': get(u32()); break;
-        case 'Q': pop(), stack_.push_back(kScalar); break;  // BINPERSID: a storage
-        case '\x81': pop(); break;                          // NEWOBJ drops its empty tuple, as LibTorch does
-        case 'R': {  // REDUCE: the callable below its argument tuple
-          const int arguments = pop();
-          pop();
-          stack_.push_back(call_result(std::max(0, arguments - 1)));
-          break;
-        }
-        case 'b': {  // BUILD: the object holds its state
-          const int state = pop();
-          pop();
-          stack_.push_back(checked({state + 1, false}));
-          break;
-        }
-        default:
-          throw fail(fmt::format("the pickle has opcode 0x{:02x}, which LibTorch's Pickler never writes",
-                                 static_cast<unsigned>(static_cast<unsigned char>(op))));
-      }
-    }
-    throw fail("the pickle ends without STOP");
-  }
-
- private:
-  std::string_view skip(size_t n) {
-    if (data_.size() - position_ < n) throw fail("the pickle ends inside an opcode");
-    auto bytes = data_.substr(position_, n);
-    position_ += n;
-    return bytes;
-  }
-  uint32_t byte() { return static_cast<unsigned char>(skip(1)[0]); }
-  uint32_t u32() {
-    auto b = skip(4);
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(b[i]);
-    return v;
-  }
-  void line() {
-    auto end = data_.find('\n', position_);
-    if (end == std::string_view::npos) throw fail("the pickle ends inside a GLOBAL");
-    position_ = end + 1;
-  }
-  void scalar(size_t bytes) {
-    skip(bytes);
-    stack_.push_back(kScalar);
-  }
-
-  /// The depth of the top value, popped.
-  int pop() {
-    if (stack_.size() <= floor()) throw fail("the pickle takes a value from an empty stack");
-    const int depth = stack_.back().depth;
-    stack_.pop_back();
-    return depth;
-  }
-  size_t floor() const { return marks_.empty() ? 0 : marks_.back(); }
-  /// The stack index of the last MARK, popped.
-  size_t pop_mark() {
-    if (marks_.empty()) throw fail("the pickle closes a MARK it never opened");
-    size_t mark = marks_.back();
-    marks_.pop_back();
-    return mark;
-  }
-  /// How deep the deepest value from stack index `first` on nests; they are popped.
-  int pop_deepest(size_t first) {
-    int depth = 0;
-    for (size_t i = first; i < stack_.size(); ++i) depth = std::max(depth, stack_[i].depth);
-    stack_.resize(first);
-    return depth;
-  }
-  int pop_deepest_of_last(size_t n) {
-    if (stack_.size() < floor() + n) throw fail("the pickle takes a value from an empty stack");
-    return pop_deepest(stack_.size() - n);
-  }
-  void fill_since_mark(const char* name) {
-    const size_t mark = pop_mark();
-    if (name[0] == 'S' && (stack_.size() - mark) % 2 != 0) {
-      throw fail("the pickle's SETITEMS has a key without a value");
-    }
-    const int deepest = pop_deepest(mark);
-    if (stack_.size() <= floor()) throw fail(fmt::format("the pickle's {} has no list or dict to fill", name));
-    fill(stack_.back(), deepest, name);
-  }
-  void put(uint32_t id) {
-    // LibTorch's Pickler numbers memo entries from 0 up; LibTorch's Unpickler
-    // would fill any gap, up to 4 billion entries.
-    if (stack_.size() <= floor() || id > memo_.size()) {
-      throw fail(fmt::format("the pickle stores memo entry {} out of order", id));
-    }
-    stack_.back().open = false;
-    if (id == memo_.size()) memo_.emplace_back();
-    memo_[id] = stack_.back().depth;
-  }
-  void get(uint32_t id) {
-    if (id >= memo_.size()) throw fail(fmt::format("the pickle reads memo entry {}, never stored", id));
-    stack_.push_back({memo_[id], false});
-  }
-
-  std::vector<Nesting> stack_;
-  std::vector<size_t> marks_;
-  std::vector<int> memo_;  // the depths of the values stored, all shared
-};
-
-/// The few globals LibTorch's Pickler writes outside containers.
-enum class Callable : uint8_t {
-  None, RebuildTensor, OrderedDict, RestoreTypeTag, IntList, TensorList, DoubleList, BoolList
-};
-
-/// A stack or memo entry: a value, or a global to call with REDUCE. A storage
-/// class ("torch.FloatStorage") is its ScalarType as an int, as in LibTorch.
-struct Item {
-  c10::IValue value;
-  Callable callable = Callable::None;
-  Nesting nesting;
-};
-
-class Reader : PickleWalk {
- public:
-  explicit Reader(std::string_view pickle) : PickleWalk(pickle) {}
-
-  /// nullopt on anything the fast path does not know.
-  std::optional<LibTorchPickle> run() {
-    uint8_t protocol = 0;
-    if (!byte() || data_[0] != '\x80' || !read(protocol) || protocol != 2) return std::nullopt;
-    while (position_ < data_.size()) {
-      at_ = position_;
-      const char op = data_[position_++];
-      if (op == '.') {  // STOP
-        if (stack_.size() != 1 || stack_[0].callable != Callable::None || !marks_.empty()) return std::nullopt;
-        LibTorchPickle out;
-        out.value = std::move(stack_[0].value);
-        out.storages = std::move(storages_);
-        return out;
-      }
-      if (!step(op)) return std::nullopt;
-    }
-    return std::nullopt;
-  }
-
- private:
   bool step(char op) {
     switch (op) {
       case '(': marks_.push_back(stack_.size()); return true;                              // MARK
@@ -452,7 +314,10 @@ class Reader : PickleWalk {
     auto name = module ? line() : std::nullopt;
     if (!name) return false;
     if (*module == "torch._utils" && *name == "_rebuild_tensor_v2") return push_callable(Callable::RebuildTensor);
+    if (*module == "torch._utils" && *name == "_rebuild_qtensor") return push_callable(Callable::RebuildQTensor);
     if (*module == "collections" && *name == "OrderedDict") return push_callable(Callable::OrderedDict);
+    if (*module == "builtins" && *name == "complex") return push_callable(Callable::Complex);
+    if (*module == "torch" && *name == "device") return push_callable(Callable::Device);
     if (*module == "torch.jit._pickle") {
       static const std::pair<std::string_view, Callable> builders[] = {
           {"restore_type_tag", Callable::RestoreTypeTag}, {"build_intlist", Callable::IntList},
@@ -461,14 +326,16 @@ class Reader : PickleWalk {
       for (const auto& [builder, callable] : builders) {
         if (*name == builder) return push_callable(callable);
       }
-      return false;
     }
-    if (*module != "torch") return false;
-    try {
-      return push(static_cast<int64_t>(storage_dtype("torch." + std::string(*name))));
-    } catch (const std::invalid_argument&) {
-      return false;
+    if (*module == "torch") {  // a storage class or a quantization scheme, as its enum's int
+      if (*name == "per_tensor_affine") return push(static_cast<int64_t>(at::kPerTensorAffine));
+      if (*name == "per_channel_affine") return push(static_cast<int64_t>(at::kPerChannelAffine));
+      try {
+        return push(static_cast<int64_t>(storage_dtype("torch." + std::string(*name))));
+      } catch (const std::invalid_argument&) {
+      }
     }
+    throw fail(fmt::format("the pickle calls {}.{}, which torchfit does not read", *module, *name));
   }
 
   /// ('storage', dtype, key, location, numel): a 1-d tensor over a storage whose
@@ -524,6 +391,13 @@ class Reader : PickleWalk {
                push(items[0], result);
       case Callable::RebuildTensor:
         return rebuild_tensor(items);
+      case Callable::RebuildQTensor:
+        return rebuild_qtensor(items);
+      case Callable::Device:  // c10::Device refuses a bad name
+        return items.size() == 1 && items[0].isString() && push(c10::Device(items[0].toStringRef()));
+      case Callable::Complex:
+        return items.size() == 2 && items[0].isDouble() && items[1].isDouble() &&
+               push(c10::complex<double>(items[0].toDouble(), items[1].toDouble()));
       case Callable::IntList:
         return typed_list(items, c10::IntType::get(), result);
       case Callable::TensorList:
@@ -552,10 +426,57 @@ class Reader : PickleWalk {
       return false;
     }
     const auto& base = items[0].toTensor();
+    if (c10::isQIntType(base.scalar_type())) return false;  // only with _rebuild_qtensor
     const int64_t offset = items[1].toInt();
     check_tensor_extent(offset, sizes_, strides_, base.numel());
     auto tensor = make_tensor(base.storage(), base.scalar_type(), offset, sizes_, strides_);
     return push(torch::autograd::make_variable(std::move(tensor), items[4].toBool()));
+  }
+
+  /// (storage tensor, offset, sizes, strides, quantization, requires_grad, backward hooks),
+  /// the quantization being (per_tensor_affine, scale, zero point) or
+  /// (per_channel_affine, scales, zero points, axis).
+  bool rebuild_qtensor(c10::ArrayRef<c10::IValue> items) {
+    if (items.size() != 7 || !items[0].isTensor() || !items[1].isInt() || !int_tuple(items[2], sizes_) ||
+        !int_tuple(items[3], strides_) || !items[4].isTuple() || !items[5].isBool()) {
+      return false;
+    }
+    const auto& base = items[0].toTensor();
+    if (!c10::isQIntType(base.scalar_type())) return false;
+    const int64_t offset = items[1].toInt();
+    check_tensor_extent(offset, sizes_, strides_, base.numel());
+    const auto quantization = items[4].toTupleRef().elements().asArrayRef();
+    if (quantization.empty() || !quantization[0].isInt()) return false;
+    const auto options = at::TensorOptions().dtype(base.scalar_type());
+    at::Tensor tensor;
+    const int64_t scheme = quantization[0].toInt();
+    if (scheme == static_cast<int64_t>(at::kPerTensorAffine) && quantization.size() == 3 && quantization[1].isDouble() &&
+        quantization[2].isInt()) {
+      tensor = at::_empty_affine_quantized({0}, options, quantization[1].toDouble(), quantization[2].toInt());
+    } else if (scheme == static_cast<int64_t>(at::kPerChannelAffine) && quantization.size() == 4 && quantization[1].isTensor() &&
+               quantization[2].isTensor() && quantization[3].isInt()) {
+      const auto& scales = quantization[1].toTensor();
+      const auto& zero_points = quantization[2].toTensor();
+      const int64_t axis = quantization[3].toInt();
+      // As LibTorch's Pickler writes them: one of each per index along the axis, in
+      // the types the quantizer keeps, so it keeps them without reading their bytes
+      // (which are bound only once the file's checksum matched).
+      auto fits = [&](const at::Tensor& t, at::ScalarType type) {
+        return t.scalar_type() == type && t.dim() == 1 && t.is_contiguous() && t.numel() == sizes_[axis];
+      };
+      if (axis < 0 || axis >= static_cast<int64_t>(sizes_.size()) || !fits(scales, at::kDouble) ||
+          !fits(zero_points, at::kLong)) {
+        return false;
+      }
+      tensor = at::_empty_per_channel_affine_quantized({0}, scales, zero_points, axis, options);
+    } else {
+      return false;
+    }
+    auto* impl = tensor.unsafeGetTensorImpl();
+    impl->set_storage_keep_dtype(base.storage());
+    impl->set_storage_offset(offset);
+    impl->set_sizes_and_strides(sizes_, strides_);
+    return push(torch::autograd::make_variable(std::move(tensor), items[5].toBool()));
   }
 
   /// Sets the container's element types, as LibTorch's restore_type_tag does.
@@ -581,6 +502,9 @@ class Reader : PickleWalk {
     return false;
   }
 
+  std::string_view data_;
+  size_t position_ = 0;
+  size_t at_ = 0;  // where the current opcode starts
   std::vector<Item> stack_;
   std::vector<size_t> marks_;
   std::vector<Item> memo_;
@@ -592,15 +516,12 @@ class Reader : PickleWalk {
 
 }  // namespace
 
-void check_pickle_shape(std::string_view pickle) { ShapeCheck(pickle).run(); }
-
-std::optional<LibTorchPickle> read_libtorch_pickle(std::string_view pickle) {
+LibTorchPickle read_libtorch_pickle(std::string_view pickle) {
   try {
-    if (auto out = Reader(pickle).run()) return out;
-  } catch (const c10::Error&) {  // whatever LibTorch refuses, its Unpickler will say best
+    return Reader(pickle).run();
+  } catch (const c10::Error& e) {  // what LibTorch refuses to make (a device of a bad name)
+    throw std::invalid_argument(e.what_without_backtrace());
   }
-  check_pickle_shape(pickle);  // before LibTorch's Unpickler sees it
-  return std::nullopt;
 }
 
 }  // namespace torchfit::detail

@@ -1,17 +1,13 @@
 #include "format/pickle_file.h"
 
-#include <cstring>
 #include <vector>
 
 #include <caffe2/serialize/inline_container.h>
-#include <fmt/format.h>
 #include <torch/csrc/jit/serialization/export.h>
 #include <torch/csrc/jit/serialization/pickler.h>
-#include <torch/csrc/jit/serialization/unpickler.h>
 
 #include "format/byte_sink.h"
 #include "format/libtorch_pickle.h"
-#include "torchfit/error.h"
 
 namespace torchfit::detail {
 namespace {
@@ -37,7 +33,7 @@ void write_pickle(ChecksumSink& sink, const c10::IValue& value) {
   pickler.protocol();
   pickler.pushIValue(value);
   pickler.stop();
-  check_pickle_shape({pickle.data(), pickle.size()});  // what would not read back is not written
+  (void)read_libtorch_pickle({pickle.data(), pickle.size()});  // what would not read back is not written
 
   std::vector<torch::jit::WriteableTensorData> storages;
   uint64_t payload = pickle.size();
@@ -61,23 +57,6 @@ void write_pickle(ChecksumSink& sink, const c10::IValue& value) {
   zip.add("data.pkl", pickle.data(), pickle.size());
   zip.add("version", "3\n", 2);
   zip.finish();
-}
-
-c10::IValue unpickle_trusted(const std::string& pickle, const std::function<at::DataPtr(const std::string&)>& storage,
-                             const std::string& path) {
-  size_t position = 0;
-  auto reader = [&](char* buffer, size_t n) -> size_t {
-    n = std::min(n, pickle.size() - position);
-    std::memcpy(buffer, pickle.data() + position, n);
-    position += n;
-    return n;
-  };
-  try {
-    torch::jit::Unpickler unpickler(reader, nullptr, nullptr, storage, at::Device(at::kCPU));
-    return unpickler.parse_ivalue();
-  } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path, e.what_without_backtrace()));
-  }
 }
 
 std::string pickle_to_bytes(const c10::IValue& value) {

@@ -3,7 +3,6 @@
 // record per tensor storage. torchfit writes every checkpoint this way, so
 // Python's torch.load reads them.
 
-#include <functional>
 #include <map>
 #include <string>
 
@@ -15,8 +14,9 @@ namespace torchfit::detail {
 
 /// Pickles `value` (dicts, lists, tuples, numbers, strings, tensors) as torch.save
 /// does and streams the zip into `sink`, ending with `sink.finish()`. Throws
-/// std::invalid_argument, before writing, for a value the readers would refuse
-/// (containers nested deeper than kMaxPickleDepth).
+/// std::invalid_argument, before writing, for a value read_libtorch_pickle would
+/// refuse (containers nested deeper than kMaxPickleDepth, objects of TorchScript
+/// classes).
 void write_pickle(ChecksumSink& sink, const c10::IValue& value);
 
 /// A file's pickle, parsed with its storages allocated but not yet read.
@@ -25,12 +25,6 @@ struct DeferredPickle {
   /// Where the bytes of each allocated storage lie in the file.
   std::map<const void*, RecordSpan> spans;
 };
-
-/// Parses `pickle` (bytes of a file whose checksum matched, which passed
-/// check_pickle_shape) with LibTorch's unpickler, taking the storage of record
-/// "data/<key>" from `storage(key)`. Throws CheckpointError naming `path`.
-c10::IValue unpickle_trusted(const std::string& pickle, const std::function<at::DataPtr(const std::string&)>& storage,
-                             const std::string& path);
 
 /// Encodes `value` into an in-memory torch.save file (with our checksum).
 std::string pickle_to_bytes(const c10::IValue& value);

@@ -465,6 +465,9 @@ at::ScalarType storage_dtype(const std::string& name) {
       {"torch.ByteStorage", at::kByte},       {"torch.BoolStorage", at::kBool},
       {"torch.ComplexFloatStorage", at::kComplexFloat}, {"torch.ComplexDoubleStorage", at::kComplexDouble},
       {"torch.UntypedStorage", at::kByte},
+      {"torch.QInt8Storage", at::kQInt8},     {"torch.QUInt8Storage", at::kQUInt8},
+      {"torch.QInt32Storage", at::kQInt32},   {"torch.QUInt4x2Storage", at::kQUInt4x2},
+      {"torch.QUInt2x4Storage", at::kQUInt2x4},
   };
   auto it = types.find(name);
   if (it == types.end()) throw std::invalid_argument("unsupported storage type " + name);

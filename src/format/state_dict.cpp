@@ -224,9 +224,10 @@ void install_weights(TensorMap& targets, const TensorMap& weights) {
                 target.storage().nbytes() == target.nbytes() && target.storage().use_count() == 1 &&
                 source.storage().use_count() == 1;
     auto* impl = target.unsafeGetTensorImpl();
-    if (swap && impl->allow_tensor_metadata_change()) {
+    if (swap && impl->allow_tensor_metadata_change() && !target.is_quantized()) {
       // Same sizes, strides, dtype and device (checked): only the storage changes,
-      // which is what set_data would do, at a tenth of its cost (no dispatch).
+      // which is what set_data would do, at a tenth of its cost (no dispatch). A
+      // quantized tensor takes the file's scales too, through set_data.
       impl->set_storage_keep_dtype(source.storage());
     } else if (swap) {
       target.set_data(source);
