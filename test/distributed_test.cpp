@@ -28,8 +28,20 @@ std::string bits(const torch::nn::Module& model) {
   return out;
 }
 
-class Sleep : public Callback {
-  void on_train_batch_end(int64_t, const Logs&) override { std::this_thread::sleep_for(std::chrono::milliseconds(60)); }
+/// Slows every batch down, so a kill lands mid-run, and publishes how many batches
+/// the rank finished in `file`, for the test to wait on.
+class SlowBatches : public Callback {
+ public:
+  explicit SlowBatches(std::string file) : file_(std::move(file)) {}
+  void on_train_batch_end(int64_t, const Logs&) override {
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    std::ofstream(file_ + ".tmp") << ++finished_;
+    fs::rename(file_ + ".tmp", file_);  // never seen half written
+  }
+
+ private:
+  std::string file_;
+  int64_t finished_ = 0;
 };
 
 // The child side: one rank of a 2-process fit.
@@ -59,7 +71,7 @@ TEST(DistChild, Train) {
     }
     auto backup = std::make_shared<BackupAndRestore>(BackupOptions(dir + "/backup").save_freq(SaveFreq::batches(2)));
     if (with_backup) callbacks.insert(callbacks.begin(), backup);
-    if (slow) callbacks.push_back(std::make_shared<Sleep>());
+    if (slow) callbacks.push_back(std::make_shared<SlowBatches>(fmt::format("{}/batches{}.txt", dir, rank)));
     History history;
     if (std::getenv("TORCHFIT_DIST_LOADERS") != nullptr) {
       // Each rank's loaders read their shard; validation totals are summed across ranks.
@@ -104,6 +116,22 @@ std::vector<pid_t> spawn_ranks(const std::string& dir, int port, bool slow, std:
 bool wait_for(const std::string& file) {
   for (int i = 0; i < 3000 && !fs::exists(file); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   return fs::exists(file);
+}
+
+/// The batches rank `rank` of a slow run in `dir` has finished (SlowBatches).
+int64_t batches_finished(const std::string& dir, int rank) {
+  auto text = read_file(fmt::format("{}/batches{}.txt", dir, rank));
+  return text.empty() ? 0 : std::stoll(text);
+}
+
+/// Polls until rank `rank` of a slow run in `dir` finished `more` batches beyond
+/// those it had (up to 30 s); returns whether it did.
+bool wait_for_more_batches(const std::string& dir, int rank, int64_t more) {
+  const int64_t target = batches_finished(dir, rank) + more;
+  for (int i = 0; i < 3000 && batches_finished(dir, rank) < target; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return batches_finished(dir, rank) >= target;
 }
 
 /// A port nothing listens on, chosen by the kernel: ctest runs tests side by side,
@@ -191,7 +219,7 @@ TEST_F(DistributedTest, KillingOneRankFailsTheOtherWithinTheTimeout) {
   fs::create_directories(dir());
   auto pids = spawn_ranks(dir().string(), free_port(), true, {"TORCHFIT_DIST_EPOCHS=1000"});
   EXPECT_TRUE(wait_for(path("e1.pt")));
-  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_TRUE(wait_for_more_batches(dir().string(), 1, 1));  // in the epoch after
   ::kill(pids[1], SIGKILL);
   auto killed_at = std::chrono::steady_clock::now();
   int status = 0;
@@ -226,7 +254,7 @@ TEST_F(DistributedTest, ResumeAfterAKillContinuesFromTheLastBackupOnBothRanks) {
 
   auto pids = spawn_ranks(killed, free_port(), true, run);  // about 1.5 s of training
   EXPECT_TRUE(wait_for(killed + "/backup/backup.pt"));
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // a few more batches, mid-epoch
+  EXPECT_TRUE(wait_for_more_batches(killed, 1, 3));  // a few more batches, mid-epoch
   ::kill(pids[1], SIGKILL);
   wait_all(pids);
   ASSERT_TRUE(fs::exists(killed + "/backup/backup.pt")) << "the kill came before the first backup: " << read_file(killed + "/error0.txt");
