@@ -834,6 +834,22 @@ TEST_F(SerializeTest, AStateTooDeepToReadBackIsNotWrittenAndTheFileBeforeItStays
   for (const auto& entry : fs::directory_iterator(dir())) EXPECT_EQ(entry.path().filename(), "w.pt");
 }
 
+// LibTorch's Pickler writes sparse tensors, which torchfit's reader does not read:
+// the save says so, rather than leave a checkpoint no load can read.
+TEST_F(SerializeTest, ASparseTensorIsRefusedWhenSavedNotWhenLoaded) {
+  struct WithSparse : torch::nn::Module {
+    WithSparse() { register_buffer("sparse", torch::eye(3).to_sparse()); }
+  };
+  torch::nn::Linear model(3, 2);
+  save_weights(*model, path("w.pt"));
+  auto before = read_bytes(path("w.pt"));
+  WithSparse sparse;
+  expect_error([&] { save_weights(sparse, path("w.pt")); },
+               {"Failed writing checkpoint " + path("w.pt"), "would not load back",
+                "torch._utils._rebuild_sparse_tensor, which torchfit does not read"});
+  EXPECT_EQ(read_bytes(path("w.pt")), before);
+}
+
 TEST(LibTorchPickleTest, RefusesATensorPastItsStorage) {
   Pickled pickled(c10::IValue(at::ones({4})));
   // The storage's element count is the BININT1 right before TUPLE and BINPERSID.
