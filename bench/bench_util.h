@@ -23,22 +23,34 @@ class Interleaved {
  public:
   struct Method {
     std::string name;
-    std::function<void()> run;
+    std::function<double()> run;  // seconds
     std::function<void()> setup;
   };
   void add(std::string name, std::function<void()> run, std::function<void()> setup = [] {}) {
+    add_timed(
+        std::move(name),
+        [run = std::move(run)] {
+          auto start = std::chrono::steady_clock::now();
+          run();
+          return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        },
+        std::move(setup));
+  }
+  /// A method that times itself (another process's work, say), returning seconds.
+  void add_timed(std::string name, std::function<double()> run, std::function<void()> setup = [] {}) {
     methods_.push_back({std::move(name), std::move(run), std::move(setup)});
   }
   /// Median seconds by method name.
   std::map<std::string, double> run(int reps) const {
     std::map<std::string, std::vector<double>> times;
     for (int rep = 0; rep < reps; ++rep) {
-      for (const auto& m : methods_) {
+      // Each round starts one method later: what one method leaves behind (dirty or
+      // freed memory, say) falls on a different method each round, not always the next.
+      for (size_t k = 0; k < methods_.size(); ++k) {
+        const auto& m = methods_[(k + static_cast<size_t>(rep)) % methods_.size()];
         m.setup();
         ::sync();
-        auto start = std::chrono::steady_clock::now();
-        m.run();
-        times[m.name].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        times[m.name].push_back(m.run());
       }
     }
     std::map<std::string, double> medians;

@@ -1,11 +1,14 @@
-"""Python's torch.save on a state dict of given tensor sizes; prints JSON timings.
+"""Python's torch.save on a state dict of given tensor sizes, for save_bench.
 
-Run with Debian's interpreter (/usr/bin/python3), which imports python3-torch.
+Prints "ready", then saves once per line read from stdin ("save", or
+"save_fsync" for a save followed by fsync) and answers each with the seconds
+that save took, so save_bench runs Python's saves in the same rounds as its
+own. Run with Debian's interpreter (/usr/bin/python3), which imports
+python3-torch.
 """
 import argparse
-import json
 import os
-import statistics
+import sys
 import time
 
 import torch
@@ -15,17 +18,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--numels", required=True, help="comma-separated float32 tensor sizes")
     parser.add_argument("--path", required=True)
-    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     state = {f"p{i}": torch.randn(int(n)) for i, n in enumerate(args.numels.split(","))}
-
-    def timed(save):
-        times = []
-        for _ in range(args.reps):
-            start = time.perf_counter()
-            save()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
 
     def save_fsync():
         with open(args.path, "wb") as f:
@@ -33,10 +27,14 @@ def main():
             f.flush()
             os.fsync(f.fileno())
 
-    plain = timed(lambda: torch.save(state, args.path))
-    durable = timed(save_fsync)
-    os.remove(args.path)
-    print(json.dumps({"save_s": plain, "save_fsync_s": durable, "torch": torch.__version__}))
+    saves = {"save": lambda: torch.save(state, args.path), "save_fsync": save_fsync}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        start = time.perf_counter()
+        saves[line.strip()]()
+        print(time.perf_counter() - start, flush=True)
+    if os.path.exists(args.path):
+        os.remove(args.path)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@
 // 4 KiB tensors (0 to skip).
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -112,28 +114,69 @@ struct Saver {
   }
 };
 
-std::string python_timings(const std::string& python, const Case& c, const std::string& path, int reps) {
-  std::string numels;
-  for (auto n : c.numels) numels += (numels.empty() ? "" : ",") + std::to_string(n);
-  auto script = fs::path(__FILE__).parent_path() / "python_save.py";
-  auto command = fmt::format("{} {} --numels {} --path {} --reps {}", python, script.string(), numels, path, reps);
-  std::string out;
-  if (FILE* pipe = ::popen(command.c_str(), "r")) {
-    char buffer[512];
-    while (std::fgets(buffer, sizeof buffer, pipe)) out += buffer;
-    if (::pclose(pipe) != 0) out.clear();
+/// Debian's Python saving a state dict of the same shapes with torch.save, one
+/// save per request (bench/python_save.py), so its saves run in the same
+/// rounds as torchfit's. Not ready() when the interpreter or torch is missing.
+class PythonSaver {
+ public:
+  PythonSaver(const std::string& python, const Case& c, const std::string& path) {
+    std::string numels;
+    for (auto n : c.numels) numels += (numels.empty() ? "" : ",") + std::to_string(n);
+    const auto script = (fs::path(__FILE__).parent_path() / "python_save.py").string();
+    int to_child[2], from_child[2];
+    if (::pipe2(to_child, O_CLOEXEC) != 0) return;
+    if (::pipe2(from_child, O_CLOEXEC) != 0) {
+      ::close(to_child[0]);
+      ::close(to_child[1]);
+      return;
+    }
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::dup2(to_child[0], STDIN_FILENO);
+      ::dup2(from_child[1], STDOUT_FILENO);
+      ::execl(python.c_str(), python.c_str(), script.c_str(), "--numels", numels.c_str(), "--path", path.c_str(),
+              static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    ::close(to_child[0]);
+    ::close(from_child[1]);
+    requests_ = ::fdopen(to_child[1], "w");
+    answers_ = ::fdopen(from_child[0], "r");
+    ready_ = pid_ > 0 && requests_ != nullptr && answers_ != nullptr && answer() == "ready";
   }
-  return out;
-}
+  ~PythonSaver() {
+    if (requests_ != nullptr) std::fclose(requests_);  // the worker ends at end of input
+    if (answers_ != nullptr) std::fclose(answers_);
+    if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
+  }
+  bool ready() const { return ready_; }
+  /// Seconds one save took, as Python timed it: "save" or "save_fsync".
+  double save(const char* how) {
+    std::fprintf(requests_, "%s\n", how);
+    std::fflush(requests_);
+    auto seconds = answer();
+    if (seconds.empty()) throw std::runtime_error("the Python worker stopped answering");
+    return std::stod(seconds);
+  }
 
-double json_number(const std::string& json, const std::string& key) {
-  auto at = json.find("\"" + key + "\":");
-  return at == std::string::npos ? 0.0 : std::stod(json.substr(at + key.size() + 3));
-}
+ private:
+  std::string answer() {
+    char line[128];
+    if (std::fgets(line, sizeof line, answers_) == nullptr) return "";
+    std::string text = line;
+    while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    return text;
+  }
+  pid_t pid_ = -1;
+  FILE* requests_ = nullptr;
+  FILE* answers_ = nullptr;
+  bool ready_ = false;
+};
 
 }  // namespace
 
 int main(int argc, char** argv) try {
+  std::signal(SIGPIPE, SIG_IGN);  // a Python worker that died is an error to report, not a signal
   bench::Args args(argc, argv);
   int reps = static_cast<int>(args.number("reps", 7));
   auto dir = fs::path(args.get("dir", "bench_out"));
@@ -207,6 +250,11 @@ int main(int argc, char** argv) try {
     methods.add("raw_read", [&] { raw_read(path("read.bin"), target.data(), bytes); });
     methods.add("raw_read_fresh", [&] { raw_read_fresh(path("read.bin"), bytes); });
     methods.add("load", [&] { load_weights(*loaded, path("weights.pt")); });
+    PythonSaver python_saver(python, c, path("python.pt"));
+    if (python_saver.ready()) {
+      methods.add_timed("python", [&] { return python_saver.save("save"); });
+      methods.add_timed("python_fsync", [&] { return python_saver.save("save_fsync"); });
+    }
     auto t = methods.run(reps);
     async.callback->wait();
     double memcpy_s = t["memcpy"], raw_s = t["raw"], torch_save_s = t["torch_save"];
@@ -214,8 +262,7 @@ int main(int argc, char** argv) try {
     double block_s = t["async_block"], durable_s = t["async_durable"];
     double raw_read_s = t["raw_read"], raw_read_fresh_s = t["raw_read_fresh"], load_s = t["load"];
 
-    auto py = python_timings(python, c, path("python.pt"), reps);
-    double python_s = json_number(py, "save_fsync_s");  // durable, as torchfit's saves
+    double python_s = t["python_fsync"];  // durable, as torchfit's saves (0 without Python)
 
     auto ms = [](double s) { return fmt::format("{:.2f}", s * 1e3); };
     auto ratio = [](double a, double b) { return b > 0 ? fmt::format("{:.2f}", a / b) : std::string("n/a"); };
@@ -234,8 +281,8 @@ int main(int argc, char** argv) try {
               {"sync_full_s", sync_full_s},
               {"async_block_s", block_s},
               {"async_durable_s", durable_s},
-              {"python_torch_save_s", json_number(py, "save_s")},
-              {"python_torch_save_fsync_s", json_number(py, "save_fsync_s")},
+              {"python_torch_save_s", t["python"]},
+              {"python_torch_save_fsync_s", python_s},
               {"raw_read_s", raw_read_s},
               {"raw_read_fresh_s", raw_read_fresh_s},
               {"load_weights_s", load_s},
