@@ -266,7 +266,7 @@ TEST_F(HostileTest, SealedPicklesLibTorchsPicklerDoesNotWriteAreRefusedWithAReas
   // A storage of dtype 1000, which crashes LibTorch's Unpickler.
   const std::string bad_dtype = "\x80\x02}(" + pk::str("w") + pk::global("torch._utils", "_rebuild_tensor_v2") + "(" +
                                 pk::tuple({pk::str("storage"), "M\xe8\x03", pk::str("0"), pk::str("cpu"), pk::i64(4)}) +
-                                "QK\x00" + pk::tuple({pk::i64(4)}) + pk::tuple({pk::i64(1)}) + "\x89" +
+                                "Q" + pk::i64(0) + pk::tuple({pk::i64(4)}) + pk::tuple({pk::i64(1)}) + "\x89" +
                                 pk::global("collections", "OrderedDict") + ")RtRu.";
   struct Case {
     const char* name;
