@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <unordered_map>
 
@@ -421,40 +422,43 @@ class Reader {
 
   /// (storage tensor, offset, sizes, strides, requires_grad, backward hooks)
   bool rebuild_tensor(c10::ArrayRef<c10::IValue> items) {
-    if (items.size() != 6 || !items[0].isTensor() || !items[1].isInt() || !int_tuple(items[2], sizes_) ||
-        !int_tuple(items[3], strides_) || !items[4].isBool()) {
-      return false;
+    const at::Tensor* base = items.size() == 6 && items[4].isBool() ? storage_and_layout(items, false) : nullptr;
+    if (base == nullptr) return false;
+    auto tensor = make_tensor(base->storage(), base->scalar_type(), items[1].toInt(), sizes_, strides_);
+    return push(torch::autograd::make_variable(std::move(tensor), items[4].toBool()));
+  }
+
+  /// The (storage tensor, offset, sizes, strides) both rebuilds start with: the
+  /// storage tensor, with sizes_ and strides_ read and checked against it; nullptr
+  /// when they are malformed or the storage's dtype is (not) quantized as `quantized`.
+  const at::Tensor* storage_and_layout(c10::ArrayRef<c10::IValue> items, bool quantized) {
+    if (items.size() < 4 || !items[0].isTensor() || !items[1].isInt() || !int_tuple(items[2], sizes_) ||
+        !int_tuple(items[3], strides_)) {
+      return nullptr;
     }
     const auto& base = items[0].toTensor();
-    if (c10::isQIntType(base.scalar_type())) return false;  // only with _rebuild_qtensor
-    const int64_t offset = items[1].toInt();
-    check_tensor_extent(offset, sizes_, strides_, base.numel());
-    auto tensor = make_tensor(base.storage(), base.scalar_type(), offset, sizes_, strides_);
-    return push(torch::autograd::make_variable(std::move(tensor), items[4].toBool()));
+    if (c10::isQIntType(base.scalar_type()) != quantized) return nullptr;  // qint storages: _rebuild_qtensor only
+    check_tensor_extent(items[1].toInt(), sizes_, strides_, base.numel());
+    return &base;
   }
 
   /// (storage tensor, offset, sizes, strides, quantization, requires_grad, backward hooks),
   /// the quantization being (per_tensor_affine, scale, zero point) or
   /// (per_channel_affine, scales, zero points, axis).
   bool rebuild_qtensor(c10::ArrayRef<c10::IValue> items) {
-    if (items.size() != 7 || !items[0].isTensor() || !items[1].isInt() || !int_tuple(items[2], sizes_) ||
-        !int_tuple(items[3], strides_) || !items[4].isTuple() || !items[5].isBool()) {
-      return false;
-    }
-    const auto& base = items[0].toTensor();
-    if (!c10::isQIntType(base.scalar_type())) return false;
-    const int64_t offset = items[1].toInt();
-    check_tensor_extent(offset, sizes_, strides_, base.numel());
+    const bool shaped = items.size() == 7 && items[4].isTuple() && items[5].isBool();
+    const at::Tensor* base = shaped ? storage_and_layout(items, true) : nullptr;
+    if (base == nullptr) return false;
     const auto quantization = items[4].toTupleRef().elements().asArrayRef();
     if (quantization.empty() || !quantization[0].isInt()) return false;
-    const auto options = at::TensorOptions().dtype(base.scalar_type());
+    const auto options = at::TensorOptions().dtype(base->scalar_type());
     at::Tensor tensor;
     const int64_t scheme = quantization[0].toInt();
-    if (scheme == static_cast<int64_t>(at::kPerTensorAffine) && quantization.size() == 3 && quantization[1].isDouble() &&
-        quantization[2].isInt()) {
+    if (scheme == static_cast<int64_t>(at::kPerTensorAffine) && quantization.size() == 3 &&
+        quantization[1].isDouble() && quantization[2].isInt()) {
       tensor = at::_empty_affine_quantized({0}, options, quantization[1].toDouble(), quantization[2].toInt());
-    } else if (scheme == static_cast<int64_t>(at::kPerChannelAffine) && quantization.size() == 4 && quantization[1].isTensor() &&
-               quantization[2].isTensor() && quantization[3].isInt()) {
+    } else if (scheme == static_cast<int64_t>(at::kPerChannelAffine) && quantization.size() == 4 &&
+               quantization[1].isTensor() && quantization[2].isTensor() && quantization[3].isInt()) {
       const auto& scales = quantization[1].toTensor();
       const auto& zero_points = quantization[2].toTensor();
       const int64_t axis = quantization[3].toInt();
@@ -473,8 +477,8 @@ class Reader {
       return false;
     }
     auto* impl = tensor.unsafeGetTensorImpl();
-    impl->set_storage_keep_dtype(base.storage());
-    impl->set_storage_offset(offset);
+    impl->set_storage_keep_dtype(base->storage());
+    impl->set_storage_offset(items[1].toInt());
     impl->set_sizes_and_strides(sizes_, strides_);
     return push(torch::autograd::make_variable(std::move(tensor), items[5].toBool()));
   }
