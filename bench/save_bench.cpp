@@ -212,6 +212,7 @@ int main(int argc, char** argv) try {
     Saver weights(trainer, CheckpointOptions(path("weights.pt")).save_weights_only(true));
     Saver full(trainer, CheckpointOptions(path("full.pt")));
     Saver async(trainer, CheckpointOptions(path("async.pt")).save_weights_only(true).async_save(true));
+    Saver for_load(trainer, CheckpointOptions(path("load.pt")).save_weights_only(true));
     Blob loaded(c.numels);
 
     // The first async save allocates the snapshot buffers: measure its peak memory.
@@ -220,7 +221,7 @@ int main(int argc, char** argv) try {
     async.save();
     async.callback->wait();
     double peak_extra = (status_kib("VmHWM") - rss_before) * 1024.0;
-    weights.save();                              // files for the load measurements
+    for_load.save();                             // files for the load measurements
     raw_write(path("read.bin"), tensors);
 
     bench::Interleaved methods;
@@ -249,7 +250,7 @@ int main(int argc, char** argv) try {
     }, step);
     methods.add("raw_read", [&] { raw_read(path("read.bin"), target.data(), bytes); });
     methods.add("raw_read_fresh", [&] { raw_read_fresh(path("read.bin"), bytes); });
-    methods.add("load", [&] { load_weights(*loaded, path("weights.pt")); });
+    methods.add("load", [&] { load_weights(*loaded, path("load.pt")); });
     PythonSaver python_saver(python, c, path("python.pt"));
     if (python_saver.ready()) {
       methods.add_timed("python", [&] { return python_saver.save("save"); });
@@ -292,7 +293,7 @@ int main(int argc, char** argv) try {
   auto json_path = args.get("json", (dir / "save_bench.json").string());
   std::ofstream(json_path) << json.str();
   fmt::print("\nJSON: {}\n", json_path);
-  for (const auto* name : {"raw.bin", "read.bin", "torch_save.pt", "weights.pt", "full.pt", "async.pt"}) {
+  for (const auto* name : {"raw.bin", "read.bin", "torch_save.pt", "weights.pt", "full.pt", "async.pt", "load.pt"}) {
     fs::remove(dir / name);
   }
   return 0;

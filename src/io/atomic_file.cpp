@@ -202,58 +202,92 @@ AtomicFile::AtomicFile(std::string target, bool fsync) : target_(std::move(targe
   }
 }
 
+namespace {
+
+constexpr size_t kStagingSize = 4 << 20;
+/// Sources this large skip the staging buffer: written as they are (page-aligned,
+/// to a durable file) or through the page cache (other files).
+constexpr size_t kUnstagedWrite = 1 << 20;
+
+/// The staging buffer the last file written on this thread left: its pages are
+/// mapped already, and a checkpoint every few batches would otherwise fault in
+/// 4 MiB of fresh memory each time.
+thread_local std::unique_ptr<char, AtomicFile::FreeStaging> spare_staging;
+
+bool page_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kPageSize == 0; }
+
+}  // namespace
+
+void AtomicFile::FreeStaging::operator()(char* staging) const { std::free(staging); }
+
 AtomicFile::~AtomicFile() {
   if (direct_fd_ >= 0) ::close(direct_fd_);
   if (fd_ >= 0) ::close(fd_);
   if (!committed_) ::unlink(temp_path_.c_str());
-}
-
-namespace {
-constexpr size_t kBufferSize = 1 << 20;
+  if (staging_ && !spare_staging) spare_staging = std::move(staging_);
 }
 
 void AtomicFile::write(const void* data, size_t size) {
   auto* bytes = static_cast<const char*>(data);
-  if (buffer_.size() + size <= kBufferSize) {
-    if (buffer_.capacity() < kBufferSize) buffer_.reserve(kBufferSize);
-    buffer_.append(bytes, size);
-    return;
+  while (size > 0) {
+    if (size >= kUnstagedWrite && direct_fd_ < 0) {
+      flush();
+      write_fd(bytes, size);
+      return;
+    }
+    // Straight from the source, if it starts on a page and so does its place in
+    // the file (O_DIRECT writes leave whole pages, so written_ is on one).
+    if (size >= kUnstagedWrite && staged_ % kPageSize == 0 && page_aligned(bytes)) {
+      flush();
+      size_t direct = write_direct(bytes, size / kPageSize * kPageSize);
+      bytes += direct;
+      size -= direct;
+      if (direct > 0) continue;  // the partial last page, if any, is staged
+    }
+    if (!staging_) {
+      staging_ = std::move(spare_staging);
+      void* fresh = nullptr;
+      if (!staging_ && ::posix_memalign(&fresh, kPageSize, kStagingSize) != 0) {
+        throw CheckpointError(fmt::format("Failed writing file {}: out of memory for its {} MiB write buffer",
+                                          target_, kStagingSize >> 20));
+      }
+      if (!staging_) staging_.reset(static_cast<char*>(fresh));
+    }
+    size_t n = std::min(size, kStagingSize - staged_);
+    std::memcpy(staging_.get() + staged_, bytes, n);
+    staged_ += n;
+    bytes += n;
+    size -= n;
+    if (staged_ == kStagingSize) flush();
   }
-  flush();
-  if (size < kBufferSize) {
-    buffer_.append(bytes, size);
-    return;
-  }
-  if (direct_fd_ >= 0 && written_ % kPageSize == 0 && reinterpret_cast<uintptr_t>(bytes) % kPageSize == 0) {
-    size_t direct = write_direct(bytes, size / kPageSize * kPageSize);
-    bytes += direct;
-    size -= direct;
-  }
-  write_fd(bytes, size);
 }
 
 size_t AtomicFile::write_direct(const char* bytes, size_t size) {
   size_t done = 0;
-  while (done < size) {
+  while (direct_fd_ >= 0 && done < size) {
     ssize_t n = ::pwrite(direct_fd_, bytes + done, size - done, static_cast<off_t>(written_));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && errno == EINVAL) {
-      // This file system or device wants other alignments: buffered writes from here on.
+    if (n < 0 && errno != EINVAL) throw CheckpointError(errno_message("Failed writing file", target_, errno));
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+      written_ += static_cast<uint64_t>(n);
+      started_ = written_;  // on the disk already
+    }
+    if (n < 0 || n % kPageSize != 0) {
+      // This file system or device wants other alignments (EINVAL), or a short
+      // write left the file off its pages: through the page cache from here on.
       ::close(direct_fd_);
       direct_fd_ = -1;
-      break;
     }
-    if (n < 0) throw CheckpointError(errno_message("Failed writing file", target_, errno));
-    done += static_cast<size_t>(n);
-    written_ += static_cast<uint64_t>(n);
-    if (n % kPageSize != 0) break;  // a short write left the rest unaligned
   }
   return done;
 }
 
 void AtomicFile::flush() {
-  write_fd(buffer_.data(), buffer_.size());
-  buffer_.clear();
+  if (staged_ == 0) return;
+  size_t direct = direct_fd_ >= 0 ? write_direct(staging_.get(), staged_ / kPageSize * kPageSize) : 0;
+  write_fd(staging_.get() + direct, staged_ - direct);
+  staged_ = 0;
 }
 
 void AtomicFile::write_fd(const char* bytes, size_t size) {

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -23,16 +24,22 @@ class AtomicFile : public ByteSink {
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
 
-  /// Appends all of `data` (small writes are buffered); throws CheckpointError
-  /// with the path and errno text. A durable file takes the whole pages of a
-  /// page-aligned `data` at a page-aligned position straight to the disk
-  /// (O_DIRECT): the final fsync waits for them anyway, and copying them through
-  /// the page cache would take memory bandwidth from training.
+  /// Appends all of `data`; throws CheckpointError with the path and errno text.
+  /// A durable file goes straight to the disk (O_DIRECT) where the file system
+  /// allows: small writes and unaligned sources through an aligned staging
+  /// buffer, large page-aligned sources as they are; only the last partial page
+  /// goes through the page cache. The final fsync waits for the bytes anyway, and
+  /// filling the page cache would take fresh memory and bandwidth from training.
+  /// Other files are written through the page cache, small writes buffered.
   void write(const void* data, size_t size) override;
   /// Flushes, fsyncs, renames over the target and fsyncs the directory.
   void commit();
 
   const std::string& temp_path() const { return temp_path_; }
+
+  struct FreeStaging {
+    void operator()(char* staging) const;
+  };
   const std::string& target() const override { return target_; }
 
  private:
@@ -49,7 +56,8 @@ class AtomicFile : public ByteSink {
   uint64_t written_ = 0;  // bytes written to the file (through either descriptor)
   uint64_t started_ = 0;  // bytes whose writeback was started
 
-  std::string buffer_;
+  std::unique_ptr<char, FreeStaging> staging_;  // page-aligned
+  size_t staged_ = 0;
 };
 
 /// Removes the temporary files in `directory` left by writers that no longer run:
