@@ -202,97 +202,67 @@ AtomicFile::AtomicFile(std::string target, bool fsync) : target_(std::move(targe
   }
 }
 
-namespace {
-
-constexpr size_t kStagingSize = 4 << 20;
-/// Sources this large skip the staging buffer: written as they are (page-aligned,
-/// to a durable file) or through the page cache (other files).
-constexpr size_t kUnstagedWrite = 1 << 20;
-
-/// The staging buffer the last file written on this thread left: its pages are
-/// mapped already, and a checkpoint every few batches would otherwise fault in
-/// 4 MiB of fresh memory each time.
-thread_local std::unique_ptr<char, AtomicFile::FreeStaging> spare_staging;
-
-bool page_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % kPageSize == 0; }
-
-}  // namespace
-
-void AtomicFile::FreeStaging::operator()(char* staging) const { std::free(staging); }
-
 AtomicFile::~AtomicFile() {
   if (direct_fd_ >= 0) ::close(direct_fd_);
   if (fd_ >= 0) ::close(fd_);
   if (!committed_) ::unlink(temp_path_.c_str());
-  if (staging_ && !spare_staging) spare_staging = std::move(staging_);
+}
+
+namespace {
+constexpr size_t kBufferSize = 1 << 20;
+constexpr size_t kWritebackChunk = 8 << 20;
 }
 
 void AtomicFile::write(const void* data, size_t size) {
   auto* bytes = static_cast<const char*>(data);
-  while (size > 0) {
-    if (size >= kUnstagedWrite && direct_fd_ < 0) {
-      flush();
-      write_fd(bytes, size);
-      return;
-    }
-    // Straight from the source, if it starts on a page and so does its place in
-    // the file (O_DIRECT writes leave whole pages, so written_ is on one).
-    if (size >= kUnstagedWrite && staged_ % kPageSize == 0 && page_aligned(bytes)) {
-      flush();
-      size_t direct = write_direct(bytes, size / kPageSize * kPageSize);
-      bytes += direct;
-      size -= direct;
-      if (direct > 0) continue;  // the partial last page, if any, is staged
-    }
-    if (!staging_) {
-      staging_ = std::move(spare_staging);
-      void* fresh = nullptr;
-      if (!staging_ && ::posix_memalign(&fresh, kPageSize, kStagingSize) != 0) {
-        throw CheckpointError(fmt::format("Failed writing file {}: out of memory for its {} MiB write buffer",
-                                          target_, kStagingSize >> 20));
-      }
-      if (!staging_) staging_.reset(static_cast<char*>(fresh));
-    }
-    size_t n = std::min(size, kStagingSize - staged_);
-    std::memcpy(staging_.get() + staged_, bytes, n);
-    staged_ += n;
-    bytes += n;
-    size -= n;
-    if (staged_ == kStagingSize) flush();
+  if (buffer_.size() + size <= kBufferSize) {
+    if (buffer_.capacity() < kBufferSize) buffer_.reserve(kBufferSize);
+    buffer_.append(bytes, size);
+    return;
   }
+  flush();
+  if (size < kBufferSize) {
+    buffer_.append(bytes, size);
+    return;
+  }
+  if (direct_fd_ >= 0 && written_ % kPageSize == 0 && reinterpret_cast<uintptr_t>(bytes) % kPageSize == 0) {
+    size_t direct = write_direct(bytes, size / kPageSize * kPageSize);
+    bytes += direct;
+    size -= direct;
+  }
+  write_fd(bytes, size);
 }
 
 size_t AtomicFile::write_direct(const char* bytes, size_t size) {
   size_t done = 0;
-  while (direct_fd_ >= 0 && done < size) {
+  while (done < size) {
     ssize_t n = ::pwrite(direct_fd_, bytes + done, size - done, static_cast<off_t>(written_));
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && errno != EINVAL) throw CheckpointError(errno_message("Failed writing file", target_, errno));
-    if (n > 0) {
-      done += static_cast<size_t>(n);
-      written_ += static_cast<uint64_t>(n);
-      started_ = written_;  // on the disk already
-    }
-    if (n < 0 || n % kPageSize != 0) {
-      // This file system or device wants other alignments (EINVAL), or a short
-      // write left the file off its pages: through the page cache from here on.
+    if (n < 0 && errno == EINVAL) {
+      // This file system or device wants other alignments: buffered writes from here on.
       ::close(direct_fd_);
       direct_fd_ = -1;
+      break;
     }
+    if (n < 0) throw CheckpointError(errno_message("Failed writing file", target_, errno));
+    done += static_cast<size_t>(n);
+    written_ += static_cast<uint64_t>(n);
+    if (n % kPageSize != 0) break;  // a short write left the rest unaligned
   }
   return done;
 }
 
 void AtomicFile::flush() {
-  if (staged_ == 0) return;
-  size_t direct = direct_fd_ >= 0 ? write_direct(staging_.get(), staged_ / kPageSize * kPageSize) : 0;
-  write_fd(staging_.get() + direct, staged_ - direct);
-  staged_ = 0;
+  write_fd(buffer_.data(), buffer_.size());
+  buffer_.clear();
 }
 
 void AtomicFile::write_fd(const char* bytes, size_t size) {
   while (size > 0) {
-    ssize_t n = ::pwrite(fd_, bytes, size, static_cast<off_t>(written_));
+    // A durable file streams in pieces of one writeback chunk: at most two of
+    // them are in the page cache at a time, however large the tensor.
+    ssize_t n = ::pwrite(fd_, bytes, fsync_ ? std::min<size_t>(size, kWritebackChunk) : size,
+                         static_cast<off_t>(written_));
     if (n < 0) {
       if (errno == EINTR) continue;
       throw CheckpointError(errno_message("Failed writing file", target_, errno));
@@ -300,17 +270,31 @@ void AtomicFile::write_fd(const char* bytes, size_t size) {
     bytes += n;
     size -= static_cast<size_t>(n);
     written_ += static_cast<uint64_t>(n);
+    if (fsync_) stream_to_disk();
   }
+}
+
+void AtomicFile::stream_to_disk() {
 #ifdef SYNC_FILE_RANGE_WRITE
-  // Start the disk on what is written so far, so the final fsync waits only for
-  // the tail instead of the whole file (a save costs about the disk's time, not
-  // the copy's plus the disk's).
-  constexpr uint64_t kWritebackChunk = 8 << 20;
-  if (fsync_ && written_ - started_ >= kWritebackChunk) {
-    ::sync_file_range(fd_, static_cast<off64_t>(started_), static_cast<off64_t>(written_ - started_),
-                      SYNC_FILE_RANGE_WRITE);
-    started_ = written_;
+  // Start the disk on every 8 MiB written, so the final fsync waits only for the
+  // tail; then wait for the 8 MiB before and drop them from the page cache. A
+  // durable file needs no cached copy, and the next chunk reuses the pages just
+  // dropped instead of taking fresh memory (which on a VM can cost more than the
+  // disk) and evicting what training reads.
+  if (written_ - started_ < kWritebackChunk) return;
+  auto check = [&](int rc) {
+    // A writeback error waited for here is not reported again by fsync.
+    if (rc != 0) throw CheckpointError(errno_message("Failed writing file", target_, errno));
+  };
+  check(::sync_file_range(fd_, static_cast<off64_t>(started_), static_cast<off64_t>(written_ - started_),
+                          SYNC_FILE_RANGE_WRITE));
+  if (started_ > dropped_) {
+    check(::sync_file_range(fd_, static_cast<off64_t>(dropped_), static_cast<off64_t>(started_ - dropped_),
+                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER));
+    ::posix_fadvise(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(started_ - dropped_), POSIX_FADV_DONTNEED);
+    dropped_ = started_;
   }
+  started_ = written_;
 #endif
 }
 
@@ -319,6 +303,7 @@ void AtomicFile::commit() {
   if (fsync_ && ::fsync(fd_) != 0) {
     throw CheckpointError(errno_message("Failed syncing file", target_, errno));
   }
+  if (fsync_) ::posix_fadvise(fd_, static_cast<off_t>(dropped_), 0, POSIX_FADV_DONTNEED);  // the tail, now clean
   // Renamed while still open and locked: cleanup never takes a temporary being committed.
   if (::rename(temp_path_.c_str(), target_.c_str()) != 0) {
     throw CheckpointError(errno_message("Failed renaming a temporary file onto", target_, errno));

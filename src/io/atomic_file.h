@@ -3,7 +3,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <vector>
 
@@ -24,22 +23,17 @@ class AtomicFile : public ByteSink {
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
 
-  /// Appends all of `data`; throws CheckpointError with the path and errno text.
-  /// A durable file goes straight to the disk (O_DIRECT) where the file system
-  /// allows: small writes and unaligned sources through an aligned staging
-  /// buffer, large page-aligned sources as they are; only the last partial page
-  /// goes through the page cache. The final fsync waits for the bytes anyway, and
-  /// filling the page cache would take fresh memory and bandwidth from training.
-  /// Other files are written through the page cache, small writes buffered.
+  /// Appends all of `data` (small writes are buffered); throws CheckpointError
+  /// with the path and errno text. A durable file does not stay in the page
+  /// cache: the whole pages of a page-aligned `data` at a page-aligned position
+  /// go straight to the disk (O_DIRECT), and the rest is written back and
+  /// dropped as it streams (the final fsync waits for the bytes anyway, and a
+  /// growing page cache takes fresh memory and bandwidth from training).
   void write(const void* data, size_t size) override;
   /// Flushes, fsyncs, renames over the target and fsyncs the directory.
   void commit();
 
   const std::string& temp_path() const { return temp_path_; }
-
-  struct FreeStaging {
-    void operator()(char* staging) const;
-  };
   const std::string& target() const override { return target_; }
 
  private:
@@ -49,15 +43,16 @@ class AtomicFile : public ByteSink {
   void write_fd(const char* data, size_t size);
   size_t write_direct(const char* data, size_t size);
   void flush();
+  void stream_to_disk();
 
   int fd_ = -1;
   int direct_fd_ = -1;  // the same file opened with O_DIRECT, if the file system allows
   bool committed_ = false;
   uint64_t written_ = 0;  // bytes written to the file (through either descriptor)
   uint64_t started_ = 0;  // bytes whose writeback was started
+  uint64_t dropped_ = 0;  // bytes written back and dropped from the page cache
 
-  std::unique_ptr<char, FreeStaging> staging_;  // page-aligned
-  size_t staged_ = 0;
+  std::string buffer_;
 };
 
 /// Removes the temporary files in `directory` left by writers that no longer run:
