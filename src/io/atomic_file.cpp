@@ -276,11 +276,13 @@ void AtomicFile::write_fd(const char* bytes, size_t size) {
 
 void AtomicFile::stream_to_disk() {
 #ifdef SYNC_FILE_RANGE_WRITE
-  // Start the disk on every 8 MiB written, so the final fsync waits only for the
-  // tail; then wait for the 8 MiB before and drop them from the page cache. A
-  // durable file needs no cached copy, and the next chunk reuses the pages just
-  // dropped instead of taking fresh memory (which on a VM can cost more than the
-  // disk) and evicting what training reads.
+  // Start the disk on every chunk written, so the final fsync waits only for the
+  // tail; keep the last three chunks in flight (one kept the disk idle between
+  // them, 10-20 % slower) and wait for the ones before, then drop those from the
+  // page cache. A durable file needs no cached copy, and the next chunks reuse
+  // the pages just dropped instead of taking fresh memory (which on a VM can
+  // cost more than the disk) and evicting what training reads.
+  constexpr uint64_t kInFlight = 3 * kWritebackChunk;
   if (written_ - started_ < kWritebackChunk) return;
   auto check = [&](int rc) {
     // A writeback error waited for here is not reported again by fsync.
@@ -288,13 +290,14 @@ void AtomicFile::stream_to_disk() {
   };
   check(::sync_file_range(fd_, static_cast<off64_t>(started_), static_cast<off64_t>(written_ - started_),
                           SYNC_FILE_RANGE_WRITE));
-  if (started_ > dropped_) {
-    check(::sync_file_range(fd_, static_cast<off64_t>(dropped_), static_cast<off64_t>(started_ - dropped_),
-                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER));
-    ::posix_fadvise(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(started_ - dropped_), POSIX_FADV_DONTNEED);
-    dropped_ = started_;
-  }
   started_ = written_;
+  if (started_ - dropped_ > kInFlight) {
+    uint64_t done = started_ - kInFlight;
+    check(::sync_file_range(fd_, static_cast<off64_t>(dropped_), static_cast<off64_t>(done - dropped_),
+                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER));
+    ::posix_fadvise(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(done - dropped_), POSIX_FADV_DONTNEED);
+    dropped_ = done;
+  }
 #endif
 }
 
