@@ -1,4 +1,5 @@
 // Crash safety: leftover temporaries, a full disk, and SIGKILL at random points.
+#include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <signal.h>
@@ -10,6 +11,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include "support.h"
@@ -93,6 +95,62 @@ TEST_F(DurabilityTest, DiskFullKeepsThePreviousCheckpoint) {
   EXPECT_THROW(trainer.fit(data.x_train, data.y_train, FitOptions().callbacks({cb})), CheckpointError);
   EXPECT_TRUE(read_file(target) == before) << "the previous checkpoint changed";
   EXPECT_EQ(files("small"), (std::vector<std::string>{"ckpt.pt"}));
+}
+
+/// Saves a 64 MiB model durably over an older save, with every writeback wait
+/// of the streamed write from the 1st to the last failing in turn (EIO, from
+/// the LD_PRELOAD shim). Writes "<cases> <problems>" to TORCHFIT_WRITEBACK_OUT.
+TEST(FaultChild, SaveUnderWritebackEio) {
+  const char* out = std::getenv("TORCHFIT_WRITEBACK_OUT");
+  if (out == nullptr) GTEST_SKIP() << "run by AWritebackErrorFailsTheSaveAndKeepsThePreviousFile";
+  auto arm = reinterpret_cast<void (*)(long)>(::dlsym(RTLD_DEFAULT, "torchfit_fail_writeback_after"));
+  ASSERT_NE(arm, nullptr) << "the fault shim is not preloaded";
+  const std::string dir = std::getenv("TORCHFIT_WRITEBACK_DIR");
+  const std::string target = dir + "/w.pt";
+  torch::nn::Linear model(4096, 4096);
+  save_weights(*model, target);
+  const auto before = read_file(target);
+  {
+    torch::NoGradGuard no_grad;
+    model->weight.add_(1);
+  }
+  int cases = 0, problems = 0;
+  for (long n = 1; n < 100; ++n) {
+    arm(n);
+    bool failed = false;
+    try {
+      save_weights(*model, target);
+    } catch (const CheckpointError& e) {
+      failed = true;
+      std::string msg = e.what();
+      if (msg.find("Failed writing file " + target + ": Input/output error") == std::string::npos) ++problems;
+    }
+    arm(0);
+    if (!failed) break;  // the n-th wait never came: every wait has failed once
+    ++cases;
+    if (read_file(target) != before) ++problems;
+    for (const auto& entry : fs::directory_iterator(dir)) {
+      if (entry.path().filename() != "w.pt") ++problems;  // a temporary left behind
+    }
+  }
+  std::ofstream(out) << cases << " " << problems;
+}
+
+TEST_F(DurabilityTest, AWritebackErrorFailsTheSaveAndKeepsThePreviousFile) {
+  // A durable save waits for its written chunks as it streams; an error seen
+  // there is reported there (fsync would not see it again).
+  fs::create_directories(path("saves"));
+  pid_t child = spawn_self("FaultChild.SaveUnderWritebackEio",
+                           {std::string("LD_PRELOAD=") + TORCHFIT_FAIL_READ_LIB, "TORCHFIT_WRITEBACK_DIR=" + path("saves"),
+                            "TORCHFIT_WRITEBACK_OUT=" + path("out.txt")});
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  std::istringstream result(read_file(path("out.txt")));
+  int cases = -1, problems = -1;
+  result >> cases >> problems;
+  EXPECT_GE(cases, 2);  // 64 MiB stream in 8 MiB chunks, three in flight
+  EXPECT_EQ(problems, 0);
 }
 
 // The child side of KillTest: saves until killed. Runs only when the parent
