@@ -259,7 +259,7 @@ void AtomicFile::flush() {
 
 void AtomicFile::write_fd(const char* bytes, size_t size) {
   while (size > 0) {
-    // A durable file streams in pieces of one writeback chunk: at most two of
+    // A durable file streams in pieces of one writeback chunk: at most four of
     // them are in the page cache at a time, however large the tensor.
     ssize_t n = ::pwrite(fd_, bytes, fsync_ ? std::min<size_t>(size, kWritebackChunk) : size,
                          static_cast<off_t>(written_));
@@ -283,18 +283,27 @@ void AtomicFile::stream_to_disk() {
   // the pages just dropped instead of taking fresh memory (which on a VM can
   // cost more than the disk) and evicting what training reads.
   constexpr uint64_t kInFlight = 3 * kWritebackChunk;
-  if (written_ - started_ < kWritebackChunk) return;
-  auto check = [&](int rc) {
+  if (!streaming_ || written_ - started_ < kWritebackChunk) return;
+  auto ok = [&](int rc) {
+    if (rc == 0) return true;
+    if (errno == EINVAL || errno == ESPIPE || errno == ENOSYS || errno == EOPNOTSUPP) {
+      streaming_ = false;  // not on this file system: the final fsync does it all
+      return false;
+    }
     // A writeback error waited for here is not reported again by fsync.
-    if (rc != 0) throw CheckpointError(errno_message("Failed writing file", target_, errno));
+    throw CheckpointError(errno_message("Failed writing file", target_, errno));
   };
-  check(::sync_file_range(fd_, static_cast<off64_t>(started_), static_cast<off64_t>(written_ - started_),
-                          SYNC_FILE_RANGE_WRITE));
+  if (!ok(::sync_file_range(fd_, static_cast<off64_t>(started_), static_cast<off64_t>(written_ - started_),
+                            SYNC_FILE_RANGE_WRITE))) {
+    return;
+  }
   started_ = written_;
   if (started_ - dropped_ > kInFlight) {
     uint64_t done = started_ - kInFlight;
-    check(::sync_file_range(fd_, static_cast<off64_t>(dropped_), static_cast<off64_t>(done - dropped_),
-                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER));
+    if (!ok(::sync_file_range(fd_, static_cast<off64_t>(dropped_), static_cast<off64_t>(done - dropped_),
+                              SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER))) {
+      return;
+    }
     ::posix_fadvise(fd_, static_cast<off_t>(dropped_), static_cast<off_t>(done - dropped_), POSIX_FADV_DONTNEED);
     dropped_ = done;
   }

@@ -51,6 +51,7 @@ class AtomicFile : public ByteSink {
   uint64_t written_ = 0;  // bytes written to the file (through either descriptor)
   uint64_t started_ = 0;  // bytes whose writeback was started
   uint64_t dropped_ = 0;  // bytes written back and dropped from the page cache
+  bool streaming_ = true;  // false where sync_file_range is not supported
 
   std::string buffer_;
 };

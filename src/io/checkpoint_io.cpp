@@ -122,7 +122,11 @@ void AsyncCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std
       std::move(deferred));
 }
 
-void AsyncCheckpointIO::before_update() { writer_->wait_first(); }
+void AsyncCheckpointIO::before_update() {
+  // Rather than wait for the writer's deferred copies, this thread makes some.
+  snapshot_->help_copy_deferred();
+  writer_->wait_first();
+}
 
 SnapshotStats AsyncCheckpointIO::last_snapshot() const { return snapshot_->stats(); }
 

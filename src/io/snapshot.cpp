@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include <ATen/ATen.h>
 #include <c10/core/StreamGuard.h>
@@ -71,6 +72,10 @@ void copy_into(at::Tensor& buffer, const at::Tensor& value) {
 c10::IValue Snapshot::capture(const c10::IValue& value, const SaveHints& hints) {
   next_ = 0;
   deferred_.clear();
+  cpu_copies_.items.clear();
+  cpu_copies_.claimed = 0;
+  cpu_copies_.done = 0;
+  cpu_copies_.error = nullptr;
   ready_.clear();
   stats_ = SnapshotStats();
   previous_crcs_ = std::move(crcs_);
@@ -90,6 +95,7 @@ size_t Snapshot::nbytes() const {
 void Snapshot::invalidate() {
   for (auto& slot : slots_) slot.version = -1;
   crcs_.clear();
+  cpu_copies_.claimed = std::numeric_limits<size_t>::max() / 2;  // a later helper takes nothing
   deferred_.clear();
   ready_.clear();
 }
@@ -136,6 +142,7 @@ at::Tensor Snapshot::copy_tensor(const at::Tensor& tensor, const c10::IValue& na
         ready_.back().record(device.getStream(tensor.device()));
       }
     }
+    if (tensor.device().is_cpu()) cpu_copies_.items.push_back(deferred_.size());
     deferred_.push_back({index, tensor, trackable ? tensor._version() : -1, name});
     stats_.deferred += tensor.nbytes();
     return slot.buffer;
@@ -147,6 +154,25 @@ at::Tensor Snapshot::copy_tensor(const at::Tensor& tensor, const c10::IValue& na
   return slot.buffer;
 }
 
+void Snapshot::copy_claimed() {
+  at::NoGradGuard no_grad;
+  const auto& items = cpu_copies_.items;
+  for (size_t i; (i = cpu_copies_.claimed.fetch_add(1)) < items.size();) {
+    const auto& item = deferred_[items[i]];
+    std::exception_ptr error;
+    try {
+      slots_[item.slot].buffer.copy_(item.source);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::lock_guard<std::mutex> lock(cpu_copies_.mutex);
+    if (error && !cpu_copies_.error) cpu_copies_.error = error;
+    if (++cpu_copies_.done == items.size()) cpu_copies_.all_done.notify_all();
+  }
+}
+
+void Snapshot::help_copy_deferred() { copy_claimed(); }
+
 void Snapshot::copy_deferred() {
   at::NoGradGuard no_grad;
   // Device tensors go through a side stream that first waits for the save point.
@@ -157,15 +183,22 @@ void Snapshot::copy_deferred() {
     event.block(streams.back());
   }
   for (const auto& item : deferred_) {
+    if (item.source.device().is_cpu()) continue;
     auto& buffer = slots_[item.slot].buffer;
-    if (item.source.device().is_cpu()) {
-      buffer.copy_(item.source);
-      continue;
-    }
     for (const auto& stream : streams) {
       if (stream.device() != item.source.device()) continue;
       c10::StreamGuard guard(stream);
       buffer.copy_(item.source, /*non_blocking=*/true);
+    }
+  }
+  copy_claimed();
+  {
+    // Copies a helper claimed may still be running.
+    std::unique_lock<std::mutex> lock(cpu_copies_.mutex);
+    cpu_copies_.all_done.wait(lock, [&] { return cpu_copies_.done == cpu_copies_.items.size(); });
+    if (cpu_copies_.error) {
+      invalidate();
+      std::rethrow_exception(cpu_copies_.error);
     }
   }
   for (const auto& stream : streams) stream.synchronize();
@@ -180,7 +213,7 @@ void Snapshot::copy_deferred() {
     }
     slots_[item.slot].version = item.version;
   }
-  deferred_.clear();
+  deferred_.clear();  // every claim from here on fails: no helper reads it
   ready_.clear();
 }
 

@@ -11,8 +11,12 @@
 // such as BatchNorm's running statistics (LibTorch's kernels update them without
 // bumping their version counter), are copied at capture, every time.
 
+#include <atomic>
+#include <condition_variable>
 #include <cstddef>
+#include <exception>
 #include <functional>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -36,6 +40,11 @@ class Snapshot {
   /// tensor if one changed in place after the capture: the copy would not be the
   /// state at the save point.
   void copy_deferred();
+  /// Takes a share of the CPU copies `copy_deferred` is making, or is about to
+  /// make, on another thread: a thread that would otherwise wait for them
+  /// (before an optimizer step) helps instead. Returns when no copy is left to
+  /// take; `copy_deferred` still returns only when every copy is done.
+  void help_copy_deferred();
   /// Forgets what the buffers hold (after a failed save), so nothing is reused.
   void invalidate();
 
@@ -66,7 +75,21 @@ class Snapshot {
 
   std::vector<Slot> slots_;
   size_t next_ = 0;
+  /// The CPU copies of `deferred_` (device copies go through streams), claimed
+  /// one tensor at a time by `copy_deferred` and `help_copy_deferred`.
+  struct CpuCopies {
+    std::vector<size_t> items;  // indices into deferred_, fixed from capture until the next
+    std::atomic<size_t> claimed{0};
+    std::mutex mutex;
+    std::condition_variable all_done;
+    size_t done = 0;
+    std::exception_ptr error;
+  };
+  /// Copies claimed items until none is left.
+  void copy_claimed();
+
   std::vector<Deferred> deferred_;
+  CpuCopies cpu_copies_;
   /// Per device of deferred device tensors: recorded on its current stream at capture.
   std::vector<c10::Event> ready_;
   SnapshotStats stats_;
