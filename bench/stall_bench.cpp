@@ -68,11 +68,31 @@ struct StepClock : Callback {
   }
 };
 
-/// One fit: its step intervals, and the CPU time of the threads other than the
-/// training thread (the writer's).
+/// Wall time the training thread spends in the callbacks listed between an
+/// `Enter` and a `Leave` sharing one `HookTime`: the checkpoint callback's save
+/// points and before_update() waits, where it blocks the training thread.
+struct HookTime {
+  double entered = 0, total = 0;
+};
+struct EnterHooks : Callback {
+  explicit EnterHooks(std::shared_ptr<HookTime> time) : time(std::move(time)) {}
+  void on_train_batch_end(int64_t, const Logs&) override { time->entered = now(); }
+  void on_before_update() override { time->entered = now(); }
+  std::shared_ptr<HookTime> time;
+};
+struct LeaveHooks : Callback {
+  explicit LeaveHooks(std::shared_ptr<HookTime> time) : time(std::move(time)) {}
+  void on_train_batch_end(int64_t, const Logs&) override { time->total += now() - time->entered; }
+  void on_before_update() override { time->total += now() - time->entered; }
+  std::shared_ptr<HookTime> time;
+};
+
+/// One fit: its step intervals, the CPU time of the threads other than the
+/// training thread (the writer's), and the time spent in the checkpoint's hooks.
 struct Run {
   std::vector<double> intervals, cpu_intervals;
   double background_cpu = 0;
+  double in_hooks = 0;
 };
 
 std::vector<double> differences(const std::vector<double>& v) {
@@ -153,6 +173,7 @@ int main(int argc, char** argv) try {
     std::vector<double> lost_cpu;       // per save, the same in the training thread's CPU time
     std::vector<double> quiet_vs_base;  // per save: the steps just before it / the run without checkpoints
     std::vector<double> background_cpu;  // per save: CPU seconds of the other threads
+    std::vector<double> in_hooks;        // per save: wall seconds in the checkpoint's hooks
   };
   std::vector<Result> results(configs.size());
   double state_bytes = 0;
@@ -166,6 +187,7 @@ int main(int argc, char** argv) try {
     auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 1e-3);
     Trainer trainer(model, sgd, mse);
     auto clock = std::make_shared<StepClock>();
+    std::shared_ptr<HookTime> hook_time;
     std::vector<std::shared_ptr<Callback>> callbacks{clock};
     if (!config.storage.empty()) {
       auto options = CheckpointOptions((dir / "w.pt").string())
@@ -173,7 +195,11 @@ int main(int argc, char** argv) try {
                          .save_freq(SaveFreq::batches(every))
                          .async_save(config.storage == "deferred");
       if (config.storage == "eager") options.io(std::make_shared<EagerAsync>());
+      auto hooks = std::make_shared<HookTime>();
+      callbacks.push_back(std::make_shared<EnterHooks>(hooks));
       callbacks.push_back(std::make_shared<CheckpointCallback>(options));
+      callbacks.push_back(std::make_shared<LeaveHooks>(hooks));
+      hook_time = hooks;
     }
     double cpu_start = cpu_seconds();
     trainer.fit(x, y, FitOptions().epochs(1).batch_size(batch).shuffle(false).callbacks(callbacks));
@@ -181,6 +207,7 @@ int main(int argc, char** argv) try {
     out.intervals = differences(clock->starts);
     out.cpu_intervals = differences(clock->cpu_starts);
     out.background_cpu = cpu - (clock->cpu_starts.back() - clock->cpu_begin);
+    out.in_hooks = hook_time ? hook_time->total : 0;
     // The model for the side-by-side torch::save.
     return model;
   };
@@ -227,6 +254,7 @@ int main(int argc, char** argv) try {
       lost_per_save(current.cpu_intervals, base.cpu_intervals, results[i].lost_cpu, nullptr);
       results[i].background_cpu.push_back((current.background_cpu - base.background_cpu) /
                                           static_cast<double>(saves));
+      results[i].in_hooks.push_back(current.in_hooks / static_cast<double>(saves));
       if (args.number("verbose", 0) > 0) {
         fmt::print(stderr, "{}: median base step {:.1f} ms; intervals ms:", configs[i].name, median(base.intervals) * 1e3);
         for (double t : current.intervals) fmt::print(stderr, " {:.0f}", t * 1e3);
@@ -289,15 +317,17 @@ int main(int argc, char** argv) try {
              "rounds; sync torch::save of the model {:.1f} ms\n\n",
              layers, width, width, batch, every, state_bytes / (1 << 20), window, saves, rounds, torch_save * 1e3);
   fmt::print("| configuration | lost per save ms | vs torch::save | training thread's CPU time lost per save ms | "
-             "other threads' CPU per save ms | steps before saves / run without checkpoints |\n"
-             "|---|---|---|---|---|---|\n");
+             "other threads' CPU per save ms | in the checkpoint's hooks per save ms | "
+             "steps before saves / run without checkpoints |\n"
+             "|---|---|---|---|---|---|---|\n");
   for (size_t i = 0; i < configs.size(); ++i) {
     if (configs[i].storage.empty()) continue;
     double lost = median(results[i].lost), lost_cpu = median(results[i].lost_cpu);
     double background = median(results[i].background_cpu);
-    fmt::print("| {} | {:.1f} | {:.3f} | {:.1f} | {:.1f} | {:.3f} |\n", configs[i].name, lost * 1e3, lost / torch_save,
-               lost_cpu * 1e3, background * 1e3, median(results[i].quiet_vs_base));
-    json.add({{"lost_s", lost}, {"ratio", lost / torch_save}, {"lost_thread_cpu_s", lost_cpu},
+    double in_hooks = median(results[i].in_hooks);
+    fmt::print("| {} | {:.1f} | {:.3f} | {:.1f} | {:.1f} | {:.1f} | {:.3f} |\n", configs[i].name, lost * 1e3,
+               lost / torch_save, lost_cpu * 1e3, background * 1e3, in_hooks * 1e3, median(results[i].quiet_vs_base));
+    json.add({{"lost_s", lost}, {"ratio", lost / torch_save}, {"lost_thread_cpu_s", lost_cpu}, {"in_hooks_s", in_hooks},
               {"background_cpu_s", background}, {"torch_save_s", torch_save}, {"state_bytes", state_bytes}},
              {{"configuration", configs[i].name}});
   }

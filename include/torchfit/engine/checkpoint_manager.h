@@ -60,7 +60,8 @@ class CheckpointManager {
   /// any other in-place change of parameters or optimizer state). Once it has
   /// been called, async saves return before copying parameters and optimizer
   /// state; the copy overlaps the next forward and backward pass, and this call
-  /// waits for it only if it is unfinished. Without it, saves copy at once.
+  /// only finishes it (copying what is left alongside the writer) if it is
+  /// unfinished. Without it, saves copy at once.
   void before_update();
   /// Waits until the save in flight is durable; raises its error, restoring the
   /// manager's state (best, kept files) to what it was before that save.

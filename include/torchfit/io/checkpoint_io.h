@@ -55,7 +55,7 @@ struct SaveHints {
 /// Bytes of a checkpoint's tensors by what an async save did with them.
 struct SnapshotStats {
   size_t copied = 0;    ///< copied on the caller's thread, in `save`
-  size_t deferred = 0;  ///< copied by the writer, before `before_update()` returned
+  size_t deferred = 0;  ///< copied later, by the writer (helped by `before_update()`)
   size_t reused = 0;    ///< unchanged since the previous save: not copied again
 };
 
@@ -136,8 +136,9 @@ class FileCheckpointIO : public CheckpointIO {
 /// checkpoint's tensors into reusable buffers on the caller's thread and returns;
 /// one writer thread stores the copy. With `SaveHints`, tensors unchanged since
 /// the last save are not copied again, and with `defer_copy` the writer copies
-/// the step-updated tensors itself, before `before_update()` returns, while the
-/// caller runs the next forward and backward pass. At most one save is in flight:
+/// the step-updated tensors itself while the caller runs the next forward and
+/// backward pass; a `before_update()` that finds the copy unfinished copies the
+/// tensors the writer has not reached, then waits for the rest. At most one save is in flight:
 /// the next `save` waits for it first. A failed background save is raised by the
 /// next `save` or `wait`; the destructor waits and logs it.
 class AsyncCheckpointIO : public CheckpointIO {
