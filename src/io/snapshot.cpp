@@ -154,7 +154,7 @@ at::Tensor Snapshot::copy_tensor(const at::Tensor& tensor, const c10::IValue& na
   return slot.buffer;
 }
 
-void Snapshot::copy_claimed() {
+void Snapshot::help_copy_deferred() {
   at::NoGradGuard no_grad;
   const auto& items = cpu_copies_.items;
   for (size_t i; (i = cpu_copies_.claimed.fetch_add(1)) < items.size();) {
@@ -170,8 +170,6 @@ void Snapshot::copy_claimed() {
     if (++cpu_copies_.done == items.size()) cpu_copies_.all_done.notify_all();
   }
 }
-
-void Snapshot::help_copy_deferred() { copy_claimed(); }
 
 void Snapshot::copy_deferred() {
   at::NoGradGuard no_grad;
@@ -191,7 +189,7 @@ void Snapshot::copy_deferred() {
       buffer.copy_(item.source, /*non_blocking=*/true);
     }
   }
-  copy_claimed();
+  help_copy_deferred();  // the writer claims its share like any helper
   {
     // Copies a helper claimed may still be running.
     std::unique_lock<std::mutex> lock(cpu_copies_.mutex);

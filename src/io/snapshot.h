@@ -85,9 +85,6 @@ class Snapshot {
     size_t done = 0;
     std::exception_ptr error;
   };
-  /// Copies claimed items until none is left.
-  void copy_claimed();
-
   std::vector<Deferred> deferred_;
   CpuCopies cpu_copies_;
   /// Per device of deferred device tensors: recorded on its current stream at capture.
