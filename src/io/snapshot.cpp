@@ -190,16 +190,20 @@ void Snapshot::copy_deferred() {
     }
   }
   help_copy_deferred();  // the writer claims its share like any helper
+  std::exception_ptr error;
   {
     // Copies a helper claimed may still be running.
     std::unique_lock<std::mutex> lock(cpu_copies_.mutex);
     cpu_copies_.all_done.wait(lock, [&] { return cpu_copies_.done == cpu_copies_.items.size(); });
-    if (cpu_copies_.error) {
-      invalidate();
-      std::rethrow_exception(cpu_copies_.error);
-    }
+    error = cpu_copies_.error;
   }
+  // Also before raising a failed copy: no device copy may still be writing into
+  // buffers the next capture reuses.
   for (const auto& stream : streams) stream.synchronize();
+  if (error) {
+    invalidate();
+    std::rethrow_exception(error);
+  }
   for (const auto& item : deferred_) {
     if (item.version < 0) continue;
     if (item.source._version() != item.version) {
