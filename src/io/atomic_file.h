@@ -30,7 +30,8 @@ class AtomicFile : public ByteSink {
   /// dropped as it streams (the final fsync waits for the bytes anyway, and a
   /// growing page cache takes fresh memory and bandwidth from training).
   void write(const void* data, size_t size) override;
-  /// Flushes, fsyncs, renames over the target and fsyncs the directory.
+  /// Flushes, fsyncs, renames over the target and fsyncs the directory. The
+  /// replaced file's blocks are freed afterwards, off the caller (file_release.h).
   void commit();
 
   const std::string& temp_path() const { return temp_path_; }

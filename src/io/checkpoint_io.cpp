@@ -13,6 +13,7 @@
 #include "format/zip.h"
 #include "io/async_writer.h"
 #include "io/atomic_file.h"
+#include "io/file_release.h"
 #include "io/snapshot.h"
 #include "torchfit/error.h"
 #include "torchfit/serialize.h"
@@ -49,7 +50,7 @@ c10::IValue FileCheckpointIO::load(const std::string& path) {
 
 void FileCheckpointIO::remove(const std::string& path) {
   std::error_code ec;
-  fs::remove(path, ec);
+  detail::remove_file(path, ec);
   if (ec) throw CheckpointError(fmt::format("Failed removing checkpoint {}: {}", path, ec.message()));
 }
 

@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "io/atomic_file.h"
+#include "io/file_release.h"
 #include "training/fail_early.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
@@ -110,7 +111,7 @@ void BackupAndRestore::on_train_end(const Logs&) {
   context_->barrier("backup removal barrier");  // no rank may still be reading it
   if (!context_->is_main_process()) return;
   std::error_code ec;
-  for (const auto& path : {backup_path(), previous_backup_path()}) fs::remove(path, ec);
+  for (const auto& path : {backup_path(), previous_backup_path()}) detail::remove_file(path, ec);
   fs::remove(fs::path(options_.backup_dir()) / kLatestPointer, ec);
   fs::remove(options_.backup_dir(), ec);  // only if empty
 }
