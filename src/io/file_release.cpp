@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <condition_variable>
@@ -15,6 +16,18 @@ namespace {
 
 constexpr off_t kWorthReleasing = 1 << 20;  // smaller files free in microseconds
 constexpr size_t kMaxQueued = 64;           // beyond this the caller closes: bounded descriptors
+
+/// Local file systems, where an unlinked file that is still open has no name. NFS
+/// and FUSE rename it to a hidden `.nfs…` or `.fuse_hidden…` file in the same
+/// directory until the last close, which would show up among the checkpoints.
+bool frees_namelessly(int fd) {
+  constexpr unsigned long kExt4 = 0xEF53, kXfs = 0x58465342, kBtrfs = 0x9123683E, kTmpfs = 0x01021994,
+                          kF2fs = 0xF2F52010, kOverlay = 0x794C7630;
+  struct statfs fs {};
+  if (::fstatfs(fd, &fs) != 0) return false;
+  auto type = static_cast<unsigned long>(fs.f_type);
+  return type == kExt4 || type == kXfs || type == kBtrfs || type == kTmpfs || type == kF2fs || type == kOverlay;
+}
 
 class Releaser {
  public:
@@ -98,7 +111,8 @@ DeferredRelease::DeferredRelease(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) return;
   struct stat st {};
-  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1 && st.st_size >= kWorthReleasing) {
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 1 && st.st_size >= kWorthReleasing &&
+      frees_namelessly(fd)) {
     fd_ = fd;
   } else {
     ::close(fd);

@@ -10,12 +10,13 @@
 
 namespace torchfit::detail {
 
-/// Holds the regular file at `path` open (when worth it: at least 1 MiB and no
-/// other link; never a FIFO, never through a symlink) and, when destroyed, hands
-/// the descriptor to a process-wide background thread that closes it. Destroy it
-/// after the rename or unlink is durable: freeing blocks while a directory fsync
-/// runs makes that fsync wait for it. A forked child, or a caller finding many
-/// closes queued, closes at once; what is queued at exit the kernel closes.
+/// Holds the regular file at `path` open (when worth it: at least 1 MiB, no other
+/// link, on a local file system; never a FIFO, never through a symlink) and,
+/// when destroyed, hands the descriptor to a process-wide background thread that
+/// closes it. Destroy it after the rename or unlink is durable: freeing blocks
+/// while a directory fsync runs makes that fsync wait for it. A forked child, or
+/// a caller finding many closes queued, closes at once; what is queued at exit
+/// the kernel closes.
 class DeferredRelease {
  public:
   explicit DeferredRelease(const std::string& path);
