@@ -23,7 +23,7 @@
 #include <torchfit/torchfit.h>
 
 #include "bench_util.h"
-#include "format/zip.h"  // allocate_for_filling, as loads use it
+#include "format/zip.h"  // allocate_for_filling, as large loads use it
 
 namespace fs = std::filesystem;
 using namespace torchfit;
@@ -77,8 +77,8 @@ void raw_read(const std::string& path, char* buffer, size_t size) {
 }
 
 /// raw_read into memory fresh from the kernel, allocated by the function a load
-/// allocates its storages with: what filling new memory costs on this machine,
-/// apart from the reading.
+/// allocates its storages of 16 MiB and more with: what filling new memory costs
+/// on this machine, apart from the reading.
 void raw_read_fresh(const std::string& path, size_t size) {
   void* buffer = torchfit::detail::allocate_for_filling(size);
   raw_read(path, static_cast<char*>(buffer), size);

@@ -59,6 +59,25 @@ TEST_F(SerializeTest, WeightsFileIsAPickledDictWithDottedNames) {
   EXPECT_EQ(keys, (std::vector<std::string>{"fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"}));
 }
 
+TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {
+  // Small records share one block, storages up to 16 MiB come from the process
+  // allocator and larger ones from fresh huge pages: each is aligned as
+  // LibTorch's CPU allocator aligns (64 bytes) and holds its own bytes.
+  torch::nn::ParameterDict params;
+  for (int64_t numel : {int64_t(1), int64_t(1000), int64_t(1024), int64_t(512) << 10, int64_t(5) << 20}) {
+    params->insert("p" + std::to_string(numel), torch::randn({numel}));
+  }
+  save_weights(*params, path("sizes.pt"));
+  for (int round = 0; round < 3; ++round) {  // later loads reuse what earlier ones freed
+    auto loaded = read_weights(path("sizes.pt"));
+    ASSERT_EQ(loaded.size(), 5u);
+    for (const auto& [name, tensor] : loaded) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(tensor.data_ptr()) % 64, 0u) << name;
+      EXPECT_TRUE(torch::equal(tensor, params[name])) << name;
+    }
+  }
+}
+
 TEST_F(SerializeTest, BuffersAreSaved) {
   auto model = torch::nn::Sequential(torch::nn::Linear(3, 4), torch::nn::BatchNorm1d(4));
   model->forward(torch::randn({8, 3}));  // updates the running stats
