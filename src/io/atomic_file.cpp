@@ -282,9 +282,10 @@ void AtomicFile::stream_to_disk() {
   // Start the disk on every 2 MiB written (every 8 MiB made 8 MiB saves 15-20 %
   // slower), so the final fsync waits only for the tail; keep the last three
   // chunks in flight (one kept the disk idle between them, 10-20 % slower) and
-  // wait for the ones before, then drop those from the page cache. A durable file needs no cached copy, and the next chunks reuse
-  // the pages just dropped instead of taking fresh memory (which on a VM can
-  // cost more than the disk) and evicting what training reads.
+  // wait for the ones before, then drop those from the page cache. A durable
+  // file needs no cached copy, and the next chunks reuse the pages just dropped
+  // instead of taking fresh memory (which on a VM can cost more than the disk)
+  // and evicting what training reads.
   constexpr uint64_t kInFlight = 3 * kWritebackChunk;
   if (!streaming_ || written_ - started_ < kWritebackStart) return;
   auto ok = [&](int rc) {

@@ -120,7 +120,13 @@ DeferredRelease::DeferredRelease(const std::string& path) {
 }
 
 DeferredRelease::~DeferredRelease() {
-  if (fd_ >= 0 && !releaser().push(fd_)) ::close(fd_);
+  if (fd_ < 0) return;
+  bool queued = false;
+  try {
+    queued = releaser().push(fd_);
+  } catch (...) {  // no thread or memory for it: close here, as before
+  }
+  if (!queued) ::close(fd_);
 }
 
 bool remove_file(const std::string& path, std::error_code& ec) {
