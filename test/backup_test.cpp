@@ -8,6 +8,7 @@
 #include <random>
 #include <thread>
 
+#include "format/checkpoint_file.h"
 #include "support.h"
 
 namespace torchfit::test {
@@ -59,6 +60,7 @@ TEST(BackupChild, Train) {
   }
   auto history = trainer.fit(data.x_train, data.y_train,
                              FitOptions().epochs(6).batch_size(5).seed(7).validation_data(data.x_test, data.y_test)
+                                 .gradient_accumulation_steps(schedule == "accumulate" ? 4 : 1)
                                  .callbacks(callbacks));
   save_weights(*model, dir + "/final.pt");
   std::ofstream(dir + "/history.txt") << history_text(history);
@@ -78,11 +80,17 @@ int run_child(const std::string& dir, const std::string& freq, const std::string
   return status;
 }
 
+/// The batches of the unfinished accumulation window a full checkpoint holds.
+int64_t accumulated_batches(const std::string& path) {
+  auto items = detail::CheckpointFile(path).read_torchfit().toGenericDict();
+  return items.at("gradients").toGenericDict().at("batches").toInt();
+}
+
 void expect_bitwise_resume(TorchfitTest& test, const fs::path& root, const std::string& freq, std::mt19937& rng,
                            int rounds, const std::string& schedule = "none") {
   auto reference = (root / (freq + "-reference")).string();
   ASSERT_EQ(run_child(reference, freq, schedule), 0);
-  int resumed = 0;
+  int resumed = 0, mid_window = 0;
   for (int round = 0; round < rounds; ++round) {
     auto dir = (root / fmt::format("{}-killed-{}", freq, round)).string();
     pid_t pid = spawn_child(dir, freq, schedule);
@@ -96,6 +104,7 @@ void expect_bitwise_resume(TorchfitTest& test, const fs::path& root, const std::
     waitpid(pid, &status, 0);
     ASSERT_TRUE(WIFSIGNALED(status)) << "the run finished before the kill; slow it down";
     bool had_backup = fs::exists(dir + "/backup/backup.pt");
+    if (had_backup) mid_window += accumulated_batches(dir + "/backup/backup.pt") > 0;
     ASSERT_EQ(run_child(dir, freq, schedule), 0);
     EXPECT_EQ(read_file(dir + "/restored.txt"), had_backup ? "1" : "0");
     resumed += had_backup;
@@ -107,6 +116,7 @@ void expect_bitwise_resume(TorchfitTest& test, const fs::path& root, const std::
     EXPECT_FALSE(fs::exists(dir + "/backup")) << "delete_checkpoint leaves no backup behind";
   }
   EXPECT_GT(resumed, 0) << "no kill landed after a backup";
+  if (schedule == "accumulate") EXPECT_GT(mid_window, 0) << "no kill landed after a backup inside a window";
 }
 
 TEST_F(BackupTest, KilledAndRestartedRunIsBitwiseEqualAtEpochLevel) {
@@ -129,6 +139,56 @@ TEST_F(BackupTest, KilledAndRestartedRunUnderReduceLROnPlateauIsBitwiseEqual) {
   std::mt19937 rng(14);
   expect_bitwise_resume(*this, dir(), "epoch", rng, 3, "plateau");
   EXPECT_EQ(read_file(path("epoch-reference/lr.txt")), "0.0125") << "reduced at the end of epochs 3 and 5";
+}
+
+TEST_F(BackupTest, KilledAndRestartedRunInsideAnAccumulationWindowIsBitwiseEqual) {
+  // Backups every 3 batches with windows of 4: three in four fall inside a window,
+  // whose gradients so far the resumed run must continue from.
+  std::mt19937 rng(15);
+  expect_bitwise_resume(*this, dir(), "batch", rng, 4, "accumulate");
+}
+
+TEST_F(BackupTest, AWindowsGradientsAreCheckedAndNeedTheSameAccumulation) {
+  auto data = make_data();  // 30 samples: 3 batches of 10, one window of 3
+  Mlp model;
+  Trainer trainer(model, std::make_shared<torch::optim::SGD>(model->parameters(), 0.1), ce_loss);
+  auto save_mid_window = std::make_shared<LambdaCallback>();
+  save_mid_window->train_batch_end = [&](int64_t batch, const Logs&) {
+    if (batch == 1) trainer.save_checkpoint(path("mid.pt"));  // two of the window's three batches done
+  };
+  trainer.fit(data.x_train, data.y_train,
+              FitOptions().epochs(1).batch_size(10).gradient_accumulation_steps(3).callbacks({save_mid_window}));
+  ASSERT_EQ(accumulated_batches(path("mid.pt")), 2);
+  auto items = detail::CheckpointFile(path("mid.pt")).read_torchfit().toGenericDict();
+  EXPECT_EQ(items.at("gradients").toGenericDict().at("grads").toGenericDict().size(), 4u);
+
+  {  // Another accumulation cannot continue that window: its gradients are dropped, with a warning.
+    Mlp other;
+    Trainer resumed(other, std::make_shared<torch::optim::SGD>(other->parameters(), 0.1), ce_loss);
+    resumed.load_checkpoint(path("mid.pt"));
+    LogCapture logs;
+    resumed.fit(data.x_train, data.y_train, FitOptions().epochs(1).batch_size(10).gradient_accumulation_steps(2));
+    EXPECT_NE(logs.text().find("saved 2 batches into a window of 3 accumulated batches; this fit accumulates 2"),
+              std::string::npos)
+        << logs.text();
+  }
+
+  // A window that cannot be is refused with the file's path, before anything is loaded.
+  auto gradients = items.at("gradients").toGenericDict();
+  gradients.insert_or_assign("batches", int64_t(5));
+  FileCheckpointIO().save(items, path("bad.pt"), {});
+  Mlp third;
+  Trainer refusing(third, std::make_shared<torch::optim::SGD>(third->parameters(), 0.1), ce_loss);
+  auto before = third->fc1->weight.clone();
+  try {
+    refusing.load_checkpoint(path("bad.pt"));
+    FAIL() << "expected CheckpointError";
+  } catch (const CheckpointError& e) {
+    std::string msg = e.what();
+    EXPECT_NE(msg.find(path("bad.pt")), std::string::npos) << msg;
+    EXPECT_NE(msg.find("accumulated gradients of 5 batches in a window of 3"), std::string::npos) << msg;
+  }
+  EXPECT_TRUE(torch::equal(third->fc1->weight, before)) << "a refused checkpoint changed the model";
 }
 
 TEST_F(BackupTest, DoubleCheckpointFallsBackToThePreviousBackup) {

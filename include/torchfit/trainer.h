@@ -435,7 +435,8 @@ class Trainer : public TrainingContext {
   /// the callbacks of the running `fit`.
   void save_checkpoint(const std::string& path) const;
   /// Everything a full checkpoint holds, as items: "model", "optimizer" (state and
-  /// param-group options), "trainer" (progress), "rng" and "callbacks". Loading it
+  /// param-group options), "trainer" (progress), "gradients" (of an unfinished
+  /// accumulation window), "rng" and "callbacks". Loading it
   /// restores them for the next (or the running) `fit`.
   Checkpoint checkpoint(const CheckpointScope& scope = CheckpointScope()) override;
 
@@ -524,6 +525,9 @@ class Trainer : public TrainingContext {
   void finish_gradients();
   /// The optimizer step for the gradients accumulated so far.
   void apply_gradients();
+  /// Puts back the gradients of the accumulation window a restored checkpoint
+  /// was saved in, when the fit resumes mid-epoch with the same accumulation.
+  void restore_window(bool mid_epoch);
   /// Checks that the steps this run needs exist and take what `source` yields.
   void check_steps(const detail::BatchSource& source, bool training, const char* what) const;
 
@@ -542,6 +546,9 @@ class Trainer : public TrainingContext {
   std::map<std::string, c10::IValue> pending_callback_states_;
   struct ProgressItem;
   struct CallbacksItem;
+  struct GradientsItem;
+  /// Set by loading a checkpoint saved inside an accumulation window.
+  c10::IValue restored_window_;
   std::string resumed_from_;
   std::unique_ptr<detail::Collectives> collectives_;
   detail::TrainStep train_step_, test_step_;

@@ -435,11 +435,83 @@ struct Trainer::CallbacksItem : Stateful {
   const Callback* caller;
 };
 
+/// The gradients of an unfinished accumulation window, so a resumed fit continues
+/// the window instead of restarting it (Keras 3 keeps its accumulators as
+/// optimizer variables). Holds none between windows, and none under data
+/// parallelism, where each rank's partial sums are its own until the step.
+struct Trainer::GradientsItem : Stateful {
+  explicit GradientsItem(Trainer& trainer) : trainer(trainer) {}
+  c10::IValue state_dict() const override {
+    const int64_t batches = trainer.collectives_ ? 0 : trainer.accumulated_;
+    c10::impl::GenericDict grads(c10::StringType::get(), c10::TensorType::get());
+    for (const auto& param : trainer.model_->named_parameters()) {
+      if (batches > 0 && param.value().grad().defined()) grads.insert(param.key(), param.value().grad());
+    }
+    c10::impl::GenericDict out(c10::StringType::get(), c10::AnyType::get());
+    out.insert("batches", batches);
+    out.insert("steps", trainer.gradients_.accumulation);
+    out.insert("grads", grads);
+    return out;
+  }
+  void check_state_dict(const c10::IValue& state, const std::string& where) const override {
+    auto fail = [&](const std::string& what) { throw CheckpointError(fmt::format("{}: {}", where, what)); };
+    if (!state.isGenericDict()) fail(fmt::format("accumulated gradients are a {}, not a dict", state.tagKind()));
+    auto dict = state.toGenericDict();
+    auto integer = [&](const char* key) {
+      auto it = dict.find(key);
+      if (it == dict.end() || !it->value().isInt()) fail(fmt::format("accumulated gradients lack an integer '{}'", key));
+      return it->value().toInt();
+    };
+    const int64_t batches = integer("batches"), steps = integer("steps");
+    if (steps < 1 || batches < 0 || batches >= steps) {
+      fail(fmt::format("accumulated gradients of {} batches in a window of {}", batches, steps));
+    }
+    auto grads = dict.find("grads");
+    if (grads == dict.end() || !grads->value().isGenericDict()) fail("accumulated gradients lack their 'grads' dict");
+    auto params = trainer.model_->named_parameters();
+    for (const auto& entry : grads->value().toGenericDict()) {
+      if (!entry.key().isString() || !entry.value().isTensor()) fail("accumulated gradients hold a non-tensor entry");
+      const auto& name = entry.key().toStringRef();
+      const auto* param = params.find(name);
+      if (param == nullptr) fail(fmt::format("accumulated gradient '{}' names no parameter of the model", name));
+      if (entry.value().toTensor().sizes() != param->sizes()) {
+        fail(fmt::format("accumulated gradient '{}' has shape {}, the parameter {}", name,
+                         entry.value().toTensor().sizes(), param->sizes()));
+      }
+    }
+  }
+  void load_state_dict(const c10::IValue& state) override { trainer.restored_window_ = state; }
+  Trainer& trainer;
+};
+
+void Trainer::restore_window(bool mid_epoch) {
+  auto window = std::exchange(restored_window_, c10::IValue());
+  if (!mid_epoch || !window.isGenericDict()) return;
+  auto dict = window.toGenericDict();
+  const int64_t batches = dict.at("batches").toInt(), steps = dict.at("steps").toInt();
+  if (batches == 0) return;
+  if (steps != gradients_.accumulation) {
+    logger()->warn("The checkpoint was saved {} batches into a window of {} accumulated batches; this fit "
+                      "accumulates {}, so those batches' gradients are dropped",
+                      batches, steps, gradients_.accumulation);
+    return;
+  }
+  auto grads = dict.at("grads").toGenericDict();
+  at::NoGradGuard no_grad;
+  for (auto& param : model_->named_parameters()) {
+    auto it = grads.find(param.key());
+    param.value().mutable_grad() = it == grads.end() ? at::Tensor()
+                                                     : it->value().toTensor().to(param.value().options(), false, true);
+  }
+  accumulated_ = batches;
+}
+
 Checkpoint Trainer::checkpoint(const CheckpointScope& scope) {
   Checkpoint out;
   out.add("model", model_);
   out.add("optimizer", optimizer_);
   out.add("trainer", std::make_shared<ProgressItem>(*this));
+  out.add_optional("gradients", std::make_shared<GradientsItem>(*this));
   out.add_rng();
   out.add("callbacks", std::make_shared<CallbacksItem>(*this, scope.with_history(), scope.caller()));
   return out;
@@ -637,6 +709,7 @@ History Trainer::fit_source(detail::BatchSource& train, std::optional<std::pair<
     skip = state_.batch_in_epoch;
   }
   resume_.reset();
+  restore_window(skip > 0);
   // The data's position: its pass and the batches read of it. Kept in the state
   // only while it differs from the epoch's (steps_per_epoch), so files stay as before.
   int64_t pass = state_.data_pass.value_or(state_.epoch);
@@ -808,6 +881,7 @@ void Trainer::load_checkpoint(const std::string& path) { restore(path, /*with_hi
 void Trainer::restore_backup(const std::string& path) { restore(path, /*with_history=*/true); }
 
 void Trainer::restore(const std::string& path, bool with_history) {
+  restored_window_ = c10::IValue();
   detail::guard_read(path, [&] {
     detail::CheckpointFile file(path);
     if (file.is_module_archive()) {
