@@ -492,8 +492,8 @@ void Trainer::restore_window(bool mid_epoch) {
   if (batches == 0) return;
   if (steps != gradients_.accumulation) {
     logger()->warn("The checkpoint was saved {} batches into a window of {} accumulated batches; this fit "
-                      "accumulates {}, so those batches' gradients are dropped",
-                      batches, steps, gradients_.accumulation);
+                   "accumulates {}, so those batches' gradients are dropped",
+                   batches, steps, gradients_.accumulation);
     return;
   }
   auto grads = dict.at("grads").toGenericDict();
