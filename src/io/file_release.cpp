@@ -57,11 +57,13 @@ class Releaser {
   }
 
   uint64_t released() {
+    if (::getpid() != owner_) return released_;  // the child's copy: no thread changes it there
     std::lock_guard<std::mutex> lock(mutex_);
     return released_;
   }
 
   void pause(bool on) {
+    if (::getpid() != owner_) return;  // a child has no thread to pause
     std::lock_guard<std::mutex> lock(mutex_);
     paused_ += on ? 1 : -1;
     changed_.notify_all();
