@@ -213,6 +213,10 @@ namespace {
 constexpr size_t kBufferSize = 1 << 20;
 constexpr size_t kWritebackChunk = 8 << 20;
 constexpr size_t kWritebackStart = 2 << 20;
+
+/// Whether a write that failed with `error` is worth trying again: interrupted,
+/// or the disk was full while replaced files were still being freed.
+bool worth_retrying(int error) { return error == EINTR || (error == ENOSPC && wait_for_released_files()); }
 }
 
 void AtomicFile::write(const void* data, size_t size) {
@@ -239,15 +243,17 @@ size_t AtomicFile::write_direct(const char* bytes, size_t size) {
   size_t done = 0;
   while (done < size) {
     ssize_t n = ::pwrite(direct_fd_, bytes + done, size - done, static_cast<off_t>(written_));
-    if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == EINVAL) {
       // This file system or device wants other alignments: buffered writes from here on.
       ::close(direct_fd_);
       direct_fd_ = -1;
       break;
     }
-    if (n < 0 && errno == ENOSPC && wait_for_released_files()) continue;  // space being freed
-    if (n < 0) throw CheckpointError(errno_message("Failed writing file", target_, errno));
+    if (n < 0) {
+      int error = errno;
+      if (worth_retrying(error)) continue;
+      throw CheckpointError(errno_message("Failed writing file", target_, error));
+    }
     done += static_cast<size_t>(n);
     written_ += static_cast<uint64_t>(n);
     if (n % kPageSize != 0) break;  // a short write left the rest unaligned
@@ -267,8 +273,9 @@ void AtomicFile::write_fd(const char* bytes, size_t size) {
     ssize_t n = ::pwrite(fd_, bytes, fsync_ ? std::min<size_t>(size, kWritebackChunk) : size,
                          static_cast<off_t>(written_));
     if (n < 0) {
-      if (errno == EINTR || (errno == ENOSPC && wait_for_released_files())) continue;  // space being freed
-      throw CheckpointError(errno_message("Failed writing file", target_, errno));
+      int error = errno;
+      if (worth_retrying(error)) continue;
+      throw CheckpointError(errno_message("Failed writing file", target_, error));
     }
     bytes += n;
     size -= static_cast<size_t>(n);
