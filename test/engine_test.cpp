@@ -10,6 +10,7 @@
 #include <map>
 #include <sstream>
 
+#include "compat/libtorch.h"
 #include "support.h"
 
 namespace torchfit::test {
@@ -405,7 +406,7 @@ TEST_F(EngineTest, Version01FilesStillLoad) {
   EXPECT_EQ(trainer.state().global_step, static_cast<int64_t>(expected.at("global_step")[0]));
   int index = 0;
   for (const auto& p : sgd->param_groups()[0].params()) {
-    const auto& st = static_cast<torch::optim::SGDParamState&>(*sgd->state().at(c10::guts::to_string(p.unsafeGetTensorImpl())));
+    const auto& st = static_cast<torch::optim::SGDParamState&>(*sgd->state().at(compat::optimizer_state_key(p)));
     auto name = "momentum_buffer." + std::to_string(index++);
     expect_values(st.momentum_buffer(), expected.at(name), name);
   }

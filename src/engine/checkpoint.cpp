@@ -90,7 +90,7 @@ class RngItem : public Checkpoint::Item {
     c10::impl::GenericList cuda(c10::TensorType::get());
     const auto& hooks = at::detail::getCUDAHooks();
     if (hooks.hasCUDA()) {
-      for (int64_t i = 0; i < hooks.getNumGPUs(); ++i) cuda.push_back(state_of(hooks.getDefaultCUDAGenerator(i)));
+      for (int64_t i = 0; i < hooks.getNumGPUs(); ++i) cuda.push_back(state_of(cuda_generator(i)));
     }
     dict.insert("cuda", cuda);
     return dict;
@@ -128,12 +128,15 @@ class RngItem : public Checkpoint::Item {
       set_state_of(at::detail::getDefaultCPUGenerator(), cpu_state);
       const auto& hooks = at::detail::getCUDAHooks();
       for (size_t i = 0; i < cuda_states.size() && static_cast<int64_t>(i) < hooks.getNumGPUs(); ++i) {
-        set_state_of(hooks.getDefaultCUDAGenerator(static_cast<int64_t>(i)), cuda_states[i]);
+        set_state_of(cuda_generator(static_cast<int64_t>(i)), cuda_states[i]);
       }
     };
   }
 
  private:
+  static at::Generator cuda_generator(int64_t device) {
+    return at::globalContext().defaultGenerator(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
+  }
   static at::Tensor state_of(at::Generator generator) {
     std::lock_guard<std::mutex> lock(generator.mutex());
     return generator.get_state();

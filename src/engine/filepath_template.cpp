@@ -131,9 +131,13 @@ std::string trim_fraction(std::string number, bool keep_one) {
 
 /// Python's repr, which a spec with neither type nor precision uses ('#' keeps the point).
 std::string repr(double magnitude, bool alternate) {
-  // fmt's shortest round trip has repr's digits and layout, but prints 1.0 as "1" ('#' matches).
-  std::string text = alternate ? fmt::format("{:#}", magnitude) : fmt::format("{}", magnitude);
-  if (std::isfinite(magnitude) && text.find_first_of(".e") == std::string::npos) text += ".0";
+  // fmt's shortest round trip has repr's digits and layout, but prints 1.0 as "1". The point is
+  // added here, not with fmt's '#', which prints "1." from fmt 10 on.
+  std::string text = fmt::format("{}", magnitude);
+  if (!std::isfinite(magnitude) || text.find('.') != std::string::npos) return text;
+  const size_t exponent = text.find('e');
+  if (exponent == std::string::npos) return text + ".0";
+  if (alternate) text.insert(exponent, ".");  // Python: format(1e16, "#") is "1.e+16"
   return text;
 }
 

@@ -11,6 +11,7 @@
 #include <torch/serialize/output-archive.h>
 
 #include "format/checkpoint_file.h"
+#include "format/optimizer_archive.h"
 #include "format/state_dict.h"
 #include "torchfit/error.h"
 
@@ -122,31 +123,18 @@ CheckpointContents read_legacy_checkpoint(const CheckpointFile& file, torch::nn:
   }
   TensorMap targets = check_weights(module, contents.weights, path);
 
-  // Keep the optimizer's current state so a failed load changes nothing.
-  std::ostringstream backup;
-  {
-    torch::serialize::OutputArchive saved;
-    optimizer.save(saved);
-    saved.save_to(backup);
-  }
+  torch::serialize::InputArchive optimizer_archive;
+  std::function<void()> load_optimizer;
   try {
-    torch::serialize::InputArchive optimizer_archive;
     archive.read(kOptimizerKey, optimizer_archive);
-    optimizer.load(optimizer_archive);
+    load_optimizer = prepare_optimizer_archive_load(optimizer, optimizer_archive,
+                                                    fmt::format("Checkpoint {} does not match the optimizer", path));
+  } catch (const CheckpointError&) {
+    throw;
   } catch (...) {
-    std::istringstream in(backup.str());
-    torch::serialize::InputArchive saved;
-    saved.load_from(in);
-    optimizer.load(saved);
-    try {
-      throw;
-    } catch (const c10::Error& e) {
-      throw CheckpointError(
-          fmt::format("Checkpoint {} does not match the optimizer: {}", path, e.what_without_backtrace()));
-    } catch (...) {
-      rethrow_as_checkpoint_error(path);
-    }
+    rethrow_as_checkpoint_error(path);
   }
+  load_optimizer();
   copy_weights(targets, contents.weights);
   return contents;
 }

@@ -14,6 +14,8 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include "compat/libtorch.h"
+#include "format/optimizer_archive.h"
 #include "torchfit/error.h"
 
 namespace torchfit::detail {
@@ -23,11 +25,9 @@ using torch::optim::Optimizer;
 using torch::optim::OptimizerOptions;
 using torch::optim::OptimizerParamState;
 using Dict = c10::impl::GenericDict;
-using StateMap = ska::flat_hash_map<std::string, std::unique_ptr<OptimizerParamState>>;
+using StateMap = compat::OptimizerStateMap;
 
 Dict new_dict() { return Dict(c10::StringType::get(), c10::AnyType::get()); }
-
-std::string key_of(const at::Tensor& param) { return c10::guts::to_string(param.unsafeGetTensorImpl()); }
 
 /// Reads typed fields of one saved dict; errors name `where` and the field.
 class Fields {
@@ -249,7 +249,7 @@ c10::IValue save_as(const Optimizer& optimizer) {
   int64_t index = 0;
   for (const auto& group : optimizer.param_groups()) {
     for (const auto& param : group.params()) {
-      auto it = optimizer.state().find(key_of(param));
+      auto it = optimizer.state().find(compat::optimizer_state_key(param));
       if (it != optimizer.state().end()) {
         Dict d = new_dict();
         Codec::save_state(static_cast<const typename Codec::State&>(*it->second), d);
@@ -292,7 +292,7 @@ std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value,
     const auto& param = params[entry.key().toInt()];
     auto state = std::make_unique<typename Codec::State>();
     Codec::load_state(*state, Fields(entry.value(), fmt::format("{}: state of parameter {}", where, entry.key().toInt())), param);
-    (*states)[key_of(param)] = std::move(state);
+    (*states)[compat::optimizer_state_key(param)] = std::move(state);
   }
   auto shared_options = std::make_shared<std::vector<std::unique_ptr<OptimizerOptions>>>(std::move(options));
   return [&optimizer, states, shared_options] {
@@ -331,12 +331,12 @@ std::function<void()> prepare_archive(Optimizer& optimizer, const c10::IValue& v
   if (!blob.isTensor()) throw top.error("'torchfit_archive' is not a tensor");
   auto bytes = blob.toTensor().contiguous();
   std::string text(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
-  // Load into the live optimizer, keeping its state to put back if that fails.
-  return [&optimizer, text, lrs, where] {
-    std::istringstream in(text);
-    torch::serialize::InputArchive archive;
-    archive.load_from(in);
-    optimizer.load(archive);
+  auto archive = std::make_shared<torch::serialize::InputArchive>();
+  std::istringstream in(text);
+  archive->load_from(in);
+  auto load = prepare_optimizer_archive_load(optimizer, *archive, where);
+  return [&optimizer, archive, load, lrs] {
+    load();
     for (size_t i = 0; i < lrs.size(); ++i) optimizer.param_groups()[i].options().set_lr(lrs[i]);
   };
 }

@@ -4,9 +4,7 @@
 #include <string>
 
 #include <fmt/format.h>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
-
+#include "compat/distributed.h"
 #include "torchfit/error.h"
 
 namespace torchfit::distributed {
@@ -44,7 +42,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_from_env(std::chrono::milliseconds t
   auto address = required("MASTER_ADDR");
   auto port = number("MASTER_PORT", 1, 65535);
   try {
-    c10d::TCPStoreOptions store_options;
+    auto store_options = compat::tcp_store_options();
     store_options.port = static_cast<uint16_t>(port);
     store_options.isServer = rank == 0;
     store_options.numWorkers = static_cast<size_t>(world);
@@ -58,8 +56,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> init_from_env(std::chrono::milliseconds t
     options->devices.push_back(interface ? c10d::ProcessGroupGloo::createDeviceForInterface(interface)
                                : local   ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
                                          : c10d::ProcessGroupGloo::createDefaultDevice());
-    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank), static_cast<int>(world),
-                                                       options);
+    return compat::make_gloo_group(store, static_cast<int>(rank), static_cast<int>(world), options);
   } catch (const std::exception& e) {
     throw Error(fmt::format("init_from_env: rank {} of {} could not join {}:{}: {}", rank, world, address, port,
                             e.what()));
