@@ -8,7 +8,8 @@
 #                                    inside the root (README command 3)
 #   third_party/libtorch2.sh run CMD run CMD inside the root (e.g. "python3 -c 'import torch'")
 #
-# TORCHFIT_TRIXIE_ROOT moves the root (default /var/cache/torchfit/trixie).
+# TORCHFIT_TRIXIE_ROOT moves the root (default /var/cache/torchfit/trixie); TORCHFIT_NINJA_FLAGS
+# and CTEST_ARGS pass flags to the build and the test run (e.g. CTEST_ARGS="-R Interop").
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source_dir=$(cd "$here/.." && pwd)
@@ -75,11 +76,11 @@ build_and_test() {
   rm -rf "$work/src"
   mkdir -p "$work/src"
   tar -C "$source_dir" --exclude=./.git --exclude='./build*' -cf - . | tar -C "$work/src" -xf -
-  in_root bash -euo pipefail -c '
+  in_root env TORCHFIT_NINJA_FLAGS="${TORCHFIT_NINJA_FLAGS:-}" CTEST_ARGS="${CTEST_ARGS:-}" bash -euo pipefail -c '
     export CCACHE_DIR=/torchfit/ccache
     cmake -S /torchfit/src -B /torchfit/build -G Ninja -Wno-dev
-    cmake --build /torchfit/build
-    cd /torchfit/build && ctest -j2 --output-on-failure'
+    cmake --build /torchfit/build -- ${TORCHFIT_NINJA_FLAGS:-}
+    cd /torchfit/build && ctest -j2 --output-on-failure $CTEST_ARGS'
 }
 
 case "${1:-test}" in

@@ -1,6 +1,7 @@
 #pragma once
 // c10d's differences between LibTorch versions (see libtorch.h).
 
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 

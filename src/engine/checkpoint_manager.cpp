@@ -374,13 +374,16 @@ void CheckpointManager::check_state_dict(const c10::IValue& state, const std::st
   auto best = dict.find("best");
   if (best == dict.end() || !(best->value().isNone() || best->value().isDouble())) throw fail("field 'best'");
   expect("last_saved_path", &c10::IValue::isString);
-  auto paths = expect("top_k_paths", &c10::IValue::isList).toListRef();
-  auto scores = expect("top_k_scores", &c10::IValue::isList).toListRef();
+  const auto path_list = expect("top_k_paths", &c10::IValue::isList);
+  const auto score_list = expect("top_k_scores", &c10::IValue::isList);
+  auto paths = path_list.toListRef();
+  auto scores = score_list.toListRef();
   if (paths.size() != scores.size()) throw fail("top_k_paths and top_k_scores differ in length");
   for (size_t i = 0; i < paths.size(); ++i) {
     if (!paths[i].isString() || !scores[i].isDouble()) throw fail(fmt::format("top-k entry {}", i));
   }
-  for (const auto& path : expect("recent", &c10::IValue::isList).toListRef()) {
+  const auto recent = expect("recent", &c10::IValue::isList);  // named: the loop views its list
+  for (const auto& path : recent.toListRef()) {
     if (!path.isString()) throw fail("an entry of 'recent' is not a string");
   }
   expect("calls_since_last_save", &c10::IValue::isInt);
@@ -393,11 +396,14 @@ void CheckpointManager::load_state_dict(const c10::IValue& state) {
   monitor_->set_best(best.isNone() ? std::nullopt : std::optional<double>(best.toDouble()));
   record_.last_saved_path = dict.at("last_saved_path").toStringRef();
   record_.top_k.clear();
-  auto paths = dict.at("top_k_paths").toListRef();
-  auto scores = dict.at("top_k_scores").toListRef();
+  const auto path_list = dict.at("top_k_paths");
+  const auto score_list = dict.at("top_k_scores");
+  auto paths = path_list.toListRef();
+  auto scores = score_list.toListRef();
   for (size_t i = 0; i < paths.size(); ++i) record_.top_k.emplace_back(paths[i].toStringRef(), scores[i].toDouble());
   record_.recent.clear();
-  for (const auto& path : dict.at("recent").toListRef()) record_.recent.push_back(path.toStringRef());
+  const auto recent = dict.at("recent");  // named: the loop views its list
+  for (const auto& path : recent.toListRef()) record_.recent.push_back(path.toStringRef());
   record_.calls_since_last_save = dict.at("calls_since_last_save").toInt();
 }
 

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include "format/ivalue_lists.h"
 #include "torchfit/error.h"
 
 namespace torchfit::detail {
@@ -67,9 +68,9 @@ TrainerState trainer_state_from_ivalue(const c10::IValue& value, const std::stri
     auto metrics = get("metric_states");
     if (!metrics.isGenericDict()) throw fail("field 'metric_states' is not a dict");
     for (const auto& entry : metrics.toGenericDict()) {
-      if (!entry.key().isString() || !entry.value().isDoubleList()) throw fail("an entry of 'metric_states'");
-      auto values = entry.value().toDoubleList();
-      state.metric_states[entry.key().toStringRef()] = std::vector<double>(values.begin(), values.end());
+      auto values = double_vector(entry.value());
+      if (!entry.key().isString() || !values) throw fail("an entry of 'metric_states'");
+      state.metric_states[entry.key().toStringRef()] = std::move(*values);
     }
   }
   if (state.epoch < 0 || state.global_step < 0 || state.batch_in_epoch < 0) {

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "format/ivalue_lists.h"
 #include "torchfit/error.h"
 #include "torchfit/training_context.h"
 
@@ -151,15 +152,15 @@ void History::load_state_dict(const c10::IValue& state) {
   const auto& dict = state.toGenericDict();
   auto epochs = dict.find("epoch");
   auto logs = dict.find("history");
-  if (epochs == dict.end() || logs == dict.end() || !epochs->value().isIntList() || !logs->value().isGenericDict()) {
-    throw fail();
-  }
+  auto epoch_list = epochs == dict.end() ? std::nullopt : detail::int_vector(epochs->value());
+  if (!epoch_list || logs == dict.end() || !logs->value().isGenericDict()) throw fail();
   std::map<std::string, std::vector<double>> restored;
   for (const auto& entry : logs->value().toGenericDict()) {
-    if (!entry.key().isString() || !entry.value().isDoubleList()) throw fail();
-    restored[entry.key().toStringRef()] = entry.value().toDoubleVector();
+    auto values = detail::double_vector(entry.value());
+    if (!entry.key().isString() || !values) throw fail();
+    restored[entry.key().toStringRef()] = std::move(*values);
   }
-  epoch = epochs->value().toIntVector();
+  epoch = std::move(*epoch_list);
   history = std::move(restored);
 }
 
