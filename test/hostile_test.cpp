@@ -56,9 +56,6 @@ std::string foreign_zip(const std::vector<std::pair<std::string, std::string>>& 
   return bytes;
 }
 
-void write_bytes(const std::string& file, const std::string& bytes) {
-  std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
-}
 
 /// Pickle opcodes, protocol 2.
 namespace pk {
@@ -243,9 +240,9 @@ TEST_F(HostileTest, CraftedPicklesAreRefusedWithAReason) {
     if (keep != nullptr) {
       std::string file = c.name;
       std::replace(file.begin(), file.end(), ' ', '_');
-      write_bytes((fs::path(keep) / (file + ".pt")).string(), c.bytes);
+      write_file((fs::path(keep) / (file + ".pt")).string(), c.bytes);
     }
-    write_bytes(path("case.pt"), c.bytes);
+    write_file(path("case.pt"), c.bytes);
     EXPECT_EQ(fuzz::read_everything(path("case.pt")), "") << c.name;
     EXPECT_NE(refusal(path("case.pt")).find(c.reason), std::string::npos) << c.name << ": " << refusal(path("case.pt"));
     EXPECT_NE(refusal(path("case.pt")).find(path("case.pt")), std::string::npos) << c.name;
@@ -289,9 +286,9 @@ TEST_F(HostileTest, SealedPicklesLibTorchsPicklerDoesNotWriteAreRefusedWithAReas
     if (keep != nullptr && bytes.size() < (512 << 10)) {
       std::string file = std::string("sealed ") + name;
       std::replace(file.begin(), file.end(), ' ', '_');
-      write_bytes((fs::path(keep) / (file + ".pt")).string(), bytes);
+      write_file((fs::path(keep) / (file + ".pt")).string(), bytes);
     }
-    write_bytes(path("sealed.pt"), bytes);
+    write_file(path("sealed.pt"), bytes);
     ASSERT_TRUE(verify_checkpoint(path("sealed.pt")).ok) << reason;
     EXPECT_EQ(fuzz::read_everything(path("sealed.pt")), "") << reason;
     auto what = refusal(path("sealed.pt"));
@@ -302,22 +299,22 @@ TEST_F(HostileTest, SealedPicklesLibTorchsPicklerDoesNotWriteAreRefusedWithAReas
 
 TEST_F(HostileTest, ZipDamageIsRefused) {
   auto good = python_file(pk::state_dict(pk::tensor(4, {4}, {1})));
-  write_bytes(path("good.pt"), good);
+  write_file(path("good.pt"), good);
   EXPECT_EQ(read_weights(path("good.pt")).at("w").numel(), 4);
 
   auto storage_at = good.find(std::string(16, '\0'), good.find("data/0"));  // the storage's bytes
   auto flipped = good;
   flipped[storage_at + 3] ^= 0x40;
-  write_bytes(path("flipped.pt"), flipped);
+  write_file(path("flipped.pt"), flipped);
   EXPECT_NE(refusal(path("flipped.pt")).find("fails its zip CRC32"), std::string::npos) << refusal(path("flipped.pt"));
 
   auto compressed = good;
   auto central = compressed.find(std::string("PK\x01\x02", 4));  // data.pkl's directory entry
   compressed[central + 10] = 8;  // deflate
-  write_bytes(path("compressed.pt"), compressed);
+  write_file(path("compressed.pt"), compressed);
   EXPECT_NE(refusal(path("compressed.pt")).find("compressed"), std::string::npos);
 
-  write_bytes(path("cut.pt"), good.substr(0, good.size() / 2));
+  write_file(path("cut.pt"), good.substr(0, good.size() / 2));
   EXPECT_EQ(fuzz::read_everything(path("cut.pt")), "");
   EXPECT_NE(refusal(path("cut.pt")).find("cut.pt"), std::string::npos);
 }
@@ -380,7 +377,7 @@ TEST_F(HostileTest, NestedCheckpointsPickTheirKey) {
   auto weights = pk::tensor(4, {4}, {1});
   auto nested = "\x80\x02}(" + pk::str("epoch") + "K\x03" + pk::str("model") + "}" + pk::str("w") + weights + "s" +
                 pk::str("note") + pk::str("hi") + "u.";
-  write_bytes(path("nested.pt"), python_file(nested));
+  write_file(path("nested.pt"), python_file(nested));
   auto what = refusal(path("nested.pt"));
   EXPECT_NE(what.find("keys epoch, model, note"), std::string::npos) << what;
   EXPECT_NE(what.find("\"model\")"), std::string::npos) << what;

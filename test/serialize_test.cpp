@@ -22,14 +22,7 @@ namespace {
 
 class SerializeTest : public TorchfitTest {};
 
-void write_bytes(const std::string& file, const std::string& bytes) {
-  std::ofstream(file, std::ios::binary) << bytes;
-}
 
-std::string read_bytes(const std::string& file) {
-  std::ifstream in(file, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 template <typename Fn>
 void expect_error(Fn&& fn, const std::vector<std::string>& fragments) {
@@ -47,7 +40,7 @@ void expect_error(Fn&& fn, const std::vector<std::string>& fragments) {
 TEST_F(SerializeTest, WeightsFileIsAPickledDictWithDottedNames) {
   Mlp model;
   save_weights(*model, path("w.pt"));
-  auto bytes = read_bytes(path("w.pt"));
+  auto bytes = read_file(path("w.pt"));
   auto value = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
   ASSERT_TRUE(value.isGenericDict());
   std::vector<std::string> keys;
@@ -108,13 +101,13 @@ TEST_F(SerializeTest, SaveReplacesAtomicallyAndLeavesNoTemporaries) {
 TEST_F(SerializeTest, FailedSaveKeepsPreviousFile) {
   Mlp model;
   save_weights(*model, path("w.pt"));
-  auto before = read_bytes(path("w.pt"));
+  auto before = read_file(path("w.pt"));
   // A parent that is a regular file cannot be created as a directory.
-  write_bytes(path("blocker"), "x");
+  write_file(path("blocker"), "x");
   expect_error([&] { save_weights(*model, path("blocker/w.pt")); }, {path("blocker")});
   fs::create_directories(path("dir.pt"));
   expect_error([&] { save_weights(*model, path("dir.pt")); }, {"existing directory: " + path("dir.pt")});
-  EXPECT_TRUE(read_bytes(path("w.pt")) == before) << "the previous checkpoint changed";
+  EXPECT_TRUE(read_file(path("w.pt")) == before) << "the previous checkpoint changed";
   EXPECT_EQ(files(), (std::vector<std::string>{"blocker", "dir.pt", "w.pt"}));
 }
 
@@ -137,9 +130,9 @@ TEST_F(SerializeTest, VerifyAcceptsBothKinds) {
 TEST_F(SerializeTest, VerifyReportsWhy) {
   Mlp model;
   save_weights(*model, path("good.pt"));
-  auto good = read_bytes(path("good.pt"));
+  auto good = read_file(path("good.pt"));
   auto reason = [&](const std::string& bytes) {
-    write_bytes(path("bad.pt"), bytes);
+    write_file(path("bad.pt"), bytes);
     auto result = verify_checkpoint(path("bad.pt"));
     EXPECT_FALSE(result.ok);
     return result.reason;
@@ -163,7 +156,7 @@ TEST_F(SerializeTest, CorruptFilesFailAndLeaveModelUnchanged) {
   s.trainer->save_checkpoint(path("good_full.pt"));
   std::vector<std::pair<std::string, std::string>> cases = {{"empty.pt", ""}, {"text.pt", "this is not a checkpoint"}};
   for (const auto* source : {"good.pt", "good_full.pt"}) {
-    auto good = read_bytes(path(source));
+    auto good = read_file(path(source));
     for (size_t cut : {size_t{1}, size_t{100}, good.size() / 2, good.size() - 23, good.size() - 1}) {
       cases.emplace_back(fmt::format("{}.cut{}", source, cut), good.substr(0, cut));
     }
@@ -176,7 +169,7 @@ TEST_F(SerializeTest, CorruptFilesFailAndLeaveModelUnchanged) {
   auto target = make_setup();
   auto before = state_dict(*target.model);
   for (const auto& [name, bytes] : cases) {
-    write_bytes(path(name), bytes);
+    write_file(path(name), bytes);
     SCOPED_TRACE(name);
     expect_error([&] { target.trainer->load_weights(path(name)); }, {path(name)});
     expect_error([&] { target.trainer->load_checkpoint(path(name)); }, {path(name)});
@@ -188,11 +181,11 @@ TEST_F(SerializeTest, CorruptFilesFailAndLeaveModelUnchanged) {
 TEST_F(SerializeTest, DamagedFileErrorSaysWhat) {
   Mlp model;
   save_weights(*model, path("w.pt"));
-  auto bytes = read_bytes(path("w.pt"));
+  auto bytes = read_file(path("w.pt"));
   bytes[70] ^= 0x40;
-  write_bytes(path("w.pt"), bytes);
+  write_file(path("w.pt"), bytes);
   expect_error([&] { load_weights(*model, path("w.pt")); }, {"Checkpoint " + path("w.pt") + " is damaged: checksum mismatch"});
-  write_bytes(path("cut.pt"), bytes.substr(0, bytes.size() / 2));
+  write_file(path("cut.pt"), bytes.substr(0, bytes.size() / 2));
   expect_error([&] { load_weights(*model, path("cut.pt")); }, {path("cut.pt") + " is damaged: truncated"});
 }
 
@@ -226,9 +219,9 @@ TEST_F(SerializeTest, ADamagedFileIsReportedBeforeAMismatchWithTheModel) {
     detail::FileReader file(path("wide.pt"));
     tensor_at = detail::read_directory(file, /*read_local_headers=*/true).records.at("data/0").offset;
   }
-  auto bytes = read_bytes(path("wide.pt"));
+  auto bytes = read_file(path("wide.pt"));
   bytes[tensor_at] ^= 0x01;  // a tensor's byte: the pickle still parses
-  write_bytes(path("wide.pt"), bytes);
+  write_file(path("wide.pt"), bytes);
   auto narrow = torch::nn::Sequential(torch::nn::Linear(3, 5));
   for (auto* model : {&wide, &narrow}) {
     auto before = state_dict(**model);
@@ -320,9 +313,6 @@ TEST_F(SerializeTest, LoadCheckpointOfOtherArchitectureKeepsModelAndOptimizer) {
   EXPECT_EQ(s.trainer->state().epoch, 0);
 }
 
-bool have_python_torch() {
-  return fs::exists("/usr/bin/python3") && std::system("/usr/bin/python3 -c 'import torch' 2>/dev/null") == 0;
-}
 
 /// fc1 -> BatchNorm -> fc2, as a Python nn.Sequential of the same names would be.
 struct NormNetImpl : torch::nn::Module {
@@ -364,13 +354,13 @@ TEST_F(SerializeTest, PythonStateDictLoadsInCpp) {
       "        v = t.view(torch.int32) if t.dtype == torch.float32 else t\n"
       "        f.write(k + ':' + ','.join(str(x) for x in v.flatten().tolist()) + '\\n')\n",
       path("python.pt"), path("expected.txt"));
-  write_bytes(path("make.py"), script);
+  write_file(path("make.py"), script);
   ASSERT_EQ(std::system(fmt::format("/usr/bin/python3 {} 2>{}", path("make.py"), path("err.txt")).c_str()), 0)
-      << read_bytes(path("err.txt"));
+      << read_file(path("err.txt"));
   EXPECT_NE(verify_checkpoint(path("python.pt")).reason.find("no torchfit checksum"), std::string::npos);
   NormNet model;
   load_weights(*model, path("python.pt"));
-  EXPECT_EQ(bits_of(state_dict(*model)), read_bytes(path("expected.txt")));
+  EXPECT_EQ(bits_of(state_dict(*model)), read_file(path("expected.txt")));
   EXPECT_EQ(state_dict(*model).at("bn.num_batches_tracked").item<int64_t>(), 1);
 }
 
@@ -388,7 +378,7 @@ TEST_F(SerializeTest, OneTensorUnderTwoNamesLoadsIntoIndependentParameters) {
   FileCheckpointIO().save(weights, path("twice.pt"));  // two tensors sharing one storage
   std::vector<std::string> files = {path("twice.pt")};
   if (have_python_torch()) {  // Python's pickle memoizes: one tensor object under both names
-    write_bytes(path("make.py"), fmt::format("import torch\nt = torch.arange(1024, dtype=torch.float32)\n"
+    write_file(path("make.py"), fmt::format("import torch\nt = torch.arange(1024, dtype=torch.float32)\n"
                                              "torch.save({{'first': t, 'second': t}}, '{}')\n",
                                              path("python_twice.pt")));
     ASSERT_EQ(std::system(fmt::format("/usr/bin/python3 {}", path("make.py")).c_str()), 0);
@@ -422,13 +412,13 @@ TEST_F(SerializeTest, WeightsOnlyFileLoadsInPython) {
       "m.load_state_dict(d)\n"
       "print(sorted(d), d['fc1.weight'].view(torch.int32).flatten().tolist())\n",
       path("w.pt"));
-  write_bytes(path("check.py"), script);
+  write_file(path("check.py"), script);
   auto command = fmt::format("{} {} > {} 2>&1", python, path("check.py"), path("out.txt"));
-  ASSERT_EQ(std::system(command.c_str()), 0) << read_bytes(path("out.txt"));
+  ASSERT_EQ(std::system(command.c_str()), 0) << read_file(path("out.txt"));
   auto bits = model->fc1->weight.detach().view(torch::kInt32).flatten();
   auto expected = fmt::format("['fc1.bias', 'fc1.weight', 'fc2.bias', 'fc2.weight'] [{}]\n",
                               fmt::join(bits.data_ptr<int32_t>(), bits.data_ptr<int32_t>() + bits.numel(), ", "));
-  EXPECT_EQ(read_bytes(path("out.txt")), expected);
+  EXPECT_EQ(read_file(path("out.txt")), expected);
 }
 
 TEST_F(SerializeTest, BackgroundSavesWriteLargeRecordsAsSyncSavesDo) {
@@ -443,7 +433,7 @@ TEST_F(SerializeTest, BackgroundSavesWriteLargeRecordsAsSyncSavesDo) {
   async.wait();
   // The pickles may differ in memo numbering (the async one pickles snapshot copies);
   // the large record, its header and its CRC descriptor must not.
-  auto async_bytes = read_bytes(path("async.pt")), sync_bytes = read_bytes(path("sync.pt"));
+  auto async_bytes = read_file(path("async.pt")), sync_bytes = read_file(path("sync.pt"));
   auto differ = std::mismatch(async_bytes.begin(), async_bytes.end(), sync_bytes.begin(), sync_bytes.end());
   EXPECT_GT(differ.first - async_bytes.begin(), (20 << 20) + 64 + 16);
   auto verified = verify_checkpoint(path("async.pt"));
@@ -850,12 +840,12 @@ TEST_F(SerializeTest, QuantizedAndComplexBuffersRoundTrip) {
 TEST_F(SerializeTest, AStateTooDeepToReadBackIsNotWrittenAndTheFileBeforeItStays) {
   torch::nn::Linear model(3, 2);
   save_weights(*model, path("w.pt"));
-  auto before = read_bytes(path("w.pt"));
+  auto before = read_file(path("w.pt"));
   c10::impl::GenericDict state(c10::StringType::get(), c10::AnyType::get());
   state.insert("deep", nested_lists(torchfit::detail::kMaxPickleDepth + 1));
   expect_error([&] { FileCheckpointIO().save(state, path("w.pt")); },
                {"Failed writing checkpoint " + path("w.pt"), "would not load back", "deeper than 100"});
-  EXPECT_EQ(read_bytes(path("w.pt")), before);
+  EXPECT_EQ(read_file(path("w.pt")), before);
   for (const auto& entry : fs::directory_iterator(dir())) EXPECT_EQ(entry.path().filename(), "w.pt");
 }
 
@@ -867,12 +857,12 @@ TEST_F(SerializeTest, ASparseTensorIsRefusedWhenSavedNotWhenLoaded) {
   };
   torch::nn::Linear model(3, 2);
   save_weights(*model, path("w.pt"));
-  auto before = read_bytes(path("w.pt"));
+  auto before = read_file(path("w.pt"));
   WithSparse sparse;
   expect_error([&] { save_weights(sparse, path("w.pt")); },
                {"Failed writing checkpoint " + path("w.pt"), "would not load back",
                 "torch._utils._rebuild_sparse_tensor, which torchfit does not read"});
-  EXPECT_EQ(read_bytes(path("w.pt")), before);
+  EXPECT_EQ(read_file(path("w.pt")), before);
 }
 
 TEST(LibTorchPickleTest, RefusesATensorPastItsStorage) {
@@ -926,9 +916,9 @@ TEST_F(SerializeTest, RecordsSharingALocalHeaderUnderAValidChecksumAreRefused) {
   for (int64_t numel : {1024, 65536}) {
     torch::nn::Linear model(numel, 1);
     save_weights(*model, path("shared.pt"));
-    auto bytes = read_bytes(path("shared.pt"));
+    auto bytes = read_file(path("shared.pt"));
     share_local_header(bytes, "archive/data/1", "archive/data/0");
-    write_bytes(path("shared.pt"), bytes);
+    write_file(path("shared.pt"), bytes);
     ASSERT_TRUE(verify_checkpoint(path("shared.pt")).ok) << "the checksum must still match";
 
     torch::nn::Linear target(numel, 1);

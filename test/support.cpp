@@ -112,6 +112,14 @@ std::string read_file(const std::string& file) {
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
 
+void write_file(const std::string& file, const std::string& bytes) {
+  std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+bool have_python_torch() {
+  return fs::exists("/usr/bin/python3") && std::system("/usr/bin/python3 -c 'import torch' 2>/dev/null") == 0;
+}
+
 void expect_same_weights(const torch::nn::Module& a, const torch::nn::Module& b) {
   auto sa = state_dict(a), sb = state_dict(b);
   ASSERT_EQ(sa.size(), sb.size());

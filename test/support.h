@@ -141,6 +141,10 @@ pid_t spawn_self(const std::string& test, const std::vector<std::string>& env,
 
 /// The bytes of a file.
 std::string read_file(const std::string& file);
+/// Replaces `file` with `bytes`.
+void write_file(const std::string& file, const std::string& bytes);
+/// Debian's /usr/bin/python3 with its python3-torch, the interop oracle.
+bool have_python_torch();
 
 /// Element-wise equal state dicts (same keys, bitwise equal values).
 void expect_same_weights(const torch::nn::Module& a, const torch::nn::Module& b);

@@ -10,6 +10,7 @@
 #include <fmt/ranges.h>
 #include <torch/optim/optimizer.h>
 
+#include "format/checkpoint_file.h"
 #include "format/optimizer_state.h"
 #include "format/state_dict.h"
 #include "torchfit/error.h"
@@ -320,8 +321,13 @@ void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& wh
   const auto& dict = state.toGenericDict();
   auto kinds = item_kinds(dict);
   std::vector<std::pair<std::shared_ptr<Item>, c10::IValue>> found;
-  if (!kinds) {
-    // A weights-only file: one module's state dict, or several under their names.
+  // Without a "torchfit" entry, a dict whose keys are all item names is a dict of items, as Python
+  // writes {"model": ..., "optimizer": ..., "epoch": ...} (or several modules' weights by name).
+  const bool items_by_name = !dict.empty() && std::all_of(dict.begin(), dict.end(), [&](const auto& entry) {
+    return entry.key().isString() && contains(entry.key().toStringRef());
+  });
+  if (!kinds && !items_by_name) {
+    // A weights-only file: one module's state dict.
     bool only_modules = !items_.empty() && std::all_of(items_.begin(), items_.end(), [](const auto& item) {
       return std::string(item.second->kind()) == "module" || item.second->optional;
     });
@@ -386,7 +392,9 @@ void save(const Checkpoint& checkpoint, const std::string& path, const SaveOptio
 }
 
 void load(Checkpoint& checkpoint, const std::string& path) {
-  checkpoint.load_state_dict(FileCheckpointIO().load(path), path);
+  // Files of other tools too (verified by their zip CRCs): Python's {"model": ..., "optimizer": ...}.
+  auto state = detail::guard_read(path, [&] { return detail::CheckpointFile(path).read_all(); });
+  checkpoint.load_state_dict(state, path);
 }
 
 }  // namespace torchfit

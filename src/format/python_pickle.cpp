@@ -1,6 +1,7 @@
 #include "format/python_pickle.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <deque>
 #include <stdexcept>
@@ -337,23 +338,48 @@ class Reader {
     return out;
   }
 
-  /// _rebuild_tensor_v2(storage, storage_offset, size, stride, ...)
-  Value* rebuild_tensor(const std::vector<Value*>& args) {
-    if (args.size() < 4 || args[0]->kind != Kind::Storage || args[1]->kind != Kind::Int) {
+  /// _rebuild_tensor_v2(storage, storage_offset, size, stride, ...), the tensor of the storage's
+  /// dtype. _rebuild_tensor_v3(..., dtype) names the dtype itself, over an untyped storage: Python
+  /// 2.x writes it for the dtypes without a storage class (float8, uint16 to uint64).
+  Value* rebuild_tensor(const std::vector<Value*>& args, bool named_dtype) {
+    if (args.size() < (named_dtype ? 7u : 4u) || args[0]->kind != Kind::Storage || args[1]->kind != Kind::Int) {
       throw fail("a tensor is not rebuilt from (storage, offset, size, stride)");
     }
     const Value& storage = *args[0];
+    at::ScalarType dtype = storage.dtype;
+    int64_t numel = storage.numel;
+    if (named_dtype) {
+      if (args[6]->kind != Kind::Global) throw fail("_rebuild_tensor_v3's dtype is not a torch dtype");
+      dtype = python_dtype(args[6]->text);
+      const auto element = static_cast<int64_t>(c10::elementSize(dtype));
+      if (storage.dtype != at::kByte || numel % element != 0) {
+        throw fail(fmt::format("a {} tensor over a storage of {} {} elements", args[6]->text, numel,
+                               c10::toString(storage.dtype)));
+      }
+      numel /= element;
+    }
     const int64_t offset = args[1]->integer;
     auto sizes = int_tuple(args[2], "sizes");
     auto strides = int_tuple(args[3], "strides");
     try {
-      check_tensor_extent(offset, sizes, strides, storage.numel);
+      check_tensor_extent(offset, sizes, strides, numel);
     } catch (const std::invalid_argument& e) {
       throw fail(e.what());
     }
     Value* v = make(Kind::Tensor);
-    v->tensor = at::empty({0}, at::TensorOptions().dtype(storage.dtype)).set_(storage.storage, offset, sizes, strides);
+    v->tensor = at::empty({0}, at::TensorOptions().dtype(dtype)).set_(storage.storage, offset, sizes, strides);
     return v;
+  }
+
+  /// "torch.float8_e4m3fn" and the like: Python's dtype names are c10's in lower case.
+  at::ScalarType python_dtype(const std::string& name) {
+    for (int i = 0; i < static_cast<int>(at::ScalarType::NumOptions); ++i) {
+      const auto type = static_cast<at::ScalarType>(i);
+      std::string c10_name = c10::toString(type);
+      std::transform(c10_name.begin(), c10_name.end(), c10_name.begin(), [](unsigned char c) { return std::tolower(c); });
+      if (name == "torch." + c10_name) return type;
+    }
+    throw fail(fmt::format("unsupported dtype {} (this LibTorch has no such type)", name));
   }
 
   Value* reduce(const std::string& name, const std::vector<Value*>& args) {
@@ -368,7 +394,10 @@ class Reader {
       if (!args.empty()) throw fail("OrderedDict built from arguments is not supported");
       return dict;
     }
-    if (name == "torch._utils._rebuild_tensor_v2" || name == "torch._utils._rebuild_tensor") return rebuild_tensor(args);
+    if (name == "torch._utils._rebuild_tensor_v2" || name == "torch._utils._rebuild_tensor") {
+      return rebuild_tensor(args, false);
+    }
+    if (name == "torch._utils._rebuild_tensor_v3") return rebuild_tensor(args, true);
     if (name == "torch._utils._rebuild_parameter" || name == "torch._utils._rebuild_parameter_with_state") {
       return first(Kind::Tensor);
     }
@@ -464,7 +493,7 @@ at::ScalarType storage_dtype(const std::string& name) {
       {"torch.ShortStorage", at::kShort},     {"torch.CharStorage", at::kChar},
       {"torch.ByteStorage", at::kByte},       {"torch.BoolStorage", at::kBool},
       {"torch.ComplexFloatStorage", at::kComplexFloat}, {"torch.ComplexDoubleStorage", at::kComplexDouble},
-      {"torch.UntypedStorage", at::kByte},
+      {"torch.UntypedStorage", at::kByte},    {"torch.storage.UntypedStorage", at::kByte},
       {"torch.QInt8Storage", at::kQInt8},     {"torch.QUInt8Storage", at::kQUInt8},
       {"torch.QInt32Storage", at::kQInt32},   {"torch.QUInt4x2Storage", at::kQUInt4x2},
       {"torch.QUInt2x4Storage", at::kQUInt2x4},
