@@ -19,7 +19,7 @@ mkdir -p build-fuzz/corpus
 # LibTorch itself is not instrumented; its one-time allocations are not leaks of ours.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-seeds=(fuzz/corpus/torchfit fuzz/corpus/pickles fuzz/corpus/python fuzz/crashes)
+seeds=(fuzz/corpus/torchfit fuzz/corpus/pickles fuzz/corpus/python fuzz/corpus/python-v3 fuzz/crashes)
 echo "fuzz: replaying $(find "${seeds[@]}" -type f ! -name '*.tsv' ! -name '*.expected' | wc -l) seed and crash files"
 build-fuzz/reader_fuzzer -runs=0 "${seeds[@]}"
 if ((seconds > 0)); then
