@@ -9,26 +9,23 @@
 
 namespace torchfit::detail {
 
-/// The list's ints; nullopt when `value` is not a list of ints.
-inline std::optional<std::vector<int64_t>> int_vector(const c10::IValue& value) {
+/// The list's items as T; nullopt when `value` is not a list or an item fails `is_t`.
+template <typename T>
+std::optional<std::vector<T>> vector_of(const c10::IValue& value, bool (c10::IValue::*is_t)() const) {
   if (!value.isList()) return std::nullopt;
-  std::vector<int64_t> out;
+  std::vector<T> out;
   for (const auto& item : value.toListRef()) {
-    if (!item.isInt()) return std::nullopt;
-    out.push_back(item.toInt());
+    if (!(item.*is_t)()) return std::nullopt;
+    out.push_back(item.to<T>());
   }
   return out;
 }
 
-/// The list's numbers as doubles; nullopt when `value` is not a list of floats.
+inline std::optional<std::vector<int64_t>> int_vector(const c10::IValue& value) {
+  return vector_of<int64_t>(value, &c10::IValue::isInt);
+}
 inline std::optional<std::vector<double>> double_vector(const c10::IValue& value) {
-  if (!value.isList()) return std::nullopt;
-  std::vector<double> out;
-  for (const auto& item : value.toListRef()) {
-    if (!item.isDouble()) return std::nullopt;
-    out.push_back(item.toDouble());
-  }
-  return out;
+  return vector_of<double>(value, &c10::IValue::isDouble);
 }
 
 }  // namespace torchfit::detail
