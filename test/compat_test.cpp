@@ -29,8 +29,8 @@ struct Optimizers {
     rmsprop = std::make_shared<torch::optim::RMSprop>(params,
                                                       torch::optim::RMSpropOptions(0.01).momentum(0.5).centered(true));
     adagrad = std::make_shared<torch::optim::Adagrad>(params, torch::optim::AdagradOptions(0.1).lr_decay(0.01));
-    // history_size(1): LibTorch cannot save an LBFGS state whose history is not full (its `al` holds
-    // undefined tensors then: "Cannot access storage of UndefinedTensorImpl").
+    // history_size(1): torchfit 0.2, which wrote v0_2, saved LBFGS as LibTorch's archive, which
+    // cannot hold a history not yet full ("Cannot access storage of UndefinedTensorImpl").
     lbfgs = std::make_shared<torch::optim::LBFGS>(params, torch::optim::LBFGSOptions(0.5).max_iter(3).history_size(1));
   }
   /// Python's layout for the first five, by name.

@@ -319,6 +319,44 @@ TEST_F(HostileTest, ZipDamageIsRefused) {
   EXPECT_NE(refusal(path("cut.pt")).find("cut.pt"), std::string::npos);
 }
 
+/// `bytes` with torchfit's checksum computed again, as a hostile writer can.
+std::string resealed(std::string bytes) {
+  const size_t covered = bytes.size() - 23;  // "torchfit-crc32:" and 8 hex digits end the file
+  uint32_t crc = 0xffffffffu;
+  for (size_t i = 0; i < covered; ++i) {
+    crc ^= static_cast<unsigned char>(bytes[i]);
+    for (int bit = 0; bit < 8; ++bit) crc = (crc >> 1) ^ (0xedb88320u & (0u - (crc & 1u)));
+  }
+  bytes.replace(covered + 15, 8, fmt::format("{:08x}", ~crc));
+  return bytes;
+}
+
+TEST_F(HostileTest, ALocalHeaderInsideTheDirectoryIsRefused) {
+  // Readers size their buffers from the gap between a record's local header and the directory:
+  // a header placed inside the directory made that gap run backwards (a heap over-read, or a
+  // 2^64-byte allocation for a record alone in its block).
+  c10::impl::GenericDict weights(c10::StringType::get(), c10::TensorType::get());
+  weights.insert("w", torch::arange(4, torch::kFloat));
+  FileCheckpointIO().save(weights, path("saved.pt"));
+  const auto good = read_file(path("saved.pt"));
+  write_file(path("good.pt"), good);
+  ASSERT_TRUE(verify_checkpoint(path("good.pt")).ok);
+  EXPECT_EQ(read_weights(path("good.pt")).at("w").numel(), 4);
+  const size_t directory = good.find(std::string("PK\x01\x02", 4));
+  for (const std::string record : {"data/0", "version", "data.pkl"}) {
+    for (uint32_t into : {0u, 4u, 46u}) {
+      SCOPED_TRACE(record + " at directory + " + std::to_string(into));
+      auto bad = good;
+      const size_t entry = bad.rfind(std::string("PK\x01\x02", 4), bad.find("archive/" + record, directory));
+      bad.replace(entry + 42, 4, pk::u32(static_cast<uint32_t>(directory + into)));
+      write_file(path("bad.pt"), resealed(bad));
+      EXPECT_EQ(fuzz::read_everything(path("bad.pt")), "");
+      EXPECT_NE(refusal(path("bad.pt")).find("not before the zip directory"), std::string::npos)
+          << refusal(path("bad.pt"));
+    }
+  }
+}
+
 TEST_F(HostileTest, VerifyCheckpointNeverThrows) {
   EXPECT_FALSE(verify_checkpoint(path(std::string(300, 'x'))).ok);  // name over NAME_MAX
   fs::create_symlink(path("loop"), path("loop"));

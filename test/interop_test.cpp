@@ -508,6 +508,55 @@ TEST_F(InteropTest, EveryFileTorchfitWritesLoadsInPythonWeightsOnly) {
       "check('items', 'tensor', bits(d['tensor']))\n",
       count, ratio, py(name));
 
+  // (d) LBFGS, stepped once with its history not yet full: one state, of the first parameter,
+  // whose tensors span all parameters.
+  Mlp searched;
+  auto lbfgs = std::make_shared<torch::optim::LBFGS>(searched->parameters(),
+                                                     torch::optim::LBFGSOptions(0.5).max_iter(4).history_size(10));
+  lbfgs->step([&] {
+    lbfgs->zero_grad();
+    auto loss = ce_loss(searched->forward(data.x_train), data.y_train);
+    loss.backward();
+    return loss;
+  });
+  Checkpoint line_search;
+  line_search.add("model", searched);
+  line_search.add("lbfgs", lbfgs);
+  torchfit::save(line_search, path("lbfgs.pt"), SaveOptions().fsync(false));
+  expected.add_model("lbfgs", *searched);
+  const auto& search = static_cast<const torch::optim::LBFGSParamState&>(*lbfgs->state().begin()->second);
+  expected.add("lbfgs", "d", bits_of(search.d()));
+  expected.add("lbfgs", "prev_flat_grad", bits_of(search.prev_flat_grad()));
+  for (size_t i = 0; i < search.old_dirs().size(); ++i) {
+    expected.add("lbfgs", fmt::format("old_dirs/{}", i), bits_of(search.old_dirs()[i]));
+    expected.add("lbfgs", fmt::format("ro/{}", i), bits_of(search.ro()[i]));
+  }
+  calls += fmt::format(R"py(
+d = load({})
+model = Mlp()
+model.load_state_dict(d['model'])
+for name, t in model.state_dict().items():
+    check('lbfgs', 'model/' + name, bits(t))
+opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4, history_size=10)
+opt.load_state_dict(d['lbfgs'])
+s = opt.state_dict()['state'][0]
+assert (s['func_evals'], s['n_iter']) == ({}, {}), (s['func_evals'], s['n_iter'])
+check('lbfgs', 'd', bits(s['d']))
+check('lbfgs', 'prev_flat_grad', bits(s['prev_flat_grad']))
+for i, (direction, r) in enumerate(zip(s['old_dirs'], s['ro'])):
+    check('lbfgs', f'old_dirs/{{i}}', bits(direction))
+    check('lbfgs', f'ro/{{i}}', bits(r))
+before = [p.detach().clone() for p in model.parameters()]
+def closure():
+    opt.zero_grad()
+    loss = model(torch.randn(4, 3)).square().sum()
+    loss.backward()
+    return loss
+opt.step(closure)  # on from the loaded history
+assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())), 'LBFGS stepped nothing'
+)py",
+                       py(path("lbfgs.pt")), search.func_evals(), search.n_iter());
+
   write_file(path("expected.txt"), expected.text);
   auto python = run_python("check.py", std::string(kPythonMlp) + kCheckFiles + calls + kCheckEnd, path("expected.txt"));
   ASSERT_EQ(python.status, 0) << python.err << python.out;

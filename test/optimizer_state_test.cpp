@@ -136,5 +136,102 @@ TEST_P(OptimizerStateTest, FewerParametersIsRefused) {
 INSTANTIATE_TEST_SUITE_P(Optimizers, OptimizerStateTest, ::testing::ValuesIn(cases()),
                          [](const ::testing::TestParamInfo<OptimizerCase>& info) { return info.param.name; });
 
+class OptimizerFileTest : public TorchfitTest {};
+
+TEST_F(OptimizerFileTest, AStepThatIsNotAWholeCountIsRefused) {
+  // Python keeps Adam's step as a float tensor; casting NaN or 1e30 to int64 would be undefined.
+  Mlp model;
+  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(0.01));
+  adam->zero_grad();
+  ce_loss(model->forward(torch::randn({4, 3})), torch::tensor({0, 1, 2, 0})).backward();
+  adam->step();
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (double step : {nan, inf, -inf, 1e30, -1.0, 2.5}) {
+    SCOPED_TRACE(step);
+    auto state = detail::optimizer_state_dict(*adam);
+    auto per_param = state.toGenericDict().at("state").toGenericDict().at(0).toGenericDict();
+    c10::impl::GenericDict changed(per_param.keyType(), per_param.valueType());
+    for (const auto& entry : per_param) changed.insert(entry.key(), entry.value());
+    changed.insert_or_assign("step", at::scalar_tensor(step, at::kFloat));
+    state.toGenericDict().at("state").toGenericDict().insert_or_assign(0, changed);
+    try {
+      detail::prepare_optimizer_load(*adam, state, "here");
+      ADD_FAILURE() << "expected CheckpointError";
+    } catch (const CheckpointError& e) {
+      EXPECT_NE(std::string(e.what()).find("'step' is"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("not a step count"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST_F(OptimizerFileTest, ADamagedLibTorchArchiveIsRefusedBeforeAnyItemChanges) {
+  // torchfit 0.2 saved LBFGS as LibTorch's own archive, now parsed while checking, before any item
+  // is applied.
+  const std::string file = std::string(TORCHFIT_TEST_DATA) + "/v0_2/checkpoint.pt";
+  const auto good = FileCheckpointIO().load(file).toGenericDict();
+  Mlp other;
+  auto other_lbfgs = std::make_shared<torch::optim::LBFGS>(other->parameters(), torch::optim::LBFGSOptions(0.5));
+  Checkpoint into;
+  into.add("model", other);
+  into.add("lbfgs", other_lbfgs);
+  auto before = state_dict(*other);
+  for (auto& [name, tensor] : before) tensor = tensor.clone();
+  const auto archive = good.at("lbfgs").toGenericDict().at("torchfit_archive").toTensor();
+  for (const auto& blob : {torch::randint(0, 255, {300}, at::kByte), archive.narrow(0, 0, archive.numel() / 2),
+                           torch::empty({0}, at::kByte)}) {
+    c10::impl::GenericDict damaged(c10::StringType::get(), c10::AnyType::get());
+    damaged.insert("model", good.at("model"));
+    c10::impl::GenericDict optimizer(c10::StringType::get(), c10::AnyType::get());
+    for (const auto& entry : good.at("lbfgs").toGenericDict()) optimizer.insert(entry.key(), entry.value());
+    optimizer.insert_or_assign("torchfit_archive", blob);
+    damaged.insert("lbfgs", optimizer);
+    try {
+      into.load_state_dict(damaged, "damaged.pt");
+      ADD_FAILURE() << "expected CheckpointError";
+    } catch (const CheckpointError& e) {
+      EXPECT_NE(std::string(e.what()).find("damaged.pt [lbfgs]"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("'torchfit_archive' is not a LibTorch optimizer archive"), std::string::npos)
+          << e.what();
+    }
+    for (const auto& [name, tensor] : state_dict(*other)) EXPECT_TRUE(torch::equal(tensor, before.at(name))) << name;
+    EXPECT_TRUE(other_lbfgs->state().empty());
+  }
+}
+
+TEST_F(OptimizerFileTest, LBFGSWithAHistoryNotYetFullSavesAndContinuesBitwise) {
+  // Python's layout: LibTorch's own archive cannot hold this state (its `al` holds undefined
+  // tensors until the history is full), so torchfit 0.2 failed to save it.
+  auto make = [](Mlp& model) {
+    return std::make_shared<torch::optim::LBFGS>(model->parameters(),
+                                                 torch::optim::LBFGSOptions(0.5).max_iter(4).history_size(10));
+  };
+  const auto x = torch::randn({8, 3});
+  const auto y = torch::tensor({0, 1, 2, 0, 1, 2, 0, 1});
+  auto step = [&](Mlp& model, torch::optim::LBFGS& lbfgs) {
+    lbfgs.step([&] {
+      lbfgs.zero_grad();
+      auto loss = ce_loss(model->forward(x), y);
+      loss.backward();
+      return loss;
+    });
+  };
+  Mlp model;
+  auto lbfgs = make(model);
+  step(model, *lbfgs);
+  Checkpoint state;
+  state.add("model", model);
+  state.add("lbfgs", lbfgs);
+  save(state, path("lbfgs.pt"));
+  Mlp restored;
+  auto restored_lbfgs = make(restored);
+  Checkpoint into;
+  into.add("model", restored);
+  into.add("lbfgs", restored_lbfgs);
+  load(into, path("lbfgs.pt"));
+  step(model, *lbfgs);
+  step(restored, *restored_lbfgs);
+  expect_same_weights(*model, *restored);
+}
+
 }  // namespace
 }  // namespace torchfit::test

@@ -1,5 +1,6 @@
 #include "format/optimizer_state.h"
 
+#include <cmath>
 #include <sstream>
 
 #include <ATen/ATen.h>
@@ -8,6 +9,7 @@
 #include <torch/optim/adagrad.h>
 #include <torch/optim/adam.h>
 #include <torch/optim/adamw.h>
+#include <torch/optim/lbfgs.h>
 #include <torch/optim/optimizer.h>
 #include <torch/optim/rmsprop.h>
 #include <torch/optim/sgd.h>
@@ -58,9 +60,48 @@ class Fields {
   }
   int64_t step(const char* name) const {
     auto v = get(name);
-    if (v.isInt()) return v.toInt();
-    if (v.isTensor() && v.toTensor().numel() == 1) return static_cast<int64_t>(v.toTensor().item<double>());
+    if (v.isInt() && v.toInt() >= 0) return v.toInt();
+    if (v.isTensor() && v.toTensor().numel() == 1) {
+      // Python keeps the count as a float tensor; only a whole number in int64's range is one.
+      const double count = v.toTensor().item<double>();
+      if (std::isfinite(count) && count >= 0 && count < 0x1p63 && count == std::floor(count)) {
+        return static_cast<int64_t>(count);
+      }
+      throw error(fmt::format("'{}' is {}, not a step count", name, count));
+    }
+    if (v.isInt()) throw error(fmt::format("'{}' is {}, not a step count", name, v.toInt()));
     throw error(fmt::format("'{}' is a {}, not a step count", name, v.tagKind()));
+  }
+  /// A number, or a one-element tensor holding it (Python's LBFGS keeps `t` either way).
+  double number(const char* name) const {
+    auto v = get(name);
+    if (v.isTensor() && v.toTensor().numel() == 1) return v.toTensor().item<double>();
+    return real(name);
+  }
+  int64_t integer(const char* name) const {
+    auto v = get(name);
+    if (!v.isInt()) throw error(fmt::format("'{}' is a {}, not an integer", name, v.tagKind()));
+    return v.toInt();
+  }
+  /// A tensor of any shape, on `param`'s device; undefined when absent or None. A number becomes
+  /// a 0-dim tensor of `param`'s dtype (Python's LBFGS starts H_diag as the int 1).
+  at::Tensor any_tensor(const c10::IValue& v, const std::string& what, const at::Tensor& param) const {
+    if (v.isNone()) return {};
+    if (v.isInt() || v.isDouble()) return at::scalar_tensor(v.isInt() ? static_cast<double>(v.toInt()) : v.toDouble(), param.options());
+    if (!v.isTensor()) throw error(fmt::format("'{}' is a {}, not a tensor", what, v.tagKind()));
+    return v.toTensor().to(param.device(), /*non_blocking=*/false, /*copy=*/true);
+  }
+  at::Tensor any_tensor(const char* name, const at::Tensor& param) const {
+    return has(name) ? any_tensor(get(name), name, param) : at::Tensor();
+  }
+  /// A list of tensors (None items undefined).
+  std::vector<at::Tensor> tensors(const char* name, const at::Tensor& param) const {
+    std::vector<at::Tensor> out;
+    if (!has(name)) return out;
+    auto v = get(name);
+    if (!v.isList()) throw error(fmt::format("'{}' is a {}, not a list", name, v.tagKind()));
+    for (const auto& item : v.toListRef()) out.push_back(any_tensor(item, name, param));
+    return out;
   }
   std::tuple<double, double> pair(const char* name) const {
     auto v = get(name);
@@ -303,6 +344,80 @@ std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value,
   };
 }
 
+/// Python's LBFGS layout: one state, of the first parameter, whose tensors span all parameters.
+struct LBFGSCodec {
+  using Opt = torch::optim::LBFGS;
+  using Options = torch::optim::LBFGSOptions;
+  using State = torch::optim::LBFGSParamState;
+  static void save_options(const Options& o, Dict& d) {
+    d.insert("lr", o.lr());
+    d.insert("max_iter", o.max_iter());
+    d.insert("max_eval", o.max_eval() ? c10::IValue(*o.max_eval()) : c10::IValue());
+    d.insert("tolerance_grad", o.tolerance_grad());
+    d.insert("tolerance_change", o.tolerance_change());
+    d.insert("history_size", o.history_size());
+    d.insert("line_search_fn", o.line_search_fn() ? c10::IValue(*o.line_search_fn()) : c10::IValue());
+  }
+  static void load_options(Options& o, const Fields& f) {
+    o.lr(f.real("lr")).max_iter(f.integer("max_iter")).tolerance_grad(f.real("tolerance_grad"));
+    o.tolerance_change(f.real("tolerance_change")).history_size(f.integer("history_size"));
+    if (f.has("max_eval")) {
+      o.max_eval(f.integer("max_eval"));
+    } else {
+      o.max_eval(std::decay_t<decltype(o.max_eval())>());
+    }
+    if (f.has("line_search_fn")) {
+      auto fn = f.get("line_search_fn");
+      if (!fn.isString() || fn.toStringRef() != "strong_wolfe") {
+        throw f.error("'line_search_fn' is neither None nor 'strong_wolfe'");
+      }
+      o.line_search_fn(fn.toStringRef());
+    } else {
+      o.line_search_fn(std::decay_t<decltype(o.line_search_fn())>());
+    }
+    if (o.max_iter() < 1 || o.history_size() < 1) throw f.error("has a max_iter or history_size below 1");
+  }
+  static c10::IValue tensor_list(const std::vector<at::Tensor>& tensors) {
+    c10::impl::GenericList list(c10::AnyType::get());
+    for (const auto& t : tensors) list.push_back(maybe(t));
+    return list;
+  }
+  static void save_state(const State& s, Dict& d) {
+    d.insert("func_evals", s.func_evals());
+    d.insert("n_iter", s.n_iter());
+    d.insert("t", s.t());
+    d.insert("prev_loss", s.prev_loss());
+    d.insert("d", maybe(s.d()));
+    d.insert("H_diag", maybe(s.H_diag()));
+    d.insert("prev_flat_grad", maybe(s.prev_flat_grad()));
+    d.insert("old_dirs", tensor_list(std::vector<at::Tensor>(s.old_dirs().begin(), s.old_dirs().end())));
+    d.insert("old_stps", tensor_list(std::vector<at::Tensor>(s.old_stps().begin(), s.old_stps().end())));
+    d.insert("ro", tensor_list(std::vector<at::Tensor>(s.ro().begin(), s.ro().end())));
+    if (s.al()) d.insert("al", tensor_list(*s.al()));
+  }
+  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+    s.func_evals(f.integer("func_evals"));
+    s.n_iter(f.integer("n_iter"));
+    s.t(f.has("t") ? f.number("t") : 0.0);
+    s.prev_loss(f.has("prev_loss") ? f.number("prev_loss") : 0.0);
+    s.d(f.any_tensor("d", p));
+    s.H_diag(f.any_tensor("H_diag", p));
+    s.prev_flat_grad(f.any_tensor("prev_flat_grad", p));
+    auto dirs = f.tensors("old_dirs", p), steps = f.tensors("old_stps", p), ro = f.tensors("ro", p);
+    if (dirs.size() != steps.size() || dirs.size() != ro.size()) {
+      throw f.error(fmt::format("holds {} old_dirs, {} old_stps and {} ro", dirs.size(), steps.size(), ro.size()));
+    }
+    s.old_dirs(std::deque<at::Tensor>(dirs.begin(), dirs.end()));
+    s.old_stps(std::deque<at::Tensor>(steps.begin(), steps.end()));
+    s.ro(std::deque<at::Tensor>(ro.begin(), ro.end()));
+    if (f.has("al")) {
+      s.al(f.tensors("al", p));
+    } else {
+      s.al(std::decay_t<decltype(s.al())>());
+    }
+  }
+};
+
 // ---- other optimizer types: LibTorch's own archive, plus each group's lr
 
 c10::IValue save_archive(const Optimizer& optimizer) {
@@ -332,9 +447,18 @@ std::function<void()> prepare_archive(Optimizer& optimizer, const c10::IValue& v
   auto bytes = blob.toTensor().contiguous();
   std::string text(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
   auto archive = std::make_shared<torch::serialize::InputArchive>();
-  std::istringstream in(text);
-  archive->load_from(in);
-  auto load = prepare_optimizer_archive_load(optimizer, *archive, where);
+  std::function<void()> load;
+  try {  // parsed here, so a damaged blob fails before any item is applied
+    std::istringstream in(text);
+    archive->load_from(in);
+    load = prepare_optimizer_archive_load(optimizer, *archive, where);
+  } catch (const CheckpointError&) {
+    throw;
+  } catch (const c10::Error& e) {
+    throw top.error(fmt::format("'torchfit_archive' is not a LibTorch optimizer archive: {}", e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    throw top.error(fmt::format("'torchfit_archive' is not a LibTorch optimizer archive: {}", e.what()));
+  }
   return [&optimizer, archive, load, lrs] {
     load();
     for (size_t i = 0; i < lrs.size(); ++i) optimizer.param_groups()[i].options().set_lr(lrs[i]);
@@ -354,6 +478,7 @@ c10::IValue optimizer_state_dict(const Optimizer& optimizer) {
   if (is<SGDCodec>(optimizer)) return save_as<SGDCodec>(optimizer);
   if (is<RMSpropCodec>(optimizer)) return save_as<RMSpropCodec>(optimizer);
   if (is<AdagradCodec>(optimizer)) return save_as<AdagradCodec>(optimizer);
+  if (is<LBFGSCodec>(optimizer)) return save_as<LBFGSCodec>(optimizer);
   return save_archive(optimizer);
 }
 
@@ -368,6 +493,13 @@ std::function<void()> prepare_optimizer_load(Optimizer& optimizer, const c10::IV
     if (is<SGDCodec>(optimizer)) return into(SGDCodec{}, "SGD");
     if (is<RMSpropCodec>(optimizer)) return into(RMSpropCodec{}, "RMSprop");
     if (is<AdagradCodec>(optimizer)) return into(AdagradCodec{}, "Adagrad");
+    if (is<LBFGSCodec>(optimizer)) {
+      // Files of torchfit 0.2 hold LBFGS as LibTorch's archive.
+      if (state.isGenericDict() && state.toGenericDict().contains("torchfit_archive")) {
+        return prepare_archive(optimizer, state, where);
+      }
+      return into(LBFGSCodec{}, "LBFGS");
+    }
     return prepare_archive(optimizer, state, where);
   } catch (const c10::Error& e) {
     throw CheckpointError(fmt::format("{}: {}", where, e.what_without_backtrace()));

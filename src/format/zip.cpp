@@ -573,8 +573,11 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
       }
       x += 4 + field_size;
     }
-    if (local > size || size - local < kLocalHeaderSize) {
-      throw damaged(fmt::format("record {} starts at {}, past the end of the file", name, local));
+    // Every local header lies before the directory: readers size their buffers from the gaps
+    // between headers and the directory, which must not run backwards.
+    if (local > directory_offset || directory_offset - local < kLocalHeaderSize) {
+      throw damaged(fmt::format("record {} starts at {}, not before the zip directory at {}", name, local,
+                                directory_offset));
     }
     if (method == 0 && uncompressed != record_size) {
       throw damaged(fmt::format("record {} is stored but its sizes differ ({} and {})", name, record_size, uncompressed));
