@@ -412,6 +412,37 @@ TEST_F(EngineTest, Version01FilesStillLoad) {
   }
 }
 
+TEST_F(EngineTest, AMismatchNamesEveryItemThatDoesNotLoad) {
+  Mlp generator;
+  auto g_opt = std::make_shared<torch::optim::Adam>(generator->parameters(), torch::optim::AdamOptions(0.01));
+  g_opt->zero_grad();
+  ce_loss(generator->forward(torch::randn({4, 3})), torch::tensor({0, 1, 2, 0})).backward();
+  g_opt->step();
+  Checkpoint saved;
+  saved.add("generator", generator);
+  saved.add("g_opt", g_opt);
+  torchfit::save(saved, path("gan.pt"));
+
+  auto other = torch::nn::Linear(3, 4);  // another architecture: both items mismatch
+  auto other_opt = std::make_shared<torch::optim::Adam>(other->parameters(), torch::optim::AdamOptions(0.01));
+  Checkpoint into;
+  into.add("generator", other);
+  into.add("g_opt", other_opt);
+  try {
+    torchfit::load(into, path("gan.pt"));
+    FAIL() << "expected CheckpointError";
+  } catch (const CheckpointError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.find("Checkpoint Checkpoint"), std::string::npos) << what;
+    EXPECT_NE(what.find("Checkpoint " + path("gan.pt") + ": 2 items do not load"), std::string::npos) << what;
+    EXPECT_NE(what.find("Checkpoint " + path("gan.pt") + " [generator] does not match the model"), std::string::npos)
+        << what;
+    EXPECT_NE(what.find("Checkpoint " + path("gan.pt") + " [g_opt] (into a torch::optim::Adam)"), std::string::npos)
+        << what;
+  }
+  EXPECT_TRUE(other_opt->state().empty());
+}
+
 TEST_F(EngineTest, TwoEarlyStoppingsOnOneMonitorKeepSeparateState) {
   EarlyStopping short_patience(EarlyStoppingOptions().monitor("loss").patience(1));
   EarlyStopping long_patience(EarlyStoppingOptions().monitor("loss").patience(5));

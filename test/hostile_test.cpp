@@ -357,6 +357,28 @@ TEST_F(HostileTest, ALocalHeaderInsideTheDirectoryIsRefused) {
   }
 }
 
+TEST_F(HostileTest, ACallbackStateUnderANonStringKeyIsRefusedBeforeAnythingChanges) {
+  auto saved = make_setup();
+  saved.trainer->save_checkpoint(path("good.pt"));
+  auto state = FileCheckpointIO().load(path("good.pt")).toGenericDict();
+  c10::impl::GenericDict callbacks(c10::AnyType::get(), c10::AnyType::get());
+  callbacks.insert(int64_t{7}, std::string("no callback's state"));
+  state.insert_or_assign("callbacks", callbacks);
+  FileCheckpointIO().save(state, path("bad.pt"));
+  auto other = make_setup();
+  auto before = state_dict(*other.model);
+  for (auto& [name, tensor] : before) tensor = tensor.clone();
+  try {
+    other.trainer->load_checkpoint(path("bad.pt"));
+    ADD_FAILURE() << "expected CheckpointError";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("a callback state is keyed by a Int, not a string"), std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find(path("bad.pt")), std::string::npos) << e.what();
+  }
+  for (const auto& [name, tensor] : state_dict(*other.model)) EXPECT_TRUE(torch::equal(tensor, before.at(name))) << name;
+}
+
 TEST_F(HostileTest, VerifyCheckpointNeverThrows) {
   EXPECT_FALSE(verify_checkpoint(path(std::string(300, 'x'))).ok);  // name over NAME_MAX
   fs::create_symlink(path("loop"), path("loop"));

@@ -75,5 +75,35 @@ TEST_F(RetentionTest, TopKStateSurvivesAResumeAndSparesTheResumedFile) {
   EXPECT_EQ(files(), (std::vector<std::string>{"e02.pt", "e03.pt", "e04.pt"}));
 }
 
+TEST_F(RetentionTest, ARestoredRecordNeverMakesRetentionDeleteAnotherFile) {
+  // A checkpoint's record of kept files is data from a file, which may have been shared or
+  // downloaded: only paths this manager's template could have written are kept.
+  const std::string victim = path("victim.pt");
+  write_file(victim, "not a checkpoint of this run");
+  fs::create_directories(path("ckpt"));
+  CheckpointManager manager(CheckpointOptions(path("ckpt/s{step}.pt")).max_to_keep(1).fsync(false));
+  auto state = manager.state_dict().toGenericDict();
+  c10::impl::GenericList recent(c10::StringType::get());
+  recent.push_back(victim);                       // another directory
+  recent.push_back(path("ckpt/../victim.pt"));    // climbs out of it
+  recent.push_back(path("ckpt/x{step}.pt"));      // not a name of the template
+  recent.push_back(path("ckpt/s1.pt"));           // ours
+  state.insert_or_assign("recent", recent);
+  state.insert_or_assign("last_saved_path", victim);
+  manager.load_state_dict(state);
+  EXPECT_EQ(manager.recent(), (std::vector<std::string>{path("ckpt/s1.pt")}));
+  EXPECT_EQ(manager.last_saved_path(), "");
+
+  write_file(path("ckpt/s1.pt"), "an older checkpoint of this run");
+  Checkpoint items;
+  items.add("model", setup_.model);
+  ASSERT_TRUE(manager.save(items, {{"step", 2.0}}));
+  manager.wait();
+  EXPECT_FALSE(fs::exists(path("ckpt/s1.pt"))) << "max_to_keep(1) rotates this run's own file out";
+  manager.remove_saved();
+  EXPECT_FALSE(fs::exists(path("ckpt/s2.pt")));
+  EXPECT_EQ(read_file(victim), "not a checkpoint of this run");
+}
+
 }  // namespace
 }  // namespace torchfit::test

@@ -375,14 +375,27 @@ void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& wh
       throw CheckpointError(fmt::format("Checkpoint {} does not match this checkpoint's items: {}", where, problems));
     }
   }
-  // Everything is checked before anything changes.
+  // Everything is checked before anything changes, and every item that does not fit is named.
   std::vector<Apply> apply;
+  std::vector<std::string> problems;
   for (const auto& [item, value] : found) {
     std::string name;
     for (const auto& [n, i] : items_) {
       if (i == item) name = n;
     }
-    apply.push_back(item->prepare(value, fmt::format("Checkpoint {} [{}]", where, name)));
+    try {
+      apply.push_back(item->prepare(value, fmt::format("{} [{}]", where, name)));
+    } catch (const CheckpointError& e) {
+      // Item errors start with `where`, or say "Checkpoint <where> ..." themselves (modules).
+      const std::string what = e.what();
+      problems.push_back(what.rfind("Checkpoint ", 0) == 0 || what.rfind("Failed ", 0) == 0 ? what
+                                                                                           : "Checkpoint " + what);
+    }
+  }
+  if (problems.size() == 1) throw CheckpointError(problems.front());
+  if (!problems.empty()) {
+    throw CheckpointError(fmt::format("Checkpoint {}: {} items do not load: {}", where, problems.size(),
+                                      fmt::join(problems, "; ")));
   }
   for (auto& step : apply) step();
 }

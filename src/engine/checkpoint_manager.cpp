@@ -394,16 +394,32 @@ void CheckpointManager::load_state_dict(const c10::IValue& state) {
   const auto& dict = state.toGenericDict();
   auto best = dict.at("best");
   monitor_->set_best(best.isNone() ? std::nullopt : std::optional<double>(best.toDouble()));
-  record_.last_saved_path = dict.at("last_saved_path").toStringRef();
+  // Retention deletes what the record names, and a file is no authority on that: only paths this
+  // manager's template could have written stay (no "..", no other directory).
+  auto ours = [&](const std::string& path) {
+    const std::filesystem::path parts(path);
+    const bool climbs = std::any_of(parts.begin(), parts.end(), [](const auto& part) { return part == ".."; });
+    if (!climbs && template_->matches(path)) return true;
+    logger()->warn("CheckpointManager {}: the restored record names {}, which is not a file of this template; "
+                   "it is left alone",
+                   options_.filepath(), path);
+    return false;
+  };
+  const auto& last_saved = dict.at("last_saved_path").toStringRef();
+  record_.last_saved_path = last_saved.empty() || ours(last_saved) ? last_saved : std::string();
   record_.top_k.clear();
   const auto path_list = dict.at("top_k_paths");
   const auto score_list = dict.at("top_k_scores");
   auto paths = path_list.toListRef();
   auto scores = score_list.toListRef();
-  for (size_t i = 0; i < paths.size(); ++i) record_.top_k.emplace_back(paths[i].toStringRef(), scores[i].toDouble());
+  for (size_t i = 0; i < paths.size(); ++i) {
+    if (ours(paths[i].toStringRef())) record_.top_k.emplace_back(paths[i].toStringRef(), scores[i].toDouble());
+  }
   record_.recent.clear();
   const auto recent = dict.at("recent");  // named: the loop views its list
-  for (const auto& path : recent.toListRef()) record_.recent.push_back(path.toStringRef());
+  for (const auto& path : recent.toListRef()) {
+    if (ours(path.toStringRef())) record_.recent.push_back(path.toStringRef());
+  }
   record_.calls_since_last_save = dict.at("calls_since_last_save").toInt();
 }
 

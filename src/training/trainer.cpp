@@ -420,6 +420,12 @@ struct Trainer::CallbacksItem : Stateful {
     if (!state.isGenericDict()) {
       throw CheckpointError(fmt::format("{}: callback states are a {}, not a dict", where, state.tagKind()));
     }
+    for (const auto& entry : state.toGenericDict()) {  // checked with the other items, before any is applied
+      if (!entry.key().isString()) {
+        throw CheckpointError(fmt::format("{}: a callback state is keyed by a {}, not a string", where,
+                                          entry.key().tagKind()));
+      }
+    }
   }
   void load_state_dict(const c10::IValue& state) override {
     std::map<std::string, c10::IValue> states;
