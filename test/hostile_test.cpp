@@ -379,6 +379,27 @@ TEST_F(HostileTest, ACallbackStateUnderANonStringKeyIsRefusedBeforeAnythingChang
   for (const auto& [name, tensor] : state_dict(*other.model)) EXPECT_TRUE(torch::equal(tensor, before.at(name))) << name;
 }
 
+TEST_F(HostileTest, ZipsReadersDisagreeOnAreRefused) {
+  // A name twice (torchfit read the last copy, Python's torch.load reads the first).
+  const auto pickle = pk::state_dict(pk::tensor(4, {4}, {1}));
+  write_file(path("twice.pt"),
+             foreign_zip({{"data.pkl", pickle}, {"data/0", std::string(16, '\0')}, {"data.pkl", "\x80\x02}."}}));
+  EXPECT_NE(refusal(path("twice.pt")).find("record data.pkl appears twice"), std::string::npos)
+      << refusal(path("twice.pt"));
+  EXPECT_EQ(fuzz::read_everything(path("twice.pt")), "");
+
+  // An end record planted in the real one's comment, also ending the file (torchfit saw an
+  // empty archive).
+  auto planted = python_file(pickle);
+  ASSERT_EQ(planted.substr(planted.size() - 22, 4), std::string("PK\x05\x06", 4));
+  planted.replace(planted.size() - 2, 2, std::string("\x16\x00", 2));  // a comment of 22 bytes...
+  planted += std::string("PK\x05\x06", 4) + std::string(18, '\0');    // ...that is an empty archive's end
+  write_file(path("planted.pt"), planted);
+  EXPECT_NE(refusal(path("planted.pt")).find("2 zip end-of-directory records end the file"), std::string::npos)
+      << refusal(path("planted.pt"));
+  EXPECT_EQ(fuzz::read_everything(path("planted.pt")), "");
+}
+
 TEST_F(HostileTest, VerifyCheckpointNeverThrows) {
   EXPECT_FALSE(verify_checkpoint(path(std::string(300, 'x'))).ok);  // name over NAME_MAX
   fs::create_symlink(path("loop"), path("loop"));

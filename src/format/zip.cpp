@@ -479,14 +479,16 @@ constexpr uint32_t kMax32 = 0xffffffff;
 
 uint64_t get64(const unsigned char* p) { return get32(p) | (static_cast<uint64_t>(get32(p + 4)) << 32); }
 
-/// Where the end-of-central-directory record starts, searched backwards in the
-/// file's last bytes `tail` (at `tail_offset`): the one whose comment ends the file.
-std::optional<uint64_t> find_end_record(const std::string& tail, uint64_t tail_offset) {
+/// Where end-of-central-directory records start in the file's last bytes `tail` (at
+/// `tail_offset`): those whose comment ends the file, last first. More than one means a record
+/// planted in another's comment, and readers disagree on which counts.
+std::vector<uint64_t> find_end_records(const std::string& tail, uint64_t tail_offset) {
+  std::vector<uint64_t> out;
   auto* t = reinterpret_cast<const unsigned char*>(tail.data());
   for (size_t at = tail.size() - kEndSize + 1; at-- > 0;) {
-    if (get32(t + at) == kEndSig && at + kEndSize + get16(t + at + 20) == tail.size()) return tail_offset + at;
+    if (get32(t + at) == kEndSig && at + kEndSize + get16(t + at + 20) == tail.size()) out.push_back(tail_offset + at);
   }
-  return std::nullopt;
+  return out;
 }
 
 }  // namespace
@@ -497,18 +499,18 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
     return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), what));
   };
   if (size < kEndSize) throw damaged(fmt::format("{} bytes are too few for a zip archive", size));
-  // The end record sits in the last kEndSize bytes plus its comment (up to 64 KiB):
-  // a short tail first, which holds ours.
-  uint64_t tail_size = std::min<uint64_t>(size, 4096);
-  std::string tail = file.read_at(size - tail_size, tail_size);
-  auto end_record = find_end_record(tail, size - tail_size);
-  if (!end_record && tail_size < size) {
-    tail_size = std::min<uint64_t>(size, kEndSize + 0xffff);
-    tail = file.read_at(size - tail_size, tail_size);
-    end_record = find_end_record(tail, size - tail_size);
+  // The end record sits in the last kEndSize bytes plus its comment (up to 64 KiB), all of which
+  // is searched: a second record in there is refused, not resolved.
+  const uint64_t tail_size = std::min<uint64_t>(size, kEndSize + 0xffff);
+  const std::string tail = file.read_at(size - tail_size, tail_size);
+  const auto end_records = find_end_records(tail, size - tail_size);
+  if (end_records.empty()) throw damaged("no zip end-of-directory record");
+  if (end_records.size() > 1) {
+    throw damaged(fmt::format("{} zip end-of-directory records end the file (at {} and {}): one is planted in the "
+                              "other's comment",
+                              end_records.size(), end_records.back(), end_records.front()));
   }
-  if (!end_record) throw damaged("no zip end-of-directory record");
-  const uint64_t end_offset = *end_record;
+  const uint64_t end_offset = end_records.front();
   auto* end = reinterpret_cast<const unsigned char*>(tail.data() + (end_offset - (size - tail_size)));
   uint64_t count = get16(end + 10), directory_size = get32(end + 12), directory_offset = get32(end + 16);
   if (count == 0xffff || directory_size == kMax32 || directory_offset == kMax32) {
@@ -613,8 +615,9 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
   }
   for (auto& entry : entries) {
     auto slash = entry.name.find('/');
-    out.records.insert_or_assign(std::string(slash == std::string_view::npos ? entry.name : entry.name.substr(slash + 1)),
-                                 entry.span);
+    auto name = std::string(slash == std::string_view::npos ? entry.name : entry.name.substr(slash + 1));
+    // Readers disagree on which copy of a repeated name counts (Python's the first): refused.
+    if (!out.records.emplace(name, entry.span).second) throw damaged(fmt::format("record {} appears twice", name));
   }
   return out;
 }
