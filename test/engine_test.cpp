@@ -412,6 +412,23 @@ TEST_F(EngineTest, Version01FilesStillLoad) {
   }
 }
 
+TEST_F(EngineTest, AManagerWhoseDirectoryCannotBeMadeFailsBeforeAnyTraining) {
+  write_file(path("blocker"), "a file where a directory should be");
+  const std::string filepath = path("blocker/ckpt/s{step}.pt");
+  CheckpointManager manager{CheckpointOptions(filepath)};
+  Mlp model;
+  Checkpoint state;
+  state.add("model", model);
+  const std::string expected = fmt::format("CheckpointManager {}: cannot create the directory {}: {} is not a directory",
+                                           filepath, path("blocker/ckpt"), path("blocker"));
+  try {
+    manager.restore_latest(state);  // as a loop that resumes on start calls it, before training
+    FAIL() << "expected CheckpointError";
+  } catch (const CheckpointError& e) {
+    EXPECT_EQ(std::string(e.what()), expected);
+  }
+}
+
 TEST_F(EngineTest, AMismatchNamesEveryItemThatDoesNotLoad) {
   Mlp generator;
   auto g_opt = std::make_shared<torch::optim::Adam>(generator->parameters(), torch::optim::AdamOptions(0.01));

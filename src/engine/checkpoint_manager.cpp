@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "engine/filepath_template.h"
+#include "io/atomic_file.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
 
@@ -284,8 +285,15 @@ std::vector<std::string> CheckpointManager::candidates() {
   return out;
 }
 
+void CheckpointManager::check_directory() {
+  if (directory_checked_ || options_.io()) return;  // a storage of the user's need not be a directory
+  detail::check_writable_directory(template_->literal_directory(), "CheckpointManager " + options_.filepath());
+  directory_checked_ = true;
+}
+
 std::optional<std::string> CheckpointManager::restore_latest(Checkpoint& state) {
   wait();
+  check_directory();
   std::vector<std::string> problems;
   // Another process's retention may delete a candidate before we open it: list again then.
   for (int round = 0; round < 3; ++round) {

@@ -72,6 +72,8 @@ class CheckpointManager {
   /// files matching the filepath template, newest first. Damaged files are skipped
   /// with a warning; if there were files but none could be read, throws
   /// `CheckpointError` listing why. Returns the path, or nothing when there is no file.
+  /// The first call checks that the template's directory is writable or can be created (with the
+  /// default file storage), so a loop that resumes on start fails on a bad path before training.
   std::optional<std::string> restore_latest(Checkpoint& state);
   /// Restores `state` and this manager's state from `path`, all or nothing, and
   /// never deletes that file afterwards.
@@ -127,6 +129,8 @@ class CheckpointManager {
              const std::string& prefix);
   /// The files of this manager that exist now, newest first.
   std::vector<std::string> candidates();
+  /// Once per manager, from restore_latest: the template's directory is writable or can be created.
+  void check_directory();
 
   CheckpointOptions options_;
   std::shared_ptr<MetricMonitor> monitor_;
@@ -137,6 +141,7 @@ class CheckpointManager {
   std::string protected_path_;
   int64_t saves_ = 0;
   bool guards_updates_ = false;  // before_update() has been called: saves may copy late
+  bool directory_checked_ = false;
 };
 
 }  // namespace torchfit
