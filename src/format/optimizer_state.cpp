@@ -244,6 +244,80 @@ struct AdagradCodec {
   }
 };
 
+/// Python's LBFGS layout: one state, of the first parameter, whose tensors span all parameters.
+struct LBFGSCodec {
+  using Opt = torch::optim::LBFGS;
+  using Options = torch::optim::LBFGSOptions;
+  using State = torch::optim::LBFGSParamState;
+  static void save_options(const Options& o, Dict& d) {
+    d.insert("lr", o.lr());
+    d.insert("max_iter", o.max_iter());
+    d.insert("max_eval", o.max_eval() ? c10::IValue(*o.max_eval()) : c10::IValue());
+    d.insert("tolerance_grad", o.tolerance_grad());
+    d.insert("tolerance_change", o.tolerance_change());
+    d.insert("history_size", o.history_size());
+    d.insert("line_search_fn", o.line_search_fn() ? c10::IValue(*o.line_search_fn()) : c10::IValue());
+  }
+  static void load_options(Options& o, const Fields& f) {
+    o.lr(f.real("lr")).max_iter(f.integer("max_iter")).tolerance_grad(f.real("tolerance_grad"));
+    o.tolerance_change(f.real("tolerance_change")).history_size(f.integer("history_size"));
+    if (f.has("max_eval")) {
+      o.max_eval(f.integer("max_eval"));
+    } else {
+      o.max_eval(std::decay_t<decltype(o.max_eval())>());
+    }
+    if (f.has("line_search_fn")) {
+      auto fn = f.get("line_search_fn");
+      if (!fn.isString() || fn.toStringRef() != "strong_wolfe") {
+        throw f.error("'line_search_fn' is neither None nor 'strong_wolfe'");
+      }
+      o.line_search_fn(fn.toStringRef());
+    } else {
+      o.line_search_fn(std::decay_t<decltype(o.line_search_fn())>());
+    }
+    if (o.max_iter() < 1 || o.history_size() < 1) throw f.error("has a max_iter or history_size below 1");
+  }
+  static c10::IValue tensor_list(const std::vector<at::Tensor>& tensors) {
+    c10::impl::GenericList list(c10::AnyType::get());
+    for (const auto& t : tensors) list.push_back(maybe(t));
+    return list;
+  }
+  static void save_state(const State& s, Dict& d) {
+    d.insert("func_evals", s.func_evals());
+    d.insert("n_iter", s.n_iter());
+    d.insert("t", s.t());
+    d.insert("prev_loss", s.prev_loss());
+    d.insert("d", maybe(s.d()));
+    d.insert("H_diag", maybe(s.H_diag()));
+    d.insert("prev_flat_grad", maybe(s.prev_flat_grad()));
+    d.insert("old_dirs", tensor_list(std::vector<at::Tensor>(s.old_dirs().begin(), s.old_dirs().end())));
+    d.insert("old_stps", tensor_list(std::vector<at::Tensor>(s.old_stps().begin(), s.old_stps().end())));
+    d.insert("ro", tensor_list(std::vector<at::Tensor>(s.ro().begin(), s.ro().end())));
+    if (s.al()) d.insert("al", tensor_list(*s.al()));
+  }
+  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+    s.func_evals(f.integer("func_evals"));
+    s.n_iter(f.integer("n_iter"));
+    s.t(f.has("t") ? f.number("t") : 0.0);
+    s.prev_loss(f.has("prev_loss") ? f.number("prev_loss") : 0.0);
+    s.d(f.any_tensor("d", p));
+    s.H_diag(f.any_tensor("H_diag", p));
+    s.prev_flat_grad(f.any_tensor("prev_flat_grad", p));
+    auto dirs = f.tensors("old_dirs", p), steps = f.tensors("old_stps", p), ro = f.tensors("ro", p);
+    if (dirs.size() != steps.size() || dirs.size() != ro.size()) {
+      throw f.error(fmt::format("holds {} old_dirs, {} old_stps and {} ro", dirs.size(), steps.size(), ro.size()));
+    }
+    s.old_dirs(std::deque<at::Tensor>(dirs.begin(), dirs.end()));
+    s.old_stps(std::deque<at::Tensor>(steps.begin(), steps.end()));
+    s.ro(std::deque<at::Tensor>(ro.begin(), ro.end()));
+    if (f.has("al")) {
+      s.al(f.tensors("al", p));
+    } else {
+      s.al(std::decay_t<decltype(s.al())>());
+    }
+  }
+};
+
 /// Param groups with "params" numbered across groups, as Python numbers them.
 template <typename GroupFn>
 c10::impl::GenericList param_groups(const Optimizer& optimizer, GroupFn&& options_of) {
@@ -343,80 +417,6 @@ std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value,
     optimizer.state() = std::move(*states);
   };
 }
-
-/// Python's LBFGS layout: one state, of the first parameter, whose tensors span all parameters.
-struct LBFGSCodec {
-  using Opt = torch::optim::LBFGS;
-  using Options = torch::optim::LBFGSOptions;
-  using State = torch::optim::LBFGSParamState;
-  static void save_options(const Options& o, Dict& d) {
-    d.insert("lr", o.lr());
-    d.insert("max_iter", o.max_iter());
-    d.insert("max_eval", o.max_eval() ? c10::IValue(*o.max_eval()) : c10::IValue());
-    d.insert("tolerance_grad", o.tolerance_grad());
-    d.insert("tolerance_change", o.tolerance_change());
-    d.insert("history_size", o.history_size());
-    d.insert("line_search_fn", o.line_search_fn() ? c10::IValue(*o.line_search_fn()) : c10::IValue());
-  }
-  static void load_options(Options& o, const Fields& f) {
-    o.lr(f.real("lr")).max_iter(f.integer("max_iter")).tolerance_grad(f.real("tolerance_grad"));
-    o.tolerance_change(f.real("tolerance_change")).history_size(f.integer("history_size"));
-    if (f.has("max_eval")) {
-      o.max_eval(f.integer("max_eval"));
-    } else {
-      o.max_eval(std::decay_t<decltype(o.max_eval())>());
-    }
-    if (f.has("line_search_fn")) {
-      auto fn = f.get("line_search_fn");
-      if (!fn.isString() || fn.toStringRef() != "strong_wolfe") {
-        throw f.error("'line_search_fn' is neither None nor 'strong_wolfe'");
-      }
-      o.line_search_fn(fn.toStringRef());
-    } else {
-      o.line_search_fn(std::decay_t<decltype(o.line_search_fn())>());
-    }
-    if (o.max_iter() < 1 || o.history_size() < 1) throw f.error("has a max_iter or history_size below 1");
-  }
-  static c10::IValue tensor_list(const std::vector<at::Tensor>& tensors) {
-    c10::impl::GenericList list(c10::AnyType::get());
-    for (const auto& t : tensors) list.push_back(maybe(t));
-    return list;
-  }
-  static void save_state(const State& s, Dict& d) {
-    d.insert("func_evals", s.func_evals());
-    d.insert("n_iter", s.n_iter());
-    d.insert("t", s.t());
-    d.insert("prev_loss", s.prev_loss());
-    d.insert("d", maybe(s.d()));
-    d.insert("H_diag", maybe(s.H_diag()));
-    d.insert("prev_flat_grad", maybe(s.prev_flat_grad()));
-    d.insert("old_dirs", tensor_list(std::vector<at::Tensor>(s.old_dirs().begin(), s.old_dirs().end())));
-    d.insert("old_stps", tensor_list(std::vector<at::Tensor>(s.old_stps().begin(), s.old_stps().end())));
-    d.insert("ro", tensor_list(std::vector<at::Tensor>(s.ro().begin(), s.ro().end())));
-    if (s.al()) d.insert("al", tensor_list(*s.al()));
-  }
-  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
-    s.func_evals(f.integer("func_evals"));
-    s.n_iter(f.integer("n_iter"));
-    s.t(f.has("t") ? f.number("t") : 0.0);
-    s.prev_loss(f.has("prev_loss") ? f.number("prev_loss") : 0.0);
-    s.d(f.any_tensor("d", p));
-    s.H_diag(f.any_tensor("H_diag", p));
-    s.prev_flat_grad(f.any_tensor("prev_flat_grad", p));
-    auto dirs = f.tensors("old_dirs", p), steps = f.tensors("old_stps", p), ro = f.tensors("ro", p);
-    if (dirs.size() != steps.size() || dirs.size() != ro.size()) {
-      throw f.error(fmt::format("holds {} old_dirs, {} old_stps and {} ro", dirs.size(), steps.size(), ro.size()));
-    }
-    s.old_dirs(std::deque<at::Tensor>(dirs.begin(), dirs.end()));
-    s.old_stps(std::deque<at::Tensor>(steps.begin(), steps.end()));
-    s.ro(std::deque<at::Tensor>(ro.begin(), ro.end()));
-    if (f.has("al")) {
-      s.al(f.tensors("al", p));
-    } else {
-      s.al(std::decay_t<decltype(s.al())>());
-    }
-  }
-};
 
 // ---- other optimizer types: LibTorch's own archive, plus each group's lr
 
