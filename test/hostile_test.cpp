@@ -635,6 +635,63 @@ TEST_F(HostileTest, EveryFailingReadLeavesTheModelUnchanged) {
   }
 }
 
+/// restore_latest with the n-th read failing (EIO, from the LD_PRELOAD shim), for every n: it
+/// must restore the newest file or raise StorageError naming it, never fall back to the older.
+/// Writes "<cases> <problems> <first problem>" to TORCHFIT_EIO_OUT.
+TEST(HostileChild, RestoreUnderEio) {
+  const char* out = std::getenv("TORCHFIT_EIO_OUT");
+  if (out == nullptr) GTEST_SKIP() << "run by AnIoErrorOnTheNewestFileIsRaisedNotSkipped";
+  auto arm = reinterpret_cast<ArmFn>(::dlsym(RTLD_DEFAULT, "torchfit_fail_read_after"));
+  ASSERT_NE(arm, nullptr) << "the fault shim is not preloaded";
+  const std::string dir = std::getenv("TORCHFIT_EIO_DIR");
+  int cases = 0, problems = 0;
+  std::string first_problem = "-";
+  for (long n = 1; n < 200; ++n) {
+    Mlp model;
+    Checkpoint state;
+    state.add("model", model);
+    CheckpointManager manager(CheckpointOptions(dir + "/s{step}.pt").save_last(true));
+    arm(n);
+    std::string problem;
+    try {
+      auto restored = manager.restore_latest(state);
+      if (!restored || *restored != dir + "/s2.pt") problem = "restored " + restored.value_or("nothing");
+    } catch (const StorageError& e) {
+      ++cases;
+      if (std::string(e.what()).find(dir + "/s2.pt") == std::string::npos) problem = e.what();
+    } catch (const std::exception& e) {
+      problem = e.what();
+    }
+    arm(0);
+    if (!problem.empty() && problems++ == 0) first_problem = problem;
+  }
+  std::ofstream(out) << cases << " " << problems << " " << first_problem;
+}
+
+TEST_F(HostileTest, AnIoErrorOnTheNewestFileIsRaisedNotSkipped) {
+  // Skipping an unreadable newest file would resume an older run, whose retention could then
+  // delete the newest, intact file.
+  Mlp model;
+  Checkpoint state;
+  state.add("model", model);
+  CheckpointManager manager(CheckpointOptions(path("s{step}.pt")).save_last(true));
+  manager.save(state, {{"step", 1.0}});
+  manager.save(state, {{"step", 2.0}});
+  pid_t child = spawn_self("HostileChild.RestoreUnderEio",
+                           {std::string("LD_PRELOAD=") + TORCHFIT_FAIL_READ_LIB, "TORCHFIT_EIO_DIR=" + dir().string(),
+                            "TORCHFIT_EIO_OUT=" + path("eio.txt")});
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  std::istringstream result(read_file(path("eio.txt")));
+  int cases = -1, problems = -1;
+  result >> cases >> problems;
+  std::string first_problem;
+  std::getline(result, first_problem);
+  EXPECT_GE(cases, 3);  // the checksum, the directory, the records...
+  EXPECT_EQ(problems, 0) << first_problem;
+}
+
 TEST_F(HostileTest, LoadsRacingMaxToKeepRotationNeverFailSpuriously) {
   Mlp model;
   Checkpoint state;

@@ -26,4 +26,12 @@ class CheckpointError : public Error {
   using Error::Error;
 };
 
+/// Reading a checkpoint failed in the storage (an I/O error such as EIO, or a file that cannot be
+/// opened for another reason than not existing), not in the file's content: the file may be
+/// intact, so nothing treats it as damaged (`CheckpointManager::restore_latest` raises it).
+class StorageError : public CheckpointError {
+ public:
+  using CheckpointError::CheckpointError;
+};
+
 }  // namespace torchfit

@@ -303,6 +303,10 @@ std::optional<std::string> CheckpointManager::restore_latest(Checkpoint& state) 
       try {
         restore(state, path);
         return path;
+      } catch (const StorageError&) {
+        // Not damage: skipping the file would resume an older run, whose retention could then
+        // delete this intact one.
+        throw;
       } catch (const CheckpointError& e) {
         std::error_code ec;
         if (!std::filesystem::exists(path, ec)) {

@@ -266,12 +266,12 @@ void ZipWriter::finish() {
 FileReader::FileReader(std::string path) : path_(std::move(path)) {
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0 && errno == ENOENT) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path_));
-  if (fd_ < 0) throw CheckpointError(errno_message("Failed opening checkpoint", path_, errno));
+  if (fd_ < 0) throw StorageError(errno_message("Failed opening checkpoint", path_, errno));
   struct stat st {};
   if (::fstat(fd_, &st) != 0) {
     int error = errno;
     ::close(fd_);
-    throw CheckpointError(errno_message("Failed reading checkpoint", path_, error));
+    throw StorageError(errno_message("Failed reading checkpoint", path_, error));
   }
   size_ = static_cast<uint64_t>(st.st_size);
 }
@@ -283,7 +283,7 @@ void FileReader::read_at(uint64_t offset, void* buffer, size_t n) const {
   while (done < n) {
     ssize_t r = ::pread(fd_, static_cast<char*>(buffer) + done, n - done, static_cast<off_t>(offset + done));
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw CheckpointError(errno_message("Failed reading checkpoint", path_, errno));
+    if (r < 0) throw StorageError(errno_message("Failed reading checkpoint", path_, errno));
     if (r == 0) throw CheckpointError(fmt::format("Failed reading checkpoint {}: unexpected end of file", path_));
     done += static_cast<size_t>(r);
   }

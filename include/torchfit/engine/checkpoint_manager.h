@@ -71,7 +71,9 @@ class CheckpointManager {
   /// the newest intact file of this manager: the one `save_last` recorded, else
   /// files matching the filepath template, newest first. Damaged files are skipped
   /// with a warning; if there were files but none could be read, throws
-  /// `CheckpointError` listing why. Returns the path, or nothing when there is no file.
+  /// `CheckpointError` listing why. An I/O error reading a file is no damage: it is raised
+  /// (`StorageError`, naming the path) instead of restoring an older file. Returns the path, or
+  /// nothing when there is no file.
   /// The first call checks that the template's directory is writable or can be created (with the
   /// default file storage), so a loop that resumes on start fails on a bad path before training.
   std::optional<std::string> restore_latest(Checkpoint& state);
