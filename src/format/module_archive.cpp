@@ -129,8 +129,6 @@ CheckpointContents read_legacy_checkpoint(const CheckpointFile& file, torch::nn:
     archive.read(kOptimizerKey, optimizer_archive);
     load_optimizer = prepare_optimizer_archive_load(optimizer, optimizer_archive,
                                                     fmt::format("Checkpoint {} does not match the optimizer", path));
-  } catch (const CheckpointError&) {
-    throw;
   } catch (...) {
     rethrow_as_checkpoint_error(path);
   }

@@ -87,7 +87,8 @@ class Fields {
   /// a 0-dim tensor of `param`'s dtype (Python's LBFGS starts H_diag as the int 1).
   at::Tensor any_tensor(const c10::IValue& v, const std::string& what, const at::Tensor& param) const {
     if (v.isNone()) return {};
-    if (v.isInt() || v.isDouble()) return at::scalar_tensor(v.isInt() ? static_cast<double>(v.toInt()) : v.toDouble(), param.options());
+    if (v.isInt()) return at::scalar_tensor(static_cast<double>(v.toInt()), param.options());
+    if (v.isDouble()) return at::scalar_tensor(v.toDouble(), param.options());
     if (!v.isTensor()) throw error(fmt::format("'{}' is a {}, not a tensor", what, v.tagKind()));
     return v.toTensor().to(param.device(), /*non_blocking=*/false, /*copy=*/true);
   }
