@@ -198,6 +198,48 @@ TEST_F(OptimizerFileTest, ADamagedLibTorchArchiveIsRefusedBeforeAnyItemChanges) 
   }
 }
 
+TEST_F(OptimizerFileTest, AnLBFGSHistoryLibTorchWouldIndexPastIsRefused) {
+  // LibTorch's step indexes its scratch buffer (history_size long) with every stored direction.
+  Mlp model;
+  auto lbfgs = std::make_shared<torch::optim::LBFGS>(model->parameters(),
+                                                     torch::optim::LBFGSOptions(0.5).max_iter(5).history_size(10));
+  lbfgs->step([&] {
+    lbfgs->zero_grad();
+    auto loss = ce_loss(model->forward(torch::randn({8, 3})), torch::tensor({0, 1, 2, 0, 1, 2, 0, 1}));
+    loss.backward();
+    return loss;
+  });
+  const auto directions = static_cast<const torch::optim::LBFGSParamState&>(*lbfgs->state().begin()->second).old_dirs().size();
+  ASSERT_GE(directions, 2u);
+  auto changed = [&](const char* group_key, c10::IValue group_value, const char* state_key, c10::IValue state_value) {
+    auto saved = detail::optimizer_state_dict(*lbfgs).toGenericDict();
+    auto group = saved.at("param_groups").toListRef()[0].toGenericDict();
+    if (group_key != nullptr) group.insert_or_assign(group_key, group_value);
+    auto state = saved.at("state").toGenericDict().at(0).toGenericDict();
+    if (state_key != nullptr) state.insert_or_assign(state_key, state_value);
+    return c10::IValue(saved);
+  };
+  auto refusal = [&](const c10::IValue& state) {
+    Mlp other;
+    torch::optim::LBFGS fresh(other->parameters(), torch::optim::LBFGSOptions(0.5));
+    try {
+      detail::prepare_optimizer_load(fresh, state, "here");
+    } catch (const CheckpointError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(loaded)");
+  };
+  EXPECT_NE(refusal(changed("history_size", int64_t{1}, nullptr, {})).find(
+                fmt::format("holds {} directions but its history_size is 1", directions)),
+            std::string::npos);
+  c10::impl::GenericList short_ro(c10::AnyType::get());
+  short_ro.push_back(torch::ones({}));
+  EXPECT_NE(refusal(changed(nullptr, {}, "ro", short_ro)).find(fmt::format("holds {} old_dirs, {} old_stps and 1 ro",
+                                                                              directions, directions)),
+            std::string::npos);
+  EXPECT_EQ(refusal(changed(nullptr, {}, "al", short_ro)), "(loaded)");  // scratch: dropped, never indexed
+}
+
 TEST_F(OptimizerFileTest, LBFGSWithAHistoryNotYetFullSavesAndContinuesBitwise) {
   // Python's layout: LibTorch's own archive cannot hold this state (its `al` holds undefined
   // tensors until the history is full), so torchfit 0.2 failed to save it.

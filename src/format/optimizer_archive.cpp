@@ -3,6 +3,7 @@
 #include <map>
 #include <memory>
 #include <sstream>
+#include <type_traits>
 #include <vector>
 
 #include <fmt/format.h>
@@ -70,18 +71,20 @@ std::function<void()> prepare_as(Optimizer& optimizer, InputArchive& archive, co
       throw CheckpointError(fmt::format("{}: param group {} holds {} parameters in the checkpoint but {} in the optimizer",
                                         where, i, param_count, params.size()));
     }
-    for (int64_t j = 0; j < param_count; ++j) {
-      c10::IValue key;
-      group.read("params/" + std::to_string(j), key);
-      if (!key.isString()) throw CheckpointError(fmt::format("{}: param group {} key {} is not text", where, i, j));
-      auto state = saved.find(key.toStringRef());
-      if (state == saved.end()) continue;  // a parameter without state yet
-      (*states)[compat::optimizer_state_key(params[j])] = std::make_unique<State>(*state->second);
-    }
     InputArchive options_archive;
     group.read("options", options_archive);
     auto group_options = std::make_unique<Options>(0);
     group_options->serialize(options_archive);
+    for (int64_t j = 0; j < param_count; ++j) {
+      c10::IValue key;
+      group.read("params/" + std::to_string(j), key);
+      if (!key.isString()) throw CheckpointError(fmt::format("{}: param group {} key {} is not text", where, i, j));
+      auto saved_state = saved.find(key.toStringRef());
+      if (saved_state == saved.end()) continue;  // a parameter without state yet
+      auto state = std::make_unique<State>(*saved_state->second);
+      if constexpr (std::is_same_v<State, torch::optim::LBFGSParamState>) check_lbfgs_state(*group_options, *state, where);
+      (*states)[compat::optimizer_state_key(params[j])] = std::move(state);
+    }
     options->push_back(std::move(group_options));
   }
   return [&optimizer, states, options] {
@@ -96,6 +99,20 @@ bool is(const Optimizer& optimizer) {
 }
 
 }  // namespace
+
+void check_lbfgs_state(const torch::optim::LBFGSOptions& options, torch::optim::LBFGSParamState& state,
+                       const std::string& where) {
+  const size_t history = state.old_dirs().size();
+  if (state.old_stps().size() != history || state.ro().size() != history) {
+    throw CheckpointError(fmt::format("{}: the LBFGS state holds {} old_dirs, {} old_stps and {} ro", where, history,
+                                      state.old_stps().size(), state.ro().size()));
+  }
+  if (options.history_size() < 1 || history > static_cast<size_t>(options.history_size())) {
+    throw CheckpointError(fmt::format("{}: the LBFGS state holds {} directions but its history_size is {}", where,
+                                      history, options.history_size()));
+  }
+  state.al(std::decay_t<decltype(state.al())>());
+}
 
 std::function<void()> prepare_optimizer_archive_load(Optimizer& optimizer, InputArchive& archive,
                                                      const std::string& where) {

@@ -9,6 +9,8 @@
 
 namespace torch::optim {
 class Optimizer;
+struct LBFGSOptions;
+struct LBFGSParamState;
 }
 namespace torch::serialize {
 class InputArchive;
@@ -25,5 +27,12 @@ namespace torchfit::detail {
 std::function<void()> prepare_optimizer_archive_load(torch::optim::Optimizer& optimizer,
                                                      torch::serialize::InputArchive& archive,
                                                      const std::string& where);
+
+/// Checks an LBFGS state read from a file against its group's options before LibTorch's step
+/// indexes with it: as many old_dirs, old_stps and ro, at most history_size of them. The step's
+/// scratch buffer `al` is dropped: the step sizes it itself, and one from a file that is shorter
+/// than the history would be written past its end. Throws CheckpointError starting with `where`.
+void check_lbfgs_state(const torch::optim::LBFGSOptions& options, torch::optim::LBFGSParamState& state,
+                       const std::string& where);
 
 }  // namespace torchfit::detail

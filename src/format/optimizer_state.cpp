@@ -128,6 +128,7 @@ class Fields {
     return t.to(param.options(), /*non_blocking=*/false, /*copy=*/true);
   }
   CheckpointError error(const std::string& what) const { return CheckpointError(where_ + " " + what); }
+  const std::string& where() const { return where_; }
 
  private:
   Dict dict_ = new_dict();
@@ -155,7 +156,9 @@ struct SGDCodec {
     o.weight_decay(f.real("weight_decay")).nesterov(f.flag("nesterov"));
   }
   static void save_state(const State& s, Dict& d) { d.insert("momentum_buffer", maybe(s.momentum_buffer())); }
-  static void load_state(State& s, const Fields& f, const at::Tensor& p) { s.momentum_buffer(f.tensor_like("momentum_buffer", p)); }
+  static void load_state(State& s, const Fields& f, const at::Tensor& p, const Options&) {
+    s.momentum_buffer(f.tensor_like("momentum_buffer", p));
+  }
 };
 
 template <typename OptT, typename OptionsT, typename StateT>
@@ -180,7 +183,7 @@ struct AdamLikeCodec {
     d.insert("exp_avg_sq", maybe(s.exp_avg_sq()));
     if (s.max_exp_avg_sq().defined()) d.insert("max_exp_avg_sq", s.max_exp_avg_sq());
   }
-  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+  static void load_state(State& s, const Fields& f, const at::Tensor& p, const Options&) {
     s.step(f.step("step"));
     s.exp_avg(f.tensor_like("exp_avg", p));
     s.exp_avg_sq(f.tensor_like("exp_avg_sq", p));
@@ -212,7 +215,7 @@ struct RMSpropCodec {
     if (s.momentum_buffer().defined()) d.insert("momentum_buffer", s.momentum_buffer());
     if (s.grad_avg().defined()) d.insert("grad_avg", s.grad_avg());
   }
-  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+  static void load_state(State& s, const Fields& f, const at::Tensor& p, const Options&) {
     s.step(f.step("step"));
     s.square_avg(f.tensor_like("square_avg", p));
     s.momentum_buffer(f.tensor_like("momentum_buffer", p));
@@ -239,7 +242,7 @@ struct AdagradCodec {
     d.insert("step", step_tensor(s.step()));
     d.insert("sum", maybe(s.sum()));
   }
-  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+  static void load_state(State& s, const Fields& f, const at::Tensor& p, const Options&) {
     s.step(f.step("step"));
     s.sum(f.tensor_like("sum", p));
   }
@@ -296,7 +299,7 @@ struct LBFGSCodec {
     d.insert("ro", tensor_list(std::vector<at::Tensor>(s.ro().begin(), s.ro().end())));
     if (s.al()) d.insert("al", tensor_list(*s.al()));
   }
-  static void load_state(State& s, const Fields& f, const at::Tensor& p) {
+  static void load_state(State& s, const Fields& f, const at::Tensor& p, const Options& group) {
     s.func_evals(f.integer("func_evals"));
     s.n_iter(f.integer("n_iter"));
     s.t(f.has("t") ? f.number("t") : 0.0);
@@ -305,17 +308,10 @@ struct LBFGSCodec {
     s.H_diag(f.any_tensor("H_diag", p));
     s.prev_flat_grad(f.any_tensor("prev_flat_grad", p));
     auto dirs = f.tensors("old_dirs", p), steps = f.tensors("old_stps", p), ro = f.tensors("ro", p);
-    if (dirs.size() != steps.size() || dirs.size() != ro.size()) {
-      throw f.error(fmt::format("holds {} old_dirs, {} old_stps and {} ro", dirs.size(), steps.size(), ro.size()));
-    }
     s.old_dirs(std::deque<at::Tensor>(dirs.begin(), dirs.end()));
     s.old_stps(std::deque<at::Tensor>(steps.begin(), steps.end()));
     s.ro(std::deque<at::Tensor>(ro.begin(), ro.end()));
-    if (f.has("al")) {
-      s.al(f.tensors("al", p));
-    } else {
-      s.al(std::decay_t<decltype(s.al())>());
-    }
+    check_lbfgs_state(group, s, f.where());
   }
 };
 
@@ -396,7 +392,12 @@ std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value,
     options.push_back(std::move(copy));
   }
   std::vector<at::Tensor> params;
-  for (const auto& group : optimizer.param_groups()) params.insert(params.end(), group.params().begin(), group.params().end());
+  std::vector<size_t> group_of;  // each parameter's group
+  for (size_t i = 0; i < optimizer.param_groups().size(); ++i) {
+    const auto& group = optimizer.param_groups()[i].params();
+    params.insert(params.end(), group.begin(), group.end());
+    group_of.resize(params.size(), i);
+  }
   auto saved = top.get("state");
   if (!saved.isGenericDict()) throw top.error("'state' is not a dict");
   auto states = std::make_shared<StateMap>();
@@ -405,9 +406,11 @@ std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value,
       throw CheckpointError(fmt::format("{}: state for parameter {} but the optimizer has {} parameters", where,
                                         entry.key().isInt() ? std::to_string(entry.key().toInt()) : "?", params.size()));
     }
-    const auto& param = params[entry.key().toInt()];
+    const auto index = static_cast<size_t>(entry.key().toInt());
+    const auto& param = params[index];
     auto state = std::make_unique<typename Codec::State>();
-    Codec::load_state(*state, Fields(entry.value(), fmt::format("{}: state of parameter {}", where, entry.key().toInt())), param);
+    Codec::load_state(*state, Fields(entry.value(), fmt::format("{}: state of parameter {}", where, index)), param,
+                      static_cast<const typename Codec::Options&>(*options[group_of[index]]));
     (*states)[compat::optimizer_state_key(param)] = std::move(state);
   }
   auto shared_options = std::make_shared<std::vector<std::unique_ptr<OptimizerOptions>>>(std::move(options));
