@@ -11,6 +11,7 @@
 #include <fstream>
 #include <thread>
 
+#include "compat/libtorch.h"
 #include "format/byte_sink.h"
 #include "format/zip.h"
 #include "io/atomic_file.h"
@@ -278,6 +279,12 @@ TEST_F(HostileTest, SealedPicklesLibTorchsPicklerDoesNotWriteAreRefusedWithAReas
       {"APPEND", "\x80\x02]K\x01" "a.", "is not as LibTorch's Pickler writes it: opcode 0x61"},
       {"a bad dtype", bad_dtype, "is not as LibTorch's Pickler writes it"},
       {"a Python set", "\x80\x02" + pk::global("builtins", "set") + ")R.", "calls builtins.set, which torchfit does not read"},
+      // Type tags are read by torchfit's own annotation parser, which knows no classes.
+      {"a class in a type tag",
+       "\x80\x02" + pk::global("torch.jit._pickle", "restore_type_tag") + "(}" + pk::str("Dict[str, __torch__.Evil]") + "tR.",
+       "is not as LibTorch's Pickler writes it: opcode 0x74"},
+      {"a TorchScript object", "\x80\x02" + pk::global("__torch__", "Module") + ")\x81}b.",
+       "calls __torch__.Module, which torchfit does not read"},
   };
   // TORCHFIT_CRASH_DIR=fuzz/crashes keeps those under 512 KiB for the fuzzer to replay.
   const char* keep = std::getenv("TORCHFIT_CRASH_DIR");
@@ -319,16 +326,71 @@ TEST_F(HostileTest, ZipDamageIsRefused) {
   EXPECT_NE(refusal(path("cut.pt")).find("cut.pt"), std::string::npos);
 }
 
+/// The CRC32 of zip and of torchfit's checksum.
+uint32_t crc32(std::string_view bytes) {
+  uint32_t crc = 0xffffffffu;
+  for (unsigned char byte : bytes) {
+    crc ^= byte;
+    for (int bit = 0; bit < 8; ++bit) crc = (crc >> 1) ^ (0xedb88320u & (0u - (crc & 1u)));
+  }
+  return ~crc;
+}
+
 /// `bytes` with torchfit's checksum computed again, as a hostile writer can.
 std::string resealed(std::string bytes) {
   const size_t covered = bytes.size() - 23;  // "torchfit-crc32:" and 8 hex digits end the file
-  uint32_t crc = 0xffffffffu;
-  for (size_t i = 0; i < covered; ++i) {
-    crc ^= static_cast<unsigned char>(bytes[i]);
-    for (int bit = 0; bit < 8; ++bit) crc = (crc >> 1) ^ (0xedb88320u & (0u - (crc & 1u)));
-  }
-  bytes.replace(covered + 15, 8, fmt::format("{:08x}", ~crc));
+  bytes.replace(covered + 15, 8, fmt::format("{:08x}", crc32(std::string_view(bytes).substr(0, covered))));
   return bytes;
+}
+
+/// `zip` with the stored record `name` holding `bytes` (as long as before), its zip CRC32s in
+/// the local header and the directory made to match, and resealed, as a forger can.
+std::string with_record(std::string zip, const std::string& name, const std::string& bytes) {
+  auto u16 = [&](size_t at) { return static_cast<size_t>(static_cast<unsigned char>(zip[at]) | static_cast<unsigned char>(zip[at + 1]) << 8); };
+  const size_t local = zip.find(name) - 30;
+  const size_t data = local + 30 + u16(local + 26) + u16(local + 28);
+  zip.replace(data, bytes.size(), bytes);
+  const auto crc = pk::u32(crc32(bytes));
+  zip.replace(local + 14, 4, crc);
+  zip.replace(zip.rfind(name) - 46 + 16, 4, crc);
+  return resealed(zip);
+}
+
+TEST_F(HostileTest, AModuleArchivesCodeIsNeverParsed) {
+  // torchfit 0.1 full checkpoints are LibTorch module archives. LibTorch's importer compiles their
+  // code/ and trusts it (a forged constant crashed it); torchfit reads data.pkl and the tensors
+  // only. Code that no parser would take, with every CRC and the checksum forged to match, loads
+  // exactly as the original.
+  const std::string original = std::string(TORCHFIT_TEST_DATA) + "/v0_1/full.pt";
+  const std::string code = "archive/code/__torch__/___torch_mangle_0.py";
+  auto bytes = read_file(original);
+  const size_t entry = bytes.rfind(code) - 46;  // the directory's sizes (a local header may leave them 0)
+  const uint32_t stored = static_cast<unsigned char>(bytes[entry + 20]) | static_cast<unsigned char>(bytes[entry + 21]) << 8;
+  ASSERT_GT(stored, 0u);
+  write_file(path("forged.pt"), with_record(bytes, code, std::string(stored, '(')));
+  ASSERT_TRUE(verify_checkpoint(path("forged.pt")).ok);
+
+  auto load = [&](const std::string& file) {
+    auto s = make_setup(0.5);
+    auto sgd = std::make_shared<torch::optim::SGD>(s.model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+    Trainer trainer(s.model, sgd, ce_loss);
+    trainer.load_checkpoint(file);
+    std::vector<at::Tensor> buffers;
+    for (const auto& p : sgd->param_groups()[0].params()) {
+      buffers.push_back(static_cast<torch::optim::SGDParamState&>(*sgd->state().at(compat::optimizer_state_key(p)))
+                            .momentum_buffer());
+    }
+    return std::make_tuple(state_dict(*s.model), buffers, trainer.state().global_step);
+  };
+  const auto [weights, momentum, step] = load(original);
+  const auto [forged_weights, forged_momentum, forged_step] = load(path("forged.pt"));
+  EXPECT_EQ(forged_step, step);
+  for (const auto& [name, tensor] : weights) EXPECT_TRUE(torch::equal(forged_weights.at(name), tensor)) << name;
+  ASSERT_EQ(forged_momentum.size(), momentum.size());
+  for (size_t i = 0; i < momentum.size(); ++i) EXPECT_TRUE(torch::equal(forged_momentum[i], momentum[i])) << i;
+  Mlp weights_only;
+  load_weights(*weights_only, path("forged.pt"));
+  for (const auto& [name, tensor] : state_dict(*weights_only)) EXPECT_TRUE(torch::equal(tensor, weights.at(name))) << name;
 }
 
 TEST_F(HostileTest, ALocalHeaderInsideTheDirectoryIsRefused) {

@@ -15,7 +15,6 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
-#include <torch/serialize/input-archive.h>
 
 #include "format/libtorch_pickle.h"
 #include "format/python_pickle.h"
@@ -100,8 +99,8 @@ class SharedBlock {
 constexpr uint64_t kSharedRecord = 64 << 10;
 
 /// Refuses a foreign-file method on a file torchfit wrote (a misuse inside torchfit).
-void expect_foreign(bool checksummed, const char* method) {
-  if (checksummed) throw Error(fmt::format("CheckpointFile::{} is for files without a checksum; use read_all", method));
+void expect_record_by_record(bool whole, const char* method) {
+  if (whole) throw Error(fmt::format("CheckpointFile::{} is for files without a checksum; use read_all", method));
 }
 
 }  // namespace
@@ -133,13 +132,17 @@ CheckpointFile::CheckpointFile(const std::string& path) : reader_(open_regular_f
       // A checksummed file is read whole, local headers included: read_all_once
       // resolves the offsets then.
       auto directory = read_directory(reader_, /*read_local_headers=*/!checksummed_);
+      // A module archive (0.1 full checkpoints) is read record by record, as another tool's file.
+      if (checksummed_ && directory.records.count("constants.pkl") > 0) {
+        directory = read_directory(reader_, /*read_local_headers=*/true);
+      }
       records_ = std::move(directory.records);
       directory_offset_ = directory.directory_offset;
     } catch (const CheckpointError&) {
       verify();  // a checksum mismatch explains a broken structure best
       throw;
     }
-    if (!checksummed_) {
+    if (!checksummed_ || is_module_archive()) {
       for (const auto& [name, span] : records_) names_[span.offset] = name;
     }
   });
@@ -155,7 +158,7 @@ void CheckpointFile::verify() const {
 }
 
 void CheckpointFile::read(const std::vector<ReadJob>& jobs) const {
-  expect_foreign(checksummed_, "read");
+  expect_record_by_record(read_whole(), "read");
   for (const auto& job : jobs) {
     if (job.span.method != 0) {
       throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} is compressed; torch.save stores "
@@ -167,12 +170,12 @@ void CheckpointFile::read(const std::vector<ReadJob>& jobs) const {
   for (const auto& job : jobs) check_record_crc(reader_, names_.at(job.span.offset), job.span, job.destination);
 }
 
-DeferredPickle CheckpointFile::unpickle() const {
+DeferredPickle CheckpointFile::unpickle(bool script_objects) const {
   auto pickle_record = records_.find("data.pkl");
   if (pickle_record == records_.end()) {
     throw CheckpointError(fmt::format("Checkpoint {} is damaged: it has no data.pkl record", path()));
   }
-  expect_foreign(checksummed_, "unpickle");
+  expect_record_by_record(read_whole(), "unpickle");
   std::string pickle(pickle_record->second.size, '\0');
   read({{pickle_record->second, pickle.data()}});
   DeferredPickle out;
@@ -188,7 +191,7 @@ DeferredPickle CheckpointFile::unpickle() const {
     return data;
   };
   try {
-    out.value = unpickle_python(pickle, allocate);
+    out.value = unpickle_python(pickle, allocate, script_objects);
   } catch (const std::invalid_argument& e) {
     throw CheckpointError(fmt::format("Failed reading checkpoint {}: {}", path(), e.what()));
   }
@@ -324,14 +327,26 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
 }
 
 c10::IValue CheckpointFile::read_all(const Inspect& inspect) const {
-  if (checksummed_) return read_all_once(inspect);
-  auto pickle = unpickle();
+  if (read_whole()) return read_all_once(inspect);
+  verify();  // a module archive of ours: its checksum first
+  return read_records(unpickle(), inspect);
+}
+
+c10::IValue CheckpointFile::read_records(DeferredPickle pickle, const Inspect& inspect) const {
   check_within_records(pickle.value, pickle.spans, path());
   if (inspect) inspect(pickle.value);
   std::vector<ReadJob> jobs;
   for (const auto& [data, span] : pickle.spans) jobs.push_back({span, const_cast<void*>(data)});
   read(jobs);
   return std::move(pickle.value);
+}
+
+c10::IValue CheckpointFile::read_module_archive() const {
+  if (!is_module_archive()) {
+    throw CheckpointError(fmt::format("Checkpoint {} is not a LibTorch module archive (it has no constants.pkl)", path()));
+  }
+  verify();
+  return read_records(unpickle(/*script_objects=*/true), {});
 }
 
 c10::IValue CheckpointFile::read_torchfit() const {
@@ -350,34 +365,5 @@ c10::IValue CheckpointFile::read_torchfit() const {
   return read_all();
 }
 
-void CheckpointFile::check_all_records() const {
-  for (const auto& [name, span] : records_) check_record(reader_, name, span);
-}
-
-void CheckpointFile::load_archive(torch::serialize::InputArchive& archive) const {
-  // LibTorch's importer trusts what it reads: only intact files reach it.
-  if (checksummed_) {
-    verify();
-  } else {
-    check_all_records();
-  }
-  auto read = [this](uint64_t position, void* buffer, size_t n) -> size_t {
-    if (position >= reader_.size()) return 0;
-    n = static_cast<size_t>(std::min<uint64_t>(n, reader_.size() - position));
-    reader_.read_at(position, buffer, n);
-    return n;
-  };
-  auto size = [this]() -> size_t { return static_cast<size_t>(reader_.size()); };
-  try {
-    archive.load_from(read, size, at::Device(at::kCPU));
-  } catch (const Error&) {
-    throw;
-  } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("Failed reading checkpoint {}: not a readable LibTorch archive ({})", path(),
-                                      e.what_without_backtrace()));
-  } catch (...) {
-    rethrow_as_checkpoint_error(path());
-  }
-}
 
 }  // namespace torchfit::detail

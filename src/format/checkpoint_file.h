@@ -7,9 +7,10 @@
 // before anything parsed counts (while everything is read, in one pass, when the
 // whole file is wanted), and only such files are parsed as LibTorch's pickles
 // (by read_libtorch_pickle).
-// Files of other tools are parsed by our own unpickler, and the zip CRC32 of every
-// record is checked as it is read; their module archives reach LibTorch's
-// importer only after all their records were checked.
+// Files of other tools, and module archives (torchfit 0.1 full checkpoints, after
+// their checksum), are parsed by our own unpickler, and the zip CRC32 of every
+// record is checked as it is read. No LibTorch parser reads a file: a module
+// archive's TorchScript objects are read as dicts and its code/ never looked at.
 
 #include <functional>
 #include <map>
@@ -19,10 +20,6 @@
 
 #include "format/pickle_file.h"
 #include "format/zip.h"
-
-namespace torch::serialize {
-class InputArchive;
-}
 
 namespace torchfit::detail {
 
@@ -47,12 +44,13 @@ class CheckpointFile {
   /// A LibTorch module archive: torch::save(module), torchfit 0.1 full checkpoints, TorchScript.
   bool is_module_archive() const { return records_.count("constants.pkl") > 0; }
 
-  /// The pickled object of a file without a checksum (another tool's), parsed by
-  /// our own unpickler, with its storages allocated but not yet read. Checksummed
-  /// files are read whole, with read_all().
-  DeferredPickle unpickle() const;
-  /// Runs the reads (each a whole record) of a file without a checksum, checking
-  /// their zip CRC32s.
+  /// The pickled object of a file without a checksum (another tool's) or of a
+  /// module archive, parsed by our own unpickler (TorchScript objects as dicts with
+  /// `script_objects`, see python_pickle.h), with its storages allocated but not yet
+  /// read. Other checksummed files are read whole, with read_all().
+  DeferredPickle unpickle(bool script_objects = false) const;
+  /// Runs the reads (each a whole record) of a file unpickle() reads, checking their
+  /// zip CRC32s.
   void read(const std::vector<ReadJob>& jobs) const;
   /// Looks at the object before its storages hold their bytes (structure, names,
   /// sizes and dtypes are there), on the calling thread. It must change nothing,
@@ -67,11 +65,15 @@ class CheckpointFile {
   /// What torchfit::load reads: read_all() of a file torchfit wrote. Other files are
   /// refused, saying what they are and what reads them.
   c10::IValue read_torchfit() const;
-  /// Loads a module archive; throws CheckpointError for anything LibTorch rejects.
-  void load_archive(torch::serialize::InputArchive& archive) const;
+  /// A module archive (torch::save(module), torchfit 0.1 full checkpoints), checksum
+  /// first where it has one: its root object as a dict of attributes, submodules as
+  /// dicts within (kScriptClassKey), every storage read and its CRC checked.
+  c10::IValue read_module_archive() const;
 
  private:
-  void check_all_records() const;
+  /// Read in one pass, checksummed as it arrives: files torchfit wrote, but for module archives.
+  bool read_whole() const { return checksummed_ && !is_module_archive(); }
+  c10::IValue read_records(DeferredPickle pickle, const Inspect& inspect) const;
   c10::IValue read_all_once(const Inspect& inspect) const;
   FileReader reader_;
   Trailer trailer_;

@@ -13,7 +13,6 @@
 #include <c10/util/Exception.h>
 #include <fmt/format.h>
 #include <torch/csrc/autograd/variable.h>
-#include <torch/csrc/jit/frontend/script_type_parser.h>
 
 #include "format/python_pickle.h"
 
@@ -486,13 +485,8 @@ class Reader {
   /// Sets the container's element types, as LibTorch's restore_type_tag does.
   bool restore_type(const c10::IValue& container, const std::string& annotation) {
     auto& type = types_[annotation];
-    if (!type) {
-      try {
-        type = torch::jit::ScriptTypeParser().parseType(annotation);  // as LibTorch's Unpickler does
-      } catch (const std::exception&) {
-        return false;
-      }
-    }
+    if (!type) type = parse_type_annotation(annotation);
+    if (!type) return false;
     if (type->kind() == c10::DictType::Kind && container.isGenericDict()) {
       auto dict = container.toGenericDict();
       dict.unsafeSetKeyType(type->containedType(0));

@@ -17,6 +17,7 @@
 #include <torch/serialize/output-archive.h>
 
 #include "compat/libtorch.h"
+#include "format/module_archive.h"
 #include "format/optimizer_archive.h"
 #include "torchfit/error.h"
 
@@ -452,9 +453,8 @@ std::function<void()> prepare_archive(Optimizer& optimizer, const c10::IValue& v
   std::string text(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
   auto archive = std::make_shared<torch::serialize::InputArchive>();
   std::function<void()> load;
-  try {  // parsed here, so a damaged blob fails before any item is applied
-    std::istringstream in(text);
-    archive->load_from(in);
+  try {  // read and checked here, so a damaged blob fails before any item is applied
+    to_input_archive(read_module_archive_bytes(text, where + ": 'torchfit_archive'"), *archive);
     load = prepare_optimizer_archive_load(optimizer, *archive, where);
   } catch (const CheckpointError&) {
     throw;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <functional>
 #include <cstring>
 #include <deque>
 #include <stdexcept>
@@ -29,6 +30,8 @@ struct Value {
   at::ScalarType dtype = at::kByte;              // Storage
   int64_t numel = 0;                             // Storage
   at::Tensor tensor;                             // Tensor
+  bool script_object = false;                    // Dict: a TorchScript object, its class in `text`
+  std::string type_tag;                          // List, Dict: LibTorch's annotation ("List[Tensor]")
 };
 using Kind = Value::Kind;
 
@@ -40,7 +43,8 @@ const char* kind_name(Kind kind) {
 
 class Reader {
  public:
-  Reader(const std::string& pickle, const StorageAllocator& allocate) : data_(pickle), allocate_(allocate) {}
+  Reader(const std::string& pickle, const StorageAllocator& allocate, bool script_objects)
+      : data_(pickle), allocate_(allocate), script_objects_(script_objects) {}
 
   c10::IValue run() {
     Value* root = parse();
@@ -153,7 +157,11 @@ class Reader {
           add_pairs(top(), pairs);
           break;
         }
-        case 'b': pop(); top(); break;  // BUILD: object state (OrderedDict's _metadata) that loading ignores
+        case 'b': {  // BUILD
+          Value* state = pop();
+          build(state, top());
+          break;
+        }
         case 'Q': push(persistent(pop())); break;  // BINPERSID
         case 'R': {                                // REDUCE
           Value* args = pop_kind(Kind::Tuple, "REDUCE");
@@ -414,13 +422,41 @@ class Reader {
     }
     if (name == "torch.jit._pickle.restore_type_tag" || name.rfind("torch.jit._pickle.build_", 0) == 0) {
       if (args.empty()) throw fail(name + " without arguments");
-      return args[0];
+      static const std::unordered_map<std::string, std::string> built{
+          {"torch.jit._pickle.build_intlist", "List[int]"},   {"torch.jit._pickle.build_doublelist", "List[float]"},
+          {"torch.jit._pickle.build_boollist", "List[bool]"}, {"torch.jit._pickle.build_tensorlist", "List[Tensor]"}};
+      Value* container = args[0];
+      if (args.size() == 2 && args[1]->kind == Kind::String) container->type_tag = args[1]->text;
+      if (auto tag = built.find(name); tag != built.end()) container->type_tag = tag->second;
+      return container;
     }
     throw fail(fmt::format("unsupported Python object {}", name));
   }
 
+  /// BUILD: a TorchScript object takes its attributes from a dict, once; any other
+  /// object's state (OrderedDict's _metadata) is ignored, as loading does.
+  void build(Value* state, Value* target) {
+    if (!target->script_object) return;
+    if (state->kind != Kind::Dict || state->script_object) {
+      throw fail(fmt::format("the attributes of {} are a {}", target->text, kind_name(state->kind)));
+    }
+    if (!target->dict.empty()) throw fail(fmt::format("{} is built twice", target->text));
+    for (const auto& [key, value] : state->dict) {
+      if (key->kind != Kind::String || key->text == kScriptClassKey) {
+        throw fail(fmt::format("an attribute of {} is not named by a string", target->text));
+      }
+    }
+    target->dict = state->dict;
+  }
+
   Value* new_object(const std::string& name) {
     if (name == "collections.OrderedDict") return make(Kind::Dict);
+    if (script_objects_ && name.rfind("__torch__.", 0) == 0) {
+      Value* object = make(Kind::Dict);
+      object->script_object = true;
+      object->text = name;
+      return object;
+    }
     throw fail(fmt::format("unsupported Python object {}", name));
   }
 
@@ -449,6 +485,7 @@ class Reader {
       });
       c10::TypePtr key_type = string_keys ? c10::TypePtr(c10::StringType::get()) : c10::TypePtr(c10::AnyType::get());
       c10::impl::GenericDict dict(key_type, c10::AnyType::get());
+      if (v->script_object) dict.insert(kScriptClassKey, v->text);
       for (const auto& [key, value] : v->dict) {
         if (key->kind != Kind::String && key->kind != Kind::Int && key->kind != Kind::Bool &&
             key->kind != Kind::Float) {
@@ -468,13 +505,77 @@ class Reader {
         out = list;
       }
     }
+    if (!v->type_tag.empty()) restore_type_tag(out, v->type_tag);
     open.erase(v);
     done.emplace(v, out);
     return out;
   }
 
+  /// Gives a list or dict the element types of LibTorch's tag, as its unpickler does, once
+  /// every element was checked to be of them.
+  void restore_type_tag(const c10::IValue& container, const std::string& annotation) const {
+    auto type = parse_type_annotation(annotation);
+    if (type && type->kind() == c10::ListType::Kind && container.isList() &&
+        matches_type(container, *type, 0)) {
+      container.toList().unsafeSetElementType(type->containedType(0));
+      return;
+    }
+    if (type && type->kind() == c10::DictType::Kind && container.isGenericDict() &&
+        matches_type(container, *type, 0)) {
+      auto dict = container.toGenericDict();
+      dict.unsafeSetKeyType(type->containedType(0));
+      dict.unsafeSetValueType(type->containedType(1));
+      return;
+    }
+    throw fail(fmt::format("a container tagged {} is not one", annotation));
+  }
+
+  bool matches_type(const c10::IValue& value, const c10::Type& type, int depth) const {
+    if (depth > kMaxPickleDepth) return false;
+    switch (type.kind()) {
+      case c10::TypeKind::AnyType: return true;
+      case c10::TypeKind::IntType: return value.isInt();
+      case c10::TypeKind::FloatType: return value.isDouble();
+      case c10::TypeKind::BoolType: return value.isBool();
+      case c10::TypeKind::StringType: return value.isString();
+      case c10::TypeKind::ComplexType: return value.isComplexDouble();
+      case c10::TypeKind::NumberType: return value.isInt() || value.isDouble() || value.isComplexDouble();
+      case c10::TypeKind::TensorType: return value.isTensor();
+      case c10::TypeKind::DeviceObjType: return value.isDevice();
+      case c10::TypeKind::NoneType: return value.isNone();
+      case c10::TypeKind::OptionalType:
+        return value.isNone() || matches_type(value, *type.containedType(0), depth + 1);
+      case c10::TypeKind::ListType:
+        if (!value.isList()) return false;
+        for (const auto& item : value.toListRef()) {
+          if (!matches_type(item, *type.containedType(0), depth + 1)) return false;
+        }
+        return true;
+      case c10::TypeKind::DictType:
+        if (!value.isGenericDict()) return false;
+        for (const auto& entry : value.toGenericDict()) {
+          if (!matches_type(entry.key(), *type.containedType(0), depth + 1) ||
+              !matches_type(entry.value(), *type.containedType(1), depth + 1)) {
+            return false;
+          }
+        }
+        return true;
+      case c10::TypeKind::TupleType: {
+        if (!value.isTuple()) return false;
+        const auto items = value.toTupleRef().elements().asArrayRef();
+        if (items.size() != type.containedTypeSize()) return false;
+        for (size_t i = 0; i < items.size(); ++i) {
+          if (!matches_type(items[i], *type.containedType(i), depth + 1)) return false;
+        }
+        return true;
+      }
+      default: return false;
+    }
+  }
+
   const std::string& data_;
   const StorageAllocator& allocate_;
+  const bool script_objects_;
   size_t position_ = 0;
   size_t op_position_ = 0;
   std::deque<Value> arena_;
@@ -484,6 +585,54 @@ class Reader {
 };
 
 }  // namespace
+
+c10::TypePtr parse_type_annotation(std::string_view annotation) {
+  // type := name | name "[" type (", " type)* "]"
+  std::function<c10::TypePtr(size_t&, int)> parse = [&](size_t& at, int depth) -> c10::TypePtr {
+    if (depth > kMaxPickleDepth) return nullptr;
+    const size_t start = at;
+    while (at < annotation.size() && (std::isalnum(static_cast<unsigned char>(annotation[at])) != 0 || annotation[at] == '_')) {
+      ++at;
+    }
+    const auto name = annotation.substr(start, at - start);
+    static const std::unordered_map<std::string_view, c10::TypePtr> leaves{
+        {"int", c10::IntType::get()},         {"float", c10::FloatType::get()},   {"bool", c10::BoolType::get()},
+        {"str", c10::StringType::get()},      {"Tensor", c10::TensorType::get()}, {"NoneType", c10::NoneType::get()},
+        {"Any", c10::AnyType::get()},         {"Device", c10::DeviceObjType::get()},
+        {"complex", c10::ComplexType::get()}, {"number", c10::NumberType::get()}};
+    if (at == annotation.size() || annotation[at] != '[') {
+      auto leaf = leaves.find(name);
+      return leaf == leaves.end() ? nullptr : leaf->second;
+    }
+    ++at;  // '['
+    std::vector<c10::TypePtr> inner;
+    while (true) {
+      auto type = parse(at, depth + 1);
+      if (!type) return nullptr;
+      inner.push_back(std::move(type));
+      if (at < annotation.size() && annotation[at] == ']') break;
+      if (annotation.compare(at, 2, ", ") != 0) return nullptr;
+      at += 2;
+    }
+    ++at;  // ']'
+    if (name == "List" && inner.size() == 1) return c10::ListType::create(inner[0]);
+    if (name == "Optional" && inner.size() == 1) return c10::OptionalType::create(inner[0]);
+    if (name == "Tuple") return c10::TupleType::create(std::move(inner));
+    if (name == "Dict" && inner.size() == 2) {
+      switch (inner[0]->kind()) {  // the key types DictType::create accepts
+        case c10::TypeKind::AnyType: case c10::TypeKind::IntType: case c10::TypeKind::BoolType:
+        case c10::TypeKind::FloatType: case c10::TypeKind::ComplexType: case c10::TypeKind::StringType:
+        case c10::TypeKind::TensorType: case c10::TypeKind::DeviceObjType:
+          return c10::DictType::create(inner[0], inner[1]);
+        default: return nullptr;
+      }
+    }
+    return nullptr;
+  };
+  size_t at = 0;
+  auto type = parse(at, 0);
+  return at == annotation.size() ? type : nullptr;
+}
 
 at::ScalarType storage_dtype(const std::string& name) {
   static const std::unordered_map<std::string, at::ScalarType> types = {
@@ -527,8 +676,8 @@ void check_tensor_extent(int64_t offset, c10::IntArrayRef sizes, c10::IntArrayRe
   }
 }
 
-c10::IValue unpickle_python(const std::string& pickle, const StorageAllocator& allocate) {
-  return Reader(pickle, allocate).run();
+c10::IValue unpickle_python(const std::string& pickle, const StorageAllocator& allocate, bool script_objects) {
+  return Reader(pickle, allocate, script_objects).run();
 }
 
 }  // namespace torchfit::detail

@@ -10,6 +10,7 @@
 
 #include <functional>
 #include <string>
+#include <string_view>
 
 #include <ATen/core/ivalue.h>
 
@@ -33,8 +34,23 @@ void check_tensor_extent(int64_t offset, c10::IntArrayRef sizes, c10::IntArrayRe
 /// Throws std::invalid_argument when the record is missing or too small.
 using StorageAllocator = std::function<at::DataPtr(const std::string& key, size_t nbytes)>;
 
+/// The type an annotation such as "Dict[str, List[Tensor]]" names, for the type
+/// tags LibTorch's Pickler writes (restore_type_tag): int, float, bool, str,
+/// complex, number, Tensor, Device, NoneType, Any, and List, Dict, Optional and
+/// Tuple of them. Read without LibTorch's TorchScript parser, which resolves class
+/// names and trusts its input. nullptr for anything else.
+c10::TypePtr parse_type_annotation(std::string_view annotation);
+
+/// A TorchScript object (the modules of a LibTorch module archive, read with
+/// `script_objects`) becomes a dict of its attributes holding its class name under
+/// this key, which no TorchScript attribute can be named.
+inline constexpr const char* kScriptClassKey = "\x01class";
+
 /// Unpickles `pickle`. Throws std::invalid_argument saying what is wrong and where
-/// (the caller names the file).
-c10::IValue unpickle_python(const std::string& pickle, const StorageAllocator& allocate);
+/// (the caller names the file). With `script_objects`, TorchScript objects
+/// (`__torch__.*` classes made by NEWOBJ and given their attributes by BUILD) are
+/// read as dicts (kScriptClassKey); their code is never looked at.
+c10::IValue unpickle_python(const std::string& pickle, const StorageAllocator& allocate,
+                            bool script_objects = false);
 
 }  // namespace torchfit::detail

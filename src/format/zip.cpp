@@ -640,25 +640,6 @@ void resolve_offset(const FileReader& file, std::string_view name, RecordSpan& s
   resolve_offset(file, name, span, header);
 }
 
-void check_record(const FileReader& file, const std::string& name, const RecordSpan& span) {
-  std::string bytes = file.read_at(span.offset, span.size);
-  if (span.method == 0) return check_record_crc(file, name, span, bytes.data());
-  // Deflate expands at most 1032:1: a larger claim is a lie, refused before allocating.
-  if (span.uncompressed_size / 1032 > span.size + 1) {
-    throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} claims {} bytes from {} compressed",
-                                      file.path(), name, span.uncompressed_size, span.size));
-  }
-  std::string inflated(span.uncompressed_size, '\0');
-  auto* decompressor = libdeflate_alloc_decompressor();
-  auto result = libdeflate_deflate_decompress(decompressor, bytes.data(), bytes.size(), inflated.data(),
-                                              inflated.size(), nullptr);
-  libdeflate_free_decompressor(decompressor);
-  if (result != LIBDEFLATE_SUCCESS) {
-    throw CheckpointError(fmt::format("Checkpoint {} is damaged: record {} does not inflate", file.path(), name));
-  }
-  check_record_crc(file, name, {span.offset, span.uncompressed_size, span.crc}, inflated.data());
-}
-
 void check_record_crc(const FileReader& file, const std::string& name, const RecordSpan& span, const void* data) {
   uint32_t computed = crc32_of(data, span.size);
   if (computed != span.crc) {

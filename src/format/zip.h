@@ -166,8 +166,6 @@ void resolve_offset(const FileReader& file, std::string_view name, RecordSpan& s
 /// Throws CheckpointError unless `data` (record `name` of `file`) matches the
 /// CRC32 the zip directory gives for it.
 void check_record_crc(const FileReader& file, const std::string& name, const RecordSpan& span, const void* data);
-/// Reads a whole record (inflating a deflated one, within bounds) and checks its CRC32.
-void check_record(const FileReader& file, const std::string& name, const RecordSpan& span);
 
 /// A span of the file to read into memory.
 struct ReadJob {

@@ -111,7 +111,9 @@ void BackupAndRestore::on_train_end(const Logs&) {
   context_->barrier("backup removal barrier");  // no rank may still be reading it
   if (!context_->is_main_process()) return;
   std::error_code ec;
-  for (const auto& path : {backup_path(), previous_backup_path()}) detail::remove_file(path, ec);
+  // The older backup goes first: a power cut between the two removals leaves the newest one (the
+  // run resumes at its end), never the older alone (the run would train its last steps again).
+  for (const auto& path : {previous_backup_path(), backup_path()}) detail::remove_file(path, ec);
   fs::remove(fs::path(options_.backup_dir()) / kLatestPointer, ec);
   fs::remove(options_.backup_dir(), ec);  // only if empty
 }
