@@ -1,15 +1,23 @@
 #include "read_everything.h"
 
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iterator>
 #include <stdexcept>
 
 #include <fmt/format.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/optim/adam.h>
+#include <torch/optim/lbfgs.h>
+#include <torch/optim/sgd.h>
 
 #include "format/libtorch_pickle.h"
+#include "format/optimizer_state.h"
+#include "format/state_dict.h"
+#include "torchfit/engine/checkpoint_manager.h"
+#include "torchfit/trainer.h"
 #include "torchfit/engine/checkpoint.h"
 #include "torchfit/error.h"
 #include "torchfit/serialize.h"
@@ -17,22 +25,13 @@
 namespace torchfit::fuzz {
 namespace {
 
-/// Model and optimizer values, to tell whether a failed load changed anything.
+/// Everything a failed load must leave as it was: the model's tensors, each optimizer's state
+/// and options, the generator's state and the checkpoint's values.
 struct Fingerprint {
   std::vector<at::Tensor> tensors;
-  static Fingerprint of(const torch::nn::Module& model, const torch::optim::Optimizer& optimizer) {
-    Fingerprint out;
-    for (const auto& t : model.parameters()) out.tensors.push_back(t.detach().clone());
-    for (const auto& t : model.buffers()) out.tensors.push_back(t.detach().clone());
-    for (const auto& [key, state] : optimizer.state()) {
-      auto& adam = static_cast<const torch::optim::AdamParamState&>(*state);
-      out.tensors.push_back(adam.exp_avg().clone());
-      out.tensors.push_back(adam.exp_avg_sq().clone());
-    }
-    return out;
-  }
+  std::vector<double> numbers;
   bool operator==(const Fingerprint& other) const {
-    if (tensors.size() != other.tensors.size()) return false;
+    if (tensors.size() != other.tensors.size() || numbers != other.numbers) return false;
     for (size_t i = 0; i < tensors.size(); ++i) {
       if (!tensors[i].equal(other.tensors[i])) return false;
     }
@@ -40,20 +39,60 @@ struct Fingerprint {
   }
 };
 
+/// Model, optimizers and whatever else one entry point reads into.
+struct Target {
+  std::function<void(Fingerprint&)> fingerprint;
+  Fingerprint take() const {
+    Fingerprint out;
+    fingerprint(out);
+    return out;
+  }
+};
+
+void add_module(Fingerprint& out, const torch::nn::Module& model) {
+  for (const auto& t : model.parameters()) out.tensors.push_back(t.detach().clone());
+  for (const auto& t : model.buffers()) out.tensors.push_back(t.detach().clone());
+}
+
+void add_optimizer(Fingerprint& out, const torch::optim::Optimizer& optimizer) {
+  detail::for_each_tensor(detail::optimizer_state_dict(optimizer),
+                          [&](const at::Tensor& t) { out.tensors.push_back(t.clone()); });
+  out.numbers.push_back(static_cast<double>(optimizer.state().size()));
+  for (const auto& group : optimizer.param_groups()) out.numbers.push_back(group.options().get_lr());
+}
+
+/// A small model with an optimizer of type `Opt` that has taken a step, so it has state a bad
+/// load could damage.
+template <typename Opt, typename Options>
+std::shared_ptr<Opt> stepped(torch::nn::Linear& model, Options options) {
+  auto optimizer = std::make_shared<Opt>(model->parameters(), options);
+  auto closure = [&] {
+    optimizer->zero_grad();
+    auto loss = model->forward(torch::ones({1, kInFeatures})).sum();
+    loss.backward();
+    return loss;
+  };
+  optimizer->step(closure);
+  return optimizer;
+}
+
 }  // namespace
 
 std::string read_everything(const std::string& path) {
   torch::manual_seed(0);
   torch::nn::Linear model(kInFeatures, kOutFeatures);
-  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), torch::optim::AdamOptions(1e-3));
+  auto adam = stepped<torch::optim::Adam>(model, torch::optim::AdamOptions(1e-3));
   auto& optimizer = *adam;
-  // One step, so the optimizer has state a bad load could damage.
-  model->forward(torch::ones({1, kInFeatures})).sum().backward();
-  optimizer.step();
+  auto sgd = stepped<torch::optim::SGD>(model, torch::optim::SGDOptions(0.1).momentum(0.9));
+  auto lbfgs = stepped<torch::optim::LBFGS>(model, torch::optim::LBFGSOptions(0.5).max_iter(3));
+  const Target model_and_adam{[&](Fingerprint& out) {
+    add_module(out, *model);
+    add_optimizer(out, optimizer);
+  }};
 
   std::string problems;
-  auto run = [&](const char* reader, const std::function<void()>& read) {
-    auto before = Fingerprint::of(*model, optimizer);
+  auto run = [&](const char* reader, const Target& target, const std::function<void()>& read) {
+    auto before = target.take();
     try {
       read();
       return;
@@ -63,25 +102,71 @@ std::string read_everything(const std::string& path) {
     } catch (...) {
       problems += fmt::format("{} threw something that is not an exception\n", reader);
     }
-    if (!(Fingerprint::of(*model, optimizer) == before)) {
-      problems += fmt::format("{} failed but changed the model or optimizer\n", reader);
-    }
+    if (!(target.take() == before)) problems += fmt::format("{} failed but changed what it loads into\n", reader);
   };
   (void)verify_checkpoint(path);  // noexcept: a throw terminates
-  run("read_weights", [&] { (void)read_weights(path); });
-  run("read_weights(key)", [&] { (void)read_weights(path, "model"); });
-  run("load_weights", [&] { load_weights(*model, path); });
-  run("load_weights(key)", [&] { load_weights(*model, path, "model"); });
-  run("load", [&] {
-    Checkpoint checkpoint;
-    checkpoint.add("model", model);
-    checkpoint.add("optimizer", adam);
-    load(checkpoint, path);
+  run("read_weights", model_and_adam, [&] { (void)read_weights(path); });
+  run("read_weights(key)", model_and_adam, [&] { (void)read_weights(path, "model"); });
+  run("load_weights", model_and_adam, [&] { load_weights(*model, path); });
+  run("load_weights(key)", model_and_adam, [&] { load_weights(*model, path, "model"); });
+  run("load_checkpoint", model_and_adam, [&] { (void)load_checkpoint(*model, optimizer, path); });
+
+  // torchfit::load into checkpoints of every item kind.
+  Checkpoint with_rng;
+  with_rng.add("model", model);
+  with_rng.add("optimizer", adam);
+  with_rng.add_rng();
+  with_rng.set("epoch", int64_t{3});
+  run("load(model, Adam, rng, values)",
+      Target{[&](Fingerprint& out) {
+        model_and_adam.fingerprint(out);
+        out.tensors.push_back(at::detail::getDefaultCPUGenerator().get_state());
+        out.numbers.push_back(static_cast<double>(with_rng.get<int64_t>("epoch")));
+      }},
+      [&] { load(with_rng, path); });
+  Checkpoint with_sgd;
+  with_sgd.add("model", model);
+  with_sgd.add("optimizer", sgd);
+  run("load(model, SGD)", Target{[&](Fingerprint& out) {
+        add_module(out, *model);
+        add_optimizer(out, *sgd);
+      }},
+      [&] { load(with_sgd, path); });
+  Checkpoint with_lbfgs;
+  with_lbfgs.add("model", model);
+  with_lbfgs.add("optimizer", lbfgs);
+  run("load(model, LBFGS)", Target{[&](Fingerprint& out) {
+        add_module(out, *model);
+        add_optimizer(out, *lbfgs);
+      }},
+      [&] { load(with_lbfgs, path); });
+
+  Trainer trainer(model.ptr(), adam, [](const at::Tensor& out, const at::Tensor& y) { return (out - y).pow(2).mean(); });
+  run("Trainer::load_checkpoint", Target{[&](Fingerprint& out) {
+        model_and_adam.fingerprint(out);
+        out.numbers.push_back(static_cast<double>(trainer.state().global_step));
+        out.numbers.push_back(static_cast<double>(trainer.state().epoch));
+      }},
+      [&] { trainer.load_checkpoint(path); });
+
+  // restore_latest over a directory holding the file as its only checkpoint.
+  const auto directory = std::filesystem::path(path).parent_path() / (std::filesystem::path(path).filename().string() + ".ck");
+  std::error_code ec;
+  std::filesystem::remove_all(directory, ec);
+  std::filesystem::create_directories(directory, ec);
+  std::filesystem::copy_file(path, directory / "e1.pt", ec);
+  Checkpoint managed;
+  managed.add("model", model);
+  managed.add("optimizer", adam);
+  run("CheckpointManager::restore_latest", model_and_adam, [&] {
+    CheckpointManager manager(CheckpointOptions((directory / "e{epoch}.pt").string()).fsync(false));
+    (void)manager.restore_latest(managed);
   });
-  run("load_checkpoint", [&] { (void)load_checkpoint(*model, optimizer, path); });
+  std::filesystem::remove_all(directory, ec);
+
   // The reader of LibTorch's pickles only ever sees checksummed files, which
   // mutations rarely make: it reads the raw bytes too (fuzz/corpus/pickles seeds them).
-  run("read_libtorch_pickle", [&] {
+  run("read_libtorch_pickle", model_and_adam, [&] {
     std::ifstream in(path, std::ios::binary);
     std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
     try {

@@ -6,12 +6,14 @@
 
 namespace torchfit::fuzz {
 
-/// Runs verify_checkpoint, read_weights (with and without a key), load_weights,
-/// torchfit::load and load_checkpoint on `path` (and the LibTorch pickle reader on its
-/// raw bytes) against a small model and an Adam
-/// optimizer. Returns an empty string when every reader behaved: it either
-/// succeeded or threw a CheckpointError and left model and optimizer as they
-/// were. Otherwise says which reader misbehaved and how.
+/// Runs every entry point that reads a file on `path`: verify_checkpoint,
+/// read_weights and load_weights (with and without a key), load_checkpoint,
+/// torchfit::load into checkpoints holding a model with Adam, the generator and a
+/// value, with SGD, and with LBFGS, Trainer::load_checkpoint,
+/// CheckpointManager::restore_latest over a directory holding the file, and the
+/// LibTorch pickle reader on its raw bytes. Returns an empty string when every
+/// reader behaved: it either succeeded or threw a CheckpointError and left
+/// everything it loads into as it was. Otherwise says which reader misbehaved and how.
 std::string read_everything(const std::string& path);
 
 /// The model the corpus files are made for: torch::nn::Linear(3, 2).

@@ -25,21 +25,10 @@ class HostileTest : public TorchfitTest {};
 
 // ---- building foreign (unchecksummed) files by hand
 
-/// Collects bytes in memory.
-class StringSink : public detail::ByteSink {
- public:
-  void write(const void* data, size_t size) override { bytes.append(static_cast<const char*>(data), size); }
-  const std::string& target() const override { return name_; }
-  std::string bytes;
-
- private:
-  std::string name_ = "(memory)";
-};
-
 /// A stored zip of `records` under "archive/", as torch.save lays it out, sealed
 /// with torchfit's checksum as a hostile writer can seal anything.
 std::string sealed_zip(const std::vector<std::pair<std::string, std::string>>& records) {
-  StringSink out;
+  detail::StringSink out;
   detail::ChecksumSink sink(out);
   detail::ZipWriter zip(sink, "archive");
   for (const auto& [name, bytes] : records) zip.add(name, bytes.data(), bytes.size());
@@ -126,6 +115,36 @@ TEST(HostileChild, WriteSeeds) {
   torch::save(model, at("module_archive.pt"));
   auto other = torch::nn::Linear(fuzz::kInFeatures, 5);
   save_weights(*other, at("mismatch.pt"));
+  // Every item kind the entry points read into, and a manager's record.
+  auto step = [&](torch::optim::Optimizer& optimizer) {
+    optimizer.step([&] {
+      optimizer.zero_grad();
+      auto loss = model->forward(torch::ones({1, fuzz::kInFeatures})).sum();
+      loss.backward();
+      return loss;
+    });
+  };
+  auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  step(*sgd);
+  Checkpoint with_sgd;
+  with_sgd.add("model", model);
+  with_sgd.add("optimizer", sgd);
+  save(with_sgd, at("sgd.pt"));
+  auto lbfgs = std::make_shared<torch::optim::LBFGS>(model->parameters(), torch::optim::LBFGSOptions(0.5).max_iter(3));
+  step(*lbfgs);
+  Checkpoint with_lbfgs;
+  with_lbfgs.add("model", model);
+  with_lbfgs.add("optimizer", lbfgs);
+  save(with_lbfgs, at("lbfgs.pt"));
+  Checkpoint with_rng;
+  with_rng.add("model", model);
+  with_rng.add("optimizer", adam);
+  with_rng.add_rng();
+  with_rng.set("epoch", int64_t(3));
+  CheckpointManager manager(CheckpointOptions(at("managed{epoch}.pt")).max_to_keep(2).fsync(false));
+  manager.save(with_rng, {{"epoch", 1.0}});
+  manager.wait();
+  fs::rename(manager.last_saved_path(), at("managed.pt"));
 }
 
 TEST_F(HostileTest, CorpusFilesOnlyEverThrowCheckpointErrorAndChangeNothing) {

@@ -105,5 +105,26 @@ TEST_F(RetentionTest, ARestoredRecordNeverMakesRetentionDeleteAnotherFile) {
   EXPECT_EQ(read_file(victim), "not a checkpoint of this run");
 }
 
+TEST_F(RetentionTest, RetentionNeverRemovesALinkOrADirectory) {
+  // What retention deletes is checked again when it deletes: a name of the template that has become
+  // a symbolic link (or a directory) since it was saved is left alone, with a warning.
+  const std::string victim = path("victim.pt");
+  write_file(victim, "not a checkpoint of this run");
+  fs::create_directories(path("ckpt"));
+  CheckpointManager manager(CheckpointOptions(path("ckpt/s{step}.pt")).max_to_keep(1).fsync(false));
+  Checkpoint items;
+  items.add("model", setup_.model);
+  ASSERT_TRUE(manager.save(items, {{"step", 1.0}}));
+  fs::remove(path("ckpt/s1.pt"));
+  fs::create_symlink(victim, path("ckpt/s1.pt"));
+  LogCapture log;
+  ASSERT_TRUE(manager.save(items, {{"step", 2.0}}));
+  manager.wait();
+  EXPECT_TRUE(fs::is_symlink(path("ckpt/s1.pt")));
+  EXPECT_EQ(read_file(victim), "not a checkpoint of this run");
+  EXPECT_NE(log.text().find("Not removing " + path("ckpt/s1.pt") + ": it is a symbolic link"), std::string::npos)
+      << log.text();
+}
+
 }  // namespace
 }  // namespace torchfit::test

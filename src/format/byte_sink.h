@@ -15,6 +15,17 @@ class ByteSink {
   virtual const std::string& target() const = 0;
 };
 
+/// Collects what it receives: in-memory files.
+class StringSink : public ByteSink {
+ public:
+  void write(const void* data, size_t size) override { bytes.append(static_cast<const char*>(data), size); }
+  const std::string& target() const override { return name_; }
+  std::string bytes;
+
+ private:
+  std::string name_ = "(memory)";
+};
+
 /// "<what> <path>: <strerror(errno)>"
 std::string errno_message(const std::string& what, const std::string& path, int error);
 

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <functional>
 #include <new>
+#include <set>
 #include <stdexcept>
 
 #include <c10/core/CPUAllocator.h>
@@ -335,8 +336,13 @@ c10::IValue CheckpointFile::read_all(const Inspect& inspect) const {
 c10::IValue CheckpointFile::read_records(DeferredPickle pickle, const Inspect& inspect) const {
   check_within_records(pickle.value, pickle.spans, path());
   if (inspect) inspect(pickle.value);
+  // Only storages the value still holds are read: one the pickle made and dropped is freed already.
+  std::set<const void*> held;
+  for_each_tensor(pickle.value, [&](const at::Tensor& tensor) { held.insert(tensor.storage().data()); });
   std::vector<ReadJob> jobs;
-  for (const auto& [data, span] : pickle.spans) jobs.push_back({span, const_cast<void*>(data)});
+  for (const auto& [data, span] : pickle.spans) {
+    if (held.count(data) > 0) jobs.push_back({span, const_cast<void*>(data)});
+  }
   read(jobs);
   return std::move(pickle.value);
 }

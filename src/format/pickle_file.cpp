@@ -14,17 +14,6 @@
 namespace torchfit::detail {
 namespace {
 
-/// Collects what a sink receives, for in-memory files.
-class StringSink : public ByteSink {
- public:
-  void write(const void* data, size_t size) override { bytes.append(static_cast<const char*>(data), size); }
-  const std::string& target() const override { return name_; }
-  std::string bytes;
-
- private:
-  std::string name_ = "(memory)";
-};
-
 /// `value` with every list untyped (List[Any]), or nullopt when it holds no typed list. LibTorch's
 /// Pickler writes typed lists through globals (torch.jit._pickle.build_intlist and the like) that
 /// Python's weights-only torch.load refuses. Past kMaxPickleDepth the value stays as it is: the

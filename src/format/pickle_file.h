@@ -22,7 +22,8 @@ void write_pickle(ChecksumSink& sink, const c10::IValue& value);
 /// A file's pickle, parsed with its storages allocated but not yet read.
 struct DeferredPickle {
   c10::IValue value;
-  /// Where the bytes of each allocated storage lie in the file.
+  /// Where the bytes of each allocated storage lie in the file, by the address of its
+  /// memory. A storage the pickle dropped is freed: its address may be stale.
   std::map<const void*, RecordSpan> spans;
 };
 

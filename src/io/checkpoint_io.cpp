@@ -1,5 +1,7 @@
 #include "torchfit/io/checkpoint_io.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -49,6 +51,12 @@ c10::IValue FileCheckpointIO::load(const std::string& path) {
 }
 
 void FileCheckpointIO::remove(const std::string& path) {
+  // Retention deletes checkpoint files only: a name that is now a link or a directory is left alone.
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    throw CheckpointError(fmt::format("Not removing {}: it is {}, not a checkpoint file", path,
+                                      S_ISLNK(st.st_mode) ? "a symbolic link" : "not a regular file"));
+  }
   std::error_code ec;
   detail::remove_file(path, ec);
   if (ec) throw CheckpointError(fmt::format("Failed removing checkpoint {}: {}", path, ec.message()));
