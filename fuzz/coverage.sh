@@ -11,7 +11,7 @@ flags="-fsanitize=fuzzer-no-link -fprofile-instr-generate -fcoverage-mapping -O1
 cmake -S . -B build-cov -G Ninja -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_COMPILER=clang++ \
   -DCMAKE_CXX_FLAGS="$flags" -DTORCHFIT_FUZZ=ON -DTORCHFIT_BUILD_TESTS=OFF \
   -DTORCHFIT_BUILD_EXAMPLES=OFF -DTORCHFIT_BUILD_BENCHMARKS=OFF -DTORCHFIT_INSTALL=OFF > /dev/null
-cmake --build build-cov --target reader_fuzzer ${TORCHFIT_NINJA_FLAGS:-}
+cmake --build build-cov --target reader_fuzzer
 rm -f build-cov/*.profraw
 inputs=(fuzz/corpus/torchfit fuzz/corpus/pickles fuzz/corpus/python fuzz/corpus/python-v3 fuzz/crashes)
 [[ -d build-fuzz/corpus ]] && inputs+=(build-fuzz/corpus)

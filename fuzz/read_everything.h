@@ -10,11 +10,14 @@ namespace torchfit::fuzz {
 /// read_weights and load_weights (with and without a key), load_checkpoint,
 /// torchfit::load into checkpoints holding a model with Adam, the generator and a
 /// value, with SGD, and with LBFGS, Trainer::load_checkpoint,
-/// CheckpointManager::restore_latest over a directory holding the file, and the
+/// CheckpointManager::restore_latest (kManagedTemplate) of the file, and the
 /// LibTorch pickle reader on its raw bytes. Returns an empty string when every
 /// reader behaved: it either succeeded or threw a CheckpointError and left
 /// everything it loads into as it was. Otherwise says which reader misbehaved and how.
 std::string read_everything(const std::string& path);
+
+/// The template of the manager that restores the file (its record in a file is keyed by it).
+inline constexpr const char* kManagedTemplate = "fuzz/e{epoch}.pt";
 
 /// The model the corpus files are made for: torch::nn::Linear(3, 2).
 inline constexpr int kInFeatures = 3;

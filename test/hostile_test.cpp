@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "compat/libtorch.h"
@@ -144,7 +145,54 @@ TEST(HostileChild, WriteSeeds) {
   CheckpointManager manager(CheckpointOptions(at("managed{epoch}.pt")).max_to_keep(2).fsync(false));
   manager.save(with_rng, {{"epoch", 1.0}});
   manager.wait();
-  fs::rename(manager.last_saved_path(), at("managed.pt"));
+  // The manager's record, keyed as the fuzz target's manager keys it.
+  auto managed = FileCheckpointIO().load(manager.last_saved_path()).toGenericDict();
+  fs::remove(manager.last_saved_path());
+  c10::impl::GenericDict rekeyed(c10::StringType::get(), c10::AnyType::get());
+  for (const auto& entry : managed) {
+    const auto& key = entry.key().toStringRef();
+    rekeyed.insert(key.rfind("torchfit_manager:", 0) == 0
+                       ? fmt::format("torchfit_manager:{}|monitor=val_loss", fuzz::kManagedTemplate)
+                       : key,
+                   entry.value());
+  }
+  FileCheckpointIO(SaveOptions().fsync(false)).save(rekeyed, at("managed.pt"));
+  // torchfit 0.2's LBFGS: LibTorch's own archive inside the optimizer's item (from test/data/v0_2,
+  // whose model has 4 parameters: the archive is read through, then refused for this model).
+  {
+    auto v0_2 = FileCheckpointIO().load(std::string(TORCHFIT_TEST_DATA) + "/v0_2/checkpoint.pt").toGenericDict();
+    auto items = FileCheckpointIO().load(at("sgd.pt")).toGenericDict();
+    c10::impl::GenericDict file(c10::StringType::get(), c10::AnyType::get());
+    file.insert("model", items.at("model"));
+    file.insert("optimizer", v0_2.at("lbfgs"));
+    FileCheckpointIO(SaveOptions().fsync(false)).save(file, at("v0_2_lbfgs.pt"));
+  }
+  // torchfit 0.1's full checkpoint: a LibTorch module archive, Adam's archive inside, sealed.
+  {
+    torch::serialize::OutputArchive archive;
+    model->save(archive);
+    archive.write("torchfit_format", c10::IValue(std::string("torchfit.checkpoint.v1")));
+    archive.write("torchfit_epoch", c10::IValue(int64_t{2}));
+    archive.write("torchfit_global_step", c10::IValue(int64_t{8}));
+    archive.write("torchfit_batch_in_epoch", c10::IValue(int64_t{0}));
+    c10::Dict<std::string, c10::Dict<std::string, std::string>> callbacks;
+    c10::Dict<std::string, std::string> early_stopping;
+    early_stopping.insert("best", "1.5");
+    callbacks.insert("EarlyStopping", early_stopping);
+    archive.write("torchfit_callbacks", c10::IValue(callbacks));
+    archive.write("torchfit_rng_state", at::detail::getDefaultCPUGenerator().get_state(), /*is_buffer=*/true);
+    torch::serialize::OutputArchive optimizer(archive.compilation_unit());
+    adam->save(optimizer);
+    archive.write("torchfit_optimizer", optimizer);
+    std::ostringstream bytes;
+    archive.save_to(bytes);
+    const auto text = bytes.str();
+    detail::StringSink out;
+    detail::ChecksumSink sink(out);
+    sink(text.data(), text.size());
+    sink.finish();
+    write_file(at("v0_1_adam.pt"), out.bytes);
+  }
 }
 
 TEST_F(HostileTest, CorpusFilesOnlyEverThrowCheckpointErrorAndChangeNothing) {
