@@ -298,6 +298,10 @@ TEST_F(HostileTest, CraftedPicklesAreRefusedWithAReason) {
       {"an unknown opcode", python_file("\x80\x02\xff."), "opcode 0xff"},
       {"an unknown object", python_file(pk::state_dict(pk::global("os", "system") + pk::tuple({pk::str("true")}) + "R")),
        "unsupported Python object os.system"},
+      {"a type tag that lies",
+       python_file(pk::state_dict(pk::global("torch.jit._pickle", "restore_type_tag") + "(]" + pk::str("x") + "a" +
+                                  pk::str("List[Tensor]") + "tR")),
+       "a container tagged List[Tensor] is not one"},
       {"legacy format", std::string("\x80\x02\x8a\x0al\xfc\x9c") + "F\xf9 j\xa8P\x19.", "legacy format"},
       {"empty", "", "empty"},
       {"not a zip", "hello, world", "does not start with a zip record"},

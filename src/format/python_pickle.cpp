@@ -512,15 +512,16 @@ class Reader {
   }
 
   /// Gives a list or dict the element types of LibTorch's tag, as its unpickler does, once
-  /// every element was checked to be of them.
+  /// every element was checked to be of them; a tag that does not fit its container is refused.
   void restore_type_tag(const c10::IValue& container, const std::string& annotation) const {
     auto type = parse_type_annotation(annotation);
-    if (type && type->kind() == c10::ListType::Kind && container.isList() &&
+    if (!type) return;  // a type torchfit does not read (a Union, a class): the container stays untyped
+    if (type->kind() == c10::ListType::Kind && container.isList() &&
         matches_type(container, *type, 0)) {
       container.toList().unsafeSetElementType(type->containedType(0));
       return;
     }
-    if (type && type->kind() == c10::DictType::Kind && container.isGenericDict() &&
+    if (type->kind() == c10::DictType::Kind && container.isGenericDict() &&
         matches_type(container, *type, 0)) {
       auto dict = container.toGenericDict();
       dict.unsafeSetKeyType(type->containedType(0));
