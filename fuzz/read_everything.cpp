@@ -151,22 +151,18 @@ std::string read_everything(const std::string& path) {
     out.numbers.push_back(static_cast<double>(with_rng.get<int64_t>("epoch")));
   }};
   run("load(model, Adam, rng, values)", with_rng_target, [&] { load(with_rng, path); });
-  Checkpoint with_sgd;
-  with_sgd.add("model", model);
-  with_sgd.add("optimizer", sgd);
-  run("load(model, SGD)", Target{[&](Fingerprint& out) {
-        add_module(out, *model);
-        add_optimizer(out, *sgd);
-      }},
-      [&] { load(with_sgd, path); });
-  Checkpoint with_lbfgs;
-  with_lbfgs.add("model", model);
-  with_lbfgs.add("optimizer", lbfgs);
-  run("load(model, LBFGS)", Target{[&](Fingerprint& out) {
-        add_module(out, *model);
-        add_optimizer(out, *lbfgs);
-      }},
-      [&] { load(with_lbfgs, path); });
+  auto load_with = [&](const char* reader, const auto& optimizer) {
+    Checkpoint checkpoint;
+    checkpoint.add("model", model);
+    checkpoint.add("optimizer", optimizer);
+    run(reader, Target{[&](Fingerprint& out) {
+          add_module(out, *model);
+          add_optimizer(out, *optimizer);
+        }},
+        [&] { load(checkpoint, path); });
+  };
+  load_with("load(model, SGD)", sgd);
+  load_with("load(model, LBFGS)", lbfgs);
 
   Trainer trainer(model.ptr(), adam, [](const at::Tensor& out, const at::Tensor& y) { return (out - y).pow(2).mean(); });
   run("Trainer::load_checkpoint", Target{[&](Fingerprint& out) {
