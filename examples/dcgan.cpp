@@ -1,10 +1,14 @@
-// A hand-written GAN loop on Fashion-MNIST (after pytorch/examples' cpp/dcgan),
-// checkpointed with torchfit's engine: two models, two Adam optimizers with an lr
-// decay, the RNG and the step in one Checkpoint; a CheckpointManager saving in the
-// background every N steps, keeping the 3 best by generator loss, and resuming
-// from the newest file on start. Kill it at any point and run it again.
+// A hand-written GAN loop on Fashion-MNIST (after pytorch/examples' cpp/dcgan) over a
+// LibTorch data loader, checkpointed with torchfit's engine: two models, two Adam
+// optimizers (held by value, with an lr decay by hand), the sampler's epoch order and
+// position, the RNG, and the step, epoch and loss tracked by reference, in one
+// Checkpoint; a CheckpointManager saving in the background every N steps, keeping the 3
+// best by generator loss, and resuming from the newest file on start. Kill it at any
+// point and run it again: it ends bitwise where an uninterrupted run ends
+// (examples/dcgan_resume.sh checks that).
 //
 //   dcgan [--steps 600] [--save-every 50] [--out dcgan_checkpoints] [--limit 6000]
+//         [--final FILE (the end state, for comparing runs)] [--print-steps 1]
 #include <cstdlib>
 #include <iostream>
 #include <string>
@@ -46,8 +50,8 @@ void decay(torch::optim::Optimizer& optimizer, double factor) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int64_t steps = 600, save_every = 50, limit = 6000;
-  std::string out = "dcgan_checkpoints", cache = "fashion-mnist-cache";
+  int64_t steps = 600, save_every = 50, limit = 6000, print_steps = 0;
+  std::string out = "dcgan_checkpoints", cache = "fashion-mnist-cache", final_file;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--steps") steps = std::stoll(value);
@@ -55,6 +59,8 @@ int main(int argc, char** argv) {
     else if (flag == "--limit") limit = std::stoll(value);
     else if (flag == "--out") out = value;
     else if (flag == "--cache") cache = value;
+    else if (flag == "--final") final_file = value;
+    else if (flag == "--print-steps") print_steps = std::stoll(value);
     else {
       std::cerr << "unknown option " << flag << "\n";
       return 2;
@@ -64,61 +70,76 @@ int main(int argc, char** argv) {
     torch::manual_seed(1);
     auto dir = examples::unpack_fashion_mnist(examples::kDefaultFashionDir, cache);
     auto images = torch::data::datasets::MNIST(dir.string()).images().narrow(0, 0, limit).view({limit, 784}) * 2 - 1;
+    const int64_t batch = 64;
+    torchfit::RandomSampler sampler(static_cast<size_t>(limit));
+    auto loader = torch::data::make_data_loader(
+        torch::data::datasets::TensorDataset(images).map(torch::data::transforms::Stack<torch::data::TensorExample>()),
+        sampler, torch::data::DataLoaderOptions().batch_size(batch).drop_last(true));
 
     Generator generator;
     Discriminator discriminator;
-    auto g_opt = std::make_shared<torch::optim::Adam>(generator->parameters(),
-                                                      torch::optim::AdamOptions(2e-4).betas({0.5, 0.999}));
-    auto d_opt = std::make_shared<torch::optim::Adam>(discriminator->parameters(),
-                                                      torch::optim::AdamOptions(2e-4).betas({0.5, 0.999}));
+    torch::optim::Adam g_opt(generator->parameters(), torch::optim::AdamOptions(2e-4).betas({0.5, 0.999}));
+    torch::optim::Adam d_opt(discriminator->parameters(), torch::optim::AdamOptions(2e-4).betas({0.5, 0.999}));
+    int64_t step = 0, epoch = 0;
+    double g_loss_value = 0;
 
+    // Everything a step changes; captured at each save.
     torchfit::Checkpoint state;
     state.add("generator", generator);
     state.add("discriminator", discriminator);
-    state.add("g_opt", g_opt);
+    state.add("g_opt", g_opt);  // by reference: the optimizers outlive the checkpoint
     state.add("d_opt", d_opt);
+    state.add("sampler", sampler);
     state.add_rng();
-    state.set("step", int64_t{0});
+    state.track("step", step);
+    state.track("epoch", epoch);
+    state.track("g_loss", g_loss_value);
 
     torchfit::CheckpointManager manager(
         torchfit::CheckpointOptions(out + "/{step:06d}-{g_loss:.3f}.pt")
             .monitor("g_loss").mode(torchfit::Mode::Min).save_top_k(3).save_last(true).async_save(true)
-            .save_freq(torchfit::SaveFreq::batches(save_every)));
+            .save_freq(torchfit::SaveFreq::batches(save_every))
+            .on_commit([](const std::string& path) { torchfit::logger()->info("committed {}", path); }));
     if (auto from = manager.restore_latest(state)) {
-      torchfit::logger()->info("resumed from {} at step {}", *from, state.get<int64_t>("step"));
+      torchfit::logger()->info("resumed from {} at step {} (epoch {})", *from, step, epoch + 1);
     }
 
-    const int64_t batch = 64;
-    for (int64_t step = state.get<int64_t>("step"); step < steps;) {
-      auto index = torch::randint(images.size(0), {batch}, torch::kLong);
-      auto real = images.index_select(0, index);
-      auto fake = generator->forward(torch::randn({batch, kNoise}));
+    while (step < steps) {
+      for (auto& example : *loader) {  // after a restore, the restored epoch continues
+        auto real = example.data;
+        auto fake = generator->forward(torch::randn({batch, kNoise}));
 
-      d_opt->zero_grad();
-      auto d_loss = torch::binary_cross_entropy_with_logits(discriminator->forward(real), torch::ones({batch, 1})) +
-                    torch::binary_cross_entropy_with_logits(discriminator->forward(fake.detach()), torch::zeros({batch, 1}));
-      d_loss.backward();
-      d_opt->step();
+        d_opt.zero_grad();
+        auto d_loss = torch::binary_cross_entropy_with_logits(discriminator->forward(real), torch::ones({batch, 1})) +
+                      torch::binary_cross_entropy_with_logits(discriminator->forward(fake.detach()), torch::zeros({batch, 1}));
+        d_loss.backward();
+        manager.before_update();  // the last save's copy of the state is done
+        d_opt.step();
 
-      g_opt->zero_grad();
-      auto g_loss = torch::binary_cross_entropy_with_logits(discriminator->forward(fake), torch::ones({batch, 1}));
-      g_loss.backward();
-      g_opt->step();
+        g_opt.zero_grad();
+        auto g_loss = torch::binary_cross_entropy_with_logits(discriminator->forward(fake), torch::ones({batch, 1}));
+        g_loss.backward();
+        g_opt.step();
 
-      ++step;
-      if (step % 200 == 0) {
-        decay(*g_opt, 0.5);
-        decay(*d_opt, 0.5);
+        ++step;
+        if (step % 200 == 0) {
+          decay(g_opt, 0.5);
+          decay(d_opt, 0.5);
+        }
+        g_loss_value = g_loss.item<double>();
+        manager.save(state);  // {step} and g_loss from the tracked values
+        if (print_steps > 0 && step % print_steps == 0) std::cout << "step " << step << std::endl;
+        if (step % 100 == 0) {
+          torchfit::logger()->info("step {}: g_loss {:.4f} d_loss {:.4f}", step, g_loss_value, d_loss.item<double>());
+        }
+        if (step == steps) break;
       }
-      state.set("step", step);
-      manager.save(state, {{"step", double(step)}, {"g_loss", g_loss.item<double>()}, {"d_loss", d_loss.item<double>()}});
-      if (step % 100 == 0) {
-        torchfit::logger()->info("step {}: g_loss {:.4f} d_loss {:.4f}", step, g_loss.item<double>(), d_loss.item<double>());
-      }
+      if (step < steps) ++epoch;
     }
     manager.wait();
     torchfit::logger()->info("done; best generator loss {:.4f}; newest {}", manager.best().value_or(NAN),
                              manager.last_saved_path());
+    if (!final_file.empty()) torchfit::save(state, final_file);
   } catch (const std::exception& e) {
     std::cerr << "dcgan: " << e.what() << "\n";
     return 1;

@@ -15,6 +15,19 @@
 
 #include <torchfit/torchfit.h>
 
+/// Expects `statement` to throw `exception` whose message contains `substring` (as fmt's
+/// EXPECT_THROW_MSG, with a substring instead of the whole message).
+#define EXPECT_THROW_MSG(statement, exception, substring)                                        \
+  do {                                                                                          \
+    try {                                                                                       \
+      statement;                                                                                \
+      ADD_FAILURE() << "Expected " #statement " to throw " #exception;                          \
+    } catch (const exception& e) {                                                             \
+      EXPECT_NE(std::string(e.what()).find(substring), std::string::npos)                       \
+          << "the message of " #exception " does not contain \"" << (substring) << "\": " << e.what(); \
+    }                                                                                           \
+  } while (false)
+
 namespace torchfit::test {
 
 namespace fs = std::filesystem;

@@ -12,6 +12,7 @@
 #include "torchfit/callbacks/monitor.h"
 #include "torchfit/callbacks/progbar_logger.h"
 #include "torchfit/callbacks/terminate_on_nan.h"
+#include "torchfit/data/sampler.h"
 #include "torchfit/distributed.h"
 #include "torchfit/engine/checkpoint.h"
 #include "torchfit/engine/checkpoint_manager.h"

@@ -150,10 +150,11 @@ class RngItem : public Checkpoint::Item {
 
 class ValueItem : public Checkpoint::Item {
  public:
-  explicit ValueItem(c10::IValue value) : value(std::move(value)) {}
+  explicit ValueItem(c10::IValue value = c10::IValue()) : value_(std::move(value)) {}
   const char* kind() const override { return "value"; }
-  c10::IValue save() const override { return value; }
+  c10::IValue save() const override { return read(); }
   Apply prepare(const c10::IValue& state, const std::string& where) override {
+    const c10::IValue value = read();
     bool same = (value.isInt() && state.isInt()) || (value.isDouble() && (state.isDouble() || state.isInt())) ||
                 (value.isBool() && state.isBool()) || (value.isString() && state.isString()) ||
                 (value.isTensor() && state.isTensor());
@@ -162,9 +163,26 @@ class ValueItem : public Checkpoint::Item {
           fmt::format("{}: the saved value is a {}, but this checkpoint holds a {}", where, state.tagKind(), value.tagKind()));
     }
     c10::IValue loaded = value.isDouble() && state.isInt() ? c10::IValue(static_cast<double>(state.toInt())) : state;
-    return [this, loaded] { value = loaded; };
+    return [this, loaded] { write(loaded); };
   }
-  c10::IValue value;
+  virtual c10::IValue read() const { return value_; }
+  virtual void write(const c10::IValue& value) { value_ = value; }
+
+ private:
+  c10::IValue value_;
+};
+
+/// A caller's variable, read at each save and written back by a load.
+class TrackedItem : public ValueItem {
+ public:
+  TrackedItem(std::function<c10::IValue()> read, std::function<void(const c10::IValue&)> write)
+      : read_(std::move(read)), write_(std::move(write)) {}
+  c10::IValue read() const override { return read_(); }
+  void write(const c10::IValue& value) override { write_(value); }
+
+ private:
+  std::function<c10::IValue()> read_;
+  std::function<void(const c10::IValue&)> write_;
 };
 
 class StatefulItem : public Checkpoint::Item {
@@ -249,19 +267,40 @@ void Checkpoint::set_value(const std::string& name, c10::IValue value) {
     if (holder == nullptr) {
       throw ValueError(fmt::format("Checkpoint: item '{}' is a {}, not a value", name, item->kind()));
     }
-    holder->value = std::move(value);
+    holder->write(value);
     return;
   }
   add_item(name, std::make_shared<ValueItem>(std::move(value)));
 }
 
-const c10::IValue& Checkpoint::value(const std::string& name) const {
+void Checkpoint::track_value(const std::string& name, std::function<c10::IValue()> read,
+                             std::function<void(const c10::IValue&)> write) {
+  add_item(name, std::make_shared<TrackedItem>(std::move(read), std::move(write)));
+}
+
+c10::IValue Checkpoint::value(const std::string& name) const {
   for (const auto& [existing, item] : items_) {
     if (existing != name) continue;
-    if (auto* holder = dynamic_cast<const ValueItem*>(item.get())) return holder->value;
+    if (auto* holder = dynamic_cast<const ValueItem*>(item.get())) return holder->read();
     throw ValueError(fmt::format("Checkpoint: item '{}' is a {}, not a value", name, item->kind()));
   }
   throw ValueError(fmt::format("Checkpoint: no item named '{}' (items: {})", name, fmt::join(names(), ", ")));
+}
+
+std::map<std::string, double> Checkpoint::numeric_values(std::set<std::string>* integers) const {
+  std::map<std::string, double> out;
+  for (const auto& [name, item] : items_) {
+    auto* holder = dynamic_cast<const ValueItem*>(item.get());
+    if (holder == nullptr) continue;
+    const c10::IValue value = holder->read();
+    if (value.isInt()) {
+      out[name] = static_cast<double>(value.toInt());
+      if (integers != nullptr) integers->insert(name);
+    } else if (value.isDouble()) {
+      out[name] = value.toDouble();
+    }
+  }
+  return out;
 }
 
 bool Checkpoint::contains(const std::string& name) const {
@@ -386,13 +425,16 @@ void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& wh
     try {
       apply.push_back(item->prepare(value, fmt::format("{} [{}]", where, name)));
     } catch (const CheckpointError& e) {
-      // Item errors start with `where`, or say "Checkpoint <where> ..." themselves (modules).
-      const std::string what = e.what();
-      problems.push_back(what.rfind("Checkpoint ", 0) == 0 || what.rfind("Failed ", 0) == 0 ? what
-                                                                                           : "Checkpoint " + what);
+      // Item errors start with "<where> [name]", "Checkpoint <where> [name]" or "Failed reading
+      // checkpoint <where> [name]": the message names the file once.
+      std::string what = e.what();
+      for (const std::string& prefix : {std::string("Checkpoint "), std::string("Failed reading checkpoint "), where + " "}) {
+        if (what.rfind(prefix, 0) == 0) what.erase(0, prefix.size());
+      }
+      problems.push_back(std::move(what));
     }
   }
-  if (problems.size() == 1) throw CheckpointError(problems.front());
+  if (problems.size() == 1) throw CheckpointError(fmt::format("Checkpoint {} {}", where, problems.front()));
   if (!problems.empty()) {
     throw CheckpointError(fmt::format("Checkpoint {}: {} items do not load: {}", where, problems.size(),
                                       fmt::join(problems, "; ")));

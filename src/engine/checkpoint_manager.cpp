@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <mutex>
 #include <set>
 
 #include <fmt/format.h>
@@ -77,11 +78,13 @@ CheckpointManager::CheckpointManager(CheckpointOptions options, std::shared_ptr<
   }
   template_ = std::make_unique<detail::FilepathTemplate>(options_.filepath());
   io_ = make_io(options_);
+  hook_failure_ = std::make_shared<HookFailure>();
 }
 
 CheckpointManager::~CheckpointManager() {
   try {
     io_->wait();
+    raise_hook_failure();
   } catch (const std::exception& e) {
     logger()->error("CheckpointManager {}: a background save failed and nothing was left to report it to: {}",
                     options_.filepath(), e.what());
@@ -92,22 +95,42 @@ bool CheckpointManager::is_integer_key(const std::string& key) {
   return key == "epoch" || key == "batch" || key == "step";
 }
 
-bool CheckpointManager::save(const Checkpoint& state, const Logs& logs) {
-  const int64_t every = options_.save_freq().every_n_batches();
-  if (every > 0 && ++record_.calls_since_last_save < every) return false;
-  record_.calls_since_last_save = 0;
-  std::set<std::string> integers;
+/// A failure of the on_commit hook, kept until the caller's thread can raise it.
+struct CheckpointManager::HookFailure {
+  std::mutex mutex;
+  std::string error;
+};
+
+Logs CheckpointManager::values_for(const Checkpoint& state, const Logs& logs, std::set<std::string>& integers) const {
+  Logs values = state.numeric_values(&integers);
   for (const auto& [key, value] : logs) {
+    values[key] = value;
+    integers.erase(key);
     if (is_integer_key(key) && std::isfinite(value) && value == std::floor(value)) integers.insert(key);
   }
+  return values;
+}
+
+bool CheckpointManager::save(const Checkpoint& state, const Logs& logs) {
+  const SaveFreq& freq = options_.save_freq();
+  double now = 0;
+  if (freq.every_seconds() > 0) {
+    now = freq.now();
+    if (!interval_start_) interval_start_ = now;  // the clock starts at the first call of a run
+  }
+  if (!freq.due(++record_.calls_since_last_save, now - interval_start_.value_or(now))) return false;
+  record_.calls_since_last_save = 0;
+  if (interval_start_) interval_start_ = now;
+  std::set<std::string> integers;
+  const Logs values = values_for(state, logs, integers);
   // Formatted before the decision, as Keras does, so a bad template fails early.
-  const std::string path = template_->format(logs, integers);
+  const std::string path = template_->format(values, integers);
   wait();  // one save in flight at most; its failure surfaces here
   const Record before = record();
-  const std::string point = save_point(logs, saves_);
+  const std::string point = save_point(values, saves_);
   try {
-    if (!should_save(point, logs, path)) return false;
-    auto score = monitor_->current(logs);
+    if (!should_save(point, values, path)) return false;
+    auto score = monitor_->current(values);
     if (score && std::isnan(*score)) score.reset();
     if (!ranks_in_top_k(path, score)) {
       if (options_.verbose() > 0) {
@@ -124,7 +147,17 @@ bool CheckpointManager::save(const Checkpoint& state, const Logs& logs) {
   }
   before_pending_ = before;
   ++saves_;
+  raise_hook_failure();  // a sync save ran its hook already
   return true;
+}
+
+void CheckpointManager::raise_hook_failure() {
+  std::string error;
+  {
+    std::lock_guard<std::mutex> lock(hook_failure_->mutex);
+    error.swap(hook_failure_->error);
+  }
+  if (!error.empty()) throw CheckpointError(error);
 }
 
 bool CheckpointManager::should_save(const std::string& point, const Logs& logs, const std::string& path) {
@@ -233,7 +266,10 @@ void CheckpointManager::write(const Checkpoint& state, const std::string& path, 
   const bool save_last = options_.save_last();
   // After the commit, and only then: retention deletes and the latest pointer.
   auto io = io_;
-  auto on_commit = [io, path, point, verbose, save_last, evict = std::move(evict)] {
+  // Ranks other than 0 store nothing (ReadOnlyCheckpointIO): no file, no hook.
+  auto hook = dynamic_cast<ReadOnlyCheckpointIO*>(io_.get()) ? nullptr : options_.on_commit();
+  auto on_commit = [io, path, point, verbose, save_last, evict = std::move(evict), hook, failure = hook_failure_,
+                    filepath = options_.filepath()] {
     if (verbose) logger()->info("{}: finished saving model to {}", point, path);
     // The pointer moves first, so it never names a file retention is deleting.
     if (save_last) {
@@ -252,6 +288,20 @@ void CheckpointManager::write(const Checkpoint& state, const std::string& path, 
         logger()->warn("Could not remove old checkpoint {}: {}", old, e.what());
       }
     }
+    // Last, so its failure never leaves retention half done; the file stays saved.
+    if (!hook) return;
+    std::string error;
+    try {
+      hook(path);
+    } catch (const std::exception& e) {
+      error = e.what();
+    } catch (...) {
+      error = "an exception that is not a std::exception";
+    }
+    if (error.empty()) return;
+    std::lock_guard<std::mutex> lock(failure->mutex);
+    failure->error = fmt::format("CheckpointManager {}: {} is saved, but its on_commit hook failed: {}", filepath,
+                                 path, error);
   };
   SaveHints hints;
   hints.updated_by_step = state.updated_by_step();
@@ -271,6 +321,7 @@ void CheckpointManager::wait() {
     restore_record(before_pending_);
     throw;
   }
+  raise_hook_failure();
 }
 
 std::vector<std::string> CheckpointManager::candidates() {
@@ -331,9 +382,14 @@ void CheckpointManager::restore(Checkpoint& state, const std::string& path) {
   wait();
   auto data = io_->load(path);
   Checkpoint with_manager = state;
-  with_manager.add_optional(kManagerKeyPrefix + state_key(), std::make_shared<ManagerState>(*this));
+  auto manager_state = std::make_shared<ManagerState>(*this);
+  with_manager.add_optional(kManagerKeyPrefix + state_key(), manager_state);
+  // Files of torchfit 0.2 keyed every manager's state with its monitor.
+  const std::string key_0_2 = fmt::format("{}|monitor={}", options_.filepath(), options_.monitor());
+  if (key_0_2 != state_key()) with_manager.add_optional(kManagerKeyPrefix + key_0_2, manager_state);
   with_manager.load_state_dict(data, path);
   protect(path);
+  interval_start_.reset();  // the time the run was down does not count
 }
 
 void CheckpointManager::remove_saved() {
@@ -349,7 +405,8 @@ void CheckpointManager::remove_saved() {
 }
 
 std::string CheckpointManager::state_key() const {
-  return fmt::format("{}|monitor={}", options_.filepath(), options_.monitor());
+  const bool monitors = options_.save_best_only() || options_.save_top_k() > 0;
+  return monitors ? fmt::format("{}|monitor={}", options_.filepath(), options_.monitor()) : options_.filepath();
 }
 
 c10::IValue CheckpointManager::state_dict() const {

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "torchfit/callback.h"
@@ -21,7 +22,8 @@ class BackupOptions {
  public:
   explicit BackupOptions(std::string backup_dir) : backup_dir_(std::move(backup_dir)) {}
 
-  /// When to back up: at epoch boundaries (default) or every n batches.
+  /// When to back up: at epoch boundaries (default), every n batches, every s seconds of
+  /// training, or both (`SaveFreq::batches(n) | SaveFreq::seconds(s)`), at batch starts.
   BackupOptions& save_freq(SaveFreq value) { save_freq_ = value; return *this; }
   /// Remove the backup when training ends normally (default true).
   BackupOptions& delete_checkpoint(bool value) { delete_checkpoint_ = value; return *this; }
@@ -81,6 +83,7 @@ class BackupAndRestore : public Callback {
   std::unique_ptr<CheckpointManager> manager_;
   bool restored_ = false;
   int64_t batches_since_backup_ = 0;
+  std::optional<double> interval_start_;  // the time trigger's clock at the last backup or start
   int64_t last_backup_step_ = -1;
 };
 

@@ -7,17 +7,23 @@
 ///     torchfit::Checkpoint state;
 ///     state.add("generator", generator);   // a module: its parameters and buffers
 ///     state.add("g_opt", g_opt);           // an optimizer: its state and every param group's options
+///     state.add("sampler", sampler);       // a torchfit sampler: the epoch's order and position
 ///     state.add_rng();                     // torch's default generators
-///     state.set("step", int64_t{0});       // plain values
+///     state.track("step", step);           // a variable, read at each save, written by a load
 ///     torchfit::save(state, "ckpt/one.pt");
 ///     torchfit::load(state, "ckpt/one.pt");  // all or nothing
+///
+/// The state is captured when `save` is called: whatever runs after it (sampling from
+/// the generator, a BatchNorm forward pass) belongs to the next save.
 ///
 /// The file is `torch.save`'s format: in Python, `torch.load(path)` returns a dict
 /// whose "generator" is a state dict and "g_opt" an optimizer state dict.
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -34,6 +40,13 @@ class Optimizer;
 }
 
 namespace torchfit {
+
+class Sampler;
+
+namespace detail {
+template <typename T>
+T value_as(const std::string& name, const c10::IValue& value);
+}  // namespace detail
 
 /// Anything that saves and restores its state as data (a `c10::IValue` of
 /// numbers, strings, tensors, lists and dicts): callbacks, a manager's tables,
@@ -75,6 +88,21 @@ class Checkpoint {
   void add(const std::string& name, std::shared_ptr<O> optimizer) {
     add_optimizer(name, std::static_pointer_cast<torch::optim::Optimizer>(std::move(optimizer)));
   }
+  /// A module or an optimizer the caller holds (on the stack, or as a member). The
+  /// checkpoint keeps a reference, not a copy: the object must outlive every `save`,
+  /// `load` and `CheckpointManager::save` through this checkpoint (an async save has
+  /// copied what it needs when `save` returns).
+  template <typename M, std::enable_if_t<std::is_base_of_v<torch::nn::Module, M>, int> = 0>
+  void add(const std::string& name, M& module) {
+    add_module(name, std::shared_ptr<torch::nn::Module>(std::shared_ptr<void>(), &module));
+  }
+  template <typename O, std::enable_if_t<std::is_base_of_v<torch::optim::Optimizer, O>, int> = 0>
+  void add(const std::string& name, O& optimizer) {
+    add_optimizer(name, std::shared_ptr<torch::optim::Optimizer>(std::shared_ptr<void>(), &optimizer));
+  }
+  /// A torchfit sampler's order and position in its epoch (shared by its copies, such
+  /// as the one a data loader holds), so a restored run continues the same epoch.
+  void add(const std::string& name, const Sampler& sampler);
   /// Any other state.
   void add(const std::string& name, std::shared_ptr<Stateful> item);
   /// The state of torch's default CPU generator, and of each CUDA device's where present.
@@ -86,10 +114,27 @@ class Checkpoint {
   void set(const std::string& name, T value) {
     set_value(name, to_ivalue(std::move(value)));
   }
+  /// A variable saved by reference: `int64_t` (and other integers), `double`, `bool`,
+  /// `std::string` or `at::Tensor`. Each save reads it; a load writes the saved value
+  /// back into it (a tensor variable is rebound to the loaded tensor). The variable
+  /// must outlive the checkpoint's use, as objects added by reference. `set` writes
+  /// into it and `get` reads it.
+  template <typename T>
+  void track(const std::string& name, T& variable) {
+    static_assert(!std::is_const_v<T>, "Checkpoint::track needs a variable it can write back into");
+    track_value(
+        name, [&variable] { return to_ivalue(variable); },
+        [&variable, name](const c10::IValue& value) { variable = detail::value_as<T>(name, value); });
+  }
+
   /// A value set with `set` or restored by `load`. Throws `ValueError` naming the
   /// item when it is missing or holds another type.
   template <typename T>
   T get(const std::string& name) const;
+
+  /// The values (set or tracked) that are numbers, by name, for a filepath template or
+  /// a monitor; the names of the integral ones are added to `integers`.
+  std::map<std::string, double> numeric_values(std::set<std::string>* integers = nullptr) const;
 
   /// Whether an item of this name was added or set.
   bool contains(const std::string& name) const;
@@ -123,7 +168,9 @@ class Checkpoint {
   void add_optimizer(const std::string& name, std::shared_ptr<torch::optim::Optimizer> optimizer);
   void add_item(const std::string& name, std::shared_ptr<Item> item);
   void set_value(const std::string& name, c10::IValue value);
-  const c10::IValue& value(const std::string& name) const;
+  void track_value(const std::string& name, std::function<c10::IValue()> read,
+                   std::function<void(const c10::IValue&)> write);
+  c10::IValue value(const std::string& name) const;
 
   template <typename T>
   static c10::IValue to_ivalue(T value) {
@@ -145,14 +192,13 @@ class Checkpoint {
   std::vector<std::pair<std::string, std::shared_ptr<Item>>> items_;
 };
 
-/// Throws `ValueError`: item `name` holds a value of another type.
 namespace detail {
+/// Throws `ValueError`: item `name` holds a value of another type.
 [[noreturn]] void throw_wrong_type(const std::string& name, const c10::IValue& value);
-}  // namespace detail
 
+/// `value` as a T (as `Checkpoint::get` returns it); throws `ValueError` naming `name`.
 template <typename T>
-T Checkpoint::get(const std::string& name) const {
-  const c10::IValue& v = value(name);
+T value_as(const std::string& name, const c10::IValue& v) {
   if constexpr (std::is_same_v<T, bool>) {
     if (v.isBool()) return v.toBool();
   } else if constexpr (std::is_integral_v<T>) {
@@ -163,10 +209,16 @@ T Checkpoint::get(const std::string& name) const {
     if (v.isTensor()) return v.toTensor();
   } else {
     static_assert(std::is_same_v<T, std::string>,
-                  "Checkpoint::get takes an integer, a floating-point number, bool, std::string or at::Tensor");
+                  "Checkpoint values are integers, floating-point numbers, bool, std::string or at::Tensor");
     if (v.isString()) return v.toStringRef();
   }
-  detail::throw_wrong_type(name, v);
+  throw_wrong_type(name, v);
+}
+}  // namespace detail
+
+template <typename T>
+T Checkpoint::get(const std::string& name) const {
+  return detail::value_as<T>(name, value(name));
 }
 
 /// Writes `checkpoint` to `path` durably (temporary file, fsync, rename, directory

@@ -8,18 +8,22 @@
 ///     torchfit::CheckpointManager manager(
 ///         torchfit::CheckpointOptions("ckpt/{step:06d}-{g_loss:.3f}.pt")
 ///             .monitor("g_loss").mode(torchfit::Mode::Min).save_top_k(3).save_last(true).async_save(true));
+///     state.track("step", step);                                       // saved from `step`, restored into it
+///     state.track("g_loss", g_loss);
 ///     std::optional<std::string> from = manager.restore_latest(state);  // resume, if there is a file
-///     for (; step < steps; ++step) {
+///     for (; step < steps;) {
 ///       ...                                                            // forward, backward
 ///       manager.before_update();                                       // the last save's copy is done
-///       g_opt->step();
-///       manager.save(state, {{"step", double(step)}, {"g_loss", g_loss}});
+///       g_opt.step();
+///       ++step;
+///       manager.save(state);                                           // {step} and g_loss from the state
 ///     }
 ///     manager.wait();                                                  // the last save is durable
 
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -48,14 +52,15 @@ class CheckpointManager {
   CheckpointManager(const CheckpointManager&) = delete;
   CheckpointManager& operator=(const CheckpointManager&) = delete;
 
-  /// Considers a save with these logs: counts the call against `save_freq`,
-  /// formats the filepath (a bad template fails here, before deciding), then
-  /// applies save_best_only, NaN handling and save_top_k. Returns whether a save
-  /// was made (with async_save: started). Keys `epoch`, `batch` and `step` with
-  /// integral values format as integers (`{step:06d}`). Throws `ValueError` for
-  /// a bad template and `CheckpointError` when writing fails; the manager's state
-  /// then stays as before the call.
-  bool save(const Checkpoint& state, const Logs& logs);
+  /// Considers a save: counts the call against `save_freq`, formats the filepath (a
+  /// bad template fails here, before deciding), then applies save_best_only, NaN
+  /// handling and save_top_k. The template and the monitor read the state's numeric
+  /// values (set or tracked; integers format as integers, `{step:06d}`) and `logs`,
+  /// which override them; log keys `epoch`, `batch` and `step` with integral values
+  /// format as integers too. Returns whether a save was made (with async_save:
+  /// started). Throws `ValueError` for a bad template and `CheckpointError` when
+  /// writing fails; the manager's state then stays as before the call.
+  bool save(const Checkpoint& state, const Logs& logs = {});
   /// Call before the saved tensors change: before each `optimizer.step()` (and
   /// any other in-place change of parameters or optimizer state). Once it has
   /// been called, async saves return before copying parameters and optimizer
@@ -75,7 +80,8 @@ class CheckpointManager {
   /// (`StorageError`, naming the path) instead of restoring an older file. Returns the path, or
   /// nothing when there is no file.
   /// The first call checks that the template's directory is writable or can be created (with the
-  /// default file storage), so a loop that resumes on start fails on a bad path before training.
+  /// default file storage), so a loop that resumes on start fails on a bad path before training;
+  /// a loop that never restores finds a bad path at its first save.
   std::optional<std::string> restore_latest(Checkpoint& state);
   /// Restores `state` and this manager's state from `path`, all or nothing, and
   /// never deletes that file afterwards.
@@ -106,8 +112,8 @@ class CheckpointManager {
   void load_state_dict(const c10::IValue& state);
   /// Checks a state `load_state_dict` would take; throws `CheckpointError`.
   void check_state_dict(const c10::IValue& state, const std::string& where) const;
-  /// The key of its state inside checkpoints: built from the filepath and monitor,
-  /// so managers of other files do not collide.
+  /// The key of its state inside checkpoints: the filepath, and the monitor when one
+  /// decides (save_best_only or save_top_k), so managers of other files do not collide.
   std::string state_key() const;
 
   /// Logs values that format as integers when integral (`epoch`, `batch`, `step`).
@@ -133,6 +139,10 @@ class CheckpointManager {
   std::vector<std::string> candidates();
   /// Once per manager, from restore_latest: the template's directory is writable or can be created.
   void check_directory();
+  /// The state's numeric values overridden by `logs`; integral ones are listed in `integers`.
+  Logs values_for(const Checkpoint& state, const Logs& logs, std::set<std::string>& integers) const;
+  /// Raises the on_commit hook's failure, if any (the file it ran for stays saved).
+  void raise_hook_failure();
 
   CheckpointOptions options_;
   std::shared_ptr<MetricMonitor> monitor_;
@@ -144,6 +154,9 @@ class CheckpointManager {
   int64_t saves_ = 0;
   bool guards_updates_ = false;  // before_update() has been called: saves may copy late
   bool directory_checked_ = false;
+  std::optional<double> interval_start_;  // the time trigger's clock at the last save point or start
+  struct HookFailure;
+  std::shared_ptr<HookFailure> hook_failure_;  // set on the writer thread, raised on the caller's
 };
 
 }  // namespace torchfit

@@ -7,6 +7,7 @@
 ///         .monitor("val_accuracy").save_best_only(true).save_top_k(3).async_save(true)
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -19,23 +20,51 @@ namespace torchfit {
 
 class CheckpointIO;
 
-/// When to save: at each epoch end, or every n batches (or every n calls of
-/// `CheckpointManager::save`).
+/// When to save: at each epoch end (every call of `CheckpointManager::save`), every
+/// n batches (calls), every s seconds of training, or a batch and a time trigger
+/// together, whichever comes first:
+///
+///     SaveFreq::batches(500) | SaveFreq::seconds(600)
 class SaveFreq {
  public:
+  /// The clock of the time trigger, in seconds (default: `std::chrono::steady_clock`).
+  using Clock = std::function<double()>;
+
   /// At the end of every epoch (the default); the manager saves at every call.
-  static SaveFreq epoch() { return SaveFreq(0); }
+  static SaveFreq epoch() { return SaveFreq(); }
+  /// Every call of `CheckpointManager::save`: `epoch()` by the name an own loop reads.
+  static SaveFreq every_call() { return SaveFreq(); }
   /// When n batches (calls) have run since the last save; the count carries
   /// across epochs. Throws `ValueError` if n <= 0.
   static SaveFreq batches(int64_t n);
+  /// At the first batch end (call) after `s` seconds of training since the last save.
+  /// Time is counted from the first call after the start (or a restore) of a run: the
+  /// time a run is down is not counted, and an interval cut by a kill starts again.
+  /// Throws `ValueError` unless s > 0 and finite.
+  static SaveFreq seconds(double s);
+  /// Both triggers: a save when either is due; both restart at each save point.
+  /// Throws `ValueError` unless one side counts batches and the other seconds.
+  friend SaveFreq operator|(const SaveFreq& a, const SaveFreq& b);
+  /// Reads time from `clock` instead (for tests: a fake clock, no sleeps).
+  SaveFreq& clock(Clock clock);
 
-  bool is_epoch() const { return every_n_batches_ == 0; }
-  /// n for `batches(n)`, 0 for `epoch()`.
+  bool is_epoch() const { return every_n_batches_ == 0 && every_seconds_ == 0; }
+  /// n for `batches(n)`, 0 without a batch trigger.
   int64_t every_n_batches() const { return every_n_batches_; }
+  /// s for `seconds(s)`, 0 without a time trigger.
+  double every_seconds() const { return every_seconds_; }
+  /// Whether `calls` calls and `seconds` of training since the last save make a save point.
+  bool due(int64_t calls, double seconds) const;
+  /// The trigger's clock, in seconds.
+  double now() const;
+  /// "epoch", "batches(3)", "seconds(60)" or "batches(3) | seconds(60)".
+  std::string to_string() const;
 
  private:
-  explicit SaveFreq(int64_t n) : every_n_batches_(n) {}
-  int64_t every_n_batches_;
+  SaveFreq() = default;
+  int64_t every_n_batches_ = 0;
+  double every_seconds_ = 0;
+  Clock clock_;
 };
 
 /// Options of CheckpointManager and CheckpointCallback, with chainable setters.
@@ -81,6 +110,12 @@ class CheckpointOptions {
   /// The storage (default: files, `FileCheckpointIO` with `fsync()`). With
   /// `async_save`, saves run in the background through it.
   TORCHFIT_ARG(std::shared_ptr<CheckpointIO>, io);
+  /// Runs with a file's path once the file and its directory entry are durable (after
+  /// `save_last`'s pointer and retention), for uploaders and loggers; never for a save
+  /// that failed or was skipped. With async_save it runs on the writer thread. An
+  /// exception from it is raised like a writer error (by that save, or with async_save by
+  /// the next save or `wait()`); the file stays saved and the manager's tables keep it.
+  TORCHFIT_ARG(std::function<void(const std::string& path)>, on_commit);
 
  private:
   std::string filepath_;

@@ -34,7 +34,14 @@ std::string BackupAndRestore::previous_backup_path() const {
 void BackupAndRestore::on_train_setup() {
   detail::check_directory_on_main(*context_, options_.backup_dir(), "BackupAndRestore");
   restored_ = false;
+  if (context_->world_size() > 1 && options_.save_freq().every_seconds() > 0) {
+    // Each rank's clock would decide alone, and the ranks would part at the backup barrier.
+    throw ValueError(fmt::format("BackupAndRestore {}: save_freq {} is not supported in data-parallel training; "
+                                 "use SaveFreq::batches(n)",
+                                 options_.backup_dir(), options_.save_freq().to_string()));
+  }
   batches_since_backup_ = 0;
+  interval_start_.reset();  // the time a run was down does not count
   last_backup_step_ = -1;
   std::vector<std::string> candidates{backup_path()};
   if (options_.double_checkpoint()) candidates.push_back(previous_backup_path());
@@ -67,6 +74,7 @@ void BackupAndRestore::backup() {
   if (state.global_step == last_backup_step_) return;  // nothing new since the last backup or restore
   last_backup_step_ = state.global_step;
   batches_since_backup_ = 0;
+  if (interval_start_) interval_start_ = options_.save_freq().now();
   // Data-parallel: rank 0 writes, the others wait until it is durable.
   if (context_->is_main_process()) {
     write_backup();
@@ -98,7 +106,14 @@ void BackupAndRestore::on_epoch_begin(int64_t, const Logs&) {
 }
 
 void BackupAndRestore::on_train_batch_begin(int64_t, const Logs&) {
-  if (!options_.save_freq().is_epoch() && batches_since_backup_ >= options_.save_freq().every_n_batches()) backup();
+  const SaveFreq& freq = options_.save_freq();
+  if (freq.is_epoch()) return;
+  double now = 0;
+  if (freq.every_seconds() > 0) {
+    now = freq.now();
+    if (!interval_start_) interval_start_ = now;
+  }
+  if (freq.due(batches_since_backup_, now - interval_start_.value_or(now))) backup();
 }
 
 void BackupAndRestore::on_train_batch_end(int64_t, const Logs&) { ++batches_since_backup_; }

@@ -13,16 +13,6 @@
 
 namespace torchfit {
 
-SaveFreq SaveFreq::batches(int64_t n) {
-  if (n <= 0) {
-    throw ValueError(fmt::format(
-        "Unrecognized save_freq: batches({}). Expected SaveFreq::epoch() or SaveFreq::batches(n) "
-        "with n > 0",
-        n));
-  }
-  return SaveFreq(n);
-}
-
 namespace {
 
 std::shared_ptr<MetricMonitor> monitor_for(const CheckpointOptions& options) {
@@ -64,6 +54,12 @@ void CheckpointCallback::on_train_begin(const Logs& logs) {
     options.io(std::make_shared<ReadOnlyCheckpointIO>(std::move(storage))).async_save(false);
     manager_ = std::make_unique<CheckpointManager>(std::move(options), tracker_);
     manager_->load_state_dict(state);
+  }
+  if (context_->world_size() > 1 && options().save_freq().every_seconds() > 0) {
+    // Each rank's clock would decide alone, and the ranks would part at the next barrier.
+    throw ValueError(fmt::format("CheckpointCallback {}: save_freq {} is not supported in data-parallel training; "
+                                 "use SaveFreq::batches(n)",
+                                 options().filepath(), options().save_freq().to_string()));
   }
   if (!context_->resumed_from().empty()) manager_->protect(context_->resumed_from());
   // Fail now, not an epoch later at the first save; then sweep leftovers of a
@@ -129,10 +125,13 @@ void CheckpointCallback::wait() { manager_->wait(); }
 
 std::string CheckpointCallback::state_key() const {
   const auto& o = options();
+  // A time trigger is named only when there is one, so keys of earlier files stay the same.
+  const double seconds = o.save_freq().every_seconds();
   return fmt::format("CheckpointCallback{{filepath={}, monitor={}, mode={}, save_best_only={}, save_weights_only={}, "
-                     "save_freq={}, save_top_k={}, max_to_keep={}}}",
+                     "save_freq={}{}, save_top_k={}, max_to_keep={}}}",
                      o.filepath(), o.monitor(), to_string(o.mode()), o.save_best_only(), o.save_weights_only(),
-                     o.save_freq().every_n_batches(), o.save_top_k(), o.max_to_keep());
+                     o.save_freq().every_n_batches(), seconds > 0 ? fmt::format(", save_seconds={}", seconds) : "",
+                     o.save_top_k(), o.max_to_keep());
 }
 
 c10::IValue CheckpointCallback::state_dict() const { return manager_->state_dict(); }
