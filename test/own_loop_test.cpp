@@ -248,8 +248,10 @@ TEST_F(OwnLoopTest, OptimizersAndModulesAddedByReference) {
   load(state, path("r.pt"));
   EXPECT_TRUE(torch::equal(net.fc->weight, weight));
   EXPECT_DOUBLE_EQ(adam.param_groups()[0].options().get_lr(), 0.01);
-  const auto& adam_state = adam.state().at(net.fc->weight.unsafeGetTensorImpl());
-  EXPECT_EQ(static_cast<const torch::optim::AdamParamState&>(*adam_state).step(), 1);
+  ASSERT_EQ(adam.state().size(), 2u);
+  for (const auto& [key, param_state] : adam.state()) {
+    EXPECT_EQ(static_cast<const torch::optim::AdamParamState&>(*param_state).step(), 1);
+  }
 }
 
 TEST_F(OwnLoopTest, ManagerSavesWithoutLogsFromTrackedValues) {
@@ -481,7 +483,7 @@ TEST_F(OwnLoopTest, AMismatchNamesEveryItemOnce) {
     EXPECT_EQ(what.find("Checkpoint Checkpoint"), std::string::npos) << what;
     EXPECT_EQ(what.find(path("gan.pt")), what.rfind(path("gan.pt"))) << "the path is named once: " << what;
     EXPECT_NE(what.find("2 items do not load"), std::string::npos) << what;
-    EXPECT_NE(what.find("[generator] does not match the model: 4 mismatching key(s): '0.bias'"), std::string::npos)
+    EXPECT_NE(what.find("[generator] does not match the model: 3 mismatching key(s): '0.bias'"), std::string::npos)
         << what;
     EXPECT_NE(what.find("[g_opt]"), std::string::npos) << what;
     EXPECT_EQ(what.find("[discriminator]"), std::string::npos) << what;

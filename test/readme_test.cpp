@@ -50,14 +50,16 @@ void custom_steps(TwoInputs model, std::shared_ptr<torch::optim::Adam> adam) {
 /// Returns how many steps it trained.
 int64_t own_loop(int64_t steps) {
   torch::nn::Linear generator(4, 4), discriminator(4, 1);
-  auto g_opt = std::make_shared<torch::optim::Adam>(generator->parameters(), 1e-3);
-  auto d_opt = std::make_shared<torch::optim::Adam>(discriminator->parameters(), 1e-3);
+  torch::optim::Adam g_opt(generator->parameters(), 1e-3);
+  torch::optim::Adam d_opt(discriminator->parameters(), 1e-3);
+  auto dataset = torch::data::datasets::TensorDataset(torch::randn({640, 4}))
+                     .map(torch::data::transforms::Stack<torch::data::TensorExample>());
   int64_t trained = 0;
-  auto forward_and_backward = [&] {
+  auto forward_and_backward = [&](const torch::data::TensorExample& batch) {
     ++trained;
-    g_opt->zero_grad();
-    d_opt->zero_grad();
-    auto loss = discriminator(generator(torch::randn({8, 4}))).mean();
+    g_opt.zero_grad();
+    d_opt.zero_grad();
+    auto loss = discriminator(generator(batch.data)).mean();
     loss.backward();
     return loss.item<double>();
   };
