@@ -3,7 +3,7 @@
 // optimizers (held by value, with an lr decay by hand), the sampler's epoch order and
 // position, the RNG, and the step, epoch and loss tracked by reference, in one
 // Checkpoint; a CheckpointManager saving in the background every N steps, keeping the 3
-// best by generator loss, and resuming from the newest file on start. Kill it at any
+// newest, and resuming from the newest file on start. Kill it at any
 // point and run it again: it ends bitwise where an uninterrupted run ends
 // (examples/dcgan_resume.sh checks that).
 //
@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
 
     torchfit::CheckpointManager manager(
         torchfit::CheckpointOptions(out + "/{step:06d}-{g_loss:.3f}.pt")
-            .monitor("g_loss").mode(torchfit::Mode::Min).save_top_k(3).save_last(true).async_save(true)
+            .max_to_keep(3).save_last(true).async_save(true)  // resume from the newest
             .save_freq(torchfit::SaveFreq::batches(save_every))
             .on_commit([](const std::string& path) { torchfit::logger()->info("committed {}", path); }));
     if (auto from = manager.restore_latest(state)) {
@@ -137,8 +137,7 @@ int main(int argc, char** argv) {
       if (step < steps) ++epoch;
     }
     manager.wait();
-    torchfit::logger()->info("done; best generator loss {:.4f}; newest {}", manager.best().value_or(NAN),
-                             manager.last_saved_path());
+    torchfit::logger()->info("done at step {} (epoch {}); newest {}", step, epoch + 1, manager.last_saved_path());
     if (!final_file.empty()) torchfit::save(state, final_file);
   } catch (const std::exception& e) {
     std::cerr << "dcgan: " << e.what() << "\n";
