@@ -23,7 +23,7 @@
 #include <torchfit/torchfit.h>
 
 #include "bench_util.h"
-#include "format/zip.h"  // allocate_for_filling, as large loads use it
+#include "sys/posix_file.h"  // allocate_for_filling, as large loads use it
 
 namespace fs = std::filesystem;
 using namespace torchfit;

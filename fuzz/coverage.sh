@@ -20,4 +20,4 @@ llvm-profdata merge -sparse build-cov/*.profraw -o build-cov/reader.profdata
 llvm-cov report build-cov/reader_fuzzer -instr-profile=build-cov/reader.profdata \
   src/format/zip.cpp src/format/checkpoint_file.cpp src/format/python_pickle.cpp src/format/libtorch_pickle.cpp \
   src/format/optimizer_state.cpp src/format/optimizer_archive.cpp src/format/module_archive.cpp \
-  src/format/state_dict.cpp src/engine/checkpoint.cpp src/engine/checkpoint_manager.cpp
+  src/format/state_dict.cpp src/sys/posix_file.cpp src/engine/checkpoint.cpp src/engine/checkpoint_manager.cpp

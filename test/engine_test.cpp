@@ -16,38 +16,6 @@
 namespace torchfit::test {
 namespace {
 
-/// Checkpoints kept in memory (deep copies), to run the manager on another storage.
-class MemoryCheckpointIO : public CheckpointIO {
- public:
-  void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit) override {
-    files_[path] = {checkpoint.deepcopy(), ++clock_};
-    if (on_commit) on_commit();
-  }
-  c10::IValue load(const std::string& path) override {
-    auto it = files_.find(path);
-    if (it == files_.end()) throw CheckpointError("no checkpoint " + path + " in memory");
-    return it->second.first.deepcopy();
-  }
-  void remove(const std::string& path) override { files_.erase(path); }
-  std::vector<std::string> list(const std::string&) override {
-    std::vector<std::pair<int64_t, std::string>> order;
-    for (const auto& [path, file] : files_) order.emplace_back(file.second, path);
-    std::sort(order.rbegin(), order.rend());
-    std::vector<std::string> out;
-    for (auto& [clock, path] : order) out.push_back(path);
-    return out;
-  }
-  std::vector<std::string> paths() const {
-    std::vector<std::string> out;
-    for (const auto& [path, file] : files_) out.push_back(path);
-    return out;
-  }
-
- private:
-  std::map<std::string, std::pair<c10::IValue, int64_t>> files_;
-  int64_t clock_ = 0;
-};
-
 /// A GAN-like pair: two models and two optimizers with their own options.
 struct Pair {
   Mlp generator, discriminator;

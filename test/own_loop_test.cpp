@@ -169,11 +169,11 @@ TEST_F(OwnLoopTest, ASamplerOverAnotherSizeIsRefusedByName) {
   RandomSampler other(11);
   Checkpoint restored;
   restored.add("sampler", other);
-  EXPECT_THROW_MSG(load(restored, path("s.pt")), CheckpointError, "[sampler]: the saved sampler sampled 10 examples, this one samples 11");
+  EXPECT_THROW_MSG(load(restored, path("s.pt")), CheckpointError, "[sampler]: the saved sampler: it sampled 10 examples, this one samples 11");
   SequentialSampler sequential(10);
   Checkpoint wrong_kind;
   wrong_kind.add("sampler", sequential);
-  EXPECT_THROW_MSG(load(wrong_kind, path("s.pt")), CheckpointError, "is a random sampler, this one is sequential");
+  EXPECT_THROW_MSG(load(wrong_kind, path("s.pt")), CheckpointError, "the saved sampler: it is a random sampler, this one is sequential");
 }
 
 TEST_F(OwnLoopTest, TrackedVariablesAreReadAtSaveAndWrittenByLoad) {

@@ -3,8 +3,10 @@
 
 #include <sys/types.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -15,17 +17,22 @@
 
 #include <torchfit/torchfit.h>
 
-/// Expects `statement` to throw `exception` whose message contains `substring` (as fmt's
-/// EXPECT_THROW_MSG, with a substring instead of the whole message).
-#define EXPECT_THROW_MSG(statement, exception, substring)                                        \
-  do {                                                                                          \
-    try {                                                                                       \
-      statement;                                                                                \
-      ADD_FAILURE() << "Expected " #statement " to throw " #exception;                          \
-    } catch (const exception& e) {                                                             \
-      EXPECT_NE(std::string(e.what()).find(substring), std::string::npos)                       \
-          << "the message of " #exception " does not contain \"" << (substring) << "\": " << e.what(); \
-    }                                                                                           \
+/// Expects `statement` to throw `exception` whose message contains each of the substrings
+/// that follow (as fmt's EXPECT_THROW_MSG, with parts of the message instead of all of it):
+///
+///     EXPECT_THROW_MSG(load(state, file), CheckpointError, "missing item(s) 'model'", file);
+#define EXPECT_THROW_MSG(statement, exception, ...)                                                    \
+  do {                                                                                                \
+    try {                                                                                             \
+      statement;                                                                                      \
+      ADD_FAILURE() << "Expected " #statement " to throw " #exception;                                \
+    } catch (const exception& thrown_) {                                                              \
+      const std::string message_ = thrown_.what();                                                    \
+      for (const std::string& part_ : std::initializer_list<std::string>{__VA_ARGS__}) {                \
+        EXPECT_NE(message_.find(part_), std::string::npos)                                            \
+            << "the " #exception " does not say \"" << part_ << "\": " << message_;                  \
+      }                                                                                               \
+    }                                                                                                 \
   } while (false)
 
 namespace torchfit::test {
@@ -117,6 +124,39 @@ struct Harness {
   std::unique_ptr<Trainer> trainer;
 };
 Harness make_setup(double lr = 0.1);
+
+/// Checkpoints kept in memory (deep copies), to run the manager and BackupAndRestore
+/// on a storage that is not files.
+class MemoryCheckpointIO : public CheckpointIO {
+ public:
+  void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit) override {
+    files_[path] = {checkpoint.deepcopy(), ++clock_};
+    if (on_commit) on_commit();
+  }
+  c10::IValue load(const std::string& path) override {
+    auto it = files_.find(path);
+    if (it == files_.end()) throw CheckpointError("no checkpoint " + path + " in memory");
+    return it->second.first.deepcopy();
+  }
+  void remove(const std::string& path) override { files_.erase(path); }
+  std::vector<std::string> list(const std::string&) override {
+    std::vector<std::pair<int64_t, std::string>> order;
+    for (const auto& [path, file] : files_) order.emplace_back(file.second, path);
+    std::sort(order.rbegin(), order.rend());
+    std::vector<std::string> out;
+    for (auto& [clock, path] : order) out.push_back(path);
+    return out;
+  }
+  std::vector<std::string> paths() const {
+    std::vector<std::string> out;
+    for (const auto& [path, file] : files_) out.push_back(path);
+    return out;
+  }
+
+ private:
+  std::map<std::string, std::pair<c10::IValue, int64_t>> files_;
+  int64_t clock_ = 0;
+};
 
 /// Seeds torch and provides a fresh temporary directory per test.
 class TorchfitTest : public ::testing::Test {

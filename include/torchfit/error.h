@@ -1,6 +1,12 @@
 #pragma once
 /// \file
 /// The exceptions torchfit throws. Catch `torchfit::Error` to catch them all.
+///
+///     try {
+///       torchfit::load(state, path);
+///     } catch (const torchfit::CheckpointError& e) {  // names the path and what is wrong
+///       ...
+///     }
 
 #include <stdexcept>
 #include <string>

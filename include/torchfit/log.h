@@ -3,6 +3,8 @@
 /// torchfit's logger. All library output goes through the spdlog logger named
 /// "torchfit"; fetch it with `spdlog::get("torchfit")` or `torchfit::logger()`
 /// to change its level or sinks.
+///
+///     torchfit::logger()->set_level(spdlog::level::warn);   // or add a file sink
 
 #include <cstdio>
 #include <memory>

@@ -1,6 +1,9 @@
 #pragma once
 /// \file
 /// Logs passed to callbacks and the History that `Trainer::fit` returns.
+///
+///     torchfit::History history = trainer.fit(x, y, options);
+///     double last = history.history.at("val_loss").back();
 
 #include <map>
 #include <string>

@@ -1,6 +1,8 @@
 #pragma once
 /// \file
 /// The direction in which a monitored quantity improves.
+///
+///     torchfit::CheckpointOptions("best.pt").monitor("val_f1").mode(torchfit::Mode::Max)
 
 #include <string_view>
 

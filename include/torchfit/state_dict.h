@@ -1,6 +1,8 @@
 #pragma once
 /// \file
 /// A module's weights by name, as Python's `state_dict()` has them.
+///
+///     torchfit::TensorMap weights = torchfit::state_dict(*model);  // {"fc1.bias": ..., "fc1.weight": ...}
 
 #include <map>
 #include <string>

@@ -19,6 +19,7 @@
 #include "torchfit/engine/checkpoint_options.h"
 #include "torchfit/engine/metric_monitor.h"
 #include "torchfit/error.h"
+#include "torchfit/fit_options.h"
 #include "torchfit/io/checkpoint_io.h"
 #include "torchfit/log.h"
 #include "torchfit/logs.h"

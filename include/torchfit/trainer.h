@@ -27,8 +27,10 @@
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
 
+#include "torchfit/arg.h"
 #include "torchfit/callback.h"
 #include "torchfit/engine/checkpoint.h"
+#include "torchfit/fit_options.h"
 #include "torchfit/logs.h"
 #include "torchfit/training_context.h"
 #include "torchfit/metrics.h"
@@ -48,122 +50,6 @@ namespace detail {
 class CheckpointFile;
 class Collectives;
 
-template <typename T>
-struct is_smart_pointer : std::false_type {};
-template <typename T, typename D>
-struct is_smart_pointer<std::unique_ptr<T, D>> : std::true_type {};
-template <typename T>
-struct is_smart_pointer<std::shared_ptr<T>> : std::true_type {};
-
-/// A loader passed by reference, raw pointer or smart pointer.
-template <typename T>
-decltype(auto) deref(T& value) {
-  using Plain = std::remove_cv_t<T>;
-  if constexpr (std::is_pointer_v<Plain> || is_smart_pointer<Plain>::value) {
-    return *value;
-  } else {
-    return (value);
-  }
-}
-
-/// The loader behind `T` (a loader, or a pointer to one).
-template <typename T>
-using loader_t = std::remove_reference_t<decltype(deref(std::declval<std::remove_reference_t<T>&>()))>;
-
-/// True for what the loader overloads take: anything but tensors that has begin() and end().
-template <typename T, typename = void>
-struct is_loader : std::false_type {};
-template <typename T>
-struct is_loader<T, std::void_t<decltype(std::declval<loader_t<T>&>().begin()),
-                                decltype(std::declval<loader_t<T>&>().end())>>
-    : std::bool_constant<!std::is_convertible_v<T, at::Tensor>> {};
-
-/// Batches the default steps take: `Example<Tensor, Tensor>`, or a vector of
-/// them (a loader without `Stack`), stacked.
-template <typename Batch>
-inline constexpr bool is_example_batch =
-    std::is_same_v<Batch, torch::data::Example<at::Tensor, at::Tensor>> ||
-    std::is_same_v<Batch, std::vector<torch::data::Example<at::Tensor, at::Tensor>>>;
-
-std::pair<at::Tensor, at::Tensor> stack_examples(
-    const std::vector<torch::data::Example<at::Tensor, at::Tensor>>& examples);
-
-template <typename Batch>
-std::pair<at::Tensor, at::Tensor> unpack_batch(const Batch& batch) {
-  if constexpr (std::is_same_v<Batch, torch::data::Example<at::Tensor, at::Tensor>>) {
-    return {batch.data, batch.target};
-  } else {
-    return stack_examples(batch);
-  }
-}
-
-/// One batch as the Trainer sees it.
-struct Batch {
-  /// Inputs, targets and sample weights, for the default steps (when the data
-  /// yields example batches).
-  at::Tensor x, y, sample_weight;
-  /// The batch the data yielded, for custom steps; valid until the next batch.
-  const void* item = nullptr;
-};
-
-/// Batches in passes over a dataset: the Trainer pulls them one at a time, so an
-/// epoch of `steps_per_epoch` batches can stop mid-pass and the next continue it.
-class BatchSource {
- public:
-  virtual ~BatchSource();
-  /// Starts pass `pass` (a tensor source's shuffle order depends on it).
-  virtual void begin_pass(int64_t pass) = 0;
-  /// The pass's next batch; false at the end of the pass.
-  virtual bool next(Batch& batch) = 0;
-  /// Skips up to `count` batches of the current pass; returns how many it skipped.
-  virtual int64_t skip(int64_t count);
-  /// Batches per pass, when known without running one.
-  virtual std::optional<int64_t> batches_per_pass() const { return std::nullopt; }
-  /// The type of `Batch::item`, and whether `x` and `y` are filled.
-  virtual const std::type_info& batch_type() const = 0;
-  virtual bool has_tensors() const = 0;
-};
-
-/// A LibTorch data loader (or any range of batches), by reference.
-template <typename Loader>
-class LoaderSource final : public BatchSource {
- public:
-  using Iterator = decltype(std::declval<Loader&>().begin());
-  using Item = std::decay_t<decltype(*std::declval<Iterator&>())>;
-
-  explicit LoaderSource(Loader& loader) : loader_(loader) {}
-  // The loader's iterator is taken at the first batch, not here, so a pass that
-  // is begun but never read starts no prefetching.
-  void begin_pass(int64_t) override {
-    current_.reset();
-    started_ = false;
-    advance_ = false;
-  }
-  bool next(Batch& batch) override {
-    if (!started_) {
-      current_.emplace(loader_.begin());
-      started_ = true;
-    } else if (advance_) {  // only now, so the previous batch stayed valid until this call
-      ++*current_;
-    }
-    advance_ = false;
-    if (*current_ == loader_.end()) return false;
-    const Item& item = **current_;
-    advance_ = true;
-    batch.item = &item;
-    if constexpr (is_example_batch<Item>) std::tie(batch.x, batch.y) = unpack_batch(item);
-    return true;
-  }
-  const std::type_info& batch_type() const override { return typeid(Item); }
-  bool has_tensors() const override { return is_example_batch<Item>; }
-
- private:
-  Loader& loader_;
-  std::optional<Iterator> current_;
-  bool started_ = false;
-  bool advance_ = false;
-};
-
 /// A custom step with the batch type it takes, type-erased.
 template <typename Signature>
 struct ErasedStep {
@@ -180,129 +66,7 @@ template <typename T>
 struct has_tensor_forward<T, std::void_t<decltype(std::declval<T&>().forward(std::declval<at::Tensor>()))>>
     : std::is_convertible<decltype(std::declval<T&>().forward(std::declval<at::Tensor>())), at::Tensor> {};
 
-/// A source over `loader` (a loader, or a pointer to one) that refers to it.
-template <typename T>
-std::shared_ptr<BatchSource> make_loader_source(T& loader) {
-  return std::make_shared<LoaderSource<loader_t<T>>>(deref(loader));
-}
 }  // namespace detail
-
-/// Options of `Trainer::fit`, with chainable setters.
-class FitOptions {
- public:
-  /// Run until this many epochs in total have completed (as Keras's `epochs`).
-  FitOptions& epochs(int64_t value) { epochs_ = value; return *this; }
-  /// Samples per batch of tensor inputs (a data loader batches itself: setting it
-  /// for one is a ValueError). Also the validation batch size, unless set below.
-  FitOptions& batch_size(int64_t value) {
-    batch_size_ = value;
-    batch_size_set_ = true;
-    return *this;
-  }
-  /// Shuffle tensor inputs before each epoch (a ValueError for data loaders).
-  FitOptions& shuffle(bool value) {
-    shuffle_ = value;
-    shuffle_set_ = true;
-    return *this;
-  }
-  /// Seed of the per-epoch shuffle; by default drawn from torch's global generator.
-  FitOptions& seed(uint64_t value) { seed_ = value; return *this; }
-  FitOptions& validation_data(at::Tensor x, at::Tensor y) {
-    validation_data_ = std::make_pair(std::move(x), std::move(y));
-    validation_loader_.reset();
-    return *this;
-  }
-  /// Validates on a LibTorch data loader (or a pointer to one), which must outlive the fit.
-  template <typename Loader, typename = std::enable_if_t<detail::is_loader<Loader>::value>>
-  FitOptions& validation_data(Loader& loader) {
-    validation_loader_ = detail::make_loader_source(loader);
-    validation_data_.reset();
-    return *this;
-  }
-  /// Fraction of the tensor inputs, taken from the end before shuffling, held out
-  /// for validation. Must be in [0, 1); not for data loaders.
-  FitOptions& validation_split(double value) { validation_split_ = value; return *this; }
-  /// Batch size of tensor validation data; by default `batch_size`.
-  FitOptions& validation_batch_size(int64_t value) { validation_batch_size_ = value; return *this; }
-  /// As Keras: batches per epoch. The data is not restarted at each epoch: the
-  /// next epoch continues where this one stopped, and a pass that runs out ends
-  /// its epoch early (with a warning) and starts again in the next. By default
-  /// an epoch is one pass.
-  FitOptions& steps_per_epoch(int64_t value) { steps_per_epoch_ = value; return *this; }
-  /// As Keras: validate after every `value`-th epoch (epochs value, 2 * value, ...).
-  FitOptions& validation_freq(int64_t value) { validation_freq_ = value; return *this; }
-  /// Per-sample weights of tensor inputs [N], as Keras's `sample_weight`: they
-  /// weigh each sample's loss (the loss must return one value per sample) and
-  /// are passed to stateful metrics.
-  FitOptions& sample_weight(at::Tensor value) { sample_weight_ = std::move(value); return *this; }
-  /// Weights by target class, as Keras's `class_weight`: each training sample's
-  /// weight is multiplied by its class's (every class met must be listed).
-  FitOptions& class_weight(std::map<int64_t, double> value) { class_weight_ = std::move(value); return *this; }
-  /// Default step (and `StepContext::minimize`): rescale the gradients so that
-  /// their global L2 norm is at most `max_norm` (`torch::nn::utils::clip_grad_norm_`).
-  FitOptions& clip_grad_norm(double max_norm) { clip_grad_norm_ = max_norm; return *this; }
-  /// Clamp each gradient element into [-value, value] (`clip_grad_value_`).
-  FitOptions& clip_grad_value(double value) { clip_grad_value_ = value; return *this; }
-  /// Sum the gradients of `n` batches (each loss divided by n) before each
-  /// optimizer step, as Keras 3's optimizer option. An epoch's leftover batches
-  /// step at its end.
-  FitOptions& gradient_accumulation_steps(int64_t n) { gradient_accumulation_steps_ = n; return *this; }
-  FitOptions& callbacks(std::vector<std::shared_ptr<Callback>> value) {
-    callbacks_ = std::move(value);
-    return *this;
-  }
-  /// Epoch to start at. By default 0, or the epoch restored by `Trainer::load_checkpoint`.
-  FitOptions& initial_epoch(int64_t value) { initial_epoch_ = value; return *this; }
-  /// 0: silent, 1: progress, 2: one line per epoch.
-  FitOptions& verbose(int value) { verbose_ = value; return *this; }
-
-  int64_t epochs() const { return epochs_; }
-  int64_t batch_size() const { return batch_size_; }
-  bool shuffle() const { return shuffle_; }
-  const std::optional<uint64_t>& seed() const { return seed_; }
-  const std::optional<std::pair<at::Tensor, at::Tensor>>& validation_data() const {
-    return validation_data_;
-  }
-  /// The validation loader, if one was given.
-  const std::shared_ptr<detail::BatchSource>& validation_loader() const { return validation_loader_; }
-  double validation_split() const { return validation_split_; }
-  int64_t validation_batch_size() const { return validation_batch_size_.value_or(batch_size_); }
-  const std::optional<int64_t>& steps_per_epoch() const { return steps_per_epoch_; }
-  int64_t validation_freq() const { return validation_freq_; }
-  const at::Tensor& sample_weight() const { return sample_weight_; }
-  const std::map<int64_t, double>& class_weight() const { return class_weight_; }
-  const std::optional<double>& clip_grad_norm() const { return clip_grad_norm_; }
-  const std::optional<double>& clip_grad_value() const { return clip_grad_value_; }
-  int64_t gradient_accumulation_steps() const { return gradient_accumulation_steps_; }
-  const std::vector<std::shared_ptr<Callback>>& callbacks() const { return callbacks_; }
-  const std::optional<int64_t>& initial_epoch() const { return initial_epoch_; }
-  int verbose() const { return verbose_; }
-  /// Whether `batch_size` / `shuffle` were set (they are errors for data loaders).
-  bool batch_size_set() const { return batch_size_set_; }
-  bool shuffle_set() const { return shuffle_set_; }
-
- private:
-  int64_t epochs_ = 1;
-  int64_t batch_size_ = 32;
-  bool batch_size_set_ = false;
-  bool shuffle_ = true;
-  bool shuffle_set_ = false;
-  std::optional<uint64_t> seed_;
-  std::optional<std::pair<at::Tensor, at::Tensor>> validation_data_;
-  std::shared_ptr<detail::BatchSource> validation_loader_;
-  double validation_split_ = 0.0;
-  std::optional<int64_t> validation_batch_size_;
-  std::optional<int64_t> steps_per_epoch_;
-  int64_t validation_freq_ = 1;
-  at::Tensor sample_weight_;
-  std::map<int64_t, double> class_weight_;
-  std::optional<double> clip_grad_norm_;
-  std::optional<double> clip_grad_value_;
-  int64_t gradient_accumulation_steps_ = 1;
-  std::vector<std::shared_ptr<Callback>> callbacks_;
-  std::optional<int64_t> initial_epoch_;
-  int verbose_ = 0;
-};
 
 /// Trains a module with an optimizer and a loss, firing callbacks in Keras order.
 class Trainer : public TrainingContext {
@@ -429,6 +193,7 @@ class Trainer : public TrainingContext {
   /// What BackupAndRestore calls in `on_train_begin`: `load_checkpoint` into the
   /// running fit, History included.
   void restore_backup(const std::string& path) override;
+  void restore_backup(const c10::IValue& state, const std::string& path) override;
   /// Writes a weights-only checkpoint of the model.
   void save_weights(const std::string& path) const;
   /// Writes a full checkpoint: model, optimizer, trainer state and the state of
@@ -514,6 +279,9 @@ class Trainer : public TrainingContext {
   /// Default steps.
   void default_train_step(StepContext& step, const at::Tensor& x, const at::Tensor& y);
   void default_test_step(StepContext& step, const at::Tensor& x, const at::Tensor& y);
+  /// One batch through the custom step or the default one (training or evaluation); returns the
+  /// step's extra logs. Throws `ValueError` when the step recorded no loss.
+  Logs run_step(StepContext& step, bool training, const detail::Batch& data, const at::Device& device);
   /// What StepContext does.
   at::Tensor forward_checked(const at::Tensor& x) const;
   at::Tensor compute_loss(const at::Tensor& output, const at::Tensor& target, const at::Tensor& sample_weight) const;

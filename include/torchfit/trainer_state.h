@@ -1,6 +1,8 @@
 #pragma once
 /// \file
 /// Training progress, as kept by Trainer and saved in full checkpoints.
+///
+///     const torchfit::TrainerState& progress = trainer.state();  // epoch, global_step, batch_in_epoch, ...
 
 #include <cstdint>
 #include <map>

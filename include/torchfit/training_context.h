@@ -3,6 +3,10 @@
 /// `TrainingContext`: what callbacks see of a training run. `Trainer` implements
 /// it; so can a hand-written loop, which can then drive torchfit's callbacks
 /// (EarlyStopping, ReduceLROnPlateau, CheckpointCallback, ...) itself.
+///
+///     class MyLoop : public torchfit::TrainingContext { ... };  // model(), optimizer(), stop_training(), ...
+///     torchfit::CallbackList callbacks({early_stopping});
+///     callbacks.set_context(&loop);
 
 #include <string>
 #include <vector>
@@ -67,6 +71,9 @@ class TrainingContext {
   virtual Checkpoint checkpoint(const CheckpointScope& scope = CheckpointScope()) = 0;
   /// Restores a full checkpoint into the running loop (BackupAndRestore).
   virtual void restore_backup(const std::string& path) = 0;
+  /// Restores a full checkpoint already read (from a storage that is not files), `path`
+  /// naming it. The default throws `Error`: override it to back up to such storage.
+  virtual void restore_backup(const c10::IValue& state, const std::string& path);
   /// The file the run resumed from (retention never deletes it); empty if none.
   virtual const std::string& resumed_from() const = 0;
 };

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <torch/serialize/archive.h>
 
+#include "format/state_fields.h"
 #include "torchfit/engine/checkpoint.h"
 #include "torchfit/error.h"
 
@@ -66,35 +67,26 @@ class Sampler::State : public Stateful {
   }
 
   void check_state_dict(const c10::IValue& state, const std::string& where) const override {
-    auto fail = [&](const std::string& what) {
-      return CheckpointError(fmt::format("{}: the saved sampler {}", where, what));
-    };
-    if (!state.isGenericDict()) throw fail(fmt::format("is a {}, not a dict", state.tagKind()));
-    const auto& dict = state.toGenericDict();
-    auto field = [&](const char* name, bool (c10::IValue::*is)() const) {
-      auto it = dict.find(name);
-      if (it == dict.end() || !(it->value().*is)()) throw fail(fmt::format("has no valid '{}'", name));
-      return it->value();
-    };
-    const auto kind = field("kind", &c10::IValue::isString).toStringRef();
-    if (kind != kind_name(kind_)) throw fail(fmt::format("is a {} sampler, this one is {}", kind, kind_name(kind_)));
-    const int64_t size = field("size", &c10::IValue::isInt).toInt();
+    const detail::StateFields fields(state, where, "the saved sampler");
+    const auto kind = fields.string("kind");
+    if (kind != kind_name(kind_)) fields.fail(fmt::format("it is a {} sampler, this one is {}", kind, kind_name(kind_)));
+    const int64_t size = fields.integer("size");
     if (size != static_cast<int64_t>(size_)) {
-      throw fail(fmt::format("sampled {} examples, this one samples {}", size, size_));
+      fields.fail(fmt::format("it sampled {} examples, this one samples {}", size, size_));
     }
-    if (field("epoch", &c10::IValue::isInt).toInt() < 0) throw fail("has a negative epoch");
-    field("finished", &c10::IValue::isBool);
-    const auto order = field("order", &c10::IValue::isTensor).toTensor();
+    if (fields.integer("epoch") < 0) fields.fail("its epoch is negative");
+    fields.boolean("finished");
+    const auto order = fields.tensor("order");
     if (order.dim() != 1 || order.scalar_type() != at::kLong || order.device().type() != at::kCPU) {
-      throw fail("order is not a 1-D int64 CPU tensor");
+      fields.fail("its order is not a 1-D int64 CPU tensor");
     }
     const int64_t length = kind_ == Kind::Sequential ? size : order.numel();
     if (kind_ != Kind::Sequential && order.numel() > 0 &&
         (order.min().item<int64_t>() < 0 || order.max().item<int64_t>() >= size)) {
-      throw fail(fmt::format("order holds indices outside [0, {})", size));
+      fields.fail(fmt::format("its order holds indices outside [0, {})", size));
     }
-    const int64_t index = field("index", &c10::IValue::isInt).toInt();
-    if (index < 0 || index > length) throw fail(fmt::format("position {} is outside [0, {}]", index, length));
+    const int64_t index = fields.integer("index");
+    if (index < 0 || index > length) fields.fail(fmt::format("its position {} is outside [0, {}]", index, length));
   }
 
   void load_state_dict(const c10::IValue& state) override {

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <filesystem>
 #include <limits>
 #include <mutex>
 #include <set>
@@ -12,6 +11,8 @@
 #include <spdlog/spdlog.h>
 
 #include "engine/filepath_template.h"
+#include "format/state_fields.h"
+#include "sys/paths.h"
 #include "io/atomic_file.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
@@ -337,8 +338,8 @@ std::vector<std::string> CheckpointManager::candidates() {
 }
 
 void CheckpointManager::check_directory() {
-  if (directory_checked_ || options_.io()) return;  // a storage of the user's need not be a directory
-  detail::check_writable_directory(template_->literal_directory(), "CheckpointManager " + options_.filepath());
+  if (directory_checked_) return;
+  io_->prepare(template_->literal_directory(), "CheckpointManager " + options_.filepath());
   directory_checked_ = true;
 }
 
@@ -359,8 +360,7 @@ std::optional<std::string> CheckpointManager::restore_latest(Checkpoint& state) 
         // delete this intact one.
         throw;
       } catch (const CheckpointError& e) {
-        std::error_code ec;
-        if (!std::filesystem::exists(path, ec)) {
+        if (!io_->exists(path)) {
           vanished = true;
           continue;
         }
@@ -430,32 +430,25 @@ c10::IValue CheckpointManager::state_dict() const {
 }
 
 void CheckpointManager::check_state_dict(const c10::IValue& state, const std::string& where) const {
-  auto fail = [&](const std::string& what) {
-    return CheckpointError(fmt::format("{}: corrupt CheckpointManager state: {}", where, what));
-  };
-  if (!state.isGenericDict()) throw fail(fmt::format("a {}, not a dict", state.tagKind()));
-  const auto& dict = state.toGenericDict();
-  auto expect = [&](const char* name, bool (c10::IValue::*is)() const) {
-    auto it = dict.find(name);
-    if (it == dict.end() || !(it->value().*is)()) throw fail(fmt::format("field '{}' is missing or of the wrong type", name));
-    return it->value();
-  };
-  auto best = dict.find("best");
-  if (best == dict.end() || !(best->value().isNone() || best->value().isDouble())) throw fail("field 'best'");
-  expect("last_saved_path", &c10::IValue::isString);
-  const auto path_list = expect("top_k_paths", &c10::IValue::isList);
-  const auto score_list = expect("top_k_scores", &c10::IValue::isList);
+  const detail::StateFields fields(state, where, "corrupt CheckpointManager state");
+  auto best = fields.dict().find("best");
+  if (best == fields.dict().end() || !(best->value().isNone() || best->value().isDouble())) {
+    fields.fail("field 'best' is missing or neither None nor a float");
+  }
+  fields.string("last_saved_path");
+  const auto path_list = fields.list("top_k_paths");
+  const auto score_list = fields.list("top_k_scores");
   auto paths = path_list.toListRef();
   auto scores = score_list.toListRef();
-  if (paths.size() != scores.size()) throw fail("top_k_paths and top_k_scores differ in length");
+  if (paths.size() != scores.size()) fields.fail("top_k_paths and top_k_scores differ in length");
   for (size_t i = 0; i < paths.size(); ++i) {
-    if (!paths[i].isString() || !scores[i].isDouble()) throw fail(fmt::format("top-k entry {}", i));
+    if (!paths[i].isString() || !scores[i].isDouble()) fields.fail(fmt::format("top-k entry {}", i));
   }
-  const auto recent = expect("recent", &c10::IValue::isList);  // named: the loop views its list
+  const auto recent = fields.list("recent");  // named: the loop views its list
   for (const auto& path : recent.toListRef()) {
-    if (!path.isString()) throw fail("an entry of 'recent' is not a string");
+    if (!path.isString()) fields.fail("an entry of 'recent' is not a string");
   }
-  expect("calls_since_last_save", &c10::IValue::isInt);
+  fields.integer("calls_since_last_save");
 }
 
 void CheckpointManager::load_state_dict(const c10::IValue& state) {
@@ -466,9 +459,7 @@ void CheckpointManager::load_state_dict(const c10::IValue& state) {
   // Retention deletes what the record names, and a file is no authority on that: only paths this
   // manager's template could have written stay (no "..", no other directory).
   auto ours = [&](const std::string& path) {
-    const std::filesystem::path parts(path);
-    const bool climbs = std::any_of(parts.begin(), parts.end(), [](const auto& part) { return part == ".."; });
-    if (!climbs && template_->matches(path)) return true;
+    if (!detail::climbs(path) && template_->matches(path)) return true;
     logger()->warn("CheckpointManager {}: the restored record names {}, which is not a file of this template; "
                    "it is left alone",
                    options_.filepath(), path);

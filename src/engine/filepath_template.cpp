@@ -6,10 +6,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
 #include <stdexcept>
 
 #include <fmt/format.h>
+
+#include "sys/paths.h"
 
 #include "torchfit/error.h"
 
@@ -256,7 +257,7 @@ FilepathTemplate::FilepathTemplate(std::string pattern) : pattern_(std::move(pat
 
 std::string FilepathTemplate::literal_directory() const {
   const bool starts_literal = !pieces_.empty() && !pieces_.front().is_field;
-  return std::filesystem::path(starts_literal ? pieces_.front().text : "").parent_path().string();
+  return parent_directory(starts_literal ? pieces_.front().text : "");
 }
 
 std::string FilepathTemplate::format(const Logs& values, const std::set<std::string>& integers) const {

@@ -4,6 +4,8 @@
 #include <cstddef>
 #include <string>
 
+#include "sys/posix_file.h"  // errno_message
+
 namespace torchfit::detail {
 
 class ByteSink {
@@ -25,8 +27,5 @@ class StringSink : public ByteSink {
  private:
   std::string name_ = "(memory)";
 };
-
-/// "<what> <path>: <strerror(errno)>"
-std::string errno_message(const std::string& what, const std::string& path, int error);
 
 }  // namespace torchfit::detail

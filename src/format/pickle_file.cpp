@@ -72,7 +72,7 @@ std::optional<c10::IValue> untyped(const c10::IValue& value, int depth = 0) {
 
 }  // namespace
 
-void write_pickle(ChecksumSink& sink, const c10::IValue& value) {
+void write_pickle(ChecksumSink& sink, const c10::IValue& value, KnownCrcs* known_crcs) {
   std::vector<char> pickle;
   // Untagged, as Python pickles: Python's weights-only unpickler refuses restore_type_tag.
   torch::jit::Pickler pickler(
@@ -99,7 +99,7 @@ void write_pickle(ChecksumSink& sink, const c10::IValue& value) {
     sink.finish();
     return;
   }
-  ZipWriter zip(sink, "archive");
+  ZipWriter zip(sink, "archive", known_crcs);
   for (size_t i = 0; i < storages.size(); ++i) {
     zip.add("data/" + std::to_string(i), storages[i].data(), storages[i].sizeInBytes());
   }

@@ -17,7 +17,7 @@ namespace torchfit::detail {
 /// std::invalid_argument, before writing, for a value read_libtorch_pickle would
 /// refuse (containers nested deeper than kMaxPickleDepth, objects of TorchScript
 /// classes).
-void write_pickle(ChecksumSink& sink, const c10::IValue& value);
+void write_pickle(ChecksumSink& sink, const c10::IValue& value, KnownCrcs* known_crcs = nullptr);
 
 /// A file's pickle, parsed with its storages allocated but not yet read.
 struct DeferredPickle {

@@ -13,88 +13,26 @@
 #include <unordered_map>
 #include <vector>
 
-namespace torchfit::detail {
+#include "format/checksum.h"
+#include "sys/posix_file.h"
+#include "sys/threads.h"
 
-class ByteSink;
+namespace torchfit::detail {
 
 /// Records at least this large start on a page boundary of the file, so a
 /// page-aligned buffer can go to the disk without the page cache (O_DIRECT).
 inline constexpr size_t kPageAlignedRecord = 1 << 20;
-inline constexpr size_t kPageSize = 4096;
 /// The fixed part of a zip local header; its name and extra field follow.
 inline constexpr size_t kLocalHeaderSize = 30;
-
-/// CRC32s of buffers whose bytes did not change since the CRC was computed, so
-/// ZipWriter need not read them again (the snapshot buffers of frozen tensors).
-/// Only buffers the owner registered are looked up or filled: their addresses
-/// cannot be reused by other allocations while a save writes them.
-class KnownCrcs {
- public:
-  struct Entry {
-    size_t size;
-    std::optional<uint32_t> crc;
-  };
-  /// Registers `data`, keeping its CRC from `previous` if that holds one for the
-  /// same bytes.
-  void track(const void* data, size_t size, const KnownCrcs* previous = nullptr);
-  void clear() { entries_.clear(); }
-  std::optional<uint32_t> find(const void* data, size_t size) const;
-  /// Stores the CRC of a registered buffer; ignores others.
-  void remember(const void* data, size_t size, uint32_t crc);
-
-  /// While a Scope lives, ZipWriters on this thread consult and fill `crcs`.
-  class Scope {
-   public:
-    explicit Scope(KnownCrcs& crcs);
-    ~Scope();
-    Scope(const Scope&) = delete;
-    Scope& operator=(const Scope&) = delete;
-
-   private:
-    KnownCrcs* previous_;
-  };
-  /// The CRCs of the innermost Scope on this thread, or null.
-  static KnownCrcs* current();
-
- private:
-  std::unordered_map<const void*, Entry> entries_;
-};
-
-/// Passes a zip stream through to `file`, keeping a CRC32 of every byte, and on
-/// `finish()` rewrites the end-of-central-directory record to carry our checksum
-/// comment. Never throws from operator() (LibTorch's writer calls it from its
-/// destructor); the first error is raised by `finish()`.
-class ChecksumSink {
- public:
-  explicit ChecksumSink(ByteSink& file) : file_(file) {}
-  size_t operator()(const void* data, size_t size) noexcept;
-  /// Appends bytes whose CRC32 the caller computes itself and hands to
-  /// `count()` before anything else is written.
-  void write_uncounted(const void* data, size_t size) noexcept;
-  /// Folds the CRC32 of the bytes of the last `write_uncounted` into the checksum.
-  void count(uint32_t crc, size_t size);
-  /// Bytes written so far (including those held back).
-  uint64_t position() const { return position_; }
-  /// Writes the held-back end record with the checksum comment; throws CheckpointError.
-  void finish();
-  /// Throws the first write error, if any.
-  void raise_if_failed() const;
-
- private:
-  void pass_through(const char* data, size_t size);
-  ByteSink& file_;
-  std::vector<char> tail_;  // the last bytes, which may be the end record
-  uint32_t crc_ = 0;        // of every byte passed to file_
-  uint64_t position_ = 0;
-  std::string error_;
-};
 
 /// Writes a PyTorch-style zip: stored records under "<archive>/", data aligned
 /// to 64 bytes, CRC32s computed while streaming. Only for archives under 4 GiB;
 /// `fits()` tells beforehand.
 class ZipWriter {
  public:
-  ZipWriter(ChecksumSink& sink, std::string archive_name) : sink_(sink), prefix_(archive_name + "/") {}
+  /// Buffers `known_crcs` knows are not read again for their CRC32.
+  ZipWriter(ChecksumSink& sink, std::string archive_name, KnownCrcs* known_crcs = nullptr)
+      : sink_(sink), prefix_(archive_name + "/"), known_crcs_(known_crcs) {}
   /// Whether records of these total payload bytes fit without zip64.
   static bool fits(uint64_t payload_bytes, size_t records);
   void add(const std::string& name, const void* data, size_t size);
@@ -110,28 +48,8 @@ class ZipWriter {
   };
   ChecksumSink& sink_;
   std::string prefix_;
+  KnownCrcs* known_crcs_;
   std::vector<Entry> entries_;
-};
-
-/// A file open for positional reads.
-class FileReader {
- public:
-  /// Throws CheckpointError naming the path and errno text if it cannot be opened.
-  explicit FileReader(std::string path);
-  ~FileReader();
-  FileReader(const FileReader&) = delete;
-  FileReader& operator=(const FileReader&) = delete;
-
-  uint64_t size() const { return size_; }
-  const std::string& path() const { return path_; }
-  /// Reads exactly `n` bytes at `offset`; throws CheckpointError on errors or EOF.
-  void read_at(uint64_t offset, void* buffer, size_t n) const;
-  std::string read_at(uint64_t offset, size_t n) const;
-
- private:
-  std::string path_;
-  int fd_ = -1;
-  uint64_t size_ = 0;
 };
 
 /// Where a record's data lies in the file, and its CRC32 from the zip directory.
@@ -173,16 +91,6 @@ struct ReadJob {
   void* destination;
   bool filled = false;  // `destination` holds the bytes already: read_once only counts them
 };
-
-/// Fresh CPU memory for a buffer about to be filled: page-aligned, and from 2 MiB
-/// up aligned to 2 MiB with transparent huge pages asked for, so filling it takes
-/// a fault per 2 MiB instead of one per page. Release it with std::free. Throws
-/// std::bad_alloc.
-void* allocate_for_filling(size_t size);
-
-/// Runs `first` here and `second` on a helper thread; rethrows the first's error,
-/// else the second's.
-void run_pair(const std::function<void()>& first, const std::function<void()>& second);
 
 /// Runs the reads, split over two threads by bytes for large totals.
 void read_parallel(const FileReader& file, const std::vector<ReadJob>& jobs);

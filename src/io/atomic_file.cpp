@@ -51,16 +51,6 @@ bool same_file(int fd, const std::string& path) {
          opened.st_ino == named.st_ino;
 }
 
-void fsync_directory(const std::string& target) {
-  auto dir = fs::path(target).parent_path();
-  if (dir.empty()) dir = ".";
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw CheckpointError(errno_message("Failed opening directory", dir.string(), errno));
-  int rc = ::fsync(fd);
-  int error = errno;
-  ::close(fd);
-  if (rc != 0) throw CheckpointError(errno_message("Failed syncing directory", dir.string(), error));
-}
 
 /// Whether `name` is one of our temporary files (`.<target>.torchfit-tmp.<pid>.<hex>`).
 bool is_temp_name(const std::string& name) {
@@ -97,6 +87,17 @@ void clean_directory_once(const fs::path& dir) {
 }
 
 }  // namespace
+
+void fsync_directory(const std::string& target) {
+  auto dir = fs::path(target).parent_path();
+  if (dir.empty()) dir = ".";
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) throw CheckpointError(errno_message("Failed opening directory", dir.string(), errno));
+  int rc = ::fsync(fd);
+  int error = errno;
+  ::close(fd);
+  if (rc != 0) throw CheckpointError(errno_message("Failed syncing directory", dir.string(), error));
+}
 
 std::vector<std::string> remove_stale_temporaries(const std::string& directory) {
   std::vector<std::string> removed;

@@ -80,6 +80,9 @@ void check_readable_file(const std::string& path);
 /// fails then and not at the first save.
 void check_writable_directory(const std::string& directory, const std::string& owner);
 
+/// fsyncs the directory holding `target`, so its entry is durable; throws CheckpointError.
+void fsync_directory(const std::string& target);
+
 /// Creates the parent directories of `path` if missing; throws CheckpointError.
 void create_parent_directories(const std::string& path);
 

@@ -17,6 +17,7 @@
 #include "io/atomic_file.h"
 #include "io/file_release.h"
 #include "io/snapshot.h"
+#include "sys/paths.h"
 #include "torchfit/error.h"
 #include "torchfit/serialize.h"
 
@@ -25,16 +26,40 @@ namespace fs = std::filesystem;
 
 CheckpointIO::~CheckpointIO() = default;
 
+bool CheckpointIO::exists(const std::string& path) {
+  const auto files = list(detail::parent_directory(path));
+  return std::find(files.begin(), files.end(), path) != files.end();
+}
+
+std::string CheckpointIO::verify(const std::string& path) {
+  try {
+    load(path);
+    return "";
+  } catch (const CheckpointError& e) {
+    return e.what();
+  }
+}
+
+void CheckpointIO::rename(const std::string& from, const std::string& to) {
+  save(load(from), to);
+  remove(from);
+}
+
 // ---- files
 
 void FileCheckpointIO::save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit) {
+  save_with_hints(checkpoint, path, SaveHints(), on_commit);
+}
+
+void FileCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std::string& path,
+                                       const SaveHints& hints, const OnCommit& on_commit) {
   detail::check_not_directory(path, "the checkpoint");
   detail::create_parent_directories(path);
   {
     detail::AtomicFile file(path, fsync_);
     detail::ChecksumSink sink(file);
     try {
-      detail::write_pickle(sink, checkpoint);
+      detail::write_pickle(sink, checkpoint, hints.known_crcs);
     } catch (const c10::Error& e) {
       sink.raise_if_failed();  // an I/O error explains a failing writer best
       throw CheckpointError(fmt::format("Failed writing checkpoint {}: {}", path, e.what_without_backtrace()));
@@ -83,6 +108,31 @@ std::vector<std::string> FileCheckpointIO::list(const std::string& directory) {
 
 void FileCheckpointIO::mark_latest(const std::string& path) { detail::write_latest_pointer(path, fsync_); }
 
+bool FileCheckpointIO::exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+std::string FileCheckpointIO::verify(const std::string& path) {
+  auto result = verify_checkpoint(path);
+  return result.ok ? "" : result.reason;
+}
+
+void FileCheckpointIO::rename(const std::string& from, const std::string& to) {
+  std::error_code ec;
+  fs::rename(from, to, ec);
+  if (ec) throw CheckpointError(fmt::format("Failed renaming {} to {}: {}", from, to, ec.message()));
+  if (fsync_) detail::fsync_directory(to);
+}
+
+void FileCheckpointIO::prepare(const std::string& directory, const std::string& owner) {
+  detail::check_writable_directory(directory, owner);
+}
+
+void FileCheckpointIO::remove_directory(const std::string& directory) {
+  ::rmdir(directory.c_str());  // fails, as it should, unless empty
+}
+
 std::optional<std::string> FileCheckpointIO::latest(const std::string& directory) {
   std::ifstream pointer(fs::path(directory) / kLatestPointer);
   std::string name;
@@ -125,8 +175,9 @@ void AsyncCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std
   // The job reads the snapshot's CRCs: the next capture waits for it first.
   writer_->submit(
       [storage = storage_, copy = std::move(copy), path, on_commit, crcs = &snapshot_->crcs()] {
-        detail::KnownCrcs::Scope known(*crcs);
-        storage->save(copy, path, on_commit);
+        SaveHints known;
+        known.known_crcs = crcs;
+        storage->save_with_hints(copy, path, known, on_commit);
       },
       std::move(deferred));
 }
@@ -152,6 +203,25 @@ void AsyncCheckpointIO::mark_latest(const std::string& path) { storage_->mark_la
 std::optional<std::string> AsyncCheckpointIO::latest(const std::string& directory) {
   return storage_->latest(directory);
 }
+bool AsyncCheckpointIO::exists(const std::string& path) {
+  writer_->wait();
+  return storage_->exists(path);
+}
+std::string AsyncCheckpointIO::verify(const std::string& path) {
+  writer_->wait();
+  return storage_->verify(path);
+}
+void AsyncCheckpointIO::rename(const std::string& from, const std::string& to) {
+  writer_->wait();
+  storage_->rename(from, to);
+}
+void AsyncCheckpointIO::prepare(const std::string& directory, const std::string& owner) {
+  storage_->prepare(directory, owner);
+}
+void AsyncCheckpointIO::remove_directory(const std::string& directory) {
+  writer_->wait();
+  storage_->remove_directory(directory);
+}
 
 // ---- read-only (data-parallel ranks other than 0)
 
@@ -168,6 +238,9 @@ std::vector<std::string> ReadOnlyCheckpointIO::list(const std::string& directory
 std::optional<std::string> ReadOnlyCheckpointIO::latest(const std::string& directory) {
   return storage_->latest(directory);
 }
+bool ReadOnlyCheckpointIO::exists(const std::string& path) { return storage_->exists(path); }
+std::string ReadOnlyCheckpointIO::verify(const std::string& path) { return storage_->verify(path); }
+void ReadOnlyCheckpointIO::rename(const std::string&, const std::string&) {}
 
 std::optional<std::string> latest_checkpoint(const std::string& dir) {
   namespace fs = std::filesystem;

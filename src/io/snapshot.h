@@ -50,7 +50,7 @@ class Snapshot {
 
   const SnapshotStats& stats() const { return stats_; }
   /// The CRC32s of the buffers of the last capture: kept for buffers it reused,
-  /// filled by the save that writes them (through a KnownCrcs::Scope).
+  /// filled by the save that writes them (passed as `SaveHints::known_crcs`).
   KnownCrcs& crcs() { return crcs_; }
   /// Bytes held in buffers.
   size_t nbytes() const;

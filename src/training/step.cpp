@@ -143,6 +143,23 @@ void Trainer::default_test_step(StepContext& step, const at::Tensor& x, const at
   update_metrics(step, output, y, step.sample_weight());
 }
 
+Logs Trainer::run_step(StepContext& step, bool training, const detail::Batch& data, const at::Device& device) {
+  const auto& custom = training ? train_step_ : test_step_;
+  Logs extra;
+  if (custom) {
+    extra = custom.run(step, data.item);
+  } else if (training) {
+    default_train_step(step, data.x.to(device), data.y.to(device));
+  } else {
+    default_test_step(step, data.x.to(device), data.y.to(device));
+  }
+  if (!step.loss_.defined()) {
+    throw ValueError(training ? "train_step recorded no loss: call step.minimize(loss) or step.record_loss(loss)"
+                              : "test_step recorded no loss: call step.record_loss(loss)");
+  }
+  return extra;
+}
+
 void Trainer::minimize(StepContext& step, const at::Tensor& loss) {
   step.record_loss(loss);  // checks it is a scalar
   if (dynamic_cast<torch::optim::LBFGS*>(optimizer_.get()) != nullptr) {

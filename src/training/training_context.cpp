@@ -15,17 +15,20 @@ std::vector<std::string> TrainingContext::log_keys() const { return {}; }
 
 std::string TrainingContext::broadcast_from_main(const std::string& message, const char*) const { return message; }
 
+void TrainingContext::restore_backup(const c10::IValue&, const std::string& path) {
+  throw Error(fmt::format("This training loop restores backups from files only, not {} from its storage", path));
+}
+
 TrainingContext* context_of(Trainer* trainer) { return trainer; }
 const TrainingContext* context_of(const Trainer* trainer) { return trainer; }
 
 namespace detail {
 
-void check_directory_on_main(const TrainingContext& context, const std::string& directory, const std::string& owner,
-                             bool check) {
+void check_on_main(const TrainingContext& context, const std::function<void()>& check) {
   std::string error;
-  if (check && context.is_main_process()) {
+  if (context.is_main_process()) {
     try {
-      check_writable_directory(directory, owner);
+      check();
     } catch (const CheckpointError& e) {
       error = e.what();
     }

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "torchfit/arg.h"
 #include "torchfit/callback.h"
 #include "torchfit/callbacks/checkpoint.h"
 
@@ -22,32 +23,25 @@ class BackupOptions {
  public:
   explicit BackupOptions(std::string backup_dir) : backup_dir_(std::move(backup_dir)) {}
 
+  const std::string& backup_dir() const { return backup_dir_; }
+
   /// When to back up: at epoch boundaries (default), every n batches, every s seconds of
   /// training, or both (`SaveFreq::batches(n) | SaveFreq::seconds(s)`), at batch starts.
-  BackupOptions& save_freq(SaveFreq value) { save_freq_ = value; return *this; }
+  TORCHFIT_ARG(SaveFreq, save_freq) = SaveFreq::epoch();
   /// Remove the backup when training ends normally (default true).
-  BackupOptions& delete_checkpoint(bool value) { delete_checkpoint_ = value; return *this; }
+  TORCHFIT_ARG(bool, delete_checkpoint) = true;
   /// Keep the previous backup too, and fall back to it if the newest does not verify.
-  BackupOptions& double_checkpoint(bool value) { double_checkpoint_ = value; return *this; }
+  TORCHFIT_ARG(bool, double_checkpoint) = false;
   /// fsync backups on commit (default true).
-  BackupOptions& fsync(bool value) { fsync_ = value; return *this; }
+  TORCHFIT_ARG(bool, fsync) = true;
   /// Write backups in the background (default false); see `CheckpointOptions::async_save`.
-  BackupOptions& async_save(bool value) { async_save_ = value; return *this; }
-
-  const std::string& backup_dir() const { return backup_dir_; }
-  const SaveFreq& save_freq() const { return save_freq_; }
-  bool delete_checkpoint() const { return delete_checkpoint_; }
-  bool double_checkpoint() const { return double_checkpoint_; }
-  bool fsync() const { return fsync_; }
-  bool async_save() const { return async_save_; }
+  TORCHFIT_ARG(bool, async_save) = false;
+  /// The storage (default: files, `FileCheckpointIO` with `fsync()`). Every read, write,
+  /// rename and removal of a backup goes through it.
+  TORCHFIT_ARG(std::shared_ptr<CheckpointIO>, io);
 
  private:
   std::string backup_dir_;
-  SaveFreq save_freq_ = SaveFreq::epoch();
-  bool delete_checkpoint_ = true;
-  bool double_checkpoint_ = false;
-  bool fsync_ = true;
-  bool async_save_ = false;
 };
 
 /// Backs up the whole training state (model, optimizer, epoch and batch position,

@@ -1,6 +1,9 @@
 #pragma once
 /// \file
 /// CSVLogger: one CSV row of epoch logs per epoch (Keras semantics).
+///
+///     auto csv = std::make_shared<torchfit::CSVLogger>("logs/run1.csv", ',', /*append=*/true);
+///     trainer.fit(x, y, torchfit::FitOptions().epochs(5).callbacks({csv}));  // epoch,loss,accuracy,...
 
 #include <fstream>
 #include <string>

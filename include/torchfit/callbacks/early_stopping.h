@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 
+#include "torchfit/arg.h"
 #include "torchfit/callbacks/monitor.h"
 #include "torchfit/serialize.h"
 
@@ -17,38 +18,19 @@ namespace torchfit {
 /// Options of EarlyStopping, with chainable setters; see Keras's EarlyStopping.
 class EarlyStoppingOptions {
  public:
-  EarlyStoppingOptions& monitor(std::string value) { monitor_ = std::move(value); return *this; }
+  TORCHFIT_ARG(std::string, monitor) = "val_loss";
   /// Changes smaller than this (in absolute value) do not count as improvements.
-  EarlyStoppingOptions& min_delta(double value) { min_delta_ = value; return *this; }
+  TORCHFIT_ARG(double, min_delta) = 0.0;
   /// Epochs without improvement after which training stops.
-  EarlyStoppingOptions& patience(int64_t value) { patience_ = value; return *this; }
-  EarlyStoppingOptions& verbose(int value) { verbose_ = value; return *this; }
-  EarlyStoppingOptions& mode(Mode value) { mode_ = value; return *this; }
+  TORCHFIT_ARG(int64_t, patience) = 0;
+  TORCHFIT_ARG(int, verbose) = 0;
+  TORCHFIT_ARG(Mode, mode) = Mode::Auto;
   /// Training stops unless the monitored value beats this within `patience` epochs.
-  EarlyStoppingOptions& baseline(double value) { baseline_ = value; return *this; }
+  TORCHFIT_ARG(std::optional<double>, baseline);
   /// At the end of training, restore the weights of the best epoch.
-  EarlyStoppingOptions& restore_best_weights(bool value) { restore_best_weights_ = value; return *this; }
+  TORCHFIT_ARG(bool, restore_best_weights) = false;
   /// Epochs to wait before monitoring starts (warm-up).
-  EarlyStoppingOptions& start_from_epoch(int64_t value) { start_from_epoch_ = value; return *this; }
-
-  const std::string& monitor() const { return monitor_; }
-  double min_delta() const { return min_delta_; }
-  int64_t patience() const { return patience_; }
-  int verbose() const { return verbose_; }
-  Mode mode() const { return mode_; }
-  const std::optional<double>& baseline() const { return baseline_; }
-  bool restore_best_weights() const { return restore_best_weights_; }
-  int64_t start_from_epoch() const { return start_from_epoch_; }
-
- private:
-  std::string monitor_ = "val_loss";
-  double min_delta_ = 0.0;
-  int64_t patience_ = 0;
-  int verbose_ = 0;
-  Mode mode_ = Mode::Auto;
-  std::optional<double> baseline_;
-  bool restore_best_weights_ = false;
-  int64_t start_from_epoch_ = 0;
+  TORCHFIT_ARG(int64_t, start_from_epoch) = 0;
 };
 
 /// Sets `stop_training` when the monitored quantity has not improved for

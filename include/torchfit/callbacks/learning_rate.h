@@ -2,11 +2,17 @@
 /// \file
 /// Learning-rate callbacks: LearningRateScheduler and ReduceLROnPlateau (Keras semantics).
 /// Both set the lr of every param group of the trainer's optimizer.
+///
+///     auto plateau = std::make_shared<torchfit::ReduceLROnPlateau>(
+///         torchfit::ReduceLROnPlateauOptions().monitor("val_loss").factor(0.5).patience(3));
+///     auto decay = std::make_shared<torchfit::LearningRateScheduler>(
+///         [](int64_t epoch, double lr) { return epoch < 10 ? lr : lr * 0.9; });
 
 #include <cstdint>
 #include <functional>
 #include <string>
 
+#include "torchfit/arg.h"
 #include "torchfit/callbacks/monitor.h"
 
 namespace torchfit {
@@ -27,35 +33,16 @@ class LearningRateScheduler : public Callback {
 /// Options of ReduceLROnPlateau, with chainable setters; see Keras's ReduceLROnPlateau.
 class ReduceLROnPlateauOptions {
  public:
-  ReduceLROnPlateauOptions& monitor(std::string value) { monitor_ = std::move(value); return *this; }
+  TORCHFIT_ARG(std::string, monitor) = "val_loss";
   /// New lr = lr * factor; must be below 1.
-  ReduceLROnPlateauOptions& factor(double value) { factor_ = value; return *this; }
-  ReduceLROnPlateauOptions& patience(int64_t value) { patience_ = value; return *this; }
-  ReduceLROnPlateauOptions& verbose(int value) { verbose_ = value; return *this; }
-  ReduceLROnPlateauOptions& mode(Mode value) { mode_ = value; return *this; }
-  ReduceLROnPlateauOptions& min_delta(double value) { min_delta_ = value; return *this; }
+  TORCHFIT_ARG(double, factor) = 0.1;
+  TORCHFIT_ARG(int64_t, patience) = 10;
+  TORCHFIT_ARG(int, verbose) = 0;
+  TORCHFIT_ARG(Mode, mode) = Mode::Auto;
+  TORCHFIT_ARG(double, min_delta) = 1e-4;
   /// Epochs to wait after a reduction before counting again.
-  ReduceLROnPlateauOptions& cooldown(int64_t value) { cooldown_ = value; return *this; }
-  ReduceLROnPlateauOptions& min_lr(double value) { min_lr_ = value; return *this; }
-
-  const std::string& monitor() const { return monitor_; }
-  double factor() const { return factor_; }
-  int64_t patience() const { return patience_; }
-  int verbose() const { return verbose_; }
-  Mode mode() const { return mode_; }
-  double min_delta() const { return min_delta_; }
-  int64_t cooldown() const { return cooldown_; }
-  double min_lr() const { return min_lr_; }
-
- private:
-  std::string monitor_ = "val_loss";
-  double factor_ = 0.1;
-  int64_t patience_ = 10;
-  int verbose_ = 0;
-  Mode mode_ = Mode::Auto;
-  double min_delta_ = 1e-4;
-  int64_t cooldown_ = 0;
-  double min_lr_ = 0.0;
+  TORCHFIT_ARG(int64_t, cooldown) = 0;
+  TORCHFIT_ARG(double, min_lr) = 0.0;
 };
 
 /// Multiplies the lr by `factor` when the monitored value has not improved for

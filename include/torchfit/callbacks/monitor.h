@@ -2,6 +2,8 @@
 /// \file
 /// The monitor-and-mode logic shared by CheckpointCallback and the other callbacks
 /// that watch a quantity (as Keras's MonitorCallback).
+///
+///     class MyCallback : public torchfit::MonitorCallback { ... };  // monitor(), mode(), best()
 
 #include <optional>
 #include <string>

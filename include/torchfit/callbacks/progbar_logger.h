@@ -2,6 +2,8 @@
 /// \file
 /// ProgbarLogger: the progress report of `fit(verbose=...)`, as Keras's. `Trainer::fit`
 /// adds one when `FitOptions::verbose` is above 0.
+///
+///     trainer.fit(x, y, torchfit::FitOptions().epochs(5).verbose(1));  // adds a ProgbarLogger
 
 #include <chrono>
 #include <cstdint>

@@ -1,6 +1,8 @@
 #pragma once
 /// \file
 /// TerminateOnNaN: stop training when the loss becomes NaN or infinite (Keras semantics).
+///
+///     trainer.fit(x, y, torchfit::FitOptions().callbacks({std::make_shared<torchfit::TerminateOnNaN>()}));
 
 #include "torchfit/callback.h"
 

@@ -3,6 +3,9 @@
 /// The monitor-and-mode logic shared by CheckpointManager and every callback that
 /// watches a quantity (Keras's MonitorCallback): which log key, which direction
 /// is better, and the best value so far.
+///
+///     torchfit::MetricMonitor monitor("MyCallback", "val_loss", torchfit::Mode::Auto);
+///     if (auto value = monitor.current(logs); value && monitor.is_improvement(*value, monitor.best())) ...
 
 #include <functional>
 #include <optional>

@@ -31,6 +31,7 @@ namespace torchfit {
 
 namespace detail {
 class AsyncWriter;
+class KnownCrcs;
 class Snapshot;
 }  // namespace detail
 
@@ -50,6 +51,9 @@ struct SaveHints {
   /// The caller calls `before_update()` before those tensors change, so async
   /// storage may copy them after `save` returned, while training goes on.
   bool defer_copy = false;
+  /// CRC32s of buffers whose bytes the storage may take as known, so a writer skips
+  /// reading them again (async storage passes its snapshot's to the storage it wraps).
+  detail::KnownCrcs* known_crcs = nullptr;
 };
 
 /// Bytes of a checkpoint's tensors by what an async save did with them.
@@ -106,6 +110,22 @@ class CheckpointIO {
     (void)directory;
     return std::nullopt;
   }
+  /// Whether `path` holds a checkpoint. The default looks for it in `list` of its directory.
+  virtual bool exists(const std::string& path);
+  /// Why the checkpoint at `path` cannot be loaded; empty when it can. The default loads it.
+  virtual std::string verify(const std::string& path);
+  /// Replaces `to` by `from` (which then no longer exists), all or nothing. The default
+  /// loads `from`, saves it as `to` and removes `from`.
+  virtual void rename(const std::string& from, const std::string& to);
+  /// Readies `directory` for writing when a run starts, so a bad path fails then: throws
+  /// `CheckpointError` naming `owner` and the directory unless it can be written. A no-op
+  /// by default.
+  virtual void prepare(const std::string& directory, const std::string& owner) {
+    (void)directory;
+    (void)owner;
+  }
+  /// Removes `directory` if nothing is left in it. A no-op by default.
+  virtual void remove_directory(const std::string& directory) { (void)directory; }
 };
 
 /// Files on a local or network filesystem, each committed crash-safely: written to
@@ -117,6 +137,9 @@ class FileCheckpointIO : public CheckpointIO {
   explicit FileCheckpointIO(SaveOptions options = SaveOptions()) : fsync_(options.fsync()) {}
 
   void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) override;
+  /// Uses `hints.known_crcs`.
+  void save_with_hints(const c10::IValue& checkpoint, const std::string& path, const SaveHints& hints,
+                       const OnCommit& on_commit = {}) override;
   c10::IValue load(const std::string& path) override;
   void remove(const std::string& path) override;
   /// Regular files that are not temporaries or the pointer file, by modification
@@ -125,6 +148,15 @@ class FileCheckpointIO : public CheckpointIO {
   /// Atomically rewrites `<directory>/torchfit_latest.txt` to name `path`.
   void mark_latest(const std::string& path) override;
   std::optional<std::string> latest(const std::string& directory) override;
+  /// A regular file at `path`.
+  bool exists(const std::string& path) override;
+  /// `verify_checkpoint(path)`'s reason.
+  std::string verify(const std::string& path) override;
+  /// `rename(2)`, then an fsync of the directory (with `fsync()`).
+  void rename(const std::string& from, const std::string& to) override;
+  /// The directory is writable, or can be created (it is not created here).
+  void prepare(const std::string& directory, const std::string& owner) override;
+  void remove_directory(const std::string& directory) override;
 
   bool fsync() const { return fsync_; }
 
@@ -157,6 +189,12 @@ class AsyncCheckpointIO : public CheckpointIO {
   void wait() override;
   void mark_latest(const std::string& path) override;
   std::optional<std::string> latest(const std::string& directory) override;
+  /// These wait for the save in flight first, then ask the storage.
+  bool exists(const std::string& path) override;
+  std::string verify(const std::string& path) override;
+  void rename(const std::string& from, const std::string& to) override;
+  void prepare(const std::string& directory, const std::string& owner) override;
+  void remove_directory(const std::string& directory) override;
 
   const std::shared_ptr<CheckpointIO>& storage() const { return storage_; }
   /// What the last save copied, deferred and reused.
@@ -182,6 +220,10 @@ class ReadOnlyCheckpointIO : public CheckpointIO {
   void remove(const std::string& path) override;
   std::vector<std::string> list(const std::string& directory) override;
   std::optional<std::string> latest(const std::string& directory) override;
+  bool exists(const std::string& path) override;
+  std::string verify(const std::string& path) override;
+  /// Renames nothing.
+  void rename(const std::string& from, const std::string& to) override;
 
  private:
   std::shared_ptr<CheckpointIO> storage_;

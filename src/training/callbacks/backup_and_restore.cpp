@@ -1,12 +1,9 @@
 #include "torchfit/callbacks/backup_and_restore.h"
 
-#include <filesystem>
-
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
-#include "io/atomic_file.h"
-#include "io/file_release.h"
+#include "sys/paths.h"
 #include "training/fail_early.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
@@ -14,7 +11,6 @@
 #include "torchfit/training_context.h"
 
 namespace torchfit {
-namespace fs = std::filesystem;
 
 BackupAndRestore::BackupAndRestore(BackupOptions options) : options_(std::move(options)) {
   if (options_.backup_dir().empty()) throw ValueError("BackupAndRestore: backup_dir must not be empty");
@@ -22,17 +18,19 @@ BackupAndRestore::BackupAndRestore(BackupOptions options) : options_(std::move(o
                                                      .monitor("loss")
                                                      .mode(Mode::Min)
                                                      .fsync(options_.fsync())
-                                                     .async_save(options_.async_save()));
+                                                     .async_save(options_.async_save())
+                                                     .io(options_.io()));
 }
 
-std::string BackupAndRestore::backup_path() const { return (fs::path(options_.backup_dir()) / "backup.pt").string(); }
+std::string BackupAndRestore::backup_path() const { return detail::join_path(options_.backup_dir(), "backup.pt"); }
 
 std::string BackupAndRestore::previous_backup_path() const {
-  return (fs::path(options_.backup_dir()) / "backup.prev.pt").string();
+  return detail::join_path(options_.backup_dir(), "backup.prev.pt");
 }
 
 void BackupAndRestore::on_train_setup() {
-  detail::check_directory_on_main(*context_, options_.backup_dir(), "BackupAndRestore");
+  CheckpointIO& storage = manager_->io();
+  detail::check_on_main(*context_, [&] { storage.prepare(options_.backup_dir(), "BackupAndRestore"); });
   restored_ = false;
   if (context_->world_size() > 1 && options_.save_freq().every_seconds() > 0) {
     // Each rank's clock would decide alone, and the ranks would part at the backup barrier.
@@ -47,14 +45,19 @@ void BackupAndRestore::on_train_setup() {
   if (options_.double_checkpoint()) candidates.push_back(previous_backup_path());
   std::vector<std::string> problems;
   for (const auto& path : candidates) {
-    if (!fs::exists(path)) continue;
-    auto result = verify_checkpoint(path);
-    if (!result.ok) {
-      problems.push_back(fmt::format("{}: {}", path, result.reason));
-      logger()->warn("BackupAndRestore: skipping backup {}: {}", path, result.reason);
+    if (!storage.exists(path)) continue;
+    const std::string damage = storage.verify(path);
+    if (!damage.empty()) {
+      problems.push_back(fmt::format("{}: {}", path, damage));
+      logger()->warn("BackupAndRestore: skipping backup {}: {}", path, damage);
       continue;
     }
-    context_->restore_backup(path);
+    // Files go through the Trainer's own reader, which also reads torchfit 0.1's.
+    if (options_.io()) {
+      context_->restore_backup(storage.load(path), path);
+    } else {
+      context_->restore_backup(path);
+    }
     restored_ = true;
     last_backup_step_ = context_->state().global_step;
     logger()->info("BackupAndRestore: resumed from {} at epoch {}, batch {}", path, context_->state().epoch + 1,
@@ -85,15 +88,11 @@ void BackupAndRestore::backup() {
 
 void BackupAndRestore::write_backup() {
   manager_->wait();  // the previous backup is committed before it becomes the previous one
-  if (options_.double_checkpoint() && fs::exists(backup_path())) {
+  CheckpointIO& storage = manager_->io();
+  if (options_.double_checkpoint() && storage.exists(backup_path())) {
     // The newest becomes the previous one atomically; a crash before the new
     // commit leaves the previous backup to restore from.
-    std::error_code ec;
-    fs::rename(backup_path(), previous_backup_path(), ec);
-    if (ec) {
-      throw CheckpointError(fmt::format("BackupAndRestore: failed renaming {} to {}: {}", backup_path(),
-                                        previous_backup_path(), ec.message()));
-    }
+    storage.rename(backup_path(), previous_backup_path());
   }
   manager_->save(context_->checkpoint(), {});
 }
@@ -125,12 +124,17 @@ void BackupAndRestore::on_train_end(const Logs&) {
   if (!options_.delete_checkpoint()) return;
   context_->barrier("backup removal barrier");  // no rank may still be reading it
   if (!context_->is_main_process()) return;
-  std::error_code ec;
   // The older backup goes first: a power cut between the two removals leaves the newest one (the
   // run resumes at its end), never the older alone (the run would train its last steps again).
-  for (const auto& path : {previous_backup_path(), backup_path()}) detail::remove_file(path, ec);
-  fs::remove(fs::path(options_.backup_dir()) / kLatestPointer, ec);
-  fs::remove(options_.backup_dir(), ec);  // only if empty
+  CheckpointIO& storage = manager_->io();
+  for (const auto& path : {previous_backup_path(), backup_path()}) {
+    try {
+      storage.remove(path);
+    } catch (const CheckpointError& e) {
+      logger()->warn("BackupAndRestore: could not remove {}: {}", path, e.what());
+    }
+  }
+  storage.remove_directory(options_.backup_dir());
 }
 
 }  // namespace torchfit

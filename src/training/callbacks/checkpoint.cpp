@@ -1,7 +1,5 @@
 #include "torchfit/callbacks/checkpoint.h"
 
-#include <filesystem>
-
 #include <ATen/core/ivalue.h>
 #include <fmt/format.h>
 
@@ -45,7 +43,6 @@ std::string CheckpointCallback::format_filepath(const std::string& filepath, int
 
 void CheckpointCallback::on_train_begin(const Logs& logs) {
   MonitorCallback::on_train_begin(logs);
-  const bool to_files = !options().io();  // what rank 0 (whose options stay the user's) writes to
   if (context_->world_size() > 1 && !context_->is_main_process()) {
     // Ranks other than 0 decide alike but write nothing; they keep the tables.
     auto state = manager_->state_dict();
@@ -62,13 +59,10 @@ void CheckpointCallback::on_train_begin(const Logs& logs) {
                                  options().filepath(), options().save_freq().to_string()));
   }
   if (!context_->resumed_from().empty()) manager_->protect(context_->resumed_from());
-  // Fail now, not an epoch later at the first save; then sweep leftovers of a
-  // killed run from the directory we write to (up to the first field).
+  // Fail now, not an epoch later at the first save (the first write into the directory
+  // removes what killed writers left there).
   auto dir = detail::FilepathTemplate(options().filepath()).literal_directory();
-  detail::check_directory_on_main(*context_, dir, "CheckpointCallback", to_files);
-  if (!to_files || !context_->is_main_process()) return;  // only rank 0 writes
-  std::error_code ec;
-  if (std::filesystem::is_directory(dir.empty() ? "." : dir, ec)) detail::remove_stale_temporaries(dir);
+  detail::check_on_main(*context_, [&] { manager_->io().prepare(dir, "CheckpointCallback"); });
 }
 
 void CheckpointCallback::on_train_end(const Logs&) {

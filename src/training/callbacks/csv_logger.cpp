@@ -2,11 +2,12 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 
 #include <fmt/format.h>
 
 #include "io/atomic_file.h"
+#include "sys/paths.h"
+#include "sys/posix_file.h"
 #include "training/fail_early.h"
 #include "torchfit/error.h"
 #include "torchfit/training_context.h"
@@ -49,9 +50,9 @@ void drop_rows_from(const std::string& filename, int64_t epoch, char separator) 
 
 void CSVLogger::on_train_begin(const Logs&) {
   enabled_ = context_ == nullptr || context_->is_main_process();  // one writer when data-parallel
-  const auto directory = std::filesystem::path(filename_).parent_path().string();
+  const auto directory = detail::parent_directory(filename_);
   if (context_ != nullptr) {
-    detail::check_directory_on_main(*context_, directory, "CSVLogger");
+    detail::check_on_main(*context_, [&] { detail::check_writable_directory(directory, "CSVLogger"); });
   } else {
     detail::check_writable_directory(directory, "CSVLogger");
   }
@@ -64,7 +65,7 @@ void CSVLogger::on_train_begin(const Logs&) {
   const bool append = append_ || resumed;
   if (resumed) drop_rows_from(filename_, context_->state().epoch, separator_);
   // As Keras: appending to a non-empty file keeps its header and columns.
-  write_header_ = !(append && std::filesystem::exists(filename_) && std::filesystem::file_size(filename_) > 0);
+  write_header_ = !(append && detail::file_size_or_zero(filename_) > 0);
   keys_.clear();
   if (!write_header_) {
     std::ifstream in(filename_);

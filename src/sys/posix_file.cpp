@@ -1,0 +1,74 @@
+#include "sys/posix_file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include <fmt/format.h>
+
+#include "torchfit/error.h"
+
+namespace torchfit::detail {
+
+uint64_t file_size_or_zero(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+}
+
+std::string errno_message(const std::string& what, const std::string& path, int error) {
+  return fmt::format("{} {}: {}", what, path, std::strerror(error));
+}
+
+FileReader::FileReader(std::string path) : path_(std::move(path)) {
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0 && errno == ENOENT) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path_));
+  if (fd_ < 0) throw StorageError(errno_message("Failed opening checkpoint", path_, errno));
+  struct stat st {};
+  if (::fstat(fd_, &st) != 0) {
+    int error = errno;
+    ::close(fd_);
+    throw StorageError(errno_message("Failed reading checkpoint", path_, error));
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+}
+
+FileReader::~FileReader() { ::close(fd_); }
+
+void FileReader::read_at(uint64_t offset, void* buffer, size_t n) const {
+  size_t done = 0;
+  while (done < n) {
+    ssize_t r = ::pread(fd_, static_cast<char*>(buffer) + done, n - done, static_cast<off_t>(offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw StorageError(errno_message("Failed reading checkpoint", path_, errno));
+    if (r == 0) throw CheckpointError(fmt::format("Failed reading checkpoint {}: unexpected end of file", path_));
+    done += static_cast<size_t>(r);
+  }
+}
+
+std::string FileReader::read_at(uint64_t offset, size_t n) const {
+  std::string out(n, '\0');
+  read_at(offset, out.data(), n);
+  return out;
+}
+
+void* allocate_for_filling(size_t size) {
+  constexpr size_t kHugePage = 2 << 20;
+  void* data = nullptr;
+  if (::posix_memalign(&data, size >= kHugePage ? kHugePage : kPageSize, std::max<size_t>(size, 1)) != 0) {
+    throw std::bad_alloc();
+  }
+#ifdef MADV_HUGEPAGE
+  // Whole huge pages only: the tail keeps small pages rather than round up the memory used.
+  if (size >= kHugePage) ::madvise(data, size / kHugePage * kHugePage, MADV_HUGEPAGE);
+#endif
+  return data;
+}
+
+}  // namespace torchfit::detail
