@@ -1,6 +1,7 @@
 #include "torchfit/io/checkpoint_io.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
