@@ -18,6 +18,6 @@ inputs=(fuzz/corpus/torchfit fuzz/corpus/pickles fuzz/corpus/python fuzz/corpus/
 LLVM_PROFILE_FILE=build-cov/reader-%p.profraw build-cov/reader_fuzzer -runs=0 "${inputs[@]}" > /dev/null 2>&1
 llvm-profdata merge -sparse build-cov/*.profraw -o build-cov/reader.profdata
 llvm-cov report build-cov/reader_fuzzer -instr-profile=build-cov/reader.profdata \
-  src/format/zip.cpp src/format/checkpoint_file.cpp src/format/python_pickle.cpp src/format/libtorch_pickle.cpp \
+  src/format/zip.cpp src/format/checkpoint_file.cpp src/format/python_pickle.cpp src/format/pickle_types.cpp src/format/libtorch_pickle.cpp \
   src/format/optimizer_state.cpp src/format/optimizer_archive.cpp src/format/module_archive.cpp \
   src/format/state_dict.cpp src/sys/posix_file.cpp src/engine/checkpoint.cpp src/engine/checkpoint_manager.cpp

@@ -148,12 +148,9 @@ TEST_F(CallbackTest, StopTrainingAtEpochEnd) {
 TEST_F(CallbackTest, NullCallbackIsRejected) {
   auto data = make_data();
   auto s = make_setup();
-  try {
-    s.trainer->fit(data.x_train, data.y_train, FitOptions().callbacks({std::make_shared<Recorder>(), nullptr}));
-    FAIL();
-  } catch (const ValueError& e) {
-    EXPECT_NE(std::string(e.what()).find("callbacks[1] is null"), std::string::npos) << e.what();
-  }
+  EXPECT_THROW_MSG(
+      s.trainer->fit(data.x_train, data.y_train, FitOptions().callbacks({std::make_shared<Recorder>(), nullptr})),
+      ValueError, "callbacks[1] is null");
 }
 
 }  // namespace

@@ -84,15 +84,7 @@ TEST_F(CheckpointTest, UnknownMonitorWarnsAndSaves) {
 
 TEST_F(CheckpointTest, AutoModeWithUnknownDirectionFailsAtTrainBegin) {
   auto cb = checkpoint(CheckpointOptions(path("c.pt")).monitor("unknown").save_best_only(true));
-  try {
-    fit(cb);
-    FAIL() << "expected ValueError";
-  } catch (const ValueError& e) {
-    std::string msg = e.what();
-    EXPECT_NE(msg.find("monitor=unknown"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("Mode::Max"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("Mode::Min"), std::string::npos) << msg;
-  }
+  EXPECT_THROW_MSG(fit(cb), ValueError, "monitor=unknown", "Mode::Max", "Mode::Min");
   EXPECT_TRUE(files().empty());
 }
 
@@ -123,12 +115,7 @@ TEST_F(CheckpointTest, MisspeltMonitorNamesTheNearestKey) {
 TEST_F(CheckpointTest, UnwritableDirectoriesFailBeforeTheFirstBatch) {
   std::ofstream(path("blocker")) << "x";
   auto expect_failure = [&](std::shared_ptr<Callback> callback, const std::string& fragment) {
-    try {
-      fit(std::move(callback));
-      FAIL() << "expected CheckpointError containing " << fragment;
-    } catch (const CheckpointError& e) {
-      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-    }
+    EXPECT_THROW_MSG(fit(std::move(callback)), CheckpointError, fragment);
     EXPECT_EQ(setup_.trainer->state().global_step, 0);
   };
   expect_failure(checkpoint(CheckpointOptions(path("blocker/ckpt/{epoch}.pt"))),
@@ -204,21 +191,15 @@ TEST_F(CheckpointTest, BatchCountCarriesAcrossEpochs) {
 
 TEST_F(CheckpointTest, InvalidSaveFreqIsRejected) {
   for (int64_t n : {0, -3}) {
-    try {
-      SaveFreq::batches(n);
-      FAIL() << "expected ValueError for " << n;
-    } catch (const ValueError& e) {
-      EXPECT_NE(std::string(e.what()).find(fmt::format("Unrecognized save_freq: batches({})", n)),
-                std::string::npos)
-          << e.what();
-    }
+    EXPECT_THROW_MSG(SaveFreq::batches(n), ValueError, fmt::format("Unrecognized save_freq: batches({})", n));
   }
   EXPECT_NO_THROW(SaveFreq::batches(3));
   EXPECT_NO_THROW(CheckpointCallback(CheckpointOptions("x.pt").save_freq(SaveFreq::epoch())));
 }
 
 TEST_F(CheckpointTest, EmptyFilepathIsRejected) {
-  EXPECT_THROW(CheckpointCallback(CheckpointOptions("")), ValueError);
+  EXPECT_THROW_MSG(CheckpointCallback(CheckpointOptions("")), ValueError,
+                   "CheckpointCallback: filepath must not be empty");
 }
 
 TEST_F(CheckpointTest, InitialValueThresholdZeroBlocksMinSave) {
@@ -256,23 +237,16 @@ TEST_F(CheckpointTest, FormatsPythonStyleSpecs) {
   EXPECT_EQ(CheckpointCallback::format_filepath("{accuracy:%}|{val_loss:e}|{epoch:>3}", 4, std::nullopt, logs),
             "50.000000%|1.234560e-01|  5");
   // {batch} exists only for batch-level saves.
-  EXPECT_THROW(CheckpointCallback::format_filepath("{batch}", 0, std::nullopt, logs), ValueError);
-  try {
-    CheckpointCallback::format_filepath("{epoch:.2q}", 0, std::nullopt, logs);
-    FAIL();
-  } catch (const ValueError& e) {
-    EXPECT_NE(std::string(e.what()).find("Failed to format this callback filepath: \"{epoch:.2q}\""), std::string::npos);
-  }
+  EXPECT_THROW_MSG(CheckpointCallback::format_filepath("{batch}", 0, std::nullopt, logs), ValueError,
+                   "Reason: missing key 'batch'");
+  EXPECT_THROW_MSG(CheckpointCallback::format_filepath("{epoch:.2q}", 0, std::nullopt, logs), ValueError,
+                   "Failed to format this callback filepath: \"{epoch:.2q}\"");
 }
 
 TEST_F(CheckpointTest, ExistingDirectoryFilepathFails) {
   fs::create_directories(path("taken"));
-  try {
-    fit(checkpoint(CheckpointOptions(path("taken"))));
-    FAIL() << "expected CheckpointError";
-  } catch (const CheckpointError& e) {
-    EXPECT_NE(std::string(e.what()).find("existing directory: " + path("taken")), std::string::npos) << e.what();
-  }
+  EXPECT_THROW_MSG(fit(checkpoint(CheckpointOptions(path("taken")))), CheckpointError,
+                   "existing directory: " + path("taken"));
 }
 
 TEST_F(CheckpointTest, LoadingReproducesTrainedWeights) {

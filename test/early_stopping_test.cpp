@@ -65,12 +65,7 @@ TEST_F(EarlyStoppingTest, AutoModeFollowsTheMetricDirection) {
   EXPECT_EQ(on_accuracy.mode(), Mode::Max);
   EarlyStopping unknown(EarlyStoppingOptions().monitor("unknown"));
   unknown.set_trainer(setup_.trainer.get());
-  try {
-    unknown.on_train_begin({});
-    FAIL();
-  } catch (const ValueError& e) {
-    EXPECT_NE(std::string(e.what()).find("EarlyStopping callback received monitor=unknown"), std::string::npos);
-  }
+  EXPECT_THROW_MSG(unknown.on_train_begin({}), ValueError, "EarlyStopping callback received monitor=unknown");
 }
 
 TEST_F(EarlyStoppingTest, BaselineNeverBeatenStopsAfterPatience) {
@@ -131,8 +126,10 @@ TEST_F(EarlyStoppingTest, StopsARealFit) {
 }
 
 TEST_F(EarlyStoppingTest, BadOptionsAreRejected) {
-  EXPECT_THROW(EarlyStopping(EarlyStoppingOptions().patience(-1)), ValueError);
-  EXPECT_THROW(EarlyStopping(EarlyStoppingOptions().start_from_epoch(-1)), ValueError);
+  EXPECT_THROW_MSG(EarlyStopping(EarlyStoppingOptions().patience(-1)), ValueError,
+                   "EarlyStopping: invalid patience -1");
+  EXPECT_THROW_MSG(EarlyStopping(EarlyStoppingOptions().start_from_epoch(-1)), ValueError,
+                   "EarlyStopping: invalid start_from_epoch -1");
 }
 
 }  // namespace

@@ -77,19 +77,15 @@ TEST_F(FitDataTest, LoadersRejectTheOptionsOfTensorInputs) {
   auto data = make_data();
   auto s = make_setup();
   auto loader = in_order(data.x_train, data.y_train, 10);
-  auto expect_error = [&](FitOptions options, const std::string& fragment) {
-    try {
-      s.trainer->fit(*loader, options);
-      FAIL() << "expected a ValueError about " << fragment;
-    } catch (const ValueError& e) {
-      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-    }
-  };
-  expect_error(FitOptions().batch_size(64), "batch_size(64) does not apply to a data loader");
-  expect_error(FitOptions().shuffle(true), "shuffle(true) does not apply to a data loader");
-  expect_error(FitOptions().validation_split(0.2), "validation_split(0.2) needs tensor inputs");
-  expect_error(FitOptions().steps_per_epoch(0), "Invalid steps_per_epoch: 0");
-  expect_error(FitOptions().validation_freq(-1), "Invalid validation_freq: -1");
+  EXPECT_THROW_MSG(s.trainer->fit(*loader, FitOptions().batch_size(64)), ValueError,
+                   "batch_size(64) does not apply to a data loader");
+  EXPECT_THROW_MSG(s.trainer->fit(*loader, FitOptions().shuffle(true)), ValueError,
+                   "shuffle(true) does not apply to a data loader");
+  EXPECT_THROW_MSG(s.trainer->fit(*loader, FitOptions().validation_split(0.2)), ValueError,
+                   "validation_split(0.2) needs tensor inputs");
+  EXPECT_THROW_MSG(s.trainer->fit(*loader, FitOptions().steps_per_epoch(0)), ValueError, "Invalid steps_per_epoch: 0");
+  EXPECT_THROW_MSG(s.trainer->fit(*loader, FitOptions().validation_freq(-1)), ValueError,
+                   "Invalid validation_freq: -1");
   EXPECT_EQ(s.trainer->state().global_step, 0);
   // Tensor validation data with a loader takes its own batch size.
   auto history = s.trainer->fit(

@@ -77,8 +77,10 @@ TEST_F(StepTest, ClippingBoundsTheUpdate) {
   EXPECT_LE(by_value.abs().max().item<double>(), 0.001 + 1e-7);
   EXPECT_GT(by_value.abs().max().item<double>(), 0.0009);
   auto s = make_setup();
-  EXPECT_THROW(s.trainer->fit(data.x_train, data.y_train, FitOptions().clip_grad_norm(0.0)), ValueError);
-  EXPECT_THROW(s.trainer->fit(data.x_train, data.y_train, FitOptions().gradient_accumulation_steps(0)), ValueError);
+  EXPECT_THROW_MSG(s.trainer->fit(data.x_train, data.y_train, FitOptions().clip_grad_norm(0.0)), ValueError,
+                   "Invalid clip_grad_norm: 0");
+  EXPECT_THROW_MSG(s.trainer->fit(data.x_train, data.y_train, FitOptions().gradient_accumulation_steps(0)), ValueError,
+                   "Invalid gradient_accumulation_steps: 0 (must be > 0)");
 }
 
 /// Two inputs, two outputs: class scores and the features they came from.
@@ -170,27 +172,20 @@ TEST_F(StepTest, StepsThatDoNotFitTheDataAreNamed) {
   TwoTower two_inputs;
   auto adam = std::make_shared<torch::optim::Adam>(two_inputs->parameters(), 0.01);
   Trainer trainer(two_inputs, adam, ce_loss);
-  auto expect_error = [](auto&& fn, const std::string& fragment) {
-    try {
-      fn();
-      FAIL() << "expected a ValueError containing " << fragment;
-    } catch (const ValueError& e) {
-      EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-    }
-  };
   // The default step needs Tensor forward(Tensor).
-  expect_error([&] { trainer.fit(data.x_train, data.y_train); }, "the model's forward does not take and return one tensor");
+  EXPECT_THROW_MSG(trainer.fit(data.x_train, data.y_train), ValueError,
+                   "the model's forward does not take and return one tensor");
   auto pairs = torch::data::make_data_loader(PairDataset(data.x_train, data.y_train),
                                              torch::data::DataLoaderOptions().batch_size(10));
-  expect_error([&] { trainer.fit(*pairs); }, "set Trainer::train_step<std::vector<torchfit::test::");
+  EXPECT_THROW_MSG(trainer.fit(*pairs), ValueError, "set Trainer::train_step<std::vector<torchfit::test::");
   trainer.train_step<Example>([](StepContext& step, const Example&) { step.record_loss(torch::zeros({})); });
-  expect_error([&] { trainer.fit(*pairs); }, "train_step was set for batches of type torch::data::Example<");
-  expect_error([&] { trainer.predict(*pairs); }, "set Trainer::predict_step<");
+  EXPECT_THROW_MSG(trainer.fit(*pairs), ValueError, "train_step was set for batches of type torch::data::Example<");
+  EXPECT_THROW_MSG(trainer.predict(*pairs), ValueError, "set Trainer::predict_step<");
 
   // A step that records no loss, and minimize where it cannot work.
   auto s = make_setup();
   s.trainer->train_step<Example>([](StepContext&, const Example&) {});
-  expect_error([&] { s.trainer->fit(data.x_train, data.y_train); }, "train_step recorded no loss");
+  EXPECT_THROW_MSG(s.trainer->fit(data.x_train, data.y_train), ValueError, "train_step recorded no loss");
   // A custom train step with the default test step validating.
   s.trainer->train_step<Example>([](StepContext& step, const Example& batch) {
     step.minimize(ce_loss(step.forward(batch.data), batch.target));
@@ -202,8 +197,8 @@ TEST_F(StepTest, StepsThatDoNotFitTheDataAreNamed) {
   auto model = Mlp();
   auto lbfgs = std::make_shared<torch::optim::LBFGS>(model->parameters());
   Trainer with_lbfgs(model, lbfgs, ce_loss);
-  expect_error([&] { with_lbfgs.fit(data.x_train, data.y_train, FitOptions().gradient_accumulation_steps(2)); },
-               "LBFGS evaluates the loss several times per step");
+  EXPECT_THROW_MSG(with_lbfgs.fit(data.x_train, data.y_train, FitOptions().gradient_accumulation_steps(2)), ValueError,
+                   "LBFGS evaluates the loss several times per step");
 }
 
 }  // namespace

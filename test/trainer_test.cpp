@@ -6,16 +6,6 @@ namespace {
 
 class TrainerTest : public TorchfitTest {};
 
-template <typename Fn>
-void expect_value_error(Fn&& fn, const std::string& fragment) {
-  try {
-    fn();
-    FAIL() << "expected ValueError containing " << fragment;
-  } catch (const ValueError& e) {
-    EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
-  }
-}
-
 TEST_F(TrainerTest, LearnsSeparableData) {
   auto data = make_data(300, 100);
   auto s = make_setup(0.1);
@@ -40,43 +30,45 @@ TEST_F(TrainerTest, BadInputNamesTheValue) {
   auto data = make_data();
   auto s = make_setup();
   auto& t = *s.trainer;
-  expect_value_error([&] { t.fit(data.x_train, data.y_train.narrow(0, 0, 29)); },
-                     "x has 30 samples, y has 29");
-  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().batch_size(0)); }, "Invalid batch_size: 0");
-  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().batch_size(-4)); }, "Invalid batch_size: -4");
-  expect_value_error([&] { t.fit(data.x_train.narrow(0, 0, 0), data.y_train.narrow(0, 0, 0)); }, "empty (0 samples)");
-  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().validation_split(1.0)); },
-                     "Invalid validation_split: 1");
-  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().validation_split(-0.1)); },
-                     "Invalid validation_split: -0.1");
-  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().validation_split(0.99)); },
-                     "validation_split 0.99 of 30 samples leaves 0 for training and 30 for validation");
-  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().epochs(-1)); }, "Invalid epochs: -1");
-  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().initial_epoch(-2)); }, "Invalid initial_epoch: -2");
-  expect_value_error([&] { t.fit(data.x_train, data.y_train, FitOptions().validation_data(data.x_test, data.y_test.narrow(0, 0, 3))); },
-                     "validation_data: x and y have different lengths");
-  expect_value_error([&] { t.evaluate(data.x_test, data.y_test, 0); }, "Invalid batch_size: 0");
-  expect_value_error([&] { t.predict(torch::empty({0, 3})); }, "predict: x must be a non-empty tensor");
-  expect_value_error([&] { t.fit(torch::tensor(1.0), torch::tensor(1.0)); }, "need a batch dimension");
+  EXPECT_THROW_MSG(t.fit(data.x_train, data.y_train.narrow(0, 0, 29)), ValueError, "x has 30 samples, y has 29");
+  EXPECT_THROW_MSG(t.fit(data.x_train, data.y_train, FitOptions().batch_size(0)), ValueError, "Invalid batch_size: 0");
+  EXPECT_THROW_MSG(t.fit(data.x_train, data.y_train, FitOptions().batch_size(-4)), ValueError,
+                   "Invalid batch_size: -4");
+  EXPECT_THROW_MSG(t.fit(data.x_train.narrow(0, 0, 0), data.y_train.narrow(0, 0, 0)), ValueError, "empty (0 samples)");
+  EXPECT_THROW_MSG(t.fit(data.x_train, data.y_train, FitOptions().validation_split(1.0)), ValueError,
+                   "Invalid validation_split: 1");
+  EXPECT_THROW_MSG(t.fit(data.x_train, data.y_train, FitOptions().validation_split(-0.1)), ValueError,
+                   "Invalid validation_split: -0.1");
+  EXPECT_THROW_MSG(t.fit(data.x_train, data.y_train, FitOptions().validation_split(0.99)), ValueError,
+                   "validation_split 0.99 of 30 samples leaves 0 for training and 30 for validation");
+  EXPECT_THROW_MSG(t.fit(data.x_train, data.y_train, FitOptions().epochs(-1)), ValueError, "Invalid epochs: -1");
+  EXPECT_THROW_MSG(t.fit(data.x_train, data.y_train, FitOptions().initial_epoch(-2)), ValueError,
+                   "Invalid initial_epoch: -2");
+  EXPECT_THROW_MSG(
+      t.fit(data.x_train, data.y_train, FitOptions().validation_data(data.x_test, data.y_test.narrow(0, 0, 3))),
+      ValueError, "validation_data: x and y have different lengths");
+  EXPECT_THROW_MSG(t.evaluate(data.x_test, data.y_test, 0), ValueError, "Invalid batch_size: 0");
+  EXPECT_THROW_MSG(t.predict(torch::empty({0, 3})), ValueError, "predict: x must be a non-empty tensor");
+  EXPECT_THROW_MSG(t.fit(torch::tensor(1.0), torch::tensor(1.0)), ValueError, "need a batch dimension");
 }
 
 TEST_F(TrainerTest, BadConstructorArguments) {
   auto model = Mlp();
   auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
   auto loss = [](const torch::Tensor& o, const torch::Tensor& t) { return torch::nn::functional::cross_entropy(o, t); };
-  expect_value_error([&] { Trainer(model, nullptr, loss); }, "optimizer must not be null");
+  EXPECT_THROW_MSG(Trainer(model, nullptr, loss), ValueError, "optimizer must not be null");
   // No loss is allowed (custom steps compute it), until a default step needs one.
   auto data = make_data();
   Trainer without_loss(model, sgd, nullptr);
-  expect_value_error([&] { without_loss.fit(data.x_train, data.y_train); },
-                     "fit: the Trainer has no loss function; pass one to its constructor, or set Trainer::train_step");
-  expect_value_error([&] { without_loss.evaluate(data.x_train, data.y_train); }, "evaluate: the Trainer has no loss");
-  expect_value_error([&] { Trainer(model, sgd, loss, {metrics::accuracy(), metrics::accuracy()}); },
-                     "metric 'accuracy' is given twice");
-  expect_value_error([&] { Trainer(model, sgd, loss, {Metric{"loss", metrics::mse().fn, Mode::Min}}); },
-                     "invalid metric name 'loss'");
-  expect_value_error([&] { Trainer(model, sgd, loss, {Metric{"f1", metrics::mse().fn, Mode::Auto}}); },
-                     "metric 'f1' needs a direction");
+  EXPECT_THROW_MSG(without_loss.fit(data.x_train, data.y_train), ValueError,
+                   "fit: the Trainer has no loss function; pass one to its constructor, or set Trainer::train_step");
+  EXPECT_THROW_MSG(without_loss.evaluate(data.x_train, data.y_train), ValueError, "evaluate: the Trainer has no loss");
+  EXPECT_THROW_MSG(Trainer(model, sgd, loss, {metrics::accuracy(), metrics::accuracy()}), ValueError,
+                   "metric 'accuracy' is given twice");
+  EXPECT_THROW_MSG(Trainer(model, sgd, loss, {Metric{"loss", metrics::mse().fn, Mode::Min}}), ValueError,
+                   "invalid metric name 'loss'");
+  EXPECT_THROW_MSG(Trainer(model, sgd, loss, {Metric{"f1", metrics::mse().fn, Mode::Auto}}), ValueError,
+                   "metric 'f1' needs a direction");
 }
 
 TEST_F(TrainerTest, NonScalarLossIsRejected) {
@@ -84,7 +76,7 @@ TEST_F(TrainerTest, NonScalarLossIsRejected) {
   auto model = Mlp();
   auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), 0.1);
   Trainer trainer(model, sgd, [](const torch::Tensor& o, const torch::Tensor&) { return o; });
-  expect_value_error([&] { trainer.fit(data.x_train, data.y_train); }, "must return a scalar; got shape [30, 3]");
+  EXPECT_THROW_MSG(trainer.fit(data.x_train, data.y_train), ValueError, "must return a scalar; got shape [30, 3]");
 }
 
 /// Records the mode and grad state seen in forward.

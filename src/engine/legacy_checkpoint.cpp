@@ -136,11 +136,12 @@ CheckpointContents load_checkpoint(const std::string& path, torch::nn::Module& m
 
 CheckpointContents load_checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer,
                                    const std::string& path) {
-  return detail::guard_read(path, [&] {
-    detail::CheckpointFile file(path);
-    return file.is_module_archive() ? detail::read_legacy_checkpoint(file, module, optimizer)
-                                    : load_full_checkpoint(file.read_torchfit(), module, optimizer, path);
-  });
+  return detail::read_checkpoint_file(
+      path,
+      [&](const detail::CheckpointFile& file) {
+        return load_full_checkpoint(file.read_torchfit(), module, optimizer, path);
+      },
+      [&](const detail::CheckpointFile& file) { return detail::read_legacy_checkpoint(file, module, optimizer); });
 }
 
 }  // namespace torchfit

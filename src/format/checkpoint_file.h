@@ -101,4 +101,17 @@ auto guard_read(const std::string& path, Read&& read) -> decltype(read()) {
   }
 }
 
+/// The one way a checkpoint file is opened and read: through one descriptor, every error a
+/// CheckpointError naming `path`. `read(file)` reads files of torchfit 0.2 and later and of other
+/// tools; `read_0_1(file)` reads torchfit 0.1's module archives, which need the target to read
+/// into. Both return the same type.
+template <typename Read, typename Read01>
+auto read_checkpoint_file(const std::string& path, Read&& read, Read01&& read_0_1) -> decltype(read(
+    std::declval<const CheckpointFile&>())) {
+  return guard_read(path, [&] {
+    const CheckpointFile file(path);
+    return file.is_module_archive() ? read_0_1(file) : read(file);
+  });
+}
+
 }  // namespace torchfit::detail

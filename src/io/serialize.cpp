@@ -72,14 +72,15 @@ VerifyResult verify_checkpoint(const std::string& path) noexcept {
 }
 
 TensorMap read_weights(const std::string& path, const std::string& key) {
-  return detail::guard_read(path, [&] {
-    detail::CheckpointFile file(path);
-    if (file.is_module_archive()) return detail::read_archive_weights(file);
-    if (file.checksummed()) return detail::select_weights(file.read_all(), path, key);  // one pass
-    auto pending = pending_weights(file, key);
-    file.read(pending.reads);
-    return std::move(pending.tensors);
-  });
+  return detail::read_checkpoint_file(
+      path,
+      [&](const detail::CheckpointFile& file) {
+        if (file.checksummed()) return detail::select_weights(file.read_all(), path, key);  // one pass
+        auto pending = pending_weights(file, key);
+        file.read(pending.reads);
+        return std::move(pending.tensors);
+      },
+      [](const detail::CheckpointFile& file) { return detail::read_archive_weights(file); });
 }
 
 TensorMap read_weights(const std::string& path) { return read_weights(path, ""); }
@@ -92,29 +93,30 @@ void assign_weights(torch::nn::Module& module, const TensorMap& weights, const s
 }
 
 void load_weights(torch::nn::Module& module, const std::string& path, const std::string& key) {
-  detail::guard_read(path, [&] {
-    detail::CheckpointFile file(path);
-    if (file.is_module_archive()) {
-      auto weights = detail::read_archive_weights(file);
-      auto targets = detail::check_weights(module, weights, path);
-      return detail::install_weights(targets, weights);
-    }
-    // Installed only after every byte was read and checked: a failing read changes nothing.
-    const std::string where = key.empty() ? path : path + " [" + key + "]";
-    if (file.checksummed()) {  // one pass over the file, matched against the model while it is read
-      TensorMap weights, targets;
-      file.read_all([&](const c10::IValue& value) {
-        weights = detail::select_weights(value, path, key);
-        targets = detail::check_weights(module, weights, where);
+  // Installed only after every byte was read and checked: a failing read changes nothing.
+  const std::string where = key.empty() ? path : path + " [" + key + "]";
+  detail::read_checkpoint_file(
+      path,
+      [&](const detail::CheckpointFile& file) {
+        if (file.checksummed()) {  // one pass over the file, matched against the model while it is read
+          TensorMap weights, targets;
+          file.read_all([&](const c10::IValue& value) {
+            weights = detail::select_weights(value, path, key);
+            targets = detail::check_weights(module, weights, where);
+          });
+          return detail::install_weights(targets, weights);
+        }
+        // Another tool's file: matched against the model before a byte of a tensor is read.
+        auto pending = pending_weights(file, key);
+        auto targets = detail::check_weights(module, pending.tensors, where);
+        file.read(pending.reads);
+        detail::install_weights(targets, pending.tensors);
+      },
+      [&](const detail::CheckpointFile& file) {
+        auto weights = detail::read_archive_weights(file);
+        auto targets = detail::check_weights(module, weights, path);
+        detail::install_weights(targets, weights);
       });
-      return detail::install_weights(targets, weights);
-    }
-    // Another tool's file: matched against the model before a byte of a tensor is read.
-    auto pending = pending_weights(file, key);
-    auto targets = detail::check_weights(module, pending.tensors, where);
-    file.read(pending.reads);
-    detail::install_weights(targets, pending.tensors);
-  });
 }
 
 void load_weights(torch::nn::Module& module, const std::string& path) { load_weights(module, path, ""); }

@@ -160,15 +160,12 @@ void Trainer::restore_backup(const std::string& path) { restore(path, /*with_his
 
 void Trainer::restore(const std::string& path, bool with_history) {
   restored_window_ = c10::IValue();
-  detail::guard_read(path, [&] {
-    detail::CheckpointFile file(path);
-    if (file.is_module_archive()) {
-      restore_legacy(file);
-    } else {
-      Checkpoint items = checkpoint(CheckpointScope().with_history(with_history));
-      items.load_state_dict(file.read_torchfit(), path);
-    }
-  });
+  detail::read_checkpoint_file(
+      path,
+      [&](const detail::CheckpointFile& file) {
+        checkpoint(CheckpointScope().with_history(with_history)).load_state_dict(file.read_torchfit(), path);
+      },
+      [&](const detail::CheckpointFile& file) { restore_legacy(file); });
   resumed_from_ = path;
 }
 
