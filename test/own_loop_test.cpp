@@ -47,6 +47,13 @@ Trace run_loop(S sampler, int64_t n, int64_t& epoch, int64_t epochs,
   return trace;
 }
 
+/// A checkpoint of one item, the sampler (its copies share the state).
+Checkpoint holding(const Sampler& sampler) {
+  Checkpoint state;
+  state.add("sampler", sampler);
+  return state;
+}
+
 TEST_F(OwnLoopTest, RandomSamplerDrawsWhatLibTorchsDraws) {
   torch::manual_seed(3);
   torch::data::samplers::RandomSampler theirs(10);  // draws at construction
@@ -127,12 +134,9 @@ TEST_F(OwnLoopTest, ARestoredLoopContinuesTheSameOrderAndStreamAtEveryPoint) {
 TEST_F(OwnLoopTest, SequentialAndDistributedSamplersResume) {
   SequentialSampler sequential(7);
   EXPECT_EQ(sequential.next(3).value(), (std::vector<size_t>{0, 1, 2}));
-  Checkpoint state;
-  state.add("sampler", sequential);
-  save(state, path("seq.pt"));
+  save(holding(sequential), path("seq.pt"));
   SequentialSampler other(7);
-  Checkpoint restored;
-  restored.add("sampler", other);
+  auto restored = holding(other);
   load(restored, path("seq.pt"));
   other.reset();  // the loader's begin(): continues
   EXPECT_EQ(other.next(10).value(), (std::vector<size_t>{3, 4, 5, 6}));
@@ -162,18 +166,13 @@ TEST_F(OwnLoopTest, SequentialAndDistributedSamplersResume) {
 }
 
 TEST_F(OwnLoopTest, ASamplerOverAnotherSizeIsRefusedByName) {
-  RandomSampler sampler(10);
-  Checkpoint state;
-  state.add("sampler", sampler);
-  save(state, path("s.pt"));
-  RandomSampler other(11);
-  Checkpoint restored;
-  restored.add("sampler", other);
-  EXPECT_THROW_MSG(load(restored, path("s.pt")), CheckpointError, "[sampler]: the saved sampler: it sampled 10 examples, this one samples 11");
-  SequentialSampler sequential(10);
-  Checkpoint wrong_kind;
-  wrong_kind.add("sampler", sequential);
-  EXPECT_THROW_MSG(load(wrong_kind, path("s.pt")), CheckpointError, "the saved sampler: it is a random sampler, this one is sequential");
+  save(holding(RandomSampler(10)), path("s.pt"));
+  auto other_size = holding(RandomSampler(11));
+  EXPECT_THROW_MSG(load(other_size, path("s.pt")), CheckpointError,
+                   "[sampler]: the saved sampler: it sampled 10 examples, this one samples 11");
+  auto wrong_kind = holding(SequentialSampler(10));
+  EXPECT_THROW_MSG(load(wrong_kind, path("s.pt")), CheckpointError,
+                   "the saved sampler: it is a random sampler, this one is sequential");
 }
 
 TEST_F(OwnLoopTest, TrackedVariablesAreReadAtSaveAndWrittenByLoad) {

@@ -105,6 +105,10 @@ class FitOptions {
   bool batch_size_set() const { return batch_size_set_; }
   bool shuffle_set() const { return shuffle_set_; }
 
+  /// Throws `ValueError` naming the first bad option: out of range, or (`for_loader`) one that
+  /// only means something for tensor inputs. `Trainer::fit` calls it before anything runs.
+  void validate(bool for_loader) const;
+
  private:
   int64_t batch_size_ = 32;
   bool batch_size_set_ = false;

@@ -312,7 +312,6 @@ class Trainer : public TrainingContext {
   /// Set by load_checkpoint, consumed by the next fit.
   std::optional<TrainerState> resume_;
   std::map<std::string, c10::IValue> pending_callback_states_;
-  struct ProgressItem;
   struct CallbacksItem;
   struct GradientsItem;
   /// Set by loading a checkpoint saved inside an accumulation window.

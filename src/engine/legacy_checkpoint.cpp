@@ -7,6 +7,7 @@
 #include "format/state_dict.h"
 #include "format/trainer_state.h"
 #include "format/checkpoint_file.h"
+#include "engine/trainer_state_item.h"
 #include "torchfit/engine/checkpoint.h"
 #include "torchfit/error.h"
 #include "torchfit/io/checkpoint_io.h"
@@ -20,23 +21,6 @@ template <typename T>
 std::shared_ptr<T> borrowed(const T& object) {
   return std::shared_ptr<T>(const_cast<T*>(&object), [](T*) {});
 }
-
-class TrainerStateItem : public Stateful {
- public:
-  explicit TrainerStateItem(TrainerState& state) : state_(state) {}
-  c10::IValue state_dict() const override { return detail::trainer_state_to_ivalue(state_); }
-  void check_state_dict(const c10::IValue& state, const std::string& where) const override {
-    detail::trainer_state_from_ivalue(state, where);
-  }
-  void load_state_dict(const c10::IValue& state) override {
-    auto rng = std::move(state_.rng_state);
-    state_ = detail::trainer_state_from_ivalue(state, "trainer");
-    state_.rng_state = std::move(rng);
-  }
-
- private:
-  TrainerState& state_;
-};
 
 /// Callback states in 0.1's text form; states of other shapes are skipped on load.
 class TextStatesItem : public Stateful {
@@ -96,7 +80,7 @@ void save_checkpoint(const torch::nn::Module& module, const torch::optim::Optimi
   Checkpoint checkpoint;
   checkpoint.add("model", borrowed(module));
   checkpoint.add("optimizer", borrowed(optimizer));
-  checkpoint.add("trainer", std::make_shared<TrainerStateItem>(state));
+  checkpoint.add("trainer", std::make_shared<detail::TrainerStateItem>(state));
   checkpoint.add("callbacks", std::make_shared<TextStatesItem>(states));
   FileCheckpointIO(options).save(checkpoint.state_dict(), path);
 }
@@ -119,7 +103,7 @@ CheckpointContents load_full_checkpoint(const c10::IValue& data, torch::nn::Modu
   Checkpoint checkpoint;
   checkpoint.add("model", borrowed(module));
   checkpoint.add("optimizer", borrowed(optimizer));
-  checkpoint.add("trainer", std::make_shared<TrainerStateItem>(contents.trainer));
+  checkpoint.add("trainer", std::make_shared<detail::TrainerStateItem>(contents.trainer));
   checkpoint.add_optional("rng", std::make_shared<RngBytesItem>(contents.trainer.rng_state));
   checkpoint.add_optional("callbacks", std::make_shared<TextStatesItem>(contents.callbacks));
   checkpoint.load_state_dict(data, path);

@@ -201,46 +201,7 @@ History Trainer::fit(const at::Tensor& x, const at::Tensor& y, FitOptions option
 
 History Trainer::fit_source(detail::BatchSource& train, std::optional<std::pair<at::Tensor, at::Tensor>> validation,
                             FitOptions options, bool from_loader) {
-  if (from_loader) {
-    // As Keras: options that only mean something for tensors are errors, not ignored.
-    if (options.batch_size_set()) {
-      throw ValueError(fmt::format(
-          "fit: batch_size({}) does not apply to a data loader, which makes its own batches; remove it (for "
-          "tensor validation data, set validation_batch_size)",
-          options.batch_size()));
-    }
-    if (options.shuffle_set()) {
-      throw ValueError(fmt::format(
-          "fit: shuffle({}) does not apply to a data loader, which orders its own samples (give it a "
-          "RandomSampler or SequentialSampler); remove it",
-          options.shuffle()));
-    }
-    if (options.validation_split() != 0.0) {
-      throw ValueError(fmt::format(
-          "fit: validation_split({}) needs tensor inputs; with a data loader, pass validation_data(loader)",
-          options.validation_split()));
-    }
-  }
-  if (options.epochs() < 0) throw ValueError(fmt::format("Invalid epochs: {} (must be >= 0)", options.epochs()));
-  if (options.steps_per_epoch()) check_positive("steps_per_epoch", *options.steps_per_epoch());
-  check_positive("validation_freq", options.validation_freq());
-  if (options.initial_epoch() && *options.initial_epoch() < 0) {
-    throw ValueError(fmt::format("Invalid initial_epoch: {} (must be >= 0)", *options.initial_epoch()));
-  }
-  if (options.gradient_accumulation_steps() <= 0) {
-    throw ValueError(fmt::format("Invalid gradient_accumulation_steps: {} (must be > 0)",
-                                 options.gradient_accumulation_steps()));
-  }
-  for (auto [name, value] : {std::pair{"clip_grad_norm", options.clip_grad_norm()},
-                             std::pair{"clip_grad_value", options.clip_grad_value()}}) {
-    if (value && !(*value > 0.0)) throw ValueError(fmt::format("Invalid {}: {} (must be > 0)", name, *value));
-  }
-  for (const auto& [label, weight] : options.class_weight()) {
-    if (label < 0) throw ValueError(fmt::format("class_weight: class {} is negative", label));
-    if (!std::isfinite(weight) || weight < 0) {
-      throw ValueError(fmt::format("class_weight: the weight of class {} is {} (must be finite and >= 0)", label, weight));
-    }
-  }
+  options.validate(from_loader);
   if (!options.class_weight().empty() && !train.has_tensors()) {
     throw ValueError("fit: class_weight needs batches with targets (torch::data::Example<>); a custom step can "
                      "weigh its own samples");
@@ -258,10 +219,7 @@ History Trainer::fit_source(detail::BatchSource& train, std::optional<std::pair<
   if (validation_source != nullptr) check_steps(*validation_source, /*training=*/false, "fit's validation");
 
   CallbackList callbacks;
-  for (size_t i = 0; i < options.callbacks().size(); ++i) {
-    if (!options.callbacks()[i]) throw ValueError(fmt::format("fit: callbacks[{}] is null", i));
-    callbacks.push_back(options.callbacks()[i]);
-  }
+  for (const auto& callback : options.callbacks()) callbacks.push_back(callback);
   auto history = std::make_shared<History>();
   callbacks.push_back(history);
   if (options.verbose() > 0 && is_main_process()) {

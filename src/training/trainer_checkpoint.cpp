@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 #include <torch/optim/optimizer.h>
 
+#include "engine/trainer_state_item.h"
 #include "format/checkpoint_file.h"
 #include "format/module_archive.h"
 #include "format/state_fields.h"
@@ -24,20 +25,6 @@ std::map<std::string, CallbackState> Trainer::callback_states() const {
   if (active_callbacks_ != nullptr) states = active_callbacks_->states();
   return states;
 }
-
-/// The trainer's progress; loading it makes the next fit resume there.
-struct Trainer::ProgressItem : Stateful {
-  explicit ProgressItem(Trainer& trainer) : trainer(trainer) {}
-  c10::IValue state_dict() const override { return detail::trainer_state_to_ivalue(trainer.state_); }
-  void check_state_dict(const c10::IValue& state, const std::string& where) const override {
-    detail::trainer_state_from_ivalue(state, where);
-  }
-  void load_state_dict(const c10::IValue& state) override {
-    trainer.state_ = detail::trainer_state_from_ivalue(state, "trainer");
-    trainer.resume_ = trainer.state_;
-  }
-  Trainer& trainer;
-};
 
 /// The callbacks' states: those of the running fit, plus restored ones no callback claimed yet.
 struct Trainer::CallbacksItem : Stateful {
@@ -145,7 +132,8 @@ Checkpoint Trainer::checkpoint(const CheckpointScope& scope) {
   Checkpoint out;
   out.add("model", model_);
   out.add("optimizer", optimizer_);
-  out.add("trainer", std::make_shared<ProgressItem>(*this));
+  // The trainer's progress; loading it makes the next fit resume there.
+  out.add("trainer", std::make_shared<detail::TrainerStateItem>(state_, [this] { resume_ = state_; }));
   out.add_optional("gradients", std::make_shared<GradientsItem>(*this));
   out.add_rng();
   out.add("callbacks", std::make_shared<CallbacksItem>(*this, scope.with_history(), scope.caller()));
