@@ -13,6 +13,7 @@
 #include "format/checkpoint_file.h"
 #include "format/optimizer_state.h"
 #include "format/state_dict.h"
+#include "format/state_fields.h"
 #include "torchfit/error.h"
 #include "torchfit/io/checkpoint_io.h"
 
@@ -97,31 +98,24 @@ class RngItem : public Checkpoint::Item {
     return dict;
   }
   Apply prepare(const c10::IValue& state, const std::string& where) override {
-    auto fail = [&](const std::string& what) {
-      return CheckpointError(fmt::format("{}: the saved generator state {}", where, what));
-    };
-    if (!state.isGenericDict()) throw fail(fmt::format("is a {}, not a dict", state.tagKind()));
-    const auto& dict = state.toGenericDict();
-    auto cpu = dict.find("cpu");
-    if (cpu == dict.end() || !cpu->value().isTensor()) throw fail("has no CPU state");
-    auto cpu_state = cpu->value().toTensor();
+    const detail::StateFields fields(state, where, "the saved generator state");
+    auto cpu_state = fields.tensor("cpu");
     auto expected = state_of(at::detail::getDefaultCPUGenerator());
     if (cpu_state.scalar_type() != at::kByte || cpu_state.numel() != expected.numel()) {
-      throw fail(fmt::format("holds {} bytes of {}, {} bytes expected", cpu_state.numel(),
-                             std::string(c10::toString(cpu_state.scalar_type())), expected.numel()));
+      fields.fail(fmt::format("holds {} bytes of {}, {} bytes expected", cpu_state.numel(),
+                              std::string(c10::toString(cpu_state.scalar_type())), expected.numel()));
     }
     try {
       // Applied to a scratch generator first, so bad bytes fail before anything changes.
       auto scratch = at::make_generator<at::CPUGeneratorImpl>();
       set_state_of(scratch, cpu_state);
     } catch (const c10::Error& e) {
-      throw fail(fmt::format("is unusable ({})", e.what_without_backtrace()));
+      fields.fail(fmt::format("is unusable ({})", e.what_without_backtrace()));
     }
     std::vector<at::Tensor> cuda_states;
-    auto cuda = dict.find("cuda");
     const auto& hooks = at::detail::getCUDAHooks();
-    if (cuda != dict.end() && cuda->value().isList() && hooks.hasCUDA()) {
-      for (const auto& item : cuda->value().toListRef()) {
+    if (fields.has("cuda") && hooks.hasCUDA()) {
+      for (const auto& item : fields.list("cuda").toListRef()) {
         if (item.isTensor()) cuda_states.push_back(item.toTensor());
       }
     }

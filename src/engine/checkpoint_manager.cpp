@@ -37,8 +37,9 @@ std::string save_point(const Logs& logs, int64_t saves) {
   return fmt::format("Save {}", saves + 1);
 }
 
-std::shared_ptr<CheckpointIO> make_io(const CheckpointOptions& options) {
+std::shared_ptr<CheckpointIO> make_io(const CheckpointOptions& options, bool store_nothing) {
   std::shared_ptr<CheckpointIO> io = options.io() ? options.io() : std::make_shared<FileCheckpointIO>(SaveOptions().fsync(options.fsync()));
+  if (store_nothing) return std::make_shared<ReadOnlyCheckpointIO>(std::move(io));  // nothing to write late
   if (options.async_save()) io = std::make_shared<AsyncCheckpointIO>(std::move(io));
   return io;
 }
@@ -78,7 +79,7 @@ CheckpointManager::CheckpointManager(CheckpointOptions options, std::shared_ptr<
         fmt::format("Invalid max_to_keep: {} (must be >= 1, or -1 to keep all)", options_.max_to_keep()));
   }
   template_ = std::make_unique<detail::FilepathTemplate>(options_.filepath());
-  io_ = make_io(options_);
+  io_ = make_io(options_, false);
   hook_failure_ = std::make_shared<HookFailure>();
 }
 
@@ -90,6 +91,12 @@ CheckpointManager::~CheckpointManager() {
     logger()->error("CheckpointManager {}: a background save failed and nothing was left to report it to: {}",
                     options_.filepath(), e.what());
   }
+}
+
+void CheckpointManager::store_nothing() {
+  if (dynamic_cast<ReadOnlyCheckpointIO*>(io_.get())) return;
+  wait();
+  io_ = make_io(options_, true);
 }
 
 bool CheckpointManager::is_integer_key(const std::string& key) {
@@ -113,15 +120,8 @@ Logs CheckpointManager::values_for(const Checkpoint& state, const Logs& logs, st
 }
 
 bool CheckpointManager::save(const Checkpoint& state, const Logs& logs) {
-  const SaveFreq& freq = options_.save_freq();
-  double now = 0;
-  if (freq.every_seconds() > 0) {
-    now = freq.now();
-    if (!interval_start_) interval_start_ = now;  // the clock starts at the first call of a run
-  }
-  if (!freq.due(++record_.calls_since_last_save, now - interval_start_.value_or(now))) return false;
+  if (!trigger_.fires(options_.save_freq(), ++record_.calls_since_last_save)) return false;
   record_.calls_since_last_save = 0;
-  if (interval_start_) interval_start_ = now;
   std::set<std::string> integers;
   const Logs values = values_for(state, logs, integers);
   // Formatted before the decision, as Keras does, so a bad template fails early.
@@ -389,7 +389,7 @@ void CheckpointManager::restore(Checkpoint& state, const std::string& path) {
   if (key_0_2 != state_key()) with_manager.add_optional(kManagerKeyPrefix + key_0_2, manager_state);
   with_manager.load_state_dict(data, path);
   protect(path);
-  interval_start_.reset();  // the time the run was down does not count
+  trigger_.restart_clock();  // the time the run was down does not count
 }
 
 void CheckpointManager::remove_saved() {

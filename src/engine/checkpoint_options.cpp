@@ -62,6 +62,21 @@ double SaveFreq::now() const {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+namespace detail {
+
+bool SaveTrigger::fires(const SaveFreq& freq, int64_t calls) {
+  double now = 0;
+  if (freq.every_seconds() > 0) {
+    now = freq.now();
+    if (!interval_start_) interval_start_ = now;
+  }
+  if (!freq.due(calls, now - interval_start_.value_or(now))) return false;
+  if (interval_start_) interval_start_ = now;
+  return true;
+}
+
+}  // namespace detail
+
 std::string SaveFreq::to_string() const {
   if (is_epoch()) return "epoch";
   std::string out;

@@ -2,6 +2,8 @@
 // Reading a saved state dict field by field in `check_state_dict`, with one error text for a
 // state that is not a dict or a field that is missing or of another type.
 
+#include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -35,11 +37,18 @@ class StateFields {
   at::Tensor tensor(const char* key) const { return field(key, &c10::IValue::isTensor, "a tensor").toTensor(); }
   c10::IValue list(const char* key) const { return field(key, &c10::IValue::isList, "a list"); }
   c10::IValue dict(const char* key) const { return field(key, &c10::IValue::isGenericDict, "a dict"); }
+  double number(const char* key) const { return field(key, &c10::IValue::isDouble, "a float").toDouble(); }
+  /// A float or None.
+  std::optional<double> optional_number(const char* key) const {
+    auto value = field(key, [](const c10::IValue& v) { return v.isNone() || v.isDouble(); }, "a float or None");
+    return value.isNone() ? std::nullopt : std::optional<double>(value.toDouble());
+  }
 
  private:
-  c10::IValue field(const char* key, bool (c10::IValue::*is)() const, const char* type) const {
+  template <typename Is>
+  c10::IValue field(const char* key, Is is, const char* type) const {
     auto it = dict_.find(key);
-    if (it == dict_.end() || !(it->value().*is)()) fail(fmt::format("field '{}' is missing or not {}", key, type));
+    if (it == dict_.end() || !std::invoke(is, it->value())) fail(fmt::format("field '{}' is missing or not {}", key, type));
     return it->value();
   }
 

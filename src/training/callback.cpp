@@ -7,6 +7,7 @@
 #include <fmt/ranges.h>
 
 #include "format/ivalue_lists.h"
+#include "format/state_fields.h"
 #include "torchfit/error.h"
 #include "torchfit/training_context.h"
 
@@ -147,17 +148,13 @@ c10::IValue History::state_dict() const {
 }
 
 void History::load_state_dict(const c10::IValue& state) {
-  auto fail = [] { return CheckpointError("History: corrupt saved state"); };
-  if (!state.isGenericDict()) throw fail();
-  const auto& dict = state.toGenericDict();
-  auto epochs = dict.find("epoch");
-  auto logs = dict.find("history");
-  auto epoch_list = epochs == dict.end() ? std::nullopt : detail::int_vector(epochs->value());
-  if (!epoch_list || logs == dict.end() || !logs->value().isGenericDict()) throw fail();
+  const detail::StateFields fields(state, "History", "corrupt saved state");
+  auto epoch_list = detail::int_vector(fields.list("epoch"));
+  if (!epoch_list) fields.fail("field 'epoch' is not a list of ints");
   std::map<std::string, std::vector<double>> restored;
-  for (const auto& entry : logs->value().toGenericDict()) {
+  for (const auto& entry : fields.dict("history").toGenericDict()) {
     auto values = detail::double_vector(entry.value());
-    if (!entry.key().isString() || !values) throw fail();
+    if (!entry.key().isString() || !values) fields.fail("an entry of 'history'");
     restored[entry.key().toStringRef()] = std::move(*values);
   }
   epoch = std::move(*epoch_list);

@@ -3,9 +3,10 @@
 #include <fmt/format.h>
 
 #include "io/atomic_file.h"
+#include "torchfit/engine/checkpoint_manager.h"
 #include "torchfit/error.h"
 #include "torchfit/trainer.h"
-#include "training/fail_early.h"
+#include "training/rank_policy.h"
 
 namespace torchfit {
 
@@ -36,6 +37,16 @@ void check_on_main(const TrainingContext& context, const std::function<void()>& 
   error = context.broadcast_from_main(error, "directory check");
   if (error.empty()) return;
   throw CheckpointError(context.is_main_process() ? error : fmt::format("Rank 0: {}", error));
+}
+
+void write_on_main_only(CheckpointManager& manager, const TrainingContext& context) {
+  if (context.world_size() > 1 && !context.is_main_process()) manager.store_nothing();
+}
+
+void check_freq_across_ranks(const TrainingContext& context, const std::string& owner, const SaveFreq& freq) {
+  if (context.world_size() == 1 || freq.every_seconds() == 0) return;
+  throw ValueError(fmt::format("{}: save_freq {} is not supported in data-parallel training; use SaveFreq::batches(n)",
+                               owner, freq.to_string()));
 }
 
 }  // namespace detail

@@ -77,7 +77,7 @@ class BackupAndRestore : public Callback {
   std::unique_ptr<CheckpointManager> manager_;
   bool restored_ = false;
   int64_t batches_since_backup_ = 0;
-  std::optional<double> interval_start_;  // the time trigger's clock at the last backup or start
+  detail::SaveTrigger trigger_;
   int64_t last_backup_step_ = -1;
 };
 

@@ -91,6 +91,10 @@ class CheckpointManager {
   std::optional<double> best() const { return monitor_->best(); }
   const std::shared_ptr<MetricMonitor>& monitor() const { return monitor_; }
   const CheckpointOptions& options() const { return options_; }
+  /// For the ranks other than 0 of a data-parallel run: goes on deciding every save as rank
+  /// 0 does, with the same state, but stores and removes nothing (a `ReadOnlyCheckpointIO`
+  /// over the storage, synchronous). Waits for a save in flight first; idempotent.
+  void store_nothing();
   /// The storage saves go through (async-wrapped with async_save).
   CheckpointIO& io() const { return *io_; }
   /// Path of the last save; empty before the first. With async_save the file is
@@ -154,7 +158,7 @@ class CheckpointManager {
   int64_t saves_ = 0;
   bool guards_updates_ = false;  // before_update() has been called: saves may copy late
   bool directory_checked_ = false;
-  std::optional<double> interval_start_;  // the time trigger's clock at the last save point or start
+  detail::SaveTrigger trigger_;
   struct HookFailure;
   std::shared_ptr<HookFailure> hook_failure_;  // set on the writer thread, raised on the caller's
 };

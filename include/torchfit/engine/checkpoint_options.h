@@ -67,6 +67,24 @@ class SaveFreq {
   Clock clock_;
 };
 
+namespace detail {
+
+/// The running side of a `SaveFreq`: the time trigger's clock since the last save point.
+/// The caller counts calls (the manager keeps the count in its saved record).
+class SaveTrigger {
+ public:
+  /// Whether `calls` calls since the last save point make one now; if so, the clock
+  /// restarts. The clock starts at the first check after construction or `restart_clock`.
+  bool fires(const SaveFreq& freq, int64_t calls);
+  /// The clock starts again at the next check: the time a run was down does not count.
+  void restart_clock() { interval_start_.reset(); }
+
+ private:
+  std::optional<double> interval_start_;
+};
+
+}  // namespace detail
+
 /// Options of CheckpointManager and CheckpointCallback, with chainable setters.
 class CheckpointOptions {
  public:

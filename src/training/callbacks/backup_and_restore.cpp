@@ -4,7 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include "sys/paths.h"
-#include "training/fail_early.h"
+#include "training/rank_policy.h"
 #include "torchfit/error.h"
 #include "torchfit/log.h"
 #include "torchfit/serialize.h"
@@ -29,17 +29,13 @@ std::string BackupAndRestore::previous_backup_path() const {
 }
 
 void BackupAndRestore::on_train_setup() {
+  detail::check_freq_across_ranks(*context_, "BackupAndRestore " + options_.backup_dir(), options_.save_freq());
+  detail::write_on_main_only(*manager_, *context_);  // first: it changes the manager's storage
   CheckpointIO& storage = manager_->io();
   detail::check_on_main(*context_, [&] { storage.prepare(options_.backup_dir(), "BackupAndRestore"); });
   restored_ = false;
-  if (context_->world_size() > 1 && options_.save_freq().every_seconds() > 0) {
-    // Each rank's clock would decide alone, and the ranks would part at the backup barrier.
-    throw ValueError(fmt::format("BackupAndRestore {}: save_freq {} is not supported in data-parallel training; "
-                                 "use SaveFreq::batches(n)",
-                                 options_.backup_dir(), options_.save_freq().to_string()));
-  }
   batches_since_backup_ = 0;
-  interval_start_.reset();  // the time a run was down does not count
+  trigger_.restart_clock();  // the time a run was down does not count
   last_backup_step_ = -1;
   std::vector<std::string> candidates{backup_path()};
   if (options_.double_checkpoint()) candidates.push_back(previous_backup_path());
@@ -77,12 +73,9 @@ void BackupAndRestore::backup() {
   if (state.global_step == last_backup_step_) return;  // nothing new since the last backup or restore
   last_backup_step_ = state.global_step;
   batches_since_backup_ = 0;
-  if (interval_start_) interval_start_ = options_.save_freq().now();
-  // Data-parallel: rank 0 writes, the others wait until it is durable.
-  if (context_->is_main_process()) {
-    write_backup();
-    if (context_->world_size() > 1) manager_->wait();
-  }
+  write_backup();  // ranks other than 0 store nothing
+  // Data-parallel: rank 0's backup is durable before any rank runs ahead of it.
+  if (context_->world_size() > 1) manager_->wait();
   context_->barrier("backup barrier");
 }
 
@@ -106,13 +99,7 @@ void BackupAndRestore::on_epoch_begin(int64_t, const Logs&) {
 
 void BackupAndRestore::on_train_batch_begin(int64_t, const Logs&) {
   const SaveFreq& freq = options_.save_freq();
-  if (freq.is_epoch()) return;
-  double now = 0;
-  if (freq.every_seconds() > 0) {
-    now = freq.now();
-    if (!interval_start_) interval_start_ = now;
-  }
-  if (freq.due(batches_since_backup_, now - interval_start_.value_or(now))) backup();
+  if (!freq.is_epoch() && trigger_.fires(freq, batches_since_backup_)) backup();
 }
 
 void BackupAndRestore::on_train_batch_end(int64_t, const Logs&) { ++batches_since_backup_; }
@@ -123,8 +110,7 @@ void BackupAndRestore::on_train_end(const Logs&) {
   manager_->wait();
   if (!options_.delete_checkpoint()) return;
   context_->barrier("backup removal barrier");  // no rank may still be reading it
-  if (!context_->is_main_process()) return;
-  // The older backup goes first: a power cut between the two removals leaves the newest one (the
+  // Ranks other than 0 remove nothing. The older backup goes first: a power cut between the two removals leaves the newest one (the
   // run resumes at its end), never the older alone (the run would train its last steps again).
   CheckpointIO& storage = manager_->io();
   for (const auto& path : {previous_backup_path(), backup_path()}) {

@@ -5,7 +5,7 @@
 
 #include "engine/filepath_template.h"
 #include "io/atomic_file.h"
-#include "training/fail_early.h"
+#include "training/rank_policy.h"
 #include "torchfit/error.h"
 #include "torchfit/training_context.h"
 
@@ -43,21 +43,8 @@ std::string CheckpointCallback::format_filepath(const std::string& filepath, int
 
 void CheckpointCallback::on_train_begin(const Logs& logs) {
   MonitorCallback::on_train_begin(logs);
-  if (context_->world_size() > 1 && !context_->is_main_process()) {
-    // Ranks other than 0 decide alike but write nothing; they keep the tables.
-    auto state = manager_->state_dict();
-    auto options = manager_->options();
-    auto storage = options.io() ? options.io() : std::make_shared<FileCheckpointIO>(SaveOptions().fsync(options.fsync()));
-    options.io(std::make_shared<ReadOnlyCheckpointIO>(std::move(storage))).async_save(false);
-    manager_ = std::make_unique<CheckpointManager>(std::move(options), tracker_);
-    manager_->load_state_dict(state);
-  }
-  if (context_->world_size() > 1 && options().save_freq().every_seconds() > 0) {
-    // Each rank's clock would decide alone, and the ranks would part at the next barrier.
-    throw ValueError(fmt::format("CheckpointCallback {}: save_freq {} is not supported in data-parallel training; "
-                                 "use SaveFreq::batches(n)",
-                                 options().filepath(), options().save_freq().to_string()));
-  }
+  detail::check_freq_across_ranks(*context_, "CheckpointCallback " + options().filepath(), options().save_freq());
+  detail::write_on_main_only(*manager_, *context_);
   if (!context_->resumed_from().empty()) manager_->protect(context_->resumed_from());
   // Fail now, not an epoch later at the first save (the first write into the directory
   // removes what killed writers left there).
@@ -92,7 +79,7 @@ void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch,
     background_save_ = true;  // its outcome is shared at the next save point or the end
   } else {
     // Data-parallel sync saves: rank 0's file is durable before any rank runs ahead of it.
-    if (context_->is_main_process()) manager_->wait();
+    manager_->wait();  // ranks other than 0 store nothing
     context_->barrier("checkpoint barrier");
   }
 }

@@ -8,7 +8,7 @@
 #include "io/atomic_file.h"
 #include "sys/paths.h"
 #include "sys/posix_file.h"
-#include "training/fail_early.h"
+#include "training/rank_policy.h"
 #include "torchfit/error.h"
 #include "torchfit/training_context.h"
 

@@ -3,6 +3,7 @@
 #include <ATen/core/ivalue.h>
 #include <fmt/format.h>
 
+#include "format/state_fields.h"
 #include "torchfit/error.h"
 #include "torchfit/metrics.h"
 #include "torchfit/training_context.h"
@@ -10,6 +11,10 @@
 namespace torchfit {
 
 namespace {
+
+detail::StateFields saved_fields(const c10::IValue& state, const std::string& name, const std::string& monitor) {
+  return detail::StateFields(state, fmt::format("{} ({})", name, monitor), "corrupt saved state");
+}
 
 /// How a MetricMonitor learns the direction of a metric: from the run's registered metrics.
 auto metric_directions(const TrainingContext* context) {
@@ -53,24 +58,12 @@ c10::IValue MonitorCallback::state_dict() const {
 }
 
 void MonitorCallback::load_state_dict(const c10::IValue& state) {
-  auto fail = [&](const std::string& what) {
-    return CheckpointError(fmt::format("{} ({}): corrupt saved state: {}", name_, monitor_, what));
-  };
-  if (!state.isGenericDict()) throw fail(fmt::format("a {}, not a dict", state.tagKind()));
-  const auto& dict = state.toGenericDict();
-  auto best = dict.find("best");
-  if (best == dict.end() || !(best->value().isNone() || best->value().isDouble())) throw fail("field 'best'");
-  tracker_->set_best(best->value().isNone() ? std::nullopt : std::optional<double>(best->value().toDouble()));
+  tracker_->set_best(saved_fields(state, name_, monitor_).optional_number("best"));
   restored_ = true;
 }
 
 int64_t MonitorCallback::int_field(const c10::IValue& state, const char* field) const {
-  if (state.isGenericDict()) {
-    auto it = state.toGenericDict().find(field);
-    if (it != state.toGenericDict().end() && it->value().isInt()) return it->value().toInt();
-  }
-  throw CheckpointError(fmt::format("{} ({}): corrupt saved state: field '{}' is missing or not an integer", name_,
-                                    monitor_, field));
+  return saved_fields(state, name_, monitor_).integer(field);
 }
 
 }  // namespace torchfit
