@@ -1,5 +1,8 @@
 // Async saves: same bytes as sync saves, errors raised on the training thread.
 #include <fstream>
+#include <thread>
+
+#include "io/save_cost.h"
 
 #include "support.h"
 
@@ -155,6 +158,142 @@ TEST_F(AsyncTest, UnknownOptimizerSavesAsyncFullCheckpoints) {
   Trainer restored(model, other, ce_loss);
   restored.load_checkpoint(path("2.pt"));
   EXPECT_DOUBLE_EQ(other->param_groups()[0].options().get_lr(), 0.1);
+}
+
+// ---- where a save runs (AsyncPolicy)
+
+using detail::SaveCostRule;
+
+/// Runs `steps` steps of `seconds` each, with a save in flight or not.
+void steps(SaveCostRule& rule, int n, double seconds, bool in_flight) {
+  for (int i = 0; i < n; ++i) rule.step(seconds, in_flight);
+}
+
+TEST(SaveCostRuleTest, MeasuresTwoBackgroundSavesAndOneInlineBeforeChoosing) {
+  SaveCostRule rule(AsyncPolicy::Measured);
+  steps(rule, 5, 0.100, false);
+  EXPECT_FALSE(rule.place_inline());  // the warm-up: sizes the buffers, not counted
+  rule.background_started(0.050);
+  steps(rule, 2, 0.300, true);
+  EXPECT_FALSE(rule.place_inline());  // nothing counted yet: measure a background save
+  EXPECT_EQ(rule.background_cost(), 0);
+  rule.background_started(0.001);
+  steps(rule, 2, 0.120, true);   // 2 x 20 ms over the usual 100 ms
+  rule.caller_waited(0.004);
+  EXPECT_TRUE(rule.place_inline());  // now an inline one
+  EXPECT_NEAR(rule.background_cost(), 0.001 + 0.040 + 0.004, 1e-9);
+  rule.inline_saved(0.010);
+  EXPECT_DOUBLE_EQ(rule.inline_cost(), 0.010);
+  EXPECT_NEAR(rule.step_excess(), 0.400 + 0.040, 1e-9);
+  // Inline is cheaper (10 ms against 45): inline, but every 8th decision probes the background.
+  std::vector<bool> places;
+  for (int i = 0; i < 2 * SaveCostRule::kProbeEvery; ++i) {
+    const bool inline_save = rule.place_inline();
+    places.push_back(inline_save);
+    if (inline_save) {
+      rule.inline_saved(0.010);
+    } else {
+      rule.background_started(0.001);
+      steps(rule, 2, 0.120, true);
+    }
+    steps(rule, 3, 0.100, false);
+  }
+  EXPECT_EQ(std::count(places.begin(), places.end(), false), 2);
+  EXPECT_FALSE(places[SaveCostRule::kProbeEvery - 1]);
+  EXPECT_FALSE(places[2 * SaveCostRule::kProbeEvery - 1]);
+}
+
+TEST(SaveCostRuleTest, KeepsTheBackgroundWhenItCostsTheCallerLess) {
+  SaveCostRule rule(AsyncPolicy::Measured);
+  steps(rule, 5, 0.100, false);
+  for (int save = 0; save < 2; ++save) {
+    EXPECT_FALSE(rule.place_inline());
+    rule.background_started(0.002);
+    steps(rule, 3, 0.101, true);  // the writer hardly slows the steps
+  }
+  EXPECT_TRUE(rule.place_inline());
+  rule.inline_saved(0.500);  // a large state: half a second on the caller
+  int inline_saves = 0;
+  for (int i = 0; i < 16; ++i) {
+    if (rule.place_inline()) {
+      ++inline_saves;
+      rule.inline_saved(0.500);
+    } else {
+      rule.background_started(0.002);
+      steps(rule, 3, 0.101, true);
+    }
+  }
+  EXPECT_EQ(inline_saves, 2);  // the probes
+  EXPECT_NEAR(rule.background_cost(), 0.005, 1e-9);
+}
+
+TEST(SaveCostRuleTest, AlwaysStaysInTheBackground) {
+  SaveCostRule rule(AsyncPolicy::Always);
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_FALSE(rule.place_inline());
+    rule.background_started(1.0);
+  }
+}
+
+TEST(SaveCostRuleTest, StepsWithNoUsualTimeLeaveASaveUncounted) {
+  SaveCostRule rule(AsyncPolicy::Measured);
+  for (int save = 0; save < 3; ++save) {
+    EXPECT_FALSE(rule.place_inline());  // steps began in flight: no usual step time to compare
+    rule.background_started(0.001);
+    steps(rule, 2, 0.100, true);
+  }
+  EXPECT_EQ(rule.background_cost(), 0);
+}
+
+/// Records on which thread each save ran.
+class ThreadRecordingIO : public MemoryCheckpointIO {
+ public:
+  void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit) override {
+    threads.push_back(std::this_thread::get_id());
+    MemoryCheckpointIO::save(checkpoint, path, on_commit);
+  }
+  std::vector<std::thread::id> threads;
+};
+
+TEST_F(AsyncTest, MeasuredPolicyRunsSomeSavesInlineAndEverySaveHoldsItsState) {
+  for (auto policy : {AsyncPolicy::Measured, AsyncPolicy::Always}) {
+    SCOPED_TRACE(policy == AsyncPolicy::Measured ? "measured" : "always");
+    auto storage = std::make_shared<ThreadRecordingIO>();
+    AsyncCheckpointIO io(storage, policy);
+    auto weights = torch::arange(1000, torch::kFloat);
+    const int saves = 12;
+    for (int i = 0; i < saves; ++i) {
+      for (int step = 0; step < 3; ++step) {
+        io.before_update();
+        torch::NoGradGuard no_grad;
+        weights.add_(1);
+      }
+      c10::impl::GenericDict state(c10::StringType::get(), c10::AnyType::get());
+      state.insert("w", weights);
+      io.save(state, fmt::format("s{}", i));
+    }
+    io.wait();
+    ASSERT_EQ(storage->threads.size(), static_cast<size_t>(saves));
+    const auto caller = std::this_thread::get_id();
+    const auto on_caller = std::count(storage->threads.begin(), storage->threads.end(), caller);
+    const AsyncSaveProfile profile = io.profile();
+    EXPECT_EQ(profile.background_saves + profile.inline_saves, saves);
+    EXPECT_EQ(profile.inline_saves, on_caller);
+    EXPECT_NE(storage->threads[0], caller);  // measured: two background saves first
+    EXPECT_NE(storage->threads[1], caller);
+    if (policy == AsyncPolicy::Always) {
+      EXPECT_EQ(on_caller, 0);
+    } else {
+      EXPECT_EQ(storage->threads[2], caller);  // then one inline save
+      EXPECT_GT(profile.inline_cost, 0);
+      EXPECT_GT(profile.background_cost, 0);
+    }
+    EXPECT_GT(profile.writer_store, 0);
+    for (int i = 0; i < saves; ++i) {
+      auto saved = storage->load(fmt::format("s{}", i)).toGenericDict().at("w").toTensor();
+      EXPECT_TRUE(torch::equal(saved, torch::arange(1000, torch::kFloat) + 3 * (i + 1))) << i;
+    }
+  }
 }
 
 }  // namespace

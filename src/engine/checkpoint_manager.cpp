@@ -40,7 +40,7 @@ std::string save_point(const Logs& logs, int64_t saves) {
 std::shared_ptr<CheckpointIO> make_io(const CheckpointOptions& options, bool store_nothing) {
   std::shared_ptr<CheckpointIO> io = options.io() ? options.io() : std::make_shared<FileCheckpointIO>(SaveOptions().fsync(options.fsync()));
   if (store_nothing) return std::make_shared<ReadOnlyCheckpointIO>(std::move(io));  // nothing to write late
-  if (options.async_save()) io = std::make_shared<AsyncCheckpointIO>(std::move(io));
+  if (options.async_save()) io = std::make_shared<AsyncCheckpointIO>(std::move(io), options.async_policy());
   return io;
 }
 

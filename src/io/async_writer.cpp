@@ -39,6 +39,11 @@ void AsyncWriter::wait_first() {
   changed_.wait(lock, [this] { return !first_pending_; });
 }
 
+bool AsyncWriter::busy() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return busy_;
+}
+
 void AsyncWriter::wait() {
   std::unique_lock<std::mutex> lock(mutex_);
   changed_.wait(lock, [this] { return !busy_; });

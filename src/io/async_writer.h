@@ -24,6 +24,8 @@ class AsyncWriter {
   /// Blocks until `first` of the job in flight is done (or failed); errors are
   /// left to `wait()`.
   void wait_first();
+  /// Whether a job is in flight.
+  bool busy();
   /// Blocks until no job is in flight, then rethrows the error of the last job, once.
   void wait();
 

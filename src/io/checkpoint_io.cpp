@@ -1,11 +1,16 @@
 #include "torchfit/io/checkpoint_io.h"
 
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
+#include <optional>
 #include <stdexcept>
 
 #include <ATen/core/ivalue.h>
@@ -17,6 +22,7 @@
 #include "io/async_writer.h"
 #include "io/atomic_file.h"
 #include "io/file_release.h"
+#include "io/save_cost.h"
 #include "io/snapshot.h"
 #include "sys/paths.h"
 #include "torchfit/error.h"
@@ -146,9 +152,69 @@ std::optional<std::string> FileCheckpointIO::latest(const std::string& directory
 
 // ---- background saves
 
-AsyncCheckpointIO::AsyncCheckpointIO(std::shared_ptr<CheckpointIO> storage)
+namespace {
+
+double seconds_now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+double thread_cpu_seconds() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+int64_t thread_minor_faults() {
+  rusage usage{};
+  ::getrusage(RUSAGE_THREAD, &usage);
+  return usage.ru_minflt;
+}
+
+}  // namespace
+
+/// The profile, and the cost rule with the caller's step clock. The rule and the step clock are
+/// the caller's alone; the profile is written by both threads, under the mutex.
+struct AsyncCheckpointIO::Timing {
+  explicit Timing(AsyncPolicy policy) : rule(policy) {}
+
+  /// Runs `work` on the writer thread, adding its wall and CPU time to `field`.
+  template <typename Work>
+  void writer_timed(double AsyncSaveProfile::*field, Work&& work) {
+    const double start = seconds_now(), cpu = thread_cpu_seconds();
+    auto account = [&] {
+      std::lock_guard<std::mutex> lock(mutex);
+      profile.*field += seconds_now() - start;
+      profile.writer_cpu += thread_cpu_seconds() - cpu;
+    };
+    try {
+      work();
+    } catch (...) {
+      account();
+      throw;
+    }
+    account();
+  }
+  void add(double AsyncSaveProfile::*field, double seconds) {
+    std::lock_guard<std::mutex> lock(mutex);
+    profile.*field += seconds;
+  }
+  void add_faults(int64_t since) {
+    std::lock_guard<std::mutex> lock(mutex);
+    profile.caller_page_faults += thread_minor_faults() - since;
+  }
+
+  std::mutex mutex;
+  AsyncSaveProfile profile;
+  detail::SaveCostRule rule;
+  std::optional<double> last_step;  // when the last before_update began
+  double saving_since_step = 0;     // the caller's time in save since then
+  bool in_flight_since_step = false;
+};
+
+AsyncCheckpointIO::AsyncCheckpointIO(std::shared_ptr<CheckpointIO> storage, AsyncPolicy policy)
     : storage_(std::move(storage)),
       snapshot_(std::make_unique<detail::Snapshot>()),
+      timing_(std::make_unique<Timing>(policy)),
       writer_(std::make_unique<detail::AsyncWriter>()) {
   if (!storage_) throw ValueError("AsyncCheckpointIO: storage must not be null");
 }
@@ -163,7 +229,35 @@ void AsyncCheckpointIO::save(const c10::IValue& checkpoint, const std::string& p
 
 void AsyncCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std::string& path,
                                         const SaveHints& hints, const OnCommit& on_commit) {
-  writer_->wait();  // one save in flight; its buffers are about to be reused
+  Timing& timing = *timing_;
+  const double start = seconds_now();
+  const int64_t faults = thread_minor_faults();
+  // Whatever happens, the time spent here is not a training step's.
+  struct InSave {
+    Timing& timing;
+    double start;
+    ~InSave() { timing.saving_since_step += seconds_now() - start; }
+  } in_save{timing, start};
+  wait_for_writer(&AsyncSaveProfile::save_wait);  // one save in flight; its buffers are about to be reused
+  if (timing.rule.place_inline()) {
+    const double store_start = seconds_now();
+    auto account = [&] {
+      const double took = seconds_now() - store_start;
+      timing.rule.inline_saved(took);
+      timing.add(&AsyncSaveProfile::inline_save, took);
+      std::lock_guard<std::mutex> lock(timing.mutex);
+      ++timing.profile.inline_saves;
+    };
+    try {
+      storage_->save(checkpoint, path, on_commit);
+    } catch (...) {
+      account();
+      throw;
+    }
+    account();
+    return;
+  }
+  const double capture_start = seconds_now();
   c10::IValue copy;
   try {
     copy = snapshot_->capture(checkpoint, hints);
@@ -172,55 +266,104 @@ void AsyncCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std
     throw;
   }
   std::function<void()> deferred;
-  if (snapshot_->stats().deferred > 0) deferred = [snapshot = snapshot_.get()] { snapshot->copy_deferred(); };
+  if (snapshot_->stats().deferred > 0) {
+    deferred = [snapshot = snapshot_.get(), &timing] {
+      timing.writer_timed(&AsyncSaveProfile::writer_copy, [&] { snapshot->copy_deferred(); });
+    };
+  }
   // The job reads the snapshot's CRCs: the next capture waits for it first.
   writer_->submit(
-      [storage = storage_, copy = std::move(copy), path, on_commit, crcs = &snapshot_->crcs()] {
+      [storage = storage_, copy = std::move(copy), path, on_commit, crcs = &snapshot_->crcs(), &timing] {
         SaveHints known;
         known.known_crcs = crcs;
-        storage->save_with_hints(copy, path, known, on_commit);
+        timing.writer_timed(&AsyncSaveProfile::writer_store,
+                            [&] { storage->save_with_hints(copy, path, known, on_commit); });
       },
       std::move(deferred));
+  const double captured = seconds_now() - capture_start;
+  timing.rule.background_started(captured);
+  timing.in_flight_since_step = true;
+  timing.add(&AsyncSaveProfile::capture, captured);
+  timing.add_faults(faults);
+  std::lock_guard<std::mutex> lock(timing.mutex);
+  ++timing.profile.background_saves;
 }
 
 void AsyncCheckpointIO::before_update() {
+  Timing& timing = *timing_;
+  const double start = seconds_now();
+  const int64_t faults = thread_minor_faults();
+  if (timing.last_step) {
+    timing.rule.step(start - *timing.last_step - timing.saving_since_step, timing.in_flight_since_step);
+  }
+  timing.last_step = start;
+  timing.saving_since_step = 0;
   // Rather than wait for the writer's deferred copies, this thread makes some.
   snapshot_->help_copy_deferred();
   writer_->wait_first();
+  timing.in_flight_since_step = writer_->busy();
+  timing.add(&AsyncSaveProfile::before_update, seconds_now() - start);
+  timing.add_faults(faults);
 }
 
 SnapshotStats AsyncCheckpointIO::last_snapshot() const { return snapshot_->stats(); }
 
+AsyncSaveProfile AsyncCheckpointIO::profile() const {
+  std::lock_guard<std::mutex> lock(timing_->mutex);
+  AsyncSaveProfile out = timing_->profile;
+  out.step_excess = timing_->rule.step_excess();
+  out.background_cost = timing_->rule.background_cost();
+  out.inline_cost = timing_->rule.inline_cost();
+  return out;
+}
+
+void AsyncCheckpointIO::wait() { wait_for_writer(&AsyncSaveProfile::wait); }
+
+void AsyncCheckpointIO::wait_for_writer(double AsyncSaveProfile::*field) {
+  const double start = seconds_now();
+  auto account = [&] {
+    const double waited = seconds_now() - start;
+    timing_->rule.caller_waited(waited);
+    timing_->add(field, waited);
+  };
+  try {
+    writer_->wait();
+  } catch (...) {
+    account();
+    throw;
+  }
+  account();
+}
+
 c10::IValue AsyncCheckpointIO::load(const std::string& path) {
-  writer_->wait();
+  wait();
   return storage_->load(path);
 }
 
 // These run on the writer thread too (retention after a commit): they must not wait.
 void AsyncCheckpointIO::remove(const std::string& path) { storage_->remove(path); }
 std::vector<std::string> AsyncCheckpointIO::list(const std::string& directory) { return storage_->list(directory); }
-void AsyncCheckpointIO::wait() { writer_->wait(); }
 void AsyncCheckpointIO::mark_latest(const std::string& path) { storage_->mark_latest(path); }
 std::optional<std::string> AsyncCheckpointIO::latest(const std::string& directory) {
   return storage_->latest(directory);
 }
 bool AsyncCheckpointIO::exists(const std::string& path) {
-  writer_->wait();
+  wait();
   return storage_->exists(path);
 }
 std::string AsyncCheckpointIO::verify(const std::string& path) {
-  writer_->wait();
+  wait();
   return storage_->verify(path);
 }
 void AsyncCheckpointIO::rename(const std::string& from, const std::string& to) {
-  writer_->wait();
+  wait();
   storage_->rename(from, to);
 }
 void AsyncCheckpointIO::prepare(const std::string& directory, const std::string& owner) {
   storage_->prepare(directory, owner);
 }
 void AsyncCheckpointIO::remove_directory(const std::string& directory) {
-  writer_->wait();
+  wait();
   storage_->remove_directory(directory);
 }
 

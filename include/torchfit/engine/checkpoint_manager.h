@@ -93,7 +93,8 @@ class CheckpointManager {
   const CheckpointOptions& options() const { return options_; }
   /// For the ranks other than 0 of a data-parallel run: goes on deciding every save as rank
   /// 0 does, with the same state, but stores and removes nothing (a `ReadOnlyCheckpointIO`
-  /// over the storage, synchronous). Waits for a save in flight first; idempotent.
+  /// over the storage, synchronous). Waits for a save in flight first; idempotent. A reference
+  /// from `io()` taken before does not survive it.
   void store_nothing();
   /// The storage saves go through (async-wrapped with async_save).
   CheckpointIO& io() const { return *io_; }

@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "torchfit/arg.h"
+#include "torchfit/io/async_policy.h"
 #include "torchfit/mode.h"
 
 namespace torchfit {
@@ -115,6 +116,9 @@ class CheckpointOptions {
   /// state into reusable buffers; a writer thread serializes and commits. At most
   /// one save is in flight; a writer error is raised at the next save or `wait()`.
   TORCHFIT_ARG(bool, async_save) = false;
+  /// With async_save: where each save runs. `Measured` (default) saves on the training thread
+  /// when that measured cheaper for it (small states, busy cores); `Always` in the background.
+  TORCHFIT_ARG(AsyncPolicy, async_policy) = AsyncPolicy::Measured;
   /// Keep only the k best files by the monitored value (-1, the default, keeps
   /// all). A save that would not rank among the k best is skipped; the worst is
   /// deleted only after the new file is committed. Only files this manager

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "torchfit/arg.h"
+#include "torchfit/io/async_policy.h"
 
 namespace c10 {
 struct IValue;
@@ -61,6 +62,25 @@ struct SnapshotStats {
   size_t copied = 0;    ///< copied on the caller's thread, in `save`
   size_t deferred = 0;  ///< copied later, by the writer (helped by `before_update()`)
   size_t reused = 0;    ///< unchanged since the previous save: not copied again
+};
+
+/// Where the time of an `AsyncCheckpointIO`'s saves went, summed since it was made (seconds).
+/// "Caller" is the thread calling `save`, `before_update` and `wait` (the training thread).
+struct AsyncSaveProfile {
+  int64_t background_saves = 0;    ///< saves stored by the writer thread
+  int64_t inline_saves = 0;        ///< saves the rule stored on the caller's thread
+  double save_wait = 0;            ///< caller, in `save`: waiting for the previous save
+  double capture = 0;              ///< caller, in `save`: copying into the snapshot buffers
+  double inline_save = 0;          ///< caller: storing the inline saves
+  double before_update = 0;        ///< caller, in `before_update`: copying deferred tensors and waiting
+  double wait = 0;                 ///< caller, in `wait` and the reads that wait
+  double step_excess = 0;          ///< caller: steps slower than the usual while a save was in flight
+  int64_t caller_page_faults = 0;  ///< caller: minor page faults in `save` and `before_update`
+  double writer_copy = 0;          ///< writer: copying deferred tensors (wall)
+  double writer_store = 0;         ///< writer: serializing and committing (wall)
+  double writer_cpu = 0;           ///< writer: CPU time of the two
+  double background_cost = 0;      ///< the rule's estimate of a background save's cost to the caller
+  double inline_cost = 0;          ///< the rule's estimate of an inline save's cost
 };
 
 /// Name of the pointer file `save_last` keeps next to the checkpoints.
@@ -172,10 +192,12 @@ class FileCheckpointIO : public CheckpointIO {
 /// backward pass; a `before_update()` that finds the copy unfinished copies the
 /// tensors the writer has not reached, then waits for the rest. At most one save is in flight:
 /// the next `save` waits for it first. A failed background save is raised by the
-/// next `save` or `wait`; the destructor waits and logs it.
+/// next `save` or `wait`; the destructor waits and logs it. With `AsyncPolicy::Measured` a
+/// save runs on the caller's thread (as the storage's own `save`, errors raised there) when
+/// that measured cheaper for the caller, as on small states on a busy machine.
 class AsyncCheckpointIO : public CheckpointIO {
  public:
-  explicit AsyncCheckpointIO(std::shared_ptr<CheckpointIO> storage);
+  explicit AsyncCheckpointIO(std::shared_ptr<CheckpointIO> storage, AsyncPolicy policy = AsyncPolicy::Measured);
   ~AsyncCheckpointIO() override;
 
   void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) override;
@@ -197,12 +219,18 @@ class AsyncCheckpointIO : public CheckpointIO {
   void remove_directory(const std::string& directory) override;
 
   const std::shared_ptr<CheckpointIO>& storage() const { return storage_; }
-  /// What the last save copied, deferred and reused.
+  /// What the last background save copied, deferred and reused.
   SnapshotStats last_snapshot() const;
+  /// Where the time went so far.
+  AsyncSaveProfile profile() const;
 
  private:
+  struct Timing;
+  /// Waits for the save in flight, adding the time to `field` and to that save's cost.
+  void wait_for_writer(double AsyncSaveProfile::*field);
   std::shared_ptr<CheckpointIO> storage_;
   std::unique_ptr<detail::Snapshot> snapshot_;
+  std::unique_ptr<Timing> timing_;  // before writer_: the writer's jobs write into it
   std::unique_ptr<detail::AsyncWriter> writer_;
 };
 
