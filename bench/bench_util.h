@@ -1,11 +1,15 @@
 #pragma once
 // Small helpers shared by the benchmark executables: timing, arguments, JSON.
 
+#include <fcntl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <random>
@@ -17,9 +21,23 @@
 
 namespace torchfit::bench {
 
+/// The median, least and greatest of `values`.
+struct Spread {
+  double median = 0, min = 0, max = 0;
+  static Spread of(std::vector<double> values) {
+    if (values.empty()) return {};
+    std::sort(values.begin(), values.end());
+    return {values[values.size() / 2], values.front(), values.back()};
+  }
+  std::string str(const char* format = "{:.3f}") const {
+    return fmt::format(fmt::runtime(std::string(format) + " ({} to {})"), median,
+                       fmt::format(fmt::runtime(format), min), fmt::format(fmt::runtime(format), max));
+  }
+};
+
 /// Times several methods in `reps` interleaved rounds, each in a new order, so
 /// that slow phases of the machine (disk stalls, writeback) and what one method
-/// leaves behind hit every method alike; reports medians.
+/// leaves behind hit every method alike.
 /// Before each run, untimed: the method's setup, then sync(2).
 class Interleaved {
  public:
@@ -44,6 +62,13 @@ class Interleaved {
   }
   /// Median seconds by method name.
   std::map<std::string, double> run(int reps) const {
+    std::map<std::string, double> medians;
+    for (const auto& [name, times] : run_rounds(reps)) medians[name] = Spread::of(times).median;
+    return medians;
+  }
+  /// Seconds by method name, one per round in round order (ratios of two methods are taken
+  /// round by round, for their spread).
+  std::map<std::string, std::vector<double>> run_rounds(int reps) const {
     std::map<std::string, std::vector<double>> times;
     std::vector<size_t> order(methods_.size());
     for (size_t k = 0; k < order.size(); ++k) order[k] = k;
@@ -61,17 +86,77 @@ class Interleaved {
         times[m.name].push_back(m.run());
       }
     }
-    std::map<std::string, double> medians;
-    for (auto& [name, t] : times) {
-      std::sort(t.begin(), t.end());
-      medians[name] = t[t.size() / 2];
-    }
-    return medians;
+    return times;
   }
 
  private:
   std::vector<Method> methods_;
 };
+
+/// Debian's Python running bench/python_worker.py: one timed request per call, so Python's saves
+/// and loads run in the same rounds as torchfit's. Not ready() when the interpreter or torch is
+/// missing.
+class PythonWorker {
+ public:
+  PythonWorker(const std::string& python, const std::vector<std::string>& arguments) {
+    const auto script = (std::filesystem::path(__FILE__).parent_path() / "python_worker.py").string();
+    std::vector<std::string> argv_strings{python, script};
+    argv_strings.insert(argv_strings.end(), arguments.begin(), arguments.end());
+    int to_child[2], from_child[2];
+    if (::pipe2(to_child, O_CLOEXEC) != 0) return;
+    if (::pipe2(from_child, O_CLOEXEC) != 0) {
+      ::close(to_child[0]);
+      ::close(to_child[1]);
+      return;
+    }
+    std::vector<char*> argv;
+    for (auto& a : argv_strings) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::dup2(to_child[0], STDIN_FILENO);
+      ::dup2(from_child[1], STDOUT_FILENO);
+      ::execv(python.c_str(), argv.data());
+      ::_exit(127);
+    }
+    ::close(to_child[0]);
+    ::close(from_child[1]);
+    requests_ = ::fdopen(to_child[1], "w");
+    answers_ = ::fdopen(from_child[0], "r");
+    ready_ = pid_ > 0 && requests_ != nullptr && answers_ != nullptr && answer() == "ready";
+  }
+  ~PythonWorker() {
+    if (requests_ != nullptr) std::fclose(requests_);  // the worker ends at end of input
+    if (answers_ != nullptr) std::fclose(answers_);
+    if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
+  }
+  PythonWorker(const PythonWorker&) = delete;
+  PythonWorker& operator=(const PythonWorker&) = delete;
+
+  bool ready() const { return ready_; }
+  /// Seconds the request took, as Python timed it (see python_worker.py).
+  double request(const std::string& line) {
+    std::fprintf(requests_, "%s\n", line.c_str());
+    std::fflush(requests_);
+    auto seconds = answer();
+    if (seconds.empty()) throw std::runtime_error("the Python worker stopped answering: " + line);
+    return std::stod(seconds);
+  }
+
+ private:
+  std::string answer() {
+    char line[128];
+    if (std::fgets(line, sizeof line, answers_) == nullptr) return "";
+    std::string text = line;
+    while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    return text;
+  }
+  pid_t pid_ = -1;
+  FILE* requests_ = nullptr;
+  FILE* answers_ = nullptr;
+  bool ready_ = false;
+};
+
 
 /// `--name value` pairs.
 class Args {

@@ -1,12 +1,15 @@
-// fit() throughput with no checkpoint, a sync checkpoint every epoch, and async
-// checkpoints every epoch and every N batches, on the same workload in one run.
+// fit() throughput with no checkpoint and with sync and async checkpoints every epoch and every
+// N batches, on the same workload in one run, in interleaved rounds; where the async saves'
+// time went; and loads of the full checkpoint against Python's.
 //
-//   fit_bench [--samples 4096] [--hidden 512] [--batch 128] [--epochs 2] [--every 10] [--rounds 3]
-//             [--dir bench_out] [--json fit_bench.json]
+//   fit_bench [--samples 4096] [--hidden 512] [--batch 128] [--epochs 2] [--every 10] [--rounds 7]
+//             [--dir bench_out] [--json fit_bench.json] [--python /usr/bin/python3]
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <random>
+#include <thread>
 
 #include <torch/torch.h>
 #include <torchfit/torchfit.h>
@@ -17,6 +20,28 @@
 namespace fs = std::filesystem;
 using namespace torchfit;
 
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+/// The async saves' profiles of one configuration, summed over its rounds.
+struct ProfileSum {
+  AsyncSaveProfile sum;
+  void add(const AsyncSaveProfile& p) {
+    sum.background_saves += p.background_saves;
+    sum.inline_saves += p.inline_saves;
+    for (auto field : {&AsyncSaveProfile::save_wait, &AsyncSaveProfile::capture, &AsyncSaveProfile::inline_save,
+                       &AsyncSaveProfile::before_update, &AsyncSaveProfile::wait, &AsyncSaveProfile::step_excess,
+                       &AsyncSaveProfile::writer_copy, &AsyncSaveProfile::writer_store, &AsyncSaveProfile::writer_cpu}) {
+      sum.*field += p.*field;
+    }
+    sum.caller_page_faults += p.caller_page_faults;
+  }
+};
+
+}  // namespace
 
 int main(int argc, char** argv) try {
   bench::Args args(argc, argv);
@@ -25,6 +50,8 @@ int main(int argc, char** argv) try {
   auto batch = static_cast<int64_t>(args.number("batch", 128));
   auto epochs = static_cast<int64_t>(args.number("epochs", 2));
   auto every = static_cast<int64_t>(args.number("every", 10));
+  auto rounds = static_cast<int>(args.number("rounds", 7));
+  auto python = args.get("python", "/usr/bin/python3");
   auto dir = fs::path(args.get("dir", "bench_out")) / "fit";
   fs::create_directories(dir);
 
@@ -32,54 +59,135 @@ int main(int argc, char** argv) try {
 
   struct Config {
     std::string name;
-    std::function<std::vector<std::shared_ptr<Callback>>()> callbacks;
+    std::string file;  // empty: no checkpoint
+    bool async = false;
+    SaveFreq freq = SaveFreq::epoch();
+    AsyncPolicy policy = AsyncPolicy::Measured;
   };
-  auto checkpoint = [&](const std::string& name, bool async, SaveFreq freq) {
-    return std::vector<std::shared_ptr<Callback>>{std::make_shared<CheckpointCallback>(
-        CheckpointOptions((dir / name).string()).monitor("loss").save_freq(freq).async_save(async))};
-  };
+  const std::string n = std::to_string(every);
   std::vector<Config> configs = {
-      {"no checkpoint", [] { return std::vector<std::shared_ptr<Callback>>{}; }},
-      {"sync full, every epoch", [&] { return checkpoint("sync.pt", false, SaveFreq::epoch()); }},
-      {"async full, every epoch", [&] { return checkpoint("async.pt", true, SaveFreq::epoch()); }},
-      {fmt::format("async full, every {} batches", every),
-       [&] { return checkpoint("async_n.pt", true, SaveFreq::batches(every)); }},
+      {"no checkpoint", ""},
+      {"sync, every epoch", "sync.pt", false},
+      {"async, every epoch", "async.pt", true},
+      {"sync, every " + n + " batches", "sync_n.pt", false, SaveFreq::batches(every)},
+      {"async, every " + n + " batches", "async_n.pt", true, SaveFreq::batches(every)},
+      {"async (always background), every " + n + " batches", "always_n.pt", true, SaveFreq::batches(every),
+       AsyncPolicy::Always},
   };
+  std::vector<ProfileSum> profiles(configs.size());
 
   double state_bytes = 0;
-  auto run = [&](const Config& config, int64_t run_epochs) {
+  auto run = [&](size_t index, int64_t run_epochs) {
+    const Config& config = configs[index];
     torch::manual_seed(1);
     auto model = bench::make_mlp(hidden);
     auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-3);
     Trainer trainer(model, adam, bench::cross_entropy);
     state_bytes = 0;
     for (const auto& p : model->parameters()) state_bytes += 3.0 * static_cast<double>(p.nbytes());  // + Adam moments
+    std::shared_ptr<CheckpointCallback> checkpoint;
+    std::vector<std::shared_ptr<Callback>> callbacks;
+    if (!config.file.empty()) {
+      checkpoint = std::make_shared<CheckpointCallback>(CheckpointOptions((dir / config.file).string())
+                                                            .monitor("loss")
+                                                            .save_freq(config.freq)
+                                                            .async_save(config.async)
+                                                            .async_policy(config.policy));
+      callbacks.push_back(checkpoint);
+    }
     auto start = std::chrono::steady_clock::now();
-    trainer.fit(x, y, FitOptions().epochs(run_epochs).batch_size(batch).seed(2).callbacks(config.callbacks()));
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    trainer.fit(x, y, FitOptions().epochs(run_epochs).batch_size(batch).seed(2).callbacks(callbacks));
+    const double seconds = seconds_since(start);
+    if (checkpoint) {
+      if (auto* async = dynamic_cast<AsyncCheckpointIO*>(&checkpoint->manager().io())) {
+        profiles[index].add(async->profile());
+      }
+    }
+    return seconds;
   };
-  run(configs[0], 1);  // warm-up
-  // Round-robin rounds, so slow phases of the machine hit every configuration alike.
-  auto rounds = static_cast<int>(args.number("rounds", 3));
+  run(0, 1);  // warm-up
+  // Rounds in a new order each, so slow phases of the machine hit every configuration alike.
   std::vector<std::vector<double>> seconds(configs.size());
+  std::vector<size_t> order(configs.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::mt19937 shuffle(42);
   for (int round = 0; round < rounds; ++round) {
-    for (size_t i = 0; i < configs.size(); ++i) seconds[i].push_back(run(configs[i], epochs));
+    std::shuffle(order.begin(), order.end(), shuffle);
+    for (size_t i : order) seconds[i].push_back(run(i, epochs));
   }
-  std::vector<double> throughput;
-  for (auto& s : seconds) {
-    std::sort(s.begin(), s.end());
-    throughput.push_back(static_cast<double>(samples * epochs) / s[s.size() / 2]);
-  }
+
   bench::JsonRows json;
-  fmt::print("workload: MLP 784-{}-{}-10, Adam, {} samples, batch {}, {} epochs, median of {} rounds; full checkpoint "
-             "{:.1f} MiB\n\n",
-             hidden, hidden, samples, batch, epochs, rounds, state_bytes / (1 << 20));
-  fmt::print("| configuration | samples/s | vs no checkpoint |\n|---|---|---|\n");
+  fmt::print("workload: MLP 784-{}-{}-10, Adam, {} samples, batch {}, {} epochs, {} interleaved rounds; full checkpoint "
+             "{:.1f} MiB; {} intra-op threads, {} cores\n\n",
+             hidden, hidden, samples, batch, epochs, rounds, state_bytes / (1 << 20), at::get_num_threads(),
+             std::thread::hardware_concurrency());
+  fmt::print("Throughput against no checkpoint, round by round: median (min to max)\n\n"
+             "| configuration | samples/s (median) | vs no checkpoint |\n|---|---|---|\n");
   for (size_t i = 0; i < configs.size(); ++i) {
-    fmt::print("| {} | {:.0f} | {:.3f} |\n", configs[i].name, throughput[i], throughput[i] / throughput[0]);
-    json.add({{"samples_per_s", throughput[i]}, {"ratio", throughput[i] / throughput[0]}, {"state_bytes", state_bytes}},
+    std::vector<double> ratios;
+    for (int r = 0; r < rounds; ++r) ratios.push_back(seconds[0][r] / seconds[i][r]);
+    const auto ratio = bench::Spread::of(ratios);
+    const double throughput = static_cast<double>(samples * epochs) / bench::Spread::of(seconds[i]).median;
+    fmt::print("| {} | {:.0f} | {} |\n", configs[i].name, throughput, ratio.str());
+    json.add({{"samples_per_s", throughput},
+              {"ratio", ratio.median},
+              {"ratio_min", ratio.min},
+              {"ratio_max", ratio.max},
+              {"state_bytes", state_bytes}},
              {{"configuration", configs[i].name}});
   }
+
+  // Where the async saves' time went, per save, over all rounds.
+  fmt::print("\nAsync saves, ms per save over all rounds (caller: the training thread)\n\n"
+             "| configuration | saves (inline) | caller: save wait | capture | inline save | before_update | wait "
+             "| step excess | page faults/save | writer: copy | store | CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (size_t i = 0; i < configs.size(); ++i) {
+    if (!configs[i].async) continue;
+    const auto& p = profiles[i].sum;
+    const double saves = static_cast<double>(std::max<int64_t>(1, p.background_saves + p.inline_saves));
+    auto ms = [&](double s) { return fmt::format("{:.2f}", s * 1e3 / saves); };
+    fmt::print("| {} | {} ({}) | {} | {} | {} | {} | {} | {} | {:.0f} | {} | {} | {} |\n", configs[i].name,
+               p.background_saves + p.inline_saves, p.inline_saves, ms(p.save_wait), ms(p.capture), ms(p.inline_save),
+               ms(p.before_update), ms(p.wait), ms(p.step_excess), static_cast<double>(p.caller_page_faults) / saves,
+               ms(p.writer_copy), ms(p.writer_store), ms(p.writer_cpu));
+  }
+
+  // Loads of the full checkpoint into a model and Adam that already hold state.
+  {
+    torch::manual_seed(1);
+    auto model = bench::make_mlp(hidden);
+    auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-3);
+    Trainer trainer(model, adam, bench::cross_entropy);
+    trainer.fit(x.slice(0, 0, batch), y.slice(0, 0, batch), FitOptions().epochs(1).batch_size(batch));
+    const auto file = (dir / "load.pt").string();
+    trainer.save_checkpoint(file);
+    trainer.load_checkpoint(file);  // the target's state exists before the first timed load
+    bench::Interleaved loads;
+    loads.add("torchfit", [&] { trainer.load_checkpoint(file); });
+    bench::PythonWorker worker(python, {});
+    if (worker.ready()) {
+      loads.add_timed("python", [&] { return worker.request(fmt::format("load_full {} {}", file, hidden)); });
+    }
+    const auto times = loads.run_rounds(rounds);
+    const auto ours = bench::Spread::of(times.at("torchfit"));
+    fmt::print("\nLoads of the full checkpoint into a model and Adam holding state, ms: median (min to max) of {} "
+               "rounds\n\n| Trainer::load_checkpoint | Python torch.load + load_state_dict (model, Adam) | Python/torchfit, round by round |\n|---|---|---|\n",
+               rounds);
+    std::string python_column = "n/a", ratio_column = "n/a";
+    if (times.count("python")) {
+      std::vector<double> ratios;
+      for (int r = 0; r < rounds; ++r) ratios.push_back(times.at("python")[r] / times.at("torchfit")[r]);
+      auto theirs = bench::Spread::of(times.at("python"));
+      python_column = fmt::format("{:.2f} ({:.2f} to {:.2f})", theirs.median * 1e3, theirs.min * 1e3, theirs.max * 1e3);
+      ratio_column = bench::Spread::of(ratios).str("{:.2f}");
+      json.add({{"python_load_s", theirs.median}, {"load_s", ours.median},
+                {"python_over_load", bench::Spread::of(ratios).median}},
+               {{"configuration", "load"}});
+    }
+    fmt::print("| {:.2f} ({:.2f} to {:.2f}) | {} | {} |\n", ours.median * 1e3, ours.min * 1e3, ours.max * 1e3,
+               python_column, ratio_column);
+  }
+
   auto json_path = args.get("json", (dir.parent_path() / "fit_bench.json").string());
   std::ofstream(json_path) << json.str();
   fmt::print("\nJSON: {}\n", json_path);

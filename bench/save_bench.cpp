@@ -22,6 +22,8 @@
 #include <torch/torch.h>
 #include <torchfit/torchfit.h>
 
+#include <fmt/ranges.h>
+
 #include "bench_util.h"
 #include "sys/posix_file.h"  // allocate_for_filling, as large loads use it
 
@@ -114,65 +116,6 @@ struct Saver {
   }
 };
 
-/// Debian's Python saving a state dict of the same shapes with torch.save, one
-/// save per request (bench/python_save.py), so its saves run in the same
-/// rounds as torchfit's. Not ready() when the interpreter or torch is missing.
-class PythonSaver {
- public:
-  PythonSaver(const std::string& python, const Case& c, const std::string& path) {
-    std::string numels;
-    for (auto n : c.numels) numels += (numels.empty() ? "" : ",") + std::to_string(n);
-    const auto script = (fs::path(__FILE__).parent_path() / "python_save.py").string();
-    int to_child[2], from_child[2];
-    if (::pipe2(to_child, O_CLOEXEC) != 0) return;
-    if (::pipe2(from_child, O_CLOEXEC) != 0) {
-      ::close(to_child[0]);
-      ::close(to_child[1]);
-      return;
-    }
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      ::dup2(to_child[0], STDIN_FILENO);
-      ::dup2(from_child[1], STDOUT_FILENO);
-      ::execl(python.c_str(), python.c_str(), script.c_str(), "--numels", numels.c_str(), "--path", path.c_str(),
-              static_cast<char*>(nullptr));
-      ::_exit(127);
-    }
-    ::close(to_child[0]);
-    ::close(from_child[1]);
-    requests_ = ::fdopen(to_child[1], "w");
-    answers_ = ::fdopen(from_child[0], "r");
-    ready_ = pid_ > 0 && requests_ != nullptr && answers_ != nullptr && answer() == "ready";
-  }
-  ~PythonSaver() {
-    if (requests_ != nullptr) std::fclose(requests_);  // the worker ends at end of input
-    if (answers_ != nullptr) std::fclose(answers_);
-    if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
-  }
-  bool ready() const { return ready_; }
-  /// Seconds one save took, as Python timed it: "save" or "save_fsync".
-  double save(const char* how) {
-    std::fprintf(requests_, "%s\n", how);
-    std::fflush(requests_);
-    auto seconds = answer();
-    if (seconds.empty()) throw std::runtime_error("the Python worker stopped answering");
-    return std::stod(seconds);
-  }
-
- private:
-  std::string answer() {
-    char line[128];
-    if (std::fgets(line, sizeof line, answers_) == nullptr) return "";
-    std::string text = line;
-    while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
-    return text;
-  }
-  pid_t pid_ = -1;
-  FILE* requests_ = nullptr;
-  FILE* answers_ = nullptr;
-  bool ready_ = false;
-};
-
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -194,6 +137,7 @@ int main(int argc, char** argv) try {
 
   torch::manual_seed(0);
   bench::JsonRows json;
+  std::vector<std::string> spreads;  // the ratio table, a row per case
   fmt::print("| state | bytes | memcpy ms | raw write+fsync ms | torch::save ms | sync weights ms | sync full ms | async block ms | async durable ms | python torch.save+fsync ms | raw read ms | raw read, fresh memory ms | load ms | P1 block/memcpy | P1 block/torch::save | P2 raw/sync | P4 raw read/load | fresh raw read/load | P5 peak/bytes | P6 python+fsync/sync |\n");
   fmt::print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const auto& c : cases) {
@@ -211,7 +155,11 @@ int main(int argc, char** argv) try {
     std::vector<char> target(bytes, 1);
     Saver weights(trainer, CheckpointOptions(path("weights.pt")).save_weights_only(true));
     Saver full(trainer, CheckpointOptions(path("full.pt")));
-    Saver async(trainer, CheckpointOptions(path("async.pt")).save_weights_only(true).async_save(true));
+    // Always in the background: this measures the machinery, not the rule that may bypass it.
+    Saver async(trainer, CheckpointOptions(path("async.pt"))
+                             .save_weights_only(true)
+                             .async_save(true)
+                             .async_policy(AsyncPolicy::Always));
     Saver for_load(trainer, CheckpointOptions(path("load.pt")).save_weights_only(true));
     Blob loaded(c.numels);
 
@@ -251,13 +199,30 @@ int main(int argc, char** argv) try {
     methods.add("raw_read", [&] { raw_read(path("read.bin"), target.data(), bytes); });
     methods.add("raw_read_fresh", [&] { raw_read_fresh(path("read.bin"), bytes); });
     methods.add("load", [&] { load_weights(*loaded, path("load.pt")); });
-    PythonSaver python_saver(python, c, path("python.pt"));
-    if (python_saver.ready()) {
-      methods.add_timed("python", [&] { return python_saver.save("save"); });
-      methods.add_timed("python_fsync", [&] { return python_saver.save("save_fsync"); });
+    std::string numels;
+    for (auto n : c.numels) numels += (numels.empty() ? "" : ",") + std::to_string(n);
+    bench::PythonWorker python_worker(python, {"--numels", numels, "--path", path("python.pt")});
+    if (python_worker.ready()) {
+      methods.add_timed("python", [&] { return python_worker.request("save"); });
+      methods.add_timed("python_fsync", [&] { return python_worker.request("save_fsync"); });
+      methods.add_timed("python_load", [&] { return python_worker.request("load " + path("load.pt")); });
     }
-    auto t = methods.run(reps);
+    const auto rounds = methods.run_rounds(reps);
+    std::map<std::string, double> t;
+    for (const auto& [name, times] : rounds) t[name] = bench::Spread::of(times).median;
     async.callback->wait();
+    // Ratios round by round: numerator's time over denominator's, in the same round.
+    auto spread = [&](const char* numerator, const char* denominator) {
+      if (!rounds.count(numerator) || !rounds.count(denominator)) return std::string("n/a");
+      std::vector<double> ratios;
+      for (size_t i = 0; i < rounds.at(numerator).size(); ++i) {
+        ratios.push_back(rounds.at(numerator)[i] / rounds.at(denominator)[i]);
+      }
+      return bench::Spread::of(ratios).str("{:.2f}");
+    };
+    spreads.push_back(fmt::format("| {} | {} | {} | {} | {} | {} |", c.name, spread("raw", "sync_weights"),
+                                  spread("raw_read", "load"), spread("raw_read_fresh", "load"),
+                                  spread("python_load", "load"), spread("python_fsync", "sync_weights")));
     double memcpy_s = t["memcpy"], raw_s = t["raw"], torch_save_s = t["torch_save"];
     double sync_weights_s = t["sync_weights"], sync_full_s = t["sync_full"];
     double block_s = t["async_block"], durable_s = t["async_durable"];
@@ -287,9 +252,14 @@ int main(int argc, char** argv) try {
               {"raw_read_s", raw_read_s},
               {"raw_read_fresh_s", raw_read_fresh_s},
               {"load_weights_s", load_s},
+              {"python_load_s", t["python_load"]},
               {"async_peak_extra_bytes", peak_extra}},
              {{"state", c.name}});
   }
+  fmt::print("\nRatios round by round, median (min to max) of {} rounds:\n\n"
+             "| state | P2 raw/sync | P4 raw read/load | fresh raw read/load | P4 python load/load | P6 python+fsync/sync |\n"
+             "|---|---|---|---|---|---|\n{}\n",
+             reps, fmt::join(spreads, "\n"));
   auto json_path = args.get("json", (dir / "save_bench.json").string());
   std::ofstream(json_path) << json.str();
   fmt::print("\nJSON: {}\n", json_path);

@@ -12,6 +12,7 @@
 #include <torch/csrc/jit/serialization/unpickler.h>
 
 #include "format/libtorch_pickle.h"
+#include "format/load_memory.h"
 #include "format/python_pickle.h"  // kMaxPickleDepth
 #include "format/zip.h"
 #include "io/atomic_file.h"
@@ -38,8 +39,9 @@ TEST_F(SerializeTest, WeightsFileIsAPickledDictWithDottedNames) {
 }
 
 TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {
-  // Small records share one block, storages up to 16 MiB come from the process
-  // allocator and larger ones from fresh huge pages: each is aligned as
+  // Small records share one block, storages under 256 KiB come from the process
+  // allocator and larger ones from the load memory (fresh pages, huge from 2 MiB, or
+  // pages an earlier load left): each is aligned as
   // LibTorch's CPU allocator aligns (64 bytes) and holds its own bytes.
   torch::nn::ParameterDict params;
   for (int64_t numel : {int64_t(1), int64_t(1000), int64_t(1024), int64_t(512) << 10, int64_t(5) << 20}) {
@@ -54,6 +56,43 @@ TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {
       EXPECT_TRUE(torch::equal(tensor, params[name])) << name;
     }
   }
+}
+
+TEST_F(SerializeTest, LoadsIntoAModelReadIntoMemoryEarlierLoadsLeft) {
+  torch::nn::ParameterDict saved, model;
+  for (int64_t numel : {int64_t(100), int64_t(256) << 10, int64_t(3) << 20}) {
+    saved->insert("p" + std::to_string(numel), torch::randn({numel}));
+    model->insert("p" + std::to_string(numel), torch::zeros({numel}));
+  }
+  save_weights(*saved, path("a.pt"));
+  torch::NoGradGuard no_grad;
+  for (auto& p : saved->parameters()) p.add_(1);
+  save_weights(*saved, path("b.pt"));
+  release_load_memory();
+  std::map<std::string, const void*> storages;
+  for (const auto& item : model->named_parameters()) storages[item.key()] = item.value().storage().unsafeGetStorageImpl();
+  const auto before = detail::load_memory_stats();
+  load_weights(*model, path("a.pt"));
+  const auto first = detail::load_memory_stats();
+  EXPECT_EQ(first.reused, before.reused);     // nothing kept yet: fresh memory
+  EXPECT_GT(first.held_bytes, size_t(12) << 20);  // the model's old memory, for the next load
+  load_weights(*model, path("b.pt"));
+  const auto second = detail::load_memory_stats();
+  EXPECT_GE(second.reused - first.reused, 2u);  // both large tensors read into kept memory
+  EXPECT_EQ(second.allocated, first.allocated);
+  for (const auto& item : model->named_parameters()) {
+    EXPECT_TRUE(torch::equal(item.value(), saved[item.key()])) << item.key();
+    // The model keeps its storages (views and optimizers see the same ones); only their memory changed.
+    EXPECT_EQ(item.value().storage().unsafeGetStorageImpl(), storages[item.key()]) << item.key();
+  }
+  // A damaged file changes nothing, in kept memory or not.
+  auto bytes = read_file(path("b.pt"));
+  bytes[bytes.size() / 2] ^= 0x40;
+  write_file(path("bad.pt"), bytes);
+  EXPECT_THROW_MSG(load_weights(*model, path("bad.pt")), CheckpointError, "bad.pt");
+  for (const auto& item : model->named_parameters()) EXPECT_TRUE(torch::equal(item.value(), saved[item.key()])) << item.key();
+  release_load_memory();
+  EXPECT_EQ(detail::load_memory_stats().held_bytes, 0u);
 }
 
 TEST_F(SerializeTest, BuffersAreSaved) {

@@ -79,10 +79,17 @@ void assign_weights(torch::nn::Module& module, const TensorMap& weights, const s
 /// Loads the weights of a file (see `read_weights`) into the module, all or
 /// nothing: every tensor is checked against the model before a byte of it is
 /// read, and the module changes only after everything was read and checked.
-/// Freshly read storages are swapped in rather than copied where nothing else
-/// shares them. Throws `CheckpointError` only.
+/// Where nothing else shares them, the model's storages take the memory the file
+/// was read into instead of a copy (they stay the same storages; their old memory
+/// serves the next load, see `release_load_memory`). Throws `CheckpointError` only.
 void load_weights(torch::nn::Module& module, const std::string& path);
 void load_weights(torch::nn::Module& module, const std::string& path, const std::string& key);
+
+/// Loads read files into memory kept from earlier loads where its sizes fit (a model's old
+/// memory, once the file's was swapped in; a load's storages, once freed), so a load into an
+/// existing model does not fault in fresh pages. At most the bytes of the largest file loaded are
+/// kept. This frees them; later loads start keeping again.
+void release_load_memory();
 
 /// Restores model and optimizer from a full checkpoint, all or nothing, and
 /// returns the rest. Throws `CheckpointError` for weights-only or foreign files.

@@ -18,6 +18,7 @@
 #include <fmt/format.h>
 
 #include "format/libtorch_pickle.h"
+#include "format/load_memory.h"
 #include "format/python_pickle.h"
 #include "format/state_dict.h"
 #include "torchfit/error.h"
@@ -47,26 +48,6 @@ void check_within_records(const c10::IValue& value, const std::map<const void*, 
   });
 }
 
-/// Below this, storages come from the process allocator, which keeps freed
-/// blocks under its mmap threshold (glibc's grows to 32 MiB) and hands them out
-/// again: a load after a load or a save reuses memory instead of faulting in
-/// fresh pages, which on a VM that returns freed memory to the host cost more
-/// than the read (2000 x 4 KiB: 3.4-4.7 ms instead of 4-20 ms; 4 x 2 MiB: 1.4-3.0
-/// instead of 2.0-6.1). From 16 MiB up, fresh huge pages fault faster (4 x 32 MiB:
-/// 20-25 ms instead of 52-61).
-constexpr size_t kFreshFrom = 16 << 20;
-
-/// Memory for storages read from the file, released by the storage like any other.
-at::DataPtr storage_memory(size_t size) {
-  void* data = nullptr;
-  if (size >= kFreshFrom) {
-    data = allocate_for_filling(size);
-  } else if (::posix_memalign(&data, 64, std::max<size_t>(size, 1)) != 0) {  // LibTorch's CPU alignment
-    throw std::bad_alloc();
-  }
-  return at::DataPtr(data, data, [](void* p) { std::free(p); }, at::Device(at::kCPU));
-}
-
 /// One allocation holding a stretch of the file with many small records, shared
 /// by their storages and freed with the last of them: thousands of separate
 /// allocations and copies cost more than reading their bytes. The local headers
@@ -75,7 +56,7 @@ class SharedBlock {
  public:
   /// A block of `size` bytes, owned by the returned pointer until storages share it.
   static at::DataPtr create(uint64_t size) {
-    auto* block = new SharedBlock(storage_memory(size));
+    auto* block = new SharedBlock(load_memory(size));
     return block->share(0);
   }
   static SharedBlock& of(const at::DataPtr& owner) { return *static_cast<SharedBlock*>(owner.get_context()); }
@@ -204,6 +185,7 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
     return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(), what));
   };
   if (!records_.count("data.pkl")) throw damaged("it has no data.pkl record");
+  keep_load_memory_for(trailer_.covered);  // the next load of this file reads into this one's memory
   struct Record {
     const std::string* name;
     RecordSpan span;
@@ -261,7 +243,7 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
       reader_.read_at(record.span.offset, pickle.data(), pickle.size());
       jobs.push_back({record.span, pickle.data(), /*filled=*/true});
     } else if (record.storage) {
-      auto data = storage_memory(record.span.size);
+      auto data = load_memory(record.span.size);
       jobs.push_back({record.span, data.get()});
       keep(record, std::move(data));
     }
@@ -314,7 +296,7 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
     if (it == records.end() || *it->name != name) throw damaged(fmt::format("no record for storage {}", key));
     auto& storage = *it;
     if (storage.data) return {std::move(storage.data), storage.span};
-    auto copy = storage_memory(storage.span.size);
+    auto copy = load_memory(storage.span.size);
     if (storage.span.size > 0) std::memcpy(copy.get(), storage.address, storage.span.size);
     return {std::move(copy), storage.span};
   };

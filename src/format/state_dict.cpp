@@ -1,5 +1,7 @@
 #include "format/state_dict.h"
 
+#include "format/load_memory.h"
+
 #include <algorithm>
 #include <map>
 #include <vector>
@@ -9,6 +11,7 @@
 #include <fmt/ranges.h>
 #include <torch/nn/module.h>
 
+#include "format/load_memory.h"
 #include "torchfit/error.h"
 
 namespace torchfit {
@@ -215,21 +218,23 @@ void copy_weights(TensorMap& targets, const TensorMap& weights) {
 
 void install_weights(TensorMap& targets, const TensorMap& weights) {
   at::NoGradGuard no_grad;
+  // Swapping memory costs no copy; it is only safe when neither side shares its storage, and
+  // for a source read under one name only: a swap leaves the target's old memory in it.
+  std::map<const void*, int> names_per_storage;
+  for (const auto& [name, source] : weights) ++names_per_storage[source.storage().unsafeGetStorageImpl()];
   for_each_pair(targets, weights, [&](at::Tensor& target, const at::Tensor& source) {
-    // Swapping storages costs no copy; it is only safe when neither side shares
-    // its storage. A swap shares the source's, so a tensor under two names is
-    // swapped into the first target and copied into the second.
     bool swap = target.device() == source.device() && target.is_contiguous() && source.is_contiguous() &&
                 source.storage_offset() == 0 && source.storage().nbytes() == source.nbytes() &&
                 target.storage().nbytes() == target.nbytes() && target.storage().use_count() == 1 &&
-                source.storage().use_count() == 1;
-    auto* impl = target.unsafeGetTensorImpl();
-    if (swap && impl->allow_tensor_metadata_change() && !target.is_quantized()) {
-      // Same sizes, strides, dtype and device (checked): only the storage changes,
-      // which is what set_data would do, at a tenth of its cost (no dispatch). A
-      // quantized tensor takes the file's scales too, through set_data.
-      impl->set_storage_keep_dtype(source.storage());
-    } else if (swap) {
+                source.storage().use_count() == 1 && names_per_storage[source.storage().unsafeGetStorageImpl()] == 1;
+    if (swap && !target.is_quantized()) {
+      // Same sizes, strides, dtype and device (checked): only the memory changes hands, at a
+      // tenth of set_data's cost (no dispatch). The target takes the file's memory; the source
+      // takes the target's old memory, which serves the next load once the source is freed.
+      const size_t nbytes = target.storage().nbytes();
+      at::DataPtr old_memory = target.storage().set_data_ptr(source.storage().set_data_ptr(at::DataPtr()));
+      source.storage().set_data_ptr_noswap(recycled_for_loads(std::move(old_memory), nbytes));
+    } else if (swap) {  // a quantized tensor takes the file's scales too, through set_data
       target.set_data(source);
     } else {
       target.copy_(source);

@@ -8,6 +8,7 @@
 #include <torch/nn/module.h>
 
 #include "format/checkpoint_file.h"
+#include "format/load_memory.h"
 #include "format/module_archive.h"
 #include "format/state_dict.h"
 #include "torchfit/error.h"
@@ -120,5 +121,7 @@ void load_weights(torch::nn::Module& module, const std::string& path, const std:
 }
 
 void load_weights(torch::nn::Module& module, const std::string& path) { load_weights(module, path, ""); }
+
+void release_load_memory() { detail::release_load_memory(); }
 
 }  // namespace torchfit
