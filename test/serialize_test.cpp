@@ -95,6 +95,23 @@ TEST_F(SerializeTest, LoadsIntoAModelReadIntoMemoryEarlierLoadsLeft) {
   EXPECT_EQ(detail::load_memory_stats().held_bytes, 0u);
 }
 
+TEST_F(SerializeTest, MemoryAModelBorrowedIsNeverReadIntoByALaterLoad) {
+  const int64_t numel = int64_t(1) << 20;
+  std::vector<float> borrowed(numel, 7.0f);
+  torch::nn::ParameterDict saved, model, other;
+  saved->insert("p", torch::randn({numel}));
+  model->insert("p", torch::from_blob(borrowed.data(), {numel}));  // the caller's memory
+  other->insert("p", torch::zeros({numel}));
+  save_weights(*saved, path("a.pt"));
+  release_load_memory();
+  load_weights(*model, path("a.pt"));
+  EXPECT_TRUE(torch::equal(model["p"], saved["p"]));
+  load_weights(*other, path("a.pt"));  // reads into kept memory, never into `borrowed`
+  load_weights(*other, path("a.pt"));
+  EXPECT_TRUE(std::all_of(borrowed.begin(), borrowed.end(), [](float v) { return v == 7.0f; }));
+  release_load_memory();
+}
+
 TEST_F(SerializeTest, BuffersAreSaved) {
   auto model = torch::nn::Sequential(torch::nn::Linear(3, 4), torch::nn::BatchNorm1d(4));
   model->forward(torch::randn({8, 3}));  // updates the running stats

@@ -43,9 +43,10 @@ class Pool {
     return wrap(std::move(memory), block_size);
   }
 
+  static bool comes_back(const at::DataPtr& memory) { return memory.get_deleter() == &give_back; }
   /// `memory` as a storage's pointer that comes back here when the storage is freed.
   static at::DataPtr wrap(at::DataPtr memory, size_t size) {
-    if (memory.get_deleter() == &give_back) return memory;  // comes back here already
+    if (comes_back(memory)) return memory;
     auto* block = new Block{std::move(memory), size};
     return at::DataPtr(block->memory.get(), block, &give_back, at::Device(at::kCPU));
   }
@@ -105,6 +106,11 @@ at::DataPtr load_memory(size_t size) {
 
 at::DataPtr recycled_for_loads(at::DataPtr memory, size_t size) {
   if (size < kLoadMemoryFrom || !memory || memory.device() != at::Device(at::kCPU)) return memory;
+  // Only memory freed as a whole by a deleter we know: never a user's from_blob memory, pinned
+  // memory or a block shared with others, which the next load must not write into.
+  static const auto cpu_deleter = c10::GetAllocator(at::kCPU)->allocate(1).get_deleter();
+  const bool owned = memory.get_context() == memory.get() && memory.get_deleter() == cpu_deleter;
+  if (!owned && !Pool::comes_back(memory)) return memory;
   return Pool::instance().wrap(std::move(memory), size);
 }
 
