@@ -325,6 +325,8 @@ void AsyncCheckpointIO::wait_for_writer(double AsyncSaveProfile::*field) {
     const double waited = seconds_now() - start;
     timing_->rule.caller_waited(waited);
     timing_->add(field, waited);
+    // Not a training step's time either (save counts its own wait with the rest of it).
+    if (field != &AsyncSaveProfile::save_wait) timing_->saving_since_step += waited;
   };
   try {
     writer_->wait();

@@ -221,7 +221,7 @@ class AsyncCheckpointIO : public CheckpointIO {
   const std::shared_ptr<CheckpointIO>& storage() const { return storage_; }
   /// What the last background save copied, deferred and reused.
   SnapshotStats last_snapshot() const;
-  /// Where the time went so far.
+  /// Where the time went so far. Call it from the thread that saves (or once that thread is done).
   AsyncSaveProfile profile() const;
 
  private:
