@@ -53,7 +53,9 @@ class Pool {
 
   void keep_for(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    cap_ = std::max(cap_, bytes);
+    // A single load (a resume at startup) keeps nothing: the model's old memory is freed as it
+    // always was. From the second load on, loads are a pattern worth keeping memory for.
+    if (loads_++ > 0) cap_ = std::max(cap_, bytes);
   }
 
   void release() {
@@ -62,6 +64,7 @@ class Pool {
     free.swap(free_);
     held_ = 0;
     cap_ = 0;
+    loads_ = 0;
   }  // `free` is destroyed after the lock: each block goes back the way it came
 
   LoadMemoryStats stats() {
@@ -92,6 +95,7 @@ class Pool {
   std::multimap<size_t, at::DataPtr> free_;  // blocks by size
   size_t held_ = 0;
   size_t cap_ = 0;
+  uint64_t loads_ = 0;  // since the start or the last release
   LoadMemoryStats stats_;
 };
 

@@ -28,7 +28,8 @@ at::DataPtr load_memory(size_t size);
 /// load memory when freed: a load that swaps the file's memory into a model passes the model's
 /// old memory on to the next load this way.
 at::DataPtr recycled_for_loads(at::DataPtr memory, size_t size);
-/// Lets the memory keep up to `bytes` (the largest file loaded so far, at most).
+/// A load of a `bytes` file begins: from the second load on (since the start or the last
+/// release), the memory keeps up to the largest such file's bytes; a single load keeps nothing.
 void keep_load_memory_for(size_t bytes);
 /// Frees what the load memory holds; later loads start keeping again.
 void release_load_memory();

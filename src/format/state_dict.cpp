@@ -1,7 +1,5 @@
 #include "format/state_dict.h"
 
-#include "format/load_memory.h"
-
 #include <algorithm>
 #include <map>
 #include <vector>
