@@ -9,9 +9,12 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
+#include <new>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -35,18 +38,42 @@ struct Spread {
   }
 };
 
+/// `size` bytes, page-aligned and faulted in: the buffer a careful raw read or copy uses.
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(size_t size) : data_(allocate(size)), size_(size) { std::memset(data_.get(), 1, size); }
+  char* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  static char* allocate(size_t size) {
+    void* p = nullptr;
+    if (::posix_memalign(&p, 4096, std::max<size_t>(size, 1)) != 0) throw std::bad_alloc();
+    return static_cast<char*>(p);
+  }
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  std::unique_ptr<char, Free> data_;
+  size_t size_;
+};
+
 /// Times several methods in `reps` interleaved rounds, each in a new order, so
 /// that slow phases of the machine (disk stalls, writeback) and what one method
 /// leaves behind hit every method alike.
-/// Before each run, untimed: the method's setup, then sync(2).
+/// Before each run, untimed: the method's setup, then sync(2); after it, untimed, its finish
+/// (waiting for work it left running, such as an async save, which would land on the next
+/// method).
 class Interleaved {
  public:
   struct Method {
     std::string name;
     std::function<double()> run;  // seconds
     std::function<void()> setup;
+    std::function<void()> finish;
   };
-  void add(std::string name, std::function<void()> run, std::function<void()> setup = [] {}) {
+  void add(std::string name, std::function<void()> run, std::function<void()> setup = [] {},
+           std::function<void()> finish = [] {}) {
     add_timed(
         std::move(name),
         [run = std::move(run)] {
@@ -54,11 +81,12 @@ class Interleaved {
           run();
           return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
         },
-        std::move(setup));
+        std::move(setup), std::move(finish));
   }
   /// A method that times itself (another process's work, say), returning seconds.
-  void add_timed(std::string name, std::function<double()> run, std::function<void()> setup = [] {}) {
-    methods_.push_back({std::move(name), std::move(run), std::move(setup)});
+  void add_timed(std::string name, std::function<double()> run, std::function<void()> setup = [] {},
+                 std::function<void()> finish = [] {}) {
+    methods_.push_back({std::move(name), std::move(run), std::move(setup), std::move(finish)});
   }
   /// Median seconds by method name.
   std::map<std::string, double> run(int reps) const {
@@ -84,6 +112,7 @@ class Interleaved {
         m.setup();
         ::sync();
         times[m.name].push_back(m.run());
+        m.finish();
       }
     }
     return times;

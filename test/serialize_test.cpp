@@ -97,6 +97,31 @@ TEST_F(SerializeTest, LoadsIntoAModelReadIntoMemoryEarlierLoadsLeft) {
   EXPECT_EQ(detail::load_memory_stats().held_bytes, 0u);
 }
 
+TEST_F(SerializeTest, LoadMemoryMakesRoomForTheSizesOfTheLastLoad) {
+  // Two models of the same bytes in tensors of other sizes (3 MiB, and 1 MiB, which a 3 MiB
+  // block is too large to serve): what the first left must not keep the second from keeping its own.
+  auto make = [](int count, int64_t numel, float value) {
+    torch::nn::ParameterDict dict;
+    for (int i = 0; i < count; ++i) dict->insert("p" + std::to_string(i), torch::full({numel}, value + i));
+    return dict;
+  };
+  auto a_saved = make(2, int64_t(768) << 10, 1), a_model = make(2, int64_t(768) << 10, 0);
+  auto b_saved = make(6, int64_t(256) << 10, 10), b_model = make(6, int64_t(256) << 10, 0);
+  save_weights(*a_saved, path("a.pt"));
+  save_weights(*b_saved, path("b.pt"));
+  release_load_memory();
+  load_weights(*a_model, path("a.pt"));
+  load_weights(*a_model, path("a.pt"));  // keeps the first load's memory: 3 MiB blocks
+  load_weights(*b_model, path("b.pt"));
+  const auto before = detail::load_memory_stats();
+  load_weights(*b_model, path("b.pt"));
+  const auto after = detail::load_memory_stats();
+  EXPECT_EQ(after.allocated, before.allocated);  // every tensor read into memory kept from the last load
+  EXPECT_EQ(after.reused - before.reused, 6u);
+  for (const auto& item : b_model->named_parameters()) EXPECT_TRUE(torch::equal(item.value(), b_saved[item.key()])) << item.key();
+  release_load_memory();
+}
+
 TEST_F(SerializeTest, MemoryAModelBorrowedIsNeverReadIntoByALaterLoad) {
   const int64_t numel = int64_t(1) << 20;
   std::vector<float> borrowed(numel, 7.0f);

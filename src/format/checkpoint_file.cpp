@@ -225,6 +225,7 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
   struct Stretch {
     size_t first, last;  // into order
     at::DataPtr block;
+    uint64_t lead = 0;  // bytes before the stretch's first, so that block and file agree mod 64
   };
   std::vector<Stretch> stretches;
   std::string pickle;
@@ -250,8 +251,11 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
   }
   for (auto& stretch : stretches) {
     const uint64_t begin = order[stretch.first]->span.local, end = order[stretch.last]->bound;
-    stretch.block = SharedBlock::create(end - begin);
-    jobs.push_back({RecordSpan{begin, end - begin}, stretch.block.get()});
+    // The kernel's copy (rep movsb) runs about 10 x slower on AMD CPUs when the destination lies
+    // 1 to 31 bytes past the source modulo the page: start the block where the file is mod 64.
+    stretch.lead = begin % 64;
+    stretch.block = SharedBlock::create(stretch.lead + end - begin);
+    jobs.push_back({RecordSpan{begin, end - begin}, static_cast<char*>(stretch.block.get()) + stretch.lead});
   }
   // The pickle is parsed while the rest of the file is read and checksummed: for
   // many small tensors the two take about as long. Its result counts only once
@@ -275,7 +279,7 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
   verified_ = true;
   for (auto& stretch : stretches) {
     const uint64_t begin = order[stretch.first]->span.local;
-    auto* bytes = static_cast<const unsigned char*>(stretch.block.get());
+    auto* bytes = static_cast<const unsigned char*>(stretch.block.get()) + stretch.lead;
     for (size_t i = stretch.first; i <= stretch.last; ++i) {
       auto& record = *order[i];
       if (record.bound - record.span.local < kLocalHeaderSize) {
@@ -283,7 +287,7 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
       }
       resolve_offset(reader_, *record.name, record.span, bytes + (record.span.local - begin));
       check_within_bound(record);
-      keep(record, SharedBlock::of(stretch.block).share(record.span.offset - begin));
+      keep(record, SharedBlock::of(stretch.block).share(stretch.lead + record.span.offset - begin));
     }
   }
 

@@ -6,6 +6,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <vector>
 
 #include "sys/posix_file.h"
 
@@ -27,7 +28,7 @@ class Pool {
       // The smallest free block that fits, unless it would waste more than half of itself.
       auto it = free_.lower_bound(size);
       if (it != free_.end() && it->first / 2 <= size) {
-        memory = std::move(it->second);
+        memory = std::move(it->second.memory);
         block_size = it->first;
         held_ -= it->first;
         free_.erase(it);
@@ -59,7 +60,7 @@ class Pool {
   }
 
   void release() {
-    std::multimap<size_t, at::DataPtr> free;
+    std::multimap<size_t, Kept> free;
     std::lock_guard<std::mutex> lock(mutex_);
     free.swap(free_);
     held_ = 0;
@@ -85,17 +86,35 @@ class Pool {
     instance().put(std::move(block->memory), block->size);
   }
   void put(at::DataPtr memory, size_t size) {
+    std::vector<at::DataPtr> evicted;  // freed after the lock
     std::lock_guard<std::mutex> lock(mutex_);
-    if (held_ + size > cap_) return;  // freed as it came, outside the pool
-    free_.emplace(size, std::move(memory));
+    if (size > cap_) {
+      evicted.push_back(std::move(memory));
+      return;
+    }
+    // The last load's sizes are the next one's: blocks kept longest make room first (a model
+    // loaded after another of other sizes must not find the memory full of the old sizes).
+    while (held_ + size > cap_) {
+      auto oldest = std::min_element(free_.begin(), free_.end(),
+                                     [](const auto& a, const auto& b) { return a.second.age < b.second.age; });
+      held_ -= oldest->first;
+      evicted.push_back(std::move(oldest->second.memory));
+      free_.erase(oldest);
+    }
+    free_.emplace(size, Kept{std::move(memory), ++age_});
     held_ += size;
   }
 
   std::mutex mutex_;
-  std::multimap<size_t, at::DataPtr> free_;  // blocks by size
+  struct Kept {
+    at::DataPtr memory;
+    uint64_t age;  // when it was kept: higher is later
+  };
+  std::multimap<size_t, Kept> free_;  // blocks by size
   size_t held_ = 0;
   size_t cap_ = 0;
   uint64_t loads_ = 0;  // since the start or the last release
+  uint64_t age_ = 0;
   LoadMemoryStats stats_;
 };
 
