@@ -6,11 +6,15 @@
 #include <fstream>
 #include <map>
 #include <optional>
+#include <random>
 
 #include <c10/core/CPUAllocator.h>
 #include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/csrc/jit/serialization/unpickler.h>
 
+#include <zlib.h>
+
+#include "format/crc32.h"
 #include "format/libtorch_pickle.h"
 #include "format/load_memory.h"
 #include "format/python_pickle.h"  // kMaxPickleDepth
@@ -36,6 +40,27 @@ TEST_F(SerializeTest, WeightsFileIsAPickledDictWithDottedNames) {
   }
   std::sort(keys.begin(), keys.end());
   EXPECT_EQ(keys, (std::vector<std::string>{"fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"}));
+}
+
+TEST(Crc32Test, FoldedEqualsZlibAtEverySizeOffsetAndStart) {
+  // zlib's crc32 is an implementation apart from both paths crc32_of takes: folded (VPCLMULQDQ,
+  // from 256 bytes where the CPU has it) and libdeflate's.
+  std::mt19937_64 random(7);
+  std::vector<unsigned char> bytes((1 << 20) + 64);
+  for (auto& b : bytes) b = static_cast<unsigned char>(random());
+  auto expect_zlib = [&](size_t offset, size_t size, uint32_t start) {
+    const auto expected = static_cast<uint32_t>(crc32(start, bytes.data() + offset, static_cast<uInt>(size)));
+    ASSERT_EQ(detail::crc32_of(bytes.data() + offset, size, start), expected)
+        << "offset " << offset << " size " << size << " start " << start;
+  };
+  for (size_t size = 0; size <= 1100; ++size) expect_zlib(size % 61, size, size % 3 ? 0 : 0x12345678u);
+  for (int i = 0; i < 200; ++i) expect_zlib(random() % 64, random() % (1 << 20), static_cast<uint32_t>(random()));
+  expect_zlib(0, 1 << 20, 0);
+  // Chained calls give the CRC of the whole, as the writer and the reader chain them.
+  const uint32_t first = detail::crc32_of(bytes.data(), 5000);
+  EXPECT_EQ(detail::crc32_of(bytes.data() + 5000, 70000, first),
+            static_cast<uint32_t>(crc32(0, bytes.data(), 75000)));
+  std::printf("crc32_of folds with VPCLMULQDQ here: %s\n", detail::crc32_is_folded() ? "yes" : "no");
 }
 
 TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {

@@ -1,11 +1,11 @@
 #pragma once
 // The zip records' signatures, sizes and little-endian fields, shared by the writer and the reader.
 
-#include <libdeflate.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <string>
+
+#include "format/crc32.h"
 
 namespace torchfit::detail {
 
@@ -33,10 +33,6 @@ inline uint16_t get16(const unsigned char* p) { return static_cast<uint16_t>(p[0
 inline uint32_t get32(const unsigned char* p) {
   return static_cast<uint32_t>(p[0]) | (static_cast<uint32_t>(p[1]) << 8) |
          (static_cast<uint32_t>(p[2]) << 16) | (static_cast<uint32_t>(p[3]) << 24);
-}
-
-inline uint32_t crc32_of(const void* data, size_t size, uint32_t crc = 0) {
-  return libdeflate_crc32(crc, data, size);
 }
 
 inline constexpr uint64_t kParallelThreshold = 4 * kChunk;
