@@ -264,16 +264,14 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
   LibTorchPickle parsed;
   std::exception_ptr parse_error;
   // The parse stays on the calling thread, whose modes (inference mode) the tensors take.
-  run_pair(
-      [&] {
-        try {
-          parsed = guard_read(path(), [&] { return read_libtorch_pickle(pickle); });
-          if (inspect) inspect(parsed.value);
-        } catch (...) {
-          parse_error = std::current_exception();
-        }
-      },
-      [&] { computed = read_once(reader_, jobs, trailer_.covered); });
+  computed = read_once(reader_, jobs, trailer_.covered, [&] {
+    try {
+      parsed = guard_read(path(), [&] { return read_libtorch_pickle(pickle); });
+      if (inspect) inspect(parsed.value);
+    } catch (...) {
+      parse_error = std::current_exception();
+    }
+  });
   if (computed != trailer_.checksum) throw damaged(checksum_mismatch(trailer_.checksum, computed).reason);
   if (parse_error) std::rethrow_exception(parse_error);
   verified_ = true;

@@ -7,6 +7,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cstdlib>
 #include <cerrno>
@@ -127,7 +128,7 @@ Integrity check_integrity(const FileReader& file) {
 namespace {
 constexpr uint64_t kReadChunk = 1 << 20;
 constexpr uint64_t kDirectRead = 64 << 10;  // smaller jobs are copied out of shared reads
-constexpr uint64_t kParallelRead = 4 << 20;
+constexpr uint64_t kHelpedRead = 1 << 20;  // smaller files cost less than a thread
 
 }  // namespace
 
@@ -175,14 +176,37 @@ uint32_t read_range_once(const FileReader& file, const std::vector<ReadJob>& job
 
 }  // namespace
 
-uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size) {
+uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size,
+                   const std::function<void()>& alongside) {
   std::sort(jobs.begin(), jobs.end(), [](const ReadJob& a, const ReadJob& b) { return a.span.offset < b.span.offset; });
-  if (size < kParallelRead) return read_range_once(file, jobs, 0, size);
-  uint64_t half = size / 2;
-  uint32_t first = 0, second = 0;
-  run_pair([&] { first = read_range_once(file, jobs, 0, half); },
-           [&] { second = read_range_once(file, jobs, half, size); });
-  return static_cast<uint32_t>(crc32_combine(first, second, static_cast<z_off_t>(size - half)));
+  if (size < kHelpedRead) {
+    if (alongside) alongside();
+    return read_range_once(file, jobs, 0, size);
+  }
+  // Stretches taken in turn: the calling thread joins as soon as `alongside` is done (a pickle of
+  // a few tensors at once, one of thousands after the helper read most of the file). At most 64
+  // CRCs to combine.
+  const uint64_t stretch = std::max<uint64_t>(kReadChunk, (size + 63) / 64);
+  const size_t count = static_cast<size_t>((size + stretch - 1) / stretch);
+  std::vector<uint32_t> crcs(count);
+  std::atomic<size_t> next{0};
+  auto read_stretches = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < count;) {
+      crcs[i] = read_range_once(file, jobs, i * stretch, std::min(size, (i + 1) * stretch));
+    }
+  };
+  run_pair(
+      [&] {
+        if (alongside) alongside();
+        read_stretches();
+      },
+      read_stretches);
+  uint32_t crc = crcs[0];
+  for (size_t i = 1; i < count; ++i) {
+    const uint64_t length = std::min(size, (i + 1) * stretch) - i * stretch;
+    crc = static_cast<uint32_t>(crc32_combine(crc, crcs[i], static_cast<z_off_t>(length)));
+  }
+  return crc;
 }
 
 Integrity check_integrity(const std::string& path) { return check_integrity(FileReader(path)); }

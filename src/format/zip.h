@@ -113,10 +113,14 @@ Trailer read_trailer(const FileReader& file);
 Integrity checksum_mismatch(uint32_t stored, uint32_t computed);
 
 /// Reads bytes [0, size) of `file` once: each job's span into its destination,
-/// every other byte into scratch memory, adjacent small jobs sharing one read, on
-/// two threads for large sizes. Returns the CRC32 of all those bytes, computed
-/// as they arrive. Jobs must not overlap.
-uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size);
+/// every other byte into scratch memory, adjacent small jobs sharing one read.
+/// Returns the CRC32 of all those bytes, computed as they arrive. Jobs must not
+/// overlap.
+/// `alongside` runs on the calling thread while a helper reads; then the calling
+/// thread reads too, taking stretches of the file in turn with the helper. Small
+/// files are read after it, on the calling thread alone.
+uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size,
+                   const std::function<void()>& alongside = {});
 
 /// Checks the structure and the whole-file checksum of `file` (on two threads).
 Integrity check_integrity(const FileReader& file);
