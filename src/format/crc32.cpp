@@ -41,8 +41,7 @@ TORCHFIT_FOLD_TARGET inline __m256i load(const unsigned char* at) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at));
 }
 
-TORCHFIT_FOLD_TARGET inline __m256i fold(__m256i lanes, __m256i constants,
-                                                                     const unsigned char* next) {
+TORCHFIT_FOLD_TARGET inline __m256i fold(__m256i lanes, __m256i constants, const unsigned char* next) {
   const __m256i high = _mm256_clmulepi64_epi128(lanes, constants, 0x00);
   const __m256i low = _mm256_clmulepi64_epi128(lanes, constants, 0x11);
   return _mm256_xor_si256(_mm256_xor_si256(high, low), load(next));
@@ -51,8 +50,7 @@ TORCHFIT_FOLD_TARGET inline __m256i fold(__m256i lanes, __m256i constants,
 /// `size` >= 2 * kStep bytes. The running register goes into the first four bytes; the lanes
 /// then fold forward step by step, and what is left (128 bytes that leave the same remainder as
 /// everything folded) is checksummed from a zero register, followed by the tail.
-TORCHFIT_FOLD_TARGET uint32_t crc32_folded(const unsigned char* p, size_t size,
-                                                                       uint32_t crc) {
+TORCHFIT_FOLD_TARGET uint32_t crc32_folded(const unsigned char* p, size_t size, uint32_t crc) {
   const __m256i constants = _mm256_set_epi64x(static_cast<long long>(kLowTerms), static_cast<long long>(kHighTerms),
                                               static_cast<long long>(kLowTerms), static_cast<long long>(kHighTerms));
   __m256i a0 = _mm256_xor_si256(load(p), _mm256_set_epi32(0, 0, 0, 0, 0, 0, 0, static_cast<int>(~crc)));

@@ -88,10 +88,7 @@ class Pool {
   void put(at::DataPtr memory, size_t size) {
     std::vector<at::DataPtr> evicted;  // freed after the lock
     std::lock_guard<std::mutex> lock(mutex_);
-    if (size > cap_) {
-      evicted.push_back(std::move(memory));
-      return;
-    }
+    if (size > cap_) return;  // freed as it came, after the lock
     // The last load's sizes are the next one's: blocks kept longest make room first (a model
     // loaded after another of other sizes must not find the memory full of the old sizes).
     while (held_ + size > cap_) {

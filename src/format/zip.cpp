@@ -190,14 +190,24 @@ uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t s
   const size_t count = static_cast<size_t>((size + stretch - 1) / stretch);
   std::vector<uint32_t> crcs(count);
   std::atomic<size_t> next{0};
-  auto read_stretches = [&] {
-    for (size_t i; (i = next.fetch_add(1)) < count;) {
-      crcs[i] = read_range_once(file, jobs, i * stretch, std::min(size, (i + 1) * stretch));
+  auto stop_on_error = [&](auto&& work) {  // the other thread takes no more stretches
+    try {
+      work();
+    } catch (...) {
+      next = count;
+      throw;
     }
+  };
+  auto read_stretches = [&] {
+    stop_on_error([&] {
+      for (size_t i; (i = next.fetch_add(1)) < count;) {
+        crcs[i] = read_range_once(file, jobs, i * stretch, std::min(size, (i + 1) * stretch));
+      }
+    });
   };
   run_pair(
       [&] {
-        if (alongside) alongside();
+        if (alongside) stop_on_error(alongside);
         read_stretches();
       },
       read_stretches);
