@@ -13,7 +13,6 @@
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
-#include <libdeflate.h>
 
 #include <algorithm>
 #include <chrono>
@@ -25,6 +24,7 @@
 #include <torchfit/torchfit.h>
 
 #include "bench_util.h"
+#include "format/crc32.h"  // the CRC32 torchfit uses, timed alone
 
 namespace fs = std::filesystem;
 using namespace torchfit;
@@ -267,15 +267,13 @@ int main(int argc, char** argv) try {
   std::vector<char> source(static_cast<size_t>(state_bytes), 1), target(source.size(), 0);
   std::vector<double> memcpy_s, crc_s, write_s, write_cpu_s, fsync_s, direct_s, direct_cpu_s;
   const size_t direct_bytes = source.size() / 4096 * 4096;
-  void* aligned = nullptr;
-  if (::posix_memalign(&aligned, 4096, std::max<size_t>(direct_bytes, 4096)) != 0) throw std::bad_alloc();
-  std::memset(aligned, 1, direct_bytes);
+  bench::AlignedBuffer aligned(direct_bytes);  // as O_DIRECT needs
   for (int r = 0; r < rounds; ++r) {
     double t0 = now();
     std::memcpy(target.data(), source.data(), source.size());
     memcpy_s.push_back(now() - t0);
     t0 = now();
-    volatile auto crc = libdeflate_crc32(0, source.data(), source.size());
+    volatile auto crc = torchfit::detail::crc32_of(source.data(), source.size());
     (void)crc;
     crc_s.push_back(now() - t0);
     auto file = (dir / "raw.bin").string();
@@ -299,7 +297,7 @@ int main(int argc, char** argv) try {
     t0 = now();
     c0 = thread_cpu_seconds();
     for (size_t done = 0; done < direct_bytes;) {
-      auto n = ::pwrite(fd, static_cast<char*>(aligned) + done, direct_bytes - done, static_cast<off_t>(done));
+      auto n = ::pwrite(fd, aligned.data() + done, direct_bytes - done, static_cast<off_t>(done));
       if (n <= 0) break;
       done += static_cast<size_t>(n);
     }
@@ -308,7 +306,6 @@ int main(int argc, char** argv) try {
     direct_cpu_s.push_back(thread_cpu_seconds() - c0);
     ::close(fd);
   }
-  std::free(aligned);
 
   double torch_save = median(torch_save_s);
   bench::JsonRows json;
@@ -332,7 +329,7 @@ int main(int argc, char** argv) try {
              {{"configuration", configs[i].name}});
   }
   fmt::print("\n| phase, alone, {:.0f} MiB | ms | CPU ms |\n|---|---|---|\n", state_bytes / (1 << 20));
-  fmt::print("| memcpy | {:.1f} | |\n| CRC32 (libdeflate) | {:.1f} | |\n| write to page cache | {:.1f} | {:.1f} |\n"
+  fmt::print("| memcpy | {:.1f} | |\n| CRC32 (crc32_of) | {:.1f} | |\n| write to page cache | {:.1f} | {:.1f} |\n"
              "| fsync after it | {:.1f} | |\n| write with O_DIRECT, then fsync | {:.1f} | {:.1f} |\n",
              median(memcpy_s) * 1e3, median(crc_s) * 1e3, median(write_s) * 1e3, median(write_cpu_s) * 1e3,
              median(fsync_s) * 1e3, median(direct_s) * 1e3, median(direct_cpu_s) * 1e3);

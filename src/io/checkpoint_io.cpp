@@ -14,6 +14,7 @@
 #include <stdexcept>
 
 #include <ATen/core/ivalue.h>
+#include <c10/util/ScopeExit.h>
 #include <fmt/format.h>
 
 #include "format/checkpoint_file.h"
@@ -181,18 +182,12 @@ struct AsyncCheckpointIO::Timing {
   template <typename Work>
   void writer_timed(double AsyncSaveProfile::*field, Work&& work) {
     const double start = seconds_now(), cpu = thread_cpu_seconds();
-    auto account = [&] {
+    auto account = c10::make_scope_exit([&] {  // a failed store took its time too
       std::lock_guard<std::mutex> lock(mutex);
       profile.*field += seconds_now() - start;
       profile.writer_cpu += thread_cpu_seconds() - cpu;
-    };
-    try {
-      work();
-    } catch (...) {
-      account();
-      throw;
-    }
-    account();
+    });
+    work();
   }
   void add(double AsyncSaveProfile::*field, double seconds) {
     std::lock_guard<std::mutex> lock(mutex);
@@ -233,28 +228,18 @@ void AsyncCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std
   const double start = seconds_now();
   const int64_t faults = thread_minor_faults();
   // Whatever happens, the time spent here is not a training step's.
-  struct InSave {
-    Timing& timing;
-    double start;
-    ~InSave() { timing.saving_since_step += seconds_now() - start; }
-  } in_save{timing, start};
+  auto in_save = c10::make_scope_exit([&] { timing.saving_since_step += seconds_now() - start; });
   wait_for_writer(&AsyncSaveProfile::save_wait);  // one save in flight; its buffers are about to be reused
   if (timing.rule.place_inline()) {
     const double store_start = seconds_now();
-    auto account = [&] {
+    auto account = c10::make_scope_exit([&] {  // a failed save took its time too
       const double took = seconds_now() - store_start;
       timing.rule.inline_saved(took);
       timing.add(&AsyncSaveProfile::inline_save, took);
       std::lock_guard<std::mutex> lock(timing.mutex);
       ++timing.profile.inline_saves;
-    };
-    try {
-      storage_->save(checkpoint, path, on_commit);
-    } catch (...) {
-      account();
-      throw;
-    }
-    account();
+    });
+    storage_->save(checkpoint, path, on_commit);
     return;
   }
   const double capture_start = seconds_now();
@@ -321,20 +306,14 @@ void AsyncCheckpointIO::wait() { wait_for_writer(&AsyncSaveProfile::wait); }
 
 void AsyncCheckpointIO::wait_for_writer(double AsyncSaveProfile::*field) {
   const double start = seconds_now();
-  auto account = [&] {
+  auto account = c10::make_scope_exit([&] {  // a wait that raises the writer's error waited too
     const double waited = seconds_now() - start;
     timing_->rule.caller_waited(waited);
     timing_->add(field, waited);
     // Not a training step's time either (save counts its own wait with the rest of it).
     if (field != &AsyncSaveProfile::save_wait) timing_->saving_since_step += waited;
-  };
-  try {
-    writer_->wait();
-  } catch (...) {
-    account();
-    throw;
-  }
-  account();
+  });
+  writer_->wait();
 }
 
 c10::IValue AsyncCheckpointIO::load(const std::string& path) {
