@@ -1,5 +1,7 @@
 // Checkpoint files: round trips, the commit protocol, and bad files.
 #include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -7,6 +9,7 @@
 #include <map>
 #include <optional>
 #include <random>
+#include <thread>
 
 #include <c10/core/CPUAllocator.h>
 #include <torch/csrc/jit/serialization/pickler.h>
@@ -20,6 +23,7 @@
 #include "format/python_pickle.h"  // kMaxPickleDepth
 #include "format/zip.h"
 #include "io/atomic_file.h"
+#include "sys/threads.h"
 #include "support.h"
 
 namespace torchfit::test {
@@ -61,6 +65,39 @@ TEST(Crc32Test, FoldedEqualsZlibAtEverySizeOffsetAndStart) {
   EXPECT_EQ(detail::crc32_of(bytes.data() + 5000, 70000, first),
             static_cast<uint32_t>(crc32(0, bytes.data(), 75000)));
   std::printf("crc32_of folds with VPCLMULQDQ here: %s\n", detail::crc32_is_folded() ? "yes" : "no");
+}
+
+TEST(ThreadsTest, RunPairKeepsItsHelperOffTheCallersCpuUnlessInTheBackground) {
+  cpu_set_t allowed;
+  ASSERT_EQ(sched_getaffinity(0, sizeof allowed, &allowed), 0);
+  const int cpus = CPU_COUNT(&allowed);
+  if (cpus < 2) GTEST_SKIP() << "a single CPU: the helper has nowhere else to go";
+  // How many CPUs the helper may use, read once run_pair has placed it (`first` runs after that).
+  auto helper_cpu_count = [] {
+    std::atomic<bool> started{false}, read{false};
+    pthread_t helper{};
+    int count = -1;
+    detail::run_pair(
+        [&] {
+          while (!started) std::this_thread::yield();
+          cpu_set_t mask;
+          if (pthread_getaffinity_np(helper, sizeof mask, &mask) == 0) count = CPU_COUNT(&mask);
+          read = true;
+        },
+        [&] {
+          helper = pthread_self();
+          started = true;
+          while (!read) std::this_thread::yield();
+        });
+    return count;
+  };
+  EXPECT_EQ(helper_cpu_count(), cpus - 1) << "a load's helper must not queue behind its busy caller";
+  int background_count = -1;
+  std::thread([&] {
+    detail::mark_background_thread();  // as the async writer: the other CPU is training's
+    background_count = helper_cpu_count();
+  }).join();
+  EXPECT_EQ(background_count, cpus);
 }
 
 TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {

@@ -4,10 +4,15 @@
 
 #include "torchfit/error.h"
 #include "torchfit/log.h"
+#include "sys/threads.h"
 
 namespace torchfit::detail {
 
-AsyncWriter::AsyncWriter() : thread_([this] { run(); }) {}
+AsyncWriter::AsyncWriter()
+    : thread_([this] {
+        mark_background_thread();
+        run();
+      }) {}
 
 AsyncWriter::~AsyncWriter() {
   try {
