@@ -6,8 +6,8 @@
 namespace torchfit::detail {
 
 /// Runs `first` here and `second` on a helper thread; rethrows the first's error,
-/// else the second's. The helper is kept off the calling thread's CPU (when the process may run
-/// on another), unless the caller is a background thread.
+/// else the second's. The helper starts on another CPU than the caller's (when the process may
+/// run on another), unless the caller is a background thread.
 void run_pair(const std::function<void()>& first, const std::function<void()>& second);
 
 /// Marks the calling thread as one that works beside training (the async writer): its
