@@ -128,7 +128,7 @@ Integrity check_integrity(const FileReader& file) {
 namespace {
 constexpr uint64_t kReadChunk = 1 << 20;
 constexpr uint64_t kDirectRead = 64 << 10;  // smaller jobs are copied out of shared reads
-constexpr uint64_t kHelpedRead = 1 << 20;  // smaller files cost less than a thread
+constexpr uint64_t kHelpedRead = 2 << 20;  // smaller files cost less than a thread (1 MiB: 0.27 ms alone, 0.39 helped)
 
 }  // namespace
 
