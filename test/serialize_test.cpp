@@ -299,6 +299,25 @@ TEST_F(SerializeTest, VerifyReportsWhy) {
   EXPECT_NE(verify_checkpoint(path("plain.pt")).reason.find("no torchfit checksum"), std::string::npos);
 }
 
+TEST_F(SerializeTest, VerifyFindsAFlippedByteInEveryStretchOfALargeFile) {
+  // From 2 MiB the checksum is computed in stretches on two threads and combined: a flip anywhere
+  // must still show, and an intact file must still pass.
+  torch::nn::ParameterDict params;
+  for (int i = 0; i < 3; ++i) params->insert("p" + std::to_string(i), torch::randn({int64_t(1) << 20}));
+  save_weights(*params, path("large.pt"));
+  const auto good = read_file(path("large.pt"));
+  ASSERT_GT(good.size(), size_t(12) << 20);
+  EXPECT_TRUE(verify_checkpoint(path("large.pt")).ok) << verify_checkpoint(path("large.pt")).reason;
+  for (size_t at : {size_t{100}, size_t(1) << 20, (size_t(1) << 20) - 1, good.size() / 2, good.size() - 200}) {
+    auto flipped = good;
+    flipped[at] ^= 0x10;
+    write_file(path("flipped.pt"), flipped);
+    const auto result = verify_checkpoint(path("flipped.pt"));
+    EXPECT_FALSE(result.ok) << "byte " << at;
+    EXPECT_NE(result.reason.find("checksum mismatch"), std::string::npos) << "byte " << at << ": " << result.reason;
+  }
+}
+
 TEST_F(SerializeTest, CorruptFilesFailAndLeaveModelUnchanged) {
   auto s = make_setup();
   s.trainer->save_weights(path("good.pt"));

@@ -122,7 +122,7 @@ Integrity checksum_mismatch(uint32_t stored, uint32_t computed);
 uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size,
                    const std::function<void()>& alongside = {});
 
-/// Checks the structure and the whole-file checksum of `file` (on two threads).
+/// Checks the structure and the whole-file checksum of `file` (read as `read_once` reads).
 Integrity check_integrity(const FileReader& file);
 /// The same for a path; throws only for files that cannot be opened.
 Integrity check_integrity(const std::string& path);
