@@ -21,6 +21,7 @@
 #include "format/libtorch_pickle.h"
 #include "format/load_memory.h"
 #include "format/python_pickle.h"  // kMaxPickleDepth
+#include "format/state_dict.h"
 #include "format/zip.h"
 #include "io/atomic_file.h"
 #include "sys/threads.h"
@@ -739,9 +740,10 @@ struct Pickled {
   std::string bytes;
   std::vector<at::Tensor> storages;
 
-  explicit Pickled(const c10::IValue& value) {
+  /// `tagged`: with LibTorch's type tags (restore_type_tag); torchfit writes none.
+  explicit Pickled(const c10::IValue& value, bool tagged = true) {
     torch::jit::Pickler pickler([this](const char* data, size_t size) { bytes.append(data, size); }, nullptr,
-                                nullptr, nullptr);
+                                nullptr, nullptr, nullptr, tagged);
     pickler.protocol();
     pickler.pushIValue(value);
     pickler.stop();
@@ -1043,6 +1045,219 @@ TEST(LibTorchPickleTest, RefusesATensorPastItsStorage) {
   bytes[at + 1] = '\x03';
   EXPECT_THROW_MSG(torchfit::detail::read_libtorch_pickle(bytes), std::invalid_argument,
                    "reaches element 3 of a storage of 3");
+}
+
+// ---- Weights files bound straight to a model (index_tensor_dict, DirectLoad)
+
+/// A flat state dict of whole tensors, as save_weights writes: every dtype, no dimensions,
+/// no elements, dimensions of size 1, and more than 256 entries (memo ids past a byte).
+c10::impl::GenericDict flat_state_dict() {
+  c10::impl::GenericDict weights(c10::StringType::get(), c10::TensorType::get());
+  for (auto dtype : {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16, at::kLong, at::kInt, at::kShort, at::kChar,
+                     at::kByte, at::kBool, at::kComplexFloat}) {
+    weights.insert(std::string("dtype.") + c10::toString(dtype), at::randn({3, 2}).to(dtype));
+  }
+  weights.insert("scalar", at::scalar_tensor(2.5));
+  weights.insert("empty", at::empty({0, 3}));
+  weights.insert("ones.of.size.one", at::randn({1, 4, 1}));
+  weights.insert("a.much.longer.name.that.does.not.fit.a.short.string.weight", at::randn({7}));
+  for (int i = 0; i < 300; ++i) weights.insert(fmt::format("layers.{}.bias", i), at::randn({i % 5 + 1}));
+  return weights;
+}
+
+TEST(LibTorchPickleTest, IndexesAFlatStateDictAsTheReaderReadsIt) {
+  auto weights = flat_state_dict();
+  Pickled pickled(weights, /*tagged=*/false);
+  auto index = torchfit::detail::index_tensor_dict(pickled.bytes);
+  ASSERT_TRUE(index.has_value());
+  auto read = torchfit::detail::read_libtorch_pickle(pickled.bytes);
+  std::map<const void*, std::string> key_of;
+  for (const auto& unbound : read.storages) key_of[unbound.storage.unsafeGetStorageImpl()] = unbound.key;
+  const auto dict = read.value.toGenericDict();
+  ASSERT_EQ(index->size(), dict.size());
+  size_t i = 0;
+  for (const auto& entry : dict) {  // in the pickle's order
+    const auto& tensor = entry.value().toTensor();
+    const auto& indexed = (*index)[i++];
+    SCOPED_TRACE(entry.key().toStringRef());
+    EXPECT_EQ(indexed.name, entry.key().toStringRef());
+    EXPECT_EQ(indexed.key, key_of.at(tensor.storage().unsafeGetStorageImpl()));
+    EXPECT_EQ(indexed.dtype, tensor.scalar_type());
+    EXPECT_EQ(indexed.numel, tensor.numel());
+    EXPECT_EQ(c10::IntArrayRef(indexed.sizes), tensor.sizes());
+  }
+}
+
+TEST(LibTorchPickleTest, IndexDeclinesWhatItCannotBindStraight) {
+  auto base = at::arange(24, at::kFloat).reshape({4, 6});
+  auto dict_with = [](const std::string& name, const c10::IValue& value) {
+    c10::impl::GenericDict dict(c10::StringType::get(), c10::AnyType::get());
+    dict.insert("plain", at::ones({2}));
+    dict.insert(name, value);
+    return c10::IValue(dict);
+  };
+  c10::impl::GenericDict shared(c10::StringType::get(), c10::TensorType::get());
+  shared.insert("base", base);
+  shared.insert("again", base);
+  const std::vector<std::pair<std::string, c10::IValue>> declined = {
+      {"a row at an offset", dict_with("row", base[2])},
+      {"a transposed view", dict_with("t", base.t())},
+      {"a strided column", dict_with("column", base.select(1, 3))},
+      {"one storage under two names", shared},
+      {"a quantized tensor", dict_with("q", at::quantize_per_tensor(at::ones({4}), 0.5, 2, at::kQInt8))},
+      {"a nested dict", dict_with("inner", c10::impl::GenericDict(c10::StringType::get(), c10::TensorType::get()))},
+      {"a number", dict_with("epoch", int64_t{3})},
+      {"a tensor alone", c10::IValue(at::ones({4}))},
+      {"a list", c10::IValue(c10::List<at::Tensor>({at::ones({2})}))},
+  };
+  // And a dict with LibTorch's type tag, which torchfit does not write.
+  EXPECT_FALSE(torchfit::detail::index_tensor_dict(Pickled(flat_state_dict()).bytes).has_value());
+  for (const auto& [what, value] : declined) {
+    EXPECT_FALSE(torchfit::detail::index_tensor_dict(Pickled(value, false).bytes).has_value()) << what;
+  }
+  // Every cut of a valid pickle, and a wrong memo id, are declined without reading past the end.
+  const auto bytes = Pickled(flat_state_dict(), false).bytes;
+  for (size_t size = 0; size < bytes.size(); size += std::max<size_t>(1, size / 64)) {
+    auto cut = std::make_unique<char[]>(size);  // exactly `size` bytes: ASan sees a read past them
+    std::memcpy(cut.get(), bytes.data(), size);
+    EXPECT_FALSE(torchfit::detail::index_tensor_dict(std::string_view(cut.get(), size)).has_value()) << size;
+  }
+  auto renumbered = bytes;
+  const auto put = renumbered.find("q\x01");
+  ASSERT_NE(put, std::string::npos);
+  renumbered[put + 1] = '\x02';
+  EXPECT_FALSE(torchfit::detail::index_tensor_dict(renumbered).has_value());
+}
+
+/// A module of the state dict's names and shapes, its tensors zero.
+struct ModelOf : torch::nn::Module {
+  explicit ModelOf(const c10::impl::GenericDict& weights, bool as_buffers = false) {
+    for (const auto& entry : weights) {
+      auto zeros = torch::zeros_like(entry.value().toTensor());
+      auto name = entry.key().toStringRef();
+      std::replace(name.begin(), name.end(), '.', '_');  // a flat module: dots name submodules
+      names[name] = entry.key().toStringRef();
+      if (as_buffers) {
+        register_buffer(name, zeros);
+      } else {
+        register_parameter(name, zeros, /*requires_grad=*/zeros.is_floating_point() || zeros.is_complex());
+      }
+    }
+  }
+  std::map<std::string, std::string> names;  // own name to the state dict's
+};
+
+/// A state dict whose names are a flat module's (no dots).
+c10::impl::GenericDict flat_names(const c10::impl::GenericDict& weights) {
+  c10::impl::GenericDict out(c10::StringType::get(), c10::TensorType::get());
+  for (const auto& entry : weights) {
+    auto name = entry.key().toStringRef();
+    std::replace(name.begin(), name.end(), '.', '_');
+    out.insert(name, entry.value());
+  }
+  return out;
+}
+
+TEST(DirectLoadTest, PlansOnlyForAModelOfExactlyTheFilesNamesShapesAndDtypes) {
+  auto weights = flat_names(flat_state_dict());
+  const auto bytes = Pickled(weights, false).bytes;
+  ModelOf model(weights);
+  EXPECT_TRUE(torchfit::detail::DirectLoad::plan(model, bytes).has_value());
+  ModelOf buffers(weights, /*as_buffers=*/true);
+  EXPECT_TRUE(torchfit::detail::DirectLoad::plan(buffers, bytes).has_value());
+
+  auto changed = [&](const std::string& name, const at::Tensor& tensor) {
+    auto copy = weights.copy();
+    copy.insert_or_assign(name, tensor);
+    return copy;
+  };
+  auto without = weights.copy();
+  ASSERT_EQ(without.erase("scalar"), 1u);
+  const std::vector<std::pair<std::string, c10::impl::GenericDict>> other_files = {
+      {"a shape", changed("dtype_Float", at::randn({2, 3}))},
+      {"a dtype", changed("dtype_Float", at::randn({3, 2}, at::kDouble))},
+      {"a name more", changed("extra", at::randn({1}))},
+      {"a name less", without},
+  };
+  for (const auto& [what, file] : other_files) {
+    EXPECT_FALSE(torchfit::detail::DirectLoad::plan(model, Pickled(file, false).bytes).has_value()) << what;
+  }
+  // A buffer named as a parameter: check_weights takes the buffer; the plan leaves it to it.
+  struct Twice : torch::nn::Module {
+    Twice() {
+      register_parameter("x", torch::zeros({2}));
+      register_buffer("x", torch::zeros({2}));
+    }
+  } twice;
+  c10::impl::GenericDict x(c10::StringType::get(), c10::TensorType::get());
+  x.insert("x", at::ones({2}));
+  EXPECT_FALSE(torchfit::detail::DirectLoad::plan(twice, Pickled(x, false).bytes).has_value());
+  // An entry named as a torchfit checkpoint's description is select_weights' to refuse.
+  struct Meta : torch::nn::Module {
+    Meta() { register_parameter("torchfit", torch::zeros({2})); }
+  } meta;
+  c10::impl::GenericDict described(c10::StringType::get(), c10::TensorType::get());
+  described.insert("torchfit", at::ones({2}));
+  EXPECT_FALSE(torchfit::detail::DirectLoad::plan(meta, Pickled(described, false).bytes).has_value());
+}
+
+TEST(DirectLoadTest, BindsEveryTensorOrNoneAndCopiesIntoStoragesItDoesNotOwn) {
+  auto weights = flat_names(flat_state_dict());
+  Pickled pickled(weights, /*tagged=*/false);
+  ModelOf model(weights);
+  std::map<std::string, at::Tensor> own;
+  for (const auto& item : model.named_parameters()) own[item.key()] = item.value();
+  // A view held elsewhere shares a parameter's storage: that parameter is copied into, in place.
+  auto view = own.at("dtype_Float").view({-1});
+  const void* shared_memory = view.data_ptr();
+  std::map<std::string, const void*> storages;
+  for (const auto& [name, tensor] : own) storages[name] = tensor.storage().unsafeGetStorageImpl();
+
+  // A record missing halfway: nothing changes.
+  auto plan = torchfit::detail::DirectLoad::plan(model, pickled.bytes);
+  ASSERT_TRUE(plan.has_value());
+  size_t taken = 0;
+  EXPECT_THROW(plan->bind([&](std::string_view key, size_t nbytes) {
+    if (++taken == 100) throw CheckpointError("no record for storage " + std::string(key));
+    auto data = pickled.copy(std::string(key));
+    EXPECT_LE(nbytes, torch::jit::getWriteableTensorData(pickled.storages.at(std::stoul(std::string(key)))).sizeInBytes());
+    return data;
+  }),
+               CheckpointError);
+  for (const auto& [name, tensor] : own) {
+    EXPECT_TRUE(tensor.equal(torch::zeros_like(tensor))) << name << " changed";
+  }
+
+  std::map<std::string, int64_t> versions;
+  for (const auto& [name, tensor] : own) versions[name] = tensor._version();
+  plan = torchfit::detail::DirectLoad::plan(model, pickled.bytes);
+  ASSERT_TRUE(plan.has_value());
+  plan->bind([&](std::string_view key, size_t) { return pickled.copy(std::string(key)); });
+  for (const auto& [name, tensor] : own) {
+    SCOPED_TRACE(name);
+    const auto& expected = weights.at(name).toTensor();
+    EXPECT_TRUE(tensor.equal(expected));
+    EXPECT_EQ(tensor.storage().unsafeGetStorageImpl(), storages.at(name)) << "the model keeps its storages";
+    EXPECT_GT(tensor._version(), versions.at(name));
+    EXPECT_TRUE(tensor.is_leaf());
+    EXPECT_EQ(tensor.requires_grad(), tensor.is_floating_point() || tensor.is_complex());
+  }
+  EXPECT_EQ(view.data_ptr(), shared_memory);
+  EXPECT_TRUE(view.equal(weights.at("dtype_Float").toTensor().view({-1})));
+}
+
+TEST_F(SerializeTest, AWeightsFileLoadsAsTheGeneralReadLoadsIt) {
+  // load_weights binds a plain weights file straight; read_weights reads it as any file.
+  auto weights = flat_names(flat_state_dict());
+  FileCheckpointIO().save(weights, path("flat.pt"));
+  ModelOf model(weights);
+  load_weights(model, path("flat.pt"));
+  auto read = read_weights(path("flat.pt"));
+  ASSERT_EQ(read.size(), weights.size());
+  for (const auto& item : model.named_parameters()) {
+    EXPECT_TRUE(item.value().equal(read.at(item.key()))) << item.key();
+    EXPECT_TRUE(item.value().equal(weights.at(item.key()).toTensor())) << item.key();
+  }
 }
 
 // ---- Checksummed files whose structure is broken under a valid checksum

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <functional>
 #include <new>
+#include <optional>
 #include <set>
 #include <stdexcept>
 
@@ -76,6 +77,17 @@ class SharedBlock {
   at::DataPtr memory_;
   std::atomic<uint64_t> users_{0};
 };
+
+/// The number a storage key spells in decimal without leading zeros, as LibTorch numbers them.
+std::optional<size_t> storage_number(std::string_view key) {
+  if (key.empty() || key.size() > 9 || (key[0] == '0' && key.size() > 1)) return std::nullopt;
+  size_t number = 0;
+  for (char c : key) {
+    if (c < '0' || c > '9') return std::nullopt;
+    number = number * 10 + static_cast<size_t>(c - '0');
+  }
+  return number;
+}
 
 /// Storage records smaller than this are read in stretches, into shared blocks.
 constexpr uint64_t kSharedRecord = 64 << 10;
@@ -180,7 +192,7 @@ DeferredPickle CheckpointFile::unpickle(bool script_objects) const {
   return out;
 }
 
-c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
+c10::IValue CheckpointFile::read_all_once(const Inspect& inspect, const Shortcut& shortcut) const {
   auto damaged = [&](const std::string& what) {
     return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(), what));
   };
@@ -262,10 +274,13 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
   // the checksum matched, and its storages are bound only then.
   uint32_t computed = 0;
   LibTorchPickle parsed;
+  bool shortcut_taken = false;
   std::exception_ptr parse_error;
   // The parse stays on the calling thread, whose modes (inference mode) the tensors take.
   computed = read_once(reader_, jobs, trailer_.covered, [&] {
     try {
+      shortcut_taken = shortcut.recognise && shortcut.recognise(pickle);
+      if (shortcut_taken) return;
       parsed = guard_read(path(), [&] { return read_libtorch_pickle(pickle); });
       if (inspect) inspect(parsed.value);
     } catch (...) {
@@ -289,30 +304,45 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect) const {
     }
   }
 
-  // The bytes of record "data/<key>": moved out the first time, copied after that.
+  // The bytes of record "data/<key>": moved out the first time, copied after that. Keys are
+  // numbers from 0 up in files torchfit and LibTorch write: those are found without a search.
+  std::vector<Record*> by_number(records.size());
+  for (auto& record : records) {
+    if (!record.storage) continue;
+    const auto number = storage_number(std::string_view(*record.name).substr(5));
+    if (number && *number < by_number.size()) by_number[*number] = &record;
+  }
   std::string name;
-  auto take = [&](const std::string& key) -> std::pair<at::DataPtr, RecordSpan> {
-    name.assign("data/").append(key);
-    auto it = std::lower_bound(records.begin(), records.end(), name,
-                               [](const Record& record, const std::string& name) { return *record.name < name; });
-    if (it == records.end() || *it->name != name) throw damaged(fmt::format("no record for storage {}", key));
-    auto& storage = *it;
-    if (storage.data) return {std::move(storage.data), storage.span};
+  const TakeStorage take = [&](std::string_view key, size_t nbytes) {
+    const auto number = storage_number(key);
+    Record* found = number && *number < by_number.size() ? by_number[*number] : nullptr;
+    if (found == nullptr) {
+      name.assign("data/").append(key);
+      auto it = std::lower_bound(records.begin(), records.end(), name,
+                                 [](const Record& record, const std::string& name) { return *record.name < name; });
+      if (it == records.end() || *it->name != name) throw damaged(fmt::format("no record for storage {}", key));
+      found = &*it;
+    }
+    auto& storage = *found;
+    if (nbytes > storage.span.size) throw damaged("a tensor overruns its record");
+    if (storage.data) return std::move(storage.data);
     auto copy = load_memory(storage.span.size);
     if (storage.span.size > 0) std::memcpy(copy.get(), storage.address, storage.span.size);
-    return {std::move(copy), storage.span};
+    return copy;
   };
+  if (shortcut_taken) {
+    shortcut.bind(take);
+    return c10::IValue();
+  }
   for (auto& unbound : parsed.storages) {
     if (unbound.storage.nbytes() == 0) continue;  // no bytes to read, as in LibTorch
-    auto [data, span] = take(unbound.key);
-    if (unbound.storage.nbytes() > span.size) throw damaged("a tensor overruns its record");
-    unbound.storage.set_data_ptr_noswap(std::move(data));
+    unbound.storage.set_data_ptr_noswap(take(unbound.key, unbound.storage.nbytes()));
   }
   return std::move(parsed.value);
 }
 
-c10::IValue CheckpointFile::read_all(const Inspect& inspect) const {
-  if (read_whole()) return read_all_once(inspect);
+c10::IValue CheckpointFile::read_all(const Inspect& inspect, const Shortcut& shortcut) const {
+  if (read_whole()) return read_all_once(inspect, shortcut);
   verify();  // a module archive of ours: its checksum first
   return read_records(unpickle(), inspect);
 }

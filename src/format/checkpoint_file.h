@@ -18,6 +18,7 @@
 
 #include <ATen/core/ivalue.h>
 
+#include "format/libtorch_pickle.h"
 #include "format/pickle_file.h"
 #include "format/zip.h"
 
@@ -61,7 +62,17 @@ class CheckpointFile {
   /// stretches, local headers included), checksummed as it arrives. Meanwhile
   /// read_libtorch_pickle parses the pickle and `inspect` runs; their errors count
   /// only once the checksum matched, and storages are bound only then.
-  c10::IValue read_all(const Inspect& inspect = {}) const;
+  c10::IValue read_all(const Inspect& inspect = {}) const { return read_all(inspect, {}); }
+  /// A quicker way than the parse to what a caller wants from some files read whole.
+  /// `recognise(pickle)` runs in place of the parse and `inspect` and says whether it takes
+  /// the file, changing nothing; if it does, `bind(take)` runs once the checksum matched,
+  /// and read_all returns None. Files it does not take, and module archives, are read as by
+  /// read_all(inspect).
+  struct Shortcut {
+    std::function<bool(std::string_view pickle)> recognise;
+    std::function<void(const TakeStorage& take)> bind;
+  };
+  c10::IValue read_all(const Inspect& inspect, const Shortcut& shortcut) const;
   /// What torchfit::load reads: read_all() of a file torchfit wrote. Other files are
   /// refused, saying what they are and what reads them.
   c10::IValue read_torchfit() const;
@@ -74,7 +85,7 @@ class CheckpointFile {
   /// Read in one pass, checksummed as it arrives: files torchfit wrote, but for module archives.
   bool read_whole() const { return checksummed_ && !is_module_archive(); }
   c10::IValue read_records(DeferredPickle pickle, const Inspect& inspect) const;
-  c10::IValue read_all_once(const Inspect& inspect) const;
+  c10::IValue read_all_once(const Inspect& inspect, const Shortcut& shortcut) const;
   FileReader reader_;
   Trailer trailer_;
   bool checksummed_ = false;

@@ -19,6 +19,15 @@
 namespace torchfit::detail {
 namespace {
 
+/// The text from `position` to the next newline (a GLOBAL's module or name), moving past it.
+std::optional<std::string_view> line_at(std::string_view data, size_t& position) {
+  auto end = data.find('\n', position);
+  if (end == std::string_view::npos) return std::nullopt;
+  auto text = data.substr(position, end - position);
+  position = end + 1;
+  return text;
+}
+
 /// How deep a value's containers nest, and whether it may still be filled (an
 /// EMPTY_LIST or EMPTY_DICT not yet shared through the memo or a call).
 struct Nesting {
@@ -302,13 +311,7 @@ class Reader {
     return true;
   }
 
-  std::optional<std::string_view> line() {
-    auto end = data_.find('\n', position_);
-    if (end == std::string_view::npos) return std::nullopt;
-    auto text = data_.substr(position_, end - position_);
-    position_ = end + 1;
-    return text;
-  }
+  std::optional<std::string_view> line() { return line_at(data_, position_); }
   bool global() {
     auto module = line();
     auto name = module ? line() : std::nullopt;
@@ -512,7 +515,185 @@ class Reader {
   std::vector<c10::IValue> arguments_;  // of the BINPERSID or REDUCE after a tuple
 };
 
+/// Walks a pickle of LibTorch's Pickler that is a flat dict of names to tensors, opcode by
+/// opcode in the order the Pickler writes them. Only what such a pickle needs is kept: the
+/// memo's strings and globals. Any other opcode, order or value ends the walk.
+class TensorDictIndexer {
+ public:
+  explicit TensorDictIndexer(std::string_view pickle) : data_(pickle) {}
+
+  std::optional<std::vector<IndexedTensor>> run() {
+    if (!next('\x80') || !next('\x02') || !next('}')) return std::nullopt;
+    std::vector<IndexedTensor> out;
+    out.reserve(data_.size() / 48);  // no tensor takes fewer bytes of pickle
+    if (next('(')) {  // an empty dict has no MARK and no SETITEMS
+      while (!next('u')) {
+        auto name = string();
+        if (!name || !tensor(out.emplace_back())) return std::nullopt;
+        out.back().name = *name;
+      }
+    }
+    // The dict is memoized once complete.
+    if (!put({}) || !next('.') || position_ != data_.size()) return std::nullopt;
+    return out;
+  }
+
+ private:
+  enum class Kind : uint8_t { Other, String, RebuildTensor, OrderedDict, Storage };
+  struct Memo {
+    Kind kind = Kind::Other;
+    std::string_view text;               // a String's
+    at::ScalarType dtype = at::kFloat;   // a Storage class's
+  };
+
+  bool next(char op) {
+    if (position_ >= data_.size() || data_[position_] != op) return false;
+    ++position_;
+    return true;
+  }
+  template <typename T>
+  bool read(T& value) {
+    if (data_.size() - position_ < sizeof(T)) return false;
+    std::memcpy(&value, data_.data() + position_, sizeof(T));
+    position_ += sizeof(T);
+    return true;
+  }
+  /// The BINPUT the Pickler may write after a value, keeping `memo` under the next id.
+  bool put(Memo memo) {
+    uint32_t id = 0;
+    if (next('q')) {
+      uint8_t small = 0;
+      if (!read(small)) return false;
+      id = small;
+    } else if (!next('r')) {
+      return true;
+    } else if (!read(id)) {
+      return false;
+    }
+    if (id != memo_.size()) return false;  // numbered from 0 up, one at a time
+    memo_.push_back(memo);
+    return true;
+  }
+  /// A BINGET's memo entry; nullptr when there is none.
+  const Memo* get() {
+    uint32_t id = 0;
+    if (next('h')) {
+      uint8_t small = 0;
+      if (!read(small)) return nullptr;
+      id = small;
+    } else if (!next('j') || !read(id)) {
+      return nullptr;
+    }
+    return id < memo_.size() ? &memo_[id] : nullptr;
+  }
+  std::optional<std::string_view> string() {
+    if (next('X')) {
+      uint32_t length = 0;
+      if (!read(length) || data_.size() - position_ < length) return std::nullopt;
+      const auto text = data_.substr(position_, length);
+      position_ += length;
+      if (!put({Kind::String, text})) return std::nullopt;
+      return text;
+    }
+    const Memo* memo = get();
+    if (memo == nullptr || memo->kind != Kind::String) return std::nullopt;
+    return memo->text;
+  }
+  std::optional<std::string_view> line() { return line_at(data_, position_); }
+  /// A GLOBAL, or a BINGET of one, that is of `kind`.
+  std::optional<Memo> global(Kind kind) {
+    if (next('c')) {
+      auto module = line();
+      auto name = module ? line() : std::nullopt;
+      if (!name) return std::nullopt;
+      Memo memo;
+      if (*module == "torch._utils" && *name == "_rebuild_tensor_v2") {
+        memo.kind = Kind::RebuildTensor;
+      } else if (*module == "collections" && *name == "OrderedDict") {
+        memo.kind = Kind::OrderedDict;
+      } else if (*module == "torch") {
+        try {
+          memo.dtype = storage_dtype("torch." + std::string(*name));
+          if (!c10::isQIntType(memo.dtype)) memo.kind = Kind::Storage;
+        } catch (const std::invalid_argument&) {
+        }
+      }
+      if (!put(memo) || memo.kind != kind) return std::nullopt;
+      return memo;
+    }
+    const Memo* memo = get();
+    if (memo == nullptr || memo->kind != kind) return std::nullopt;
+    return *memo;
+  }
+  bool integer(int64_t& value) {
+    if (next('K')) return read_as<uint8_t>(value);
+    if (next('M')) return read_as<uint16_t>(value);
+    if (next('J')) return read_as<int32_t>(value);
+    uint8_t length = 0;
+    return next('\x8a') && read(length) && length == 8 && read_as<int64_t>(value);
+  }
+  template <typename T>
+  bool read_as(int64_t& value) {
+    T raw{};
+    if (!read(raw)) return false;
+    value = static_cast<int64_t>(raw);
+    return true;
+  }
+  bool int_tuple(c10::SmallVector<int64_t, 6>& out) {
+    out.clear();
+    if (next(')')) return put({});
+    if (!next('(')) return false;
+    while (!next('t')) {
+      int64_t value = 0;
+      if (out.size() == kMaxTensorDims || !integer(value)) return false;
+      out.push_back(value);
+    }
+    return put({});
+  }
+
+  /// _rebuild_tensor_v2(storage, 0, sizes, contiguous strides, requires_grad, OrderedDict()),
+  /// its storage a new persistent id of as many elements as the tensor.
+  bool tensor(IndexedTensor& out) {
+    if (!global(Kind::RebuildTensor) || !next('(') || !next('(')) return false;
+    auto tag = string();
+    auto storage = tag && *tag == "storage" ? global(Kind::Storage) : std::nullopt;
+    auto key = storage ? string() : std::nullopt;
+    auto location = key ? string() : std::nullopt;
+    int64_t storage_numel = 0, offset = 0;
+    if (!location || !integer(storage_numel) || !next('t') || !next('Q') || !put({})) return false;
+    if (!integer(offset) || offset != 0 || !int_tuple(out.sizes) || !int_tuple(strides_)) return false;
+    if ((!next('\x88') && !next('\x89')) || !global(Kind::OrderedDict) || !next(')') || !next('R') || !put({})) {
+      return false;
+    }
+    if (!next('t') || !next('R') || !put({})) return false;
+    // Whole and contiguous: strides as the sizes make them (any for a dimension of size 1).
+    if (strides_.size() != out.sizes.size()) return false;
+    int64_t numel = 1;
+    for (size_t i = out.sizes.size(); i-- > 0;) {
+      if (out.sizes[i] < 0 || (out.sizes[i] != 1 && strides_[i] != numel)) return false;
+      if (__builtin_mul_overflow(numel, out.sizes[i], &numel)) return false;
+    }
+    int64_t nbytes = 0;
+    if (numel != storage_numel || __builtin_mul_overflow(numel, static_cast<int64_t>(c10::elementSize(storage->dtype)), &nbytes)) {
+      return false;
+    }
+    out.key = *key;
+    out.dtype = storage->dtype;
+    out.numel = numel;
+    return true;
+  }
+
+  std::string_view data_;
+  size_t position_ = 0;
+  std::vector<Memo> memo_;
+  c10::SmallVector<int64_t, 6> strides_;
+};
+
 }  // namespace
+
+std::optional<std::vector<IndexedTensor>> index_tensor_dict(std::string_view pickle) {
+  return TensorDictIndexer(pickle).run();
+}
 
 LibTorchPickle read_libtorch_pickle(std::string_view pickle) {
   try {

@@ -7,11 +7,14 @@
 // thousands of small ones. It also trusts what it reads: with a forged checksum,
 // a file could make it crash.
 
+#include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include <ATen/core/ivalue.h>
+#include <c10/util/SmallVector.h>
 
 namespace torchfit::detail {
 
@@ -32,5 +35,25 @@ struct LibTorchPickle {
 /// containers nested deeper than kMaxPickleDepth, or a list or dict changed after
 /// it was shared (which is how a pickle puts a value inside itself).
 LibTorchPickle read_libtorch_pickle(std::string_view pickle);
+
+/// The bytes for a storage of `nbytes` bytes from record "data/<key>" of a file read and
+/// checked. Throws CheckpointError when there is no such record or it is shorter.
+using TakeStorage = std::function<at::DataPtr(std::string_view key, size_t nbytes)>;
+
+/// One tensor of a weights file as index_tensor_dict finds it, with views into the pickle.
+struct IndexedTensor {
+  std::string_view name;
+  std::string_view key;  ///< of its storage record, "data/<key>"
+  at::ScalarType dtype;
+  int64_t numel;  ///< the tensor's, which is its storage's (its bytes fit an int64_t)
+  c10::SmallVector<int64_t, 6> sizes;
+};
+
+/// The tensors of a pickle LibTorch's Pickler wrote for a flat dict from names to whole,
+/// contiguous, unquantized tensors on storages of their own (a weights file), found without
+/// making one of them: a load into a model that has them binds their bytes straight in.
+/// nullopt for any other pickle, valid or not: read_libtorch_pickle reads those, and says
+/// what is wrong with one that is broken.
+std::optional<std::vector<IndexedTensor>> index_tensor_dict(std::string_view pickle);
 
 }  // namespace torchfit::detail

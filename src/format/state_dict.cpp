@@ -22,22 +22,23 @@ struct ParameterAccess : torch::nn::Module {
   using torch::nn::Module::parameters_;
 };
 
-/// Adds the tensors of `module` and its descendants under `prefix` (restored on return).
-void add_module_tensors(const torch::nn::Module& module, std::string& prefix, TensorMap& out) {
+/// Calls `visit(name, tensor)` for the defined parameters, then buffers, of `module` and its
+/// descendants, with `prefix` before each name (restored on return).
+template <typename Visit>
+void visit_module_tensors(const torch::nn::Module& module, std::string& prefix, Visit&& visit) {
   const size_t length = prefix.size();
-  auto add = [&](const std::string& name, const at::Tensor& tensor) {
+  auto named = [&](const std::string& name, const at::Tensor& tensor) {
     if (!tensor.defined()) return;  // as named_parameters skips them
     prefix += name;
-    // Hinted at the end: names often come sorted, and each insertion is then O(1).
-    out.insert_or_assign(out.end(), prefix, tensor);  // a buffer overrides a parameter of the same name
+    visit(static_cast<const std::string&>(prefix), tensor);
     prefix.resize(length);
   };
-  for (const auto& item : module.*(&ParameterAccess::parameters_)) add(item.key(), item.value());
-  for (const auto& item : module.named_buffers(/*recurse=*/false)) add(item.key(), item.value());
+  for (const auto& item : module.*(&ParameterAccess::parameters_)) named(item.key(), item.value());
+  for (const auto& item : module.named_buffers(/*recurse=*/false)) named(item.key(), item.value());
   for (const auto& child : module.named_children()) {
     prefix += child.key();
     prefix += '.';
-    add_module_tensors(*child.value(), prefix, out);
+    visit_module_tensors(*child.value(), prefix, visit);
     prefix.resize(length);
   }
 }
@@ -46,7 +47,10 @@ void add_module_tensors(const torch::nn::Module& module, std::string& prefix, Te
 TensorMap module_tensors(const torch::nn::Module& module) {
   TensorMap out;
   std::string prefix;
-  add_module_tensors(module, prefix, out);
+  visit_module_tensors(module, prefix, [&](const std::string& name, const at::Tensor& tensor) {
+    // Hinted at the end: names often come sorted, and each insertion is then O(1).
+    out.insert_or_assign(out.end(), name, tensor);  // a buffer overrides a parameter of the same name
+  });
   return out;
 }
 
@@ -214,6 +218,25 @@ void copy_weights(TensorMap& targets, const TensorMap& weights) {
   for_each_pair(targets, weights, [](at::Tensor& target, const at::Tensor& source) { target.copy_(source); });
 }
 
+namespace {
+
+/// Whether `target` can take a file's memory in place of its own rather than be copied into:
+/// a CPU tensor that owns its storage whole.
+bool takes_memory(const at::Tensor& target) {
+  return target.device().is_cpu() && target.layout() == at::kStrided && target.is_contiguous() &&
+         target.storage().nbytes() == target.nbytes() && target.storage().use_count() == 1;
+}
+
+/// `target`'s storage takes `memory` (of the same size, checked); its old memory is returned,
+/// to serve the next load once freed. Only the memory changes hands, at a tenth of set_data's
+/// cost (no dispatch).
+at::DataPtr take_memory(at::Tensor& target, at::DataPtr memory) {
+  const size_t nbytes = target.storage().nbytes();
+  return recycled_for_loads(target.storage().set_data_ptr(std::move(memory)), nbytes);
+}
+
+}  // namespace
+
 void install_weights(TensorMap& targets, const TensorMap& weights) {
   at::NoGradGuard no_grad;
   // Swapping memory costs no copy; it is only safe when neither side shares its storage, and
@@ -221,17 +244,13 @@ void install_weights(TensorMap& targets, const TensorMap& weights) {
   std::map<const void*, int> names_per_storage;
   for (const auto& [name, source] : weights) ++names_per_storage[source.storage().unsafeGetStorageImpl()];
   for_each_pair(targets, weights, [&](at::Tensor& target, const at::Tensor& source) {
-    bool swap = target.device() == source.device() && target.is_contiguous() && source.is_contiguous() &&
+    bool swap = takes_memory(target) && source.device() == target.device() && source.is_contiguous() &&
                 source.storage_offset() == 0 && source.storage().nbytes() == source.nbytes() &&
-                target.storage().nbytes() == target.nbytes() && target.storage().use_count() == 1 &&
                 source.storage().use_count() == 1 && names_per_storage[source.storage().unsafeGetStorageImpl()] == 1;
     if (swap && !target.is_quantized()) {
-      // Same sizes, strides, dtype and device (checked): only the memory changes hands, at a
-      // tenth of set_data's cost (no dispatch). The target takes the file's memory; the source
-      // takes the target's old memory, which serves the next load once the source is freed.
-      const size_t nbytes = target.storage().nbytes();
-      at::DataPtr old_memory = target.storage().set_data_ptr(source.storage().set_data_ptr(at::DataPtr()));
-      source.storage().set_data_ptr_noswap(recycled_for_loads(std::move(old_memory), nbytes));
+      // Same sizes, strides, dtype and device (checked). The source takes the target's old
+      // memory, which serves the next load once the source is freed.
+      source.storage().set_data_ptr_noswap(take_memory(target, source.storage().set_data_ptr(at::DataPtr())));
     } else if (swap) {  // a quantized tensor takes the file's scales too, through set_data
       target.set_data(source);
     } else {
@@ -239,6 +258,58 @@ void install_weights(TensorMap& targets, const TensorMap& weights) {
     }
     target.unsafeGetTensorImpl()->bump_version();
   });
+}
+
+std::optional<DirectLoad> DirectLoad::plan(const torch::nn::Module& module, std::string_view pickle) {
+  auto index = index_tensor_dict(pickle);
+  if (!index) return std::nullopt;
+  auto by_name = [](const IndexedTensor& a, const IndexedTensor& b) { return a.name < b.name; };
+  if (!std::is_sorted(index->begin(), index->end(), by_name)) std::sort(index->begin(), index->end(), by_name);
+  // Each of the module's tensors found by name, without a map of them: a name found twice (a
+  // repeated name in the file, a buffer named as a parameter) or left over declines.
+  DirectLoad out;
+  out.bindings_.resize(index->size());
+  bool fits = true;
+  size_t found = 0;
+  std::string prefix;
+  visit_module_tensors(module, prefix, [&](const std::string& name, const at::Tensor& target) {
+    auto it = std::lower_bound(index->begin(), index->end(), name,
+                               [](const IndexedTensor& entry, const std::string& name) { return entry.name < name; });
+    if (!fits || it == index->end() || it->name != name) {
+      fits = false;
+      return;
+    }
+    auto& binding = out.bindings_[static_cast<size_t>(it - index->begin())];
+    const bool repeated = (it + 1 != index->end() && (it + 1)->name == name) || binding.target.defined();
+    // select_weights takes an entry of this name for a torchfit checkpoint's description.
+    if (repeated || name == kMetadataKey || it->dtype != target.scalar_type() ||
+        target.sizes() != c10::IntArrayRef(it->sizes) || target.layout() != at::kStrided) {
+      fits = false;
+      return;
+    }
+    binding = {target, it->key, static_cast<size_t>(it->numel) * target.element_size()};
+    ++found;
+  });
+  if (!fits || found != index->size()) return std::nullopt;
+  return out;
+}
+
+void DirectLoad::bind(const TakeStorage& take) {
+  std::vector<at::DataPtr> memory;  // every record first: a missing one changes nothing
+  memory.reserve(bindings_.size());
+  for (const auto& binding : bindings_) {
+    memory.push_back(binding.nbytes > 0 ? take(binding.key, binding.nbytes) : at::DataPtr());
+  }
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < bindings_.size(); ++i) {
+    auto& target = bindings_[i].target;
+    if (memory[i] && takes_memory(target)) {
+      take_memory(target, std::move(memory[i]));  // the old memory is freed here, or kept for the next load
+    } else if (memory[i]) {
+      target.copy_(at::from_blob(memory[i].get(), target.sizes(), at::TensorOptions(target.scalar_type())));
+    }
+    target.unsafeGetTensorImpl()->bump_version();
+  }
 }
 
 void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit) {

@@ -2,9 +2,14 @@
 // Module state dicts: names to tensors, checked against a module before anything is copied.
 
 #include <functional>
+#include <optional>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include <ATen/core/ivalue.h>
+
+#include "format/libtorch_pickle.h"
 
 #include "torchfit/state_dict.h"
 
@@ -31,6 +36,28 @@ void copy_weights(TensorMap& targets, const TensorMap& weights);
 /// tensor's storage where neither shares its storage, and is copied into
 /// otherwise. Cannot fail half-way.
 void install_weights(TensorMap& targets, const TensorMap& weights);
+
+/// A load that binds a weights file's storages straight to a module's tensors, making no
+/// tensor of the file (for thousands of small tensors that costs more than reading them):
+/// planned from the pickle alone, bound once the file's checksum matched, while the pickle
+/// lives (CheckpointFile::Shortcut).
+class DirectLoad {
+ public:
+  /// The plan when `pickle` is a flat state dict (index_tensor_dict) whose names, shapes and
+  /// dtypes are exactly the module's; nullopt otherwise, and check_weights says what differs.
+  static std::optional<DirectLoad> plan(const torch::nn::Module& module, std::string_view pickle);
+  /// Takes every storage's bytes, throwing CheckpointError before a tensor changes when one
+  /// is missing or short, then installs them as install_weights does.
+  void bind(const TakeStorage& take);
+
+ private:
+  struct Binding {
+    at::Tensor target;
+    std::string_view key;
+    size_t nbytes;
+  };
+  std::vector<Binding> bindings_;
+};
 
 /// Calls `visit` with every tensor inside `value` (dicts, lists, tuples), depth first.
 void for_each_tensor(const c10::IValue& value, const std::function<void(const at::Tensor&)>& visit);

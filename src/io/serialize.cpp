@@ -1,6 +1,7 @@
 #include "torchfit/serialize.h"
 
 #include <map>
+#include <optional>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -100,12 +101,24 @@ void load_weights(torch::nn::Module& module, const std::string& path, const std:
       path,
       [&](const detail::CheckpointFile& file) {
         if (file.checksummed()) {  // one pass over the file, matched against the model while it is read
+          // A plain weights file that fits the model has its bytes bound straight to the model's tensors.
+          std::optional<detail::DirectLoad> direct;
+          detail::CheckpointFile::Shortcut shortcut;
+          if (key.empty()) {
+            shortcut.recognise = [&](std::string_view pickle) {
+              direct = detail::DirectLoad::plan(module, pickle);
+              return direct.has_value();
+            };
+            shortcut.bind = [&](const detail::TakeStorage& take) { direct->bind(take); };
+          }
           TensorMap weights, targets;
-          file.read_all([&](const c10::IValue& value) {
+          auto inspect = [&](const c10::IValue& value) {
             weights = detail::select_weights(value, path, key);
             targets = detail::check_weights(module, weights, where);
-          });
-          return detail::install_weights(targets, weights);
+          };
+          file.read_all(inspect, shortcut);
+          if (!direct) detail::install_weights(targets, weights);
+          return;
         }
         // Another tool's file: matched against the model before a byte of a tensor is read.
         auto pending = pending_weights(file, key);
