@@ -215,7 +215,8 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect, const Shortcut
   std::vector<Record*> order;
   order.reserve(records.size());
   for (auto& record : records) order.push_back(&record);
-  std::sort(order.begin(), order.end(), [](const Record* a, const Record* b) { return a->span.local < b->span.local; });
+  auto in_file_order = [](const Record* a, const Record* b) { return a->span.local < b->span.local; };
+  if (!std::is_sorted(order.begin(), order.end(), in_file_order)) std::sort(order.begin(), order.end(), in_file_order);
   for (size_t i = 0; i < order.size(); ++i) {
     auto& record = *order[i];
     record.bound = i + 1 < order.size() ? order[i + 1]->span.local : directory_offset_;
@@ -319,7 +320,7 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect, const Shortcut
     if (found == nullptr) {
       name.assign("data/").append(key);
       auto it = std::lower_bound(records.begin(), records.end(), name,
-                                 [](const Record& record, const std::string& name) { return *record.name < name; });
+                                 [](const Record& record, const std::string& name) { return RecordNameLess()(*record.name, name); });
       if (it == records.end() || *it->name != name) throw damaged(fmt::format("no record for storage {}", key));
       found = &*it;
     }

@@ -41,7 +41,7 @@ class CheckpointFile {
   void verify() const;
   /// The records by name. A checksummed file's offsets are resolved only while
   /// read_all reads it: use their names and sizes.
-  const std::map<std::string, RecordSpan>& records() const { return records_; }
+  const RecordMap& records() const { return records_; }
   /// A LibTorch module archive: torch::save(module), torchfit 0.1 full checkpoints, TorchScript.
   bool is_module_archive() const { return records_.count("constants.pkl") > 0; }
 
@@ -90,7 +90,7 @@ class CheckpointFile {
   Trailer trailer_;
   bool checksummed_ = false;
   mutable bool verified_ = false;
-  std::map<std::string, RecordSpan> records_;
+  RecordMap records_;
   uint64_t directory_offset_ = 0;
   std::map<uint64_t, std::string> names_;  // record name by data offset, for messages
 };

@@ -273,6 +273,7 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
     RecordSpan span;        // offset still unknown: it depends on the local header
   };
   std::vector<Entry> entries;
+  entries.reserve(count);
   uint64_t at = 0;
   for (uint64_t i = 0; i < count; ++i) {
     if (directory_size - at < kCentralHeaderSize || get32(bytes + at) != kCentralHeaderSig) {
@@ -347,9 +348,12 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
   }
   for (auto& entry : entries) {
     auto slash = entry.name.find('/');
-    auto name = std::string(slash == std::string_view::npos ? entry.name : entry.name.substr(slash + 1));
+    auto name = slash == std::string_view::npos ? entry.name : entry.name.substr(slash + 1);
+    // Hinted at the end: records usually come in RecordMap's order, and each insertion is then O(1).
+    const size_t before = out.records.size();
+    out.records.emplace_hint(out.records.end(), name, entry.span);
     // Readers disagree on which copy of a repeated name counts (Python's the first): refused.
-    if (!out.records.emplace(name, entry.span).second) throw damaged(fmt::format("record {} appears twice", name));
+    if (out.records.size() == before) throw damaged(fmt::format("record {} appears twice", name));
   }
   return out;
 }
