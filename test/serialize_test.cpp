@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -110,6 +111,42 @@ TEST(ThreadsTest, RunPairStartsItsHelperOnAnotherCpuThanTheCallers) {
   stop = true;
   for (auto& other : others) other.join();
   EXPECT_EQ(shared, 0) << "of " << counted << " rounds: a load's helper must not queue behind its busy caller";
+}
+
+TEST(ThreadsTest, RunPairServesConcurrentNestedFailingAndForkedCallers) {
+  // The kept helper serves one call at a time: the others, and calls inside a call, start their own.
+  auto sum_pair = [](int depth, auto& self) -> int {
+    std::atomic<int> sum{0};
+    detail::run_pair([&] { sum += depth > 0 ? self(depth - 1, self) : 1; },
+                     [&] { sum += depth > 0 ? self(depth - 1, self) : 1; });
+    return sum;
+  };
+  std::vector<std::thread> callers;
+  std::atomic<int> wrong{0};
+  for (int t = 0; t < 4; ++t) {
+    callers.emplace_back([&] {
+      for (int round = 0; round < 50; ++round) wrong += sum_pair(2, sum_pair) != 8;
+    });
+  }
+  for (auto& caller : callers) caller.join();
+  EXPECT_EQ(wrong, 0);
+  // Each side's error reaches the caller, the caller's first, and the helper serves on after them.
+  EXPECT_THROW_MSG(detail::run_pair([] {}, [] { throw std::runtime_error("helper failed"); }), std::runtime_error,
+                   "helper failed");
+  EXPECT_THROW_MSG(detail::run_pair([] { throw std::runtime_error("caller failed"); },
+                                    [] { throw std::runtime_error("helper failed"); }),
+                   std::runtime_error, "caller failed");
+  EXPECT_EQ(sum_pair(0, sum_pair), 2);
+  // A forked child has no helper thread of its parent's: it must not wait for one.
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    alarm(20);  // a hang fails the test instead of stalling it
+    _exit(sum_pair(1, sum_pair) == 4 ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
 }
 
 TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {

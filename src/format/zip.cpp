@@ -103,6 +103,7 @@ Integrity check_integrity(const FileReader& file) {
 namespace {
 constexpr uint64_t kReadChunk = 1 << 20;
 constexpr uint64_t kDirectRead = 64 << 10;  // smaller jobs are copied out of shared reads
+constexpr uint64_t kStretch = 256 << 10;
 constexpr uint64_t kHelpedRead = 2 << 20;  // smaller files cost less than a thread (1 MiB: 0.27 ms alone, 0.39 helped)
 
 }  // namespace
@@ -160,8 +161,9 @@ uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t s
   }
   // Stretches taken in turn: the calling thread joins as soon as `alongside` is done (a pickle of
   // a few tensors at once, one of thousands after the helper read most of the file). At most 64
-  // CRCs to combine.
-  const uint64_t stretch = std::max<uint64_t>(kReadChunk, (size + 63) / 64);
+  // CRCs to combine; stretches of 256 KiB and more, so that the two threads end within about
+  // 0.05 ms of each other (with 1 MiB ones, one waited 0.1-0.2 ms for the other at 8 MiB).
+  const uint64_t stretch = std::max<uint64_t>(kStretch, (size + 63) / 64);
   const size_t count = static_cast<size_t>((size + stretch - 1) / stretch);
   std::vector<uint32_t> crcs(count);
   std::atomic<size_t> next{0};
