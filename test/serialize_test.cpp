@@ -1111,17 +1111,17 @@ TEST(LibTorchPickleTest, IndexesAFlatStateDictAsTheReaderReadsIt) {
   std::map<const void*, std::string> key_of;
   for (const auto& unbound : read.storages) key_of[unbound.storage.unsafeGetStorageImpl()] = unbound.key;
   const auto dict = read.value.toGenericDict();
-  ASSERT_EQ(index->size(), dict.size());
+  ASSERT_EQ(index->tensors.size(), dict.size());
   size_t i = 0;
   for (const auto& entry : dict) {  // in the pickle's order
     const auto& tensor = entry.value().toTensor();
-    const auto& indexed = (*index)[i++];
+    const auto& indexed = index->tensors[i++];
     SCOPED_TRACE(entry.key().toStringRef());
     EXPECT_EQ(indexed.name, entry.key().toStringRef());
     EXPECT_EQ(indexed.key, key_of.at(tensor.storage().unsafeGetStorageImpl()));
     EXPECT_EQ(indexed.dtype, tensor.scalar_type());
     EXPECT_EQ(indexed.numel, tensor.numel());
-    EXPECT_EQ(c10::IntArrayRef(indexed.sizes), tensor.sizes());
+    EXPECT_EQ(index->sizes_of(indexed), tensor.sizes());
   }
 }
 

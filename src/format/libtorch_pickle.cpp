@@ -1,6 +1,7 @@
 #include "format/libtorch_pickle.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <optional>
 #include <stdexcept>
@@ -522,15 +523,15 @@ class TensorDictIndexer {
  public:
   explicit TensorDictIndexer(std::string_view pickle) : data_(pickle) {}
 
-  std::optional<std::vector<IndexedTensor>> run() {
-    if (!next('\x80') || !next('\x02') || !next('}')) return std::nullopt;
-    std::vector<IndexedTensor> out;
-    out.reserve(data_.size() / 48);  // no tensor takes fewer bytes of pickle
+  std::optional<TensorDictIndex> run() {
+    if (data_.size() > UINT32_MAX || !next('\x80') || !next('\x02') || !next('}')) return std::nullopt;
+    memo_.reserve(data_.size() / 16);  // a BINPUT follows a value of at least 14 bytes, on average
+    TensorDictIndex out;
     if (next('(')) {  // an empty dict has no MARK and no SETITEMS
       while (!next('u')) {
         auto name = string();
-        if (!name || !tensor(out.emplace_back())) return std::nullopt;
-        out.back().name = *name;
+        if (!name || !tensor(out)) return std::nullopt;
+        out.tensors.back().name = *name;
       }
     }
     // The dict is memoized once complete.
@@ -540,10 +541,10 @@ class TensorDictIndexer {
 
  private:
   enum class Kind : uint8_t { Other, String, RebuildTensor, OrderedDict, Storage };
-  struct Memo {
+  struct Memo {  // 12 bytes: a weights file memoizes three values per tensor
     Kind kind = Kind::Other;
-    std::string_view text;               // a String's
-    at::ScalarType dtype = at::kFloat;   // a Storage class's
+    at::ScalarType dtype = at::kFloat;  // a Storage class's
+    uint32_t offset = 0, length = 0;    // a String's text in the pickle
   };
 
   bool next(char op) {
@@ -592,12 +593,12 @@ class TensorDictIndexer {
       if (!read(length) || data_.size() - position_ < length) return std::nullopt;
       const auto text = data_.substr(position_, length);
       position_ += length;
-      if (!put({Kind::String, text})) return std::nullopt;
+      if (!put({Kind::String, at::kFloat, static_cast<uint32_t>(position_ - length), length})) return std::nullopt;
       return text;
     }
     const Memo* memo = get();
     if (memo == nullptr || memo->kind != Kind::String) return std::nullopt;
-    return memo->text;
+    return data_.substr(memo->offset, memo->length);
   }
   std::optional<std::string_view> line() { return line_at(data_, position_); }
   /// A GLOBAL, or a BINGET of one, that is of `kind`.
@@ -639,13 +640,13 @@ class TensorDictIndexer {
     value = static_cast<int64_t>(raw);
     return true;
   }
-  bool int_tuple(c10::SmallVector<int64_t, 6>& out) {
-    out.clear();
+  /// A tuple of ints, appended to `out`.
+  bool int_tuple(std::vector<int64_t>& out) {
     if (next(')')) return put({});
     if (!next('(')) return false;
-    while (!next('t')) {
+    for (size_t count = 0; !next('t'); ++count) {
       int64_t value = 0;
-      if (out.size() == kMaxTensorDims || !integer(value)) return false;
+      if (count == kMaxTensorDims || !integer(value)) return false;
       out.push_back(value);
     }
     return put({});
@@ -653,7 +654,7 @@ class TensorDictIndexer {
 
   /// _rebuild_tensor_v2(storage, 0, sizes, contiguous strides, requires_grad, OrderedDict()),
   /// its storage a new persistent id of as many elements as the tensor.
-  bool tensor(IndexedTensor& out) {
+  bool tensor(TensorDictIndex& index) {
     if (!global(Kind::RebuildTensor) || !next('(') || !next('(')) return false;
     auto tag = string();
     auto storage = tag && *tag == "storage" ? global(Kind::Storage) : std::nullopt;
@@ -661,17 +662,22 @@ class TensorDictIndexer {
     auto location = key ? string() : std::nullopt;
     int64_t storage_numel = 0, offset = 0;
     if (!location || !integer(storage_numel) || !next('t') || !next('Q') || !put({})) return false;
-    if (!integer(offset) || offset != 0 || !int_tuple(out.sizes) || !int_tuple(strides_)) return false;
+    auto& out = index.tensors.emplace_back();
+    out.first_size = index.sizes.size();
+    strides_.clear();
+    if (!integer(offset) || offset != 0 || !int_tuple(index.sizes) || !int_tuple(strides_)) return false;
+    out.dims = static_cast<uint8_t>(index.sizes.size() - out.first_size);
+    const auto sizes = index.sizes_of(out);
     if ((!next('\x88') && !next('\x89')) || !global(Kind::OrderedDict) || !next(')') || !next('R') || !put({})) {
       return false;
     }
     if (!next('t') || !next('R') || !put({})) return false;
     // Whole and contiguous: strides as the sizes make them (any for a dimension of size 1).
-    if (strides_.size() != out.sizes.size()) return false;
+    if (strides_.size() != sizes.size()) return false;
     int64_t numel = 1;
-    for (size_t i = out.sizes.size(); i-- > 0;) {
-      if (out.sizes[i] < 0 || (out.sizes[i] != 1 && strides_[i] != numel)) return false;
-      if (__builtin_mul_overflow(numel, out.sizes[i], &numel)) return false;
+    for (size_t i = sizes.size(); i-- > 0;) {
+      if (sizes[i] < 0 || (sizes[i] != 1 && strides_[i] != numel)) return false;
+      if (__builtin_mul_overflow(numel, sizes[i], &numel)) return false;
     }
     int64_t nbytes = 0;
     if (numel != storage_numel || __builtin_mul_overflow(numel, static_cast<int64_t>(c10::elementSize(storage->dtype)), &nbytes)) {
@@ -686,12 +692,12 @@ class TensorDictIndexer {
   std::string_view data_;
   size_t position_ = 0;
   std::vector<Memo> memo_;
-  c10::SmallVector<int64_t, 6> strides_;
+  std::vector<int64_t> strides_;
 };
 
 }  // namespace
 
-std::optional<std::vector<IndexedTensor>> index_tensor_dict(std::string_view pickle) {
+std::optional<TensorDictIndex> index_tensor_dict(std::string_view pickle) {
   return TensorDictIndexer(pickle).run();
 }
 

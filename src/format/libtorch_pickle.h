@@ -14,7 +14,6 @@
 #include <vector>
 
 #include <ATen/core/ivalue.h>
-#include <c10/util/SmallVector.h>
 
 namespace torchfit::detail {
 
@@ -44,9 +43,19 @@ using TakeStorage = std::function<at::DataPtr(std::string_view key, size_t nbyte
 struct IndexedTensor {
   std::string_view name;
   std::string_view key;  ///< of its storage record, "data/<key>"
+  int64_t numel;         ///< the tensor's, which is its storage's (its bytes fit an int64_t)
+  size_t first_size;     ///< where its sizes start in TensorDictIndex::sizes
+  uint8_t dims;
   at::ScalarType dtype;
-  int64_t numel;  ///< the tensor's, which is its storage's (its bytes fit an int64_t)
-  c10::SmallVector<int64_t, 6> sizes;
+};
+
+/// The tensors of a weights file, and their sizes one after another.
+struct TensorDictIndex {
+  std::vector<IndexedTensor> tensors;
+  std::vector<int64_t> sizes;
+  c10::IntArrayRef sizes_of(const IndexedTensor& tensor) const {
+    return {sizes.data() + tensor.first_size, tensor.dims};
+  }
 };
 
 /// The tensors of a pickle LibTorch's Pickler wrote for a flat dict from names to whole,
@@ -54,6 +63,6 @@ struct IndexedTensor {
 /// making one of them: a load into a model that has them binds their bytes straight in.
 /// nullopt for any other pickle, valid or not: read_libtorch_pickle reads those, and says
 /// what is wrong with one that is broken.
-std::optional<std::vector<IndexedTensor>> index_tensor_dict(std::string_view pickle);
+std::optional<TensorDictIndex> index_tensor_dict(std::string_view pickle);
 
 }  // namespace torchfit::detail

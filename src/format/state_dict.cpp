@@ -263,34 +263,35 @@ void install_weights(TensorMap& targets, const TensorMap& weights) {
 std::optional<DirectLoad> DirectLoad::plan(const torch::nn::Module& module, std::string_view pickle) {
   auto index = index_tensor_dict(pickle);
   if (!index) return std::nullopt;
+  auto& entries = index->tensors;
   auto by_name = [](const IndexedTensor& a, const IndexedTensor& b) { return a.name < b.name; };
-  if (!std::is_sorted(index->begin(), index->end(), by_name)) std::sort(index->begin(), index->end(), by_name);
+  if (!std::is_sorted(entries.begin(), entries.end(), by_name)) std::sort(entries.begin(), entries.end(), by_name);
   // Each of the module's tensors found by name, without a map of them: a name found twice (a
   // repeated name in the file, a buffer named as a parameter) or left over declines.
   DirectLoad out;
-  out.bindings_.resize(index->size());
+  out.bindings_.resize(entries.size());
   bool fits = true;
   size_t found = 0;
   std::string prefix;
   visit_module_tensors(module, prefix, [&](const std::string& name, const at::Tensor& target) {
-    auto it = std::lower_bound(index->begin(), index->end(), name,
+    auto it = std::lower_bound(entries.begin(), entries.end(), name,
                                [](const IndexedTensor& entry, const std::string& name) { return entry.name < name; });
-    if (!fits || it == index->end() || it->name != name) {
+    if (!fits || it == entries.end() || it->name != name) {
       fits = false;
       return;
     }
-    auto& binding = out.bindings_[static_cast<size_t>(it - index->begin())];
-    const bool repeated = (it + 1 != index->end() && (it + 1)->name == name) || binding.target.defined();
+    auto& binding = out.bindings_[static_cast<size_t>(it - entries.begin())];
+    const bool repeated = (it + 1 != entries.end() && (it + 1)->name == name) || binding.target.defined();
     // select_weights takes an entry of this name for a torchfit checkpoint's description.
     if (repeated || name == kMetadataKey || it->dtype != target.scalar_type() ||
-        target.sizes() != c10::IntArrayRef(it->sizes) || target.layout() != at::kStrided) {
+        target.sizes() != index->sizes_of(*it) || target.layout() != at::kStrided) {
       fits = false;
       return;
     }
     binding = {target, it->key, static_cast<size_t>(it->numel) * target.element_size()};
     ++found;
   });
-  if (!fits || found != index->size()) return std::nullopt;
+  if (!fits || found != entries.size()) return std::nullopt;
   return out;
 }
 
