@@ -1254,13 +1254,13 @@ TEST(DirectLoadTest, BindsEveryTensorOrNoneAndCopiesIntoStoragesItDoesNotOwn) {
   auto plan = torchfit::detail::DirectLoad::plan(model, pickled.bytes);
   ASSERT_TRUE(plan.has_value());
   size_t taken = 0;
-  EXPECT_THROW(plan->bind([&](std::string_view key, size_t nbytes) {
+  EXPECT_THROW_MSG(plan->bind([&](std::string_view key, size_t nbytes) {
     if (++taken == 100) throw CheckpointError("no record for storage " + std::string(key));
     auto data = pickled.copy(std::string(key));
     EXPECT_LE(nbytes, torch::jit::getWriteableTensorData(pickled.storages.at(std::stoul(std::string(key)))).sizeInBytes());
     return data;
   }),
-               CheckpointError);
+                   CheckpointError, "no record for storage");
   for (const auto& [name, tensor] : own) {
     EXPECT_TRUE(tensor.equal(torch::zeros_like(tensor))) << name << " changed";
   }

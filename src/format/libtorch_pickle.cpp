@@ -29,6 +29,16 @@ std::optional<std::string_view> line_at(std::string_view data, size_t& position)
   return text;
 }
 
+/// The `T` at `position` (pickle integers are little-endian, as is x86/ARM), moving past it;
+/// false when the data ends first.
+template <typename T>
+bool read_at(std::string_view data, size_t& position, T& value) {
+  if (data.size() - position < sizeof(T)) return false;
+  std::memcpy(&value, data.data() + position, sizeof(T));
+  position += sizeof(T);
+  return true;
+}
+
 /// How deep a value's containers nest, and whether it may still be filled (an
 /// EMPTY_LIST or EMPTY_DICT not yet shared through the memo or a call).
 struct Nesting {
@@ -168,12 +178,7 @@ class Reader {
 
   bool byte() { return position_ < data_.size() && (++position_, true); }
   template <typename T>
-  bool read(T& value) {
-    if (data_.size() - position_ < sizeof(T)) return false;
-    std::memcpy(&value, data_.data() + position_, sizeof(T));  // pickle integers are little-endian, as is x86/ARM
-    position_ += sizeof(T);
-    return true;
-  }
+  bool read(T& value) { return read_at(data_, position_, value); }
   template <typename T>
   bool push_int() {
     T value{};
@@ -553,12 +558,7 @@ class TensorDictIndexer {
     return true;
   }
   template <typename T>
-  bool read(T& value) {
-    if (data_.size() - position_ < sizeof(T)) return false;
-    std::memcpy(&value, data_.data() + position_, sizeof(T));
-    position_ += sizeof(T);
-    return true;
-  }
+  bool read(T& value) { return read_at(data_, position_, value); }
   /// The BINPUT the Pickler may write after a value, keeping `memo` under the next id.
   bool put(Memo memo) {
     uint32_t id = 0;
