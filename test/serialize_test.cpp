@@ -1328,6 +1328,46 @@ void share_local_header(std::string& bytes, const std::string& moved, const std:
   reseal(bytes);
 }
 
+TEST_F(SerializeTest, StorageRecordsAreFoundByAnyKeyAndAMissingOneIsNamed) {
+  // Storage keys are numbers in the files torchfit writes, and found by number; any other key is
+  // found by name.
+  struct Two : torch::nn::Module {
+    at::Tensor a = register_parameter("a", torch::arange(4.0));
+    at::Tensor b = register_parameter("b", torch::arange(4.0) + 10);
+  };
+  Two saved;
+  save_weights(saved, path("w.pt"));
+  auto replace_all = [](std::string& bytes, const std::string& from, const std::string& to) {
+    size_t count = 0;
+    for (size_t at = bytes.find(from); at != std::string::npos; at = bytes.find(from, at + to.size()), ++count) {
+      bytes.replace(at, from.size(), to);
+    }
+    return count;
+  };
+  auto renamed = read_file(path("w.pt"));
+  ASSERT_EQ(replace_all(renamed, "archive/data/0", "archive/data/x"), 2u);  // local header and directory
+  reseal(renamed);
+  write_file(path("missing.pt"), renamed);
+  Two model;
+  {
+    torch::NoGradGuard no_grad;
+    model.a.zero_();
+    model.b.zero_();
+  }
+  EXPECT_THROW_MSG(load_weights(model, path("missing.pt")), CheckpointError, "no record for storage 0",
+                   path("missing.pt"));
+  EXPECT_TRUE(model.a.equal(torch::zeros({4})));
+  EXPECT_TRUE(model.b.equal(torch::zeros({4})));
+
+  auto lettered = renamed;
+  ASSERT_EQ(replace_all(lettered, std::string("X\x01\x00\x00\x00" "0", 6), std::string("X\x01\x00\x00\x00" "x", 6)), 1u);
+  reseal(lettered);
+  write_file(path("lettered.pt"), lettered);
+  load_weights(model, path("lettered.pt"));
+  EXPECT_TRUE(model.a.equal(saved.a));
+  EXPECT_TRUE(model.b.equal(saved.b));
+}
+
 TEST_F(SerializeTest, RecordsSharingALocalHeaderUnderAValidChecksumAreRefused) {
   // 4 KiB tensors are read in one stretch with their headers, 256 KiB ones one by one.
   for (int64_t numel : {1024, 65536}) {
