@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -91,8 +92,10 @@ TEST(ThreadsTest, RunPairStartsItsHelperOnAnotherCpuThanTheCallers) {
     });
   }
   int counted = 0, shared = 0;
-  for (int round = 0; round < 20; ++round) {
+  for (int round = 0; round < 40; ++round) {
     std::atomic<bool> started{false};
+    // Half the rounds wake the helper ahead of the call, as a load does while it opens the file.
+    if (round % 2 == 1) detail::expect_run_pair();
     int caller_before = sched_getcpu(), caller_after = -1, helper = -1;
     detail::run_pair(
         [&] {
@@ -125,7 +128,10 @@ TEST(ThreadsTest, RunPairServesConcurrentNestedFailingAndForkedCallers) {
   std::atomic<int> wrong{0};
   for (int t = 0; t < 4; ++t) {
     callers.emplace_back([&] {
-      for (int round = 0; round < 50; ++round) wrong += sum_pair(2, sum_pair) != 8;
+      for (int round = 0; round < 50; ++round) {
+        if (round % 3 == 0) detail::expect_run_pair();  // while another call may hold the helper
+        wrong += sum_pair(2, sum_pair) != 8;
+      }
     });
   }
   for (auto& caller : callers) caller.join();
@@ -137,7 +143,9 @@ TEST(ThreadsTest, RunPairServesConcurrentNestedFailingAndForkedCallers) {
                                     [] { throw std::runtime_error("helper failed"); }),
                    std::runtime_error, "caller failed");
   EXPECT_EQ(sum_pair(0, sum_pair), 2);
-  // A forked child has no helper thread of its parent's: it must not wait for one.
+  // A forked child has no helper thread of its parent's: it must not wait for one, even one
+  // woken ahead of a call.
+  detail::expect_run_pair();
   const pid_t child = fork();
   ASSERT_GE(child, 0);
   if (child == 0) {
@@ -147,6 +155,36 @@ TEST(ThreadsTest, RunPairServesConcurrentNestedFailingAndForkedCallers) {
   int status = 0;
   ASSERT_EQ(waitpid(child, &status, 0), child);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
+}
+
+/// Threads of this process other than the caller that are running or waiting to run, each as
+/// its /proc stat line and the system call it is in.
+std::vector<std::string> other_threads_running() {
+  std::vector<std::string> running;
+  for (const auto& task : fs::directory_iterator("/proc/self/task")) {
+    if (task.path().filename() == std::to_string(::gettid())) continue;
+    const std::string stat = read_file((task.path() / "stat").string());
+    const auto state = stat.find(") ");  // the name, in parentheses, may hold spaces
+    if (state != std::string::npos && stat[state + 2] == 'R') {
+      running.push_back(stat.substr(0, 60) + " syscall " + read_file((task.path() / "syscall").string()));
+    }
+  }
+  return running;
+}
+
+TEST(ThreadsTest, AHelperWokenForACallThatNeverComesGoesBackToSleep) {
+  std::atomic<int> ran{0};
+  detail::run_pair([&] { ++ran; }, [&] { ++ran; });  // the kept helper exists, asleep
+  detail::expect_run_pair();
+  // It waits for the call spinning, for about a millisecond: then no thread of ours runs but this one.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!other_threads_running().empty() && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  EXPECT_EQ(other_threads_running(), std::vector<std::string>()) << "a helper woken ahead of a call must not spin on";
+  // Woken twice with no call between, it still serves the next call.
+  detail::expect_run_pair();
+  detail::expect_run_pair();
+  detail::run_pair([&] { ++ran; }, [&] { ++ran; });
+  EXPECT_EQ(ran, 4);
 }
 
 TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {
@@ -301,6 +339,19 @@ TEST_F(SerializeTest, FailedSaveKeepsPreviousFile) {
 TEST_F(SerializeTest, MissingFileError) {
   Mlp model;
   EXPECT_THROW_MSG(load_weights(*model, path("nope.pt")), CheckpointError, path("nope.pt"), "does not exist");
+  save_weights(*model, path("w.pt"));
+  EXPECT_THROW_MSG(load_weights(*model, path("w.pt/inside.pt")), CheckpointError, path("w.pt/inside.pt"),
+                   "does not exist");
+}
+
+TEST_F(SerializeTest, APathThatIsNoFileIsNamedAndNotWaitedOn) {
+  Mlp model;
+  fs::create_directories(path("dir.pt"));
+  EXPECT_THROW_MSG(load_weights(*model, path("dir.pt")), CheckpointError, path("dir.pt"), "is a directory, not a file");
+  // Opening a FIFO for reading blocks until a writer comes: the load must refuse it instead.
+  ASSERT_EQ(::mkfifo(path("fifo.pt").c_str(), 0600), 0);
+  EXPECT_THROW_MSG(load_weights(*model, path("fifo.pt")), CheckpointError, path("fifo.pt"), "is not a regular file");
+  EXPECT_FALSE(verify_checkpoint(path("fifo.pt")).ok);
 }
 
 TEST_F(SerializeTest, VerifyAcceptsBothKinds) {

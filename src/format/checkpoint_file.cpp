@@ -1,13 +1,10 @@
 #include "format/checkpoint_file.h"
 
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
-#include <filesystem>
 #include <functional>
 #include <new>
 #include <optional>
@@ -26,16 +23,6 @@
 
 namespace torchfit::detail {
 namespace {
-
-FileReader open_regular_file(const std::string& path) {
-  std::error_code ec;
-  auto status = std::filesystem::status(path, ec);
-  if (!std::filesystem::exists(status)) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path));
-  if (std::filesystem::is_directory(status)) {
-    throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path));
-  }
-  return FileReader(path);
-}
 
 /// Throws unless every tensor of `value` lies inside the record its storage was read from.
 void check_within_records(const c10::IValue& value, const std::map<const void*, RecordSpan>& spans,
@@ -115,13 +102,14 @@ void rethrow_as_checkpoint_error(const std::string& path) {
   }
 }
 
-CheckpointFile::CheckpointFile(const std::string& path) : reader_(open_regular_file(path)) {
+CheckpointFile::CheckpointFile(const std::string& path) : reader_(path) {
   guard_read(path, [&] {
     trailer_ = read_trailer(reader_);
     if (trailer_.integrity.status == Integrity::Status::Corrupt) {
       throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, trailer_.integrity.reason));
     }
     checksummed_ = trailer_.integrity.status == Integrity::Status::Intact;
+    if (checksummed_) expect_read_once(trailer_.covered);  // every such file is read whole
     try {
       // A checksummed file is read whole, local headers included: read_all_once
       // resolves the offsets then.

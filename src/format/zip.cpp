@@ -65,7 +65,9 @@ Trailer read_trailer(const FileReader& file) {
     return {{Status::Corrupt, "not a checkpoint: the file does not start with a zip record"}};
   }
   const size_t trailer = kEndSize + kCommentSize;
-  std::string tail = file.read_at(size - std::min<uint64_t>(size, trailer), std::min<uint64_t>(size, trailer));
+  const uint64_t tail_size = std::min<uint64_t>(size, trailer);
+  std::string storage;
+  const std::string_view tail = file.bytes_at(size - tail_size, tail_size, storage);
   auto* t = reinterpret_cast<const unsigned char*>(tail.data());
   bool has_comment = tail.size() == trailer && get32(t) == kEndSig && get16(t + 20) == kCommentSize &&
                      std::memcmp(t + kEndSize, kCommentPrefix, std::strlen(kCommentPrefix)) == 0;
@@ -152,6 +154,10 @@ uint32_t read_range_once(const FileReader& file, const std::vector<ReadJob>& job
 
 }  // namespace
 
+void expect_read_once(uint64_t size) {
+  if (size >= kHelpedRead) expect_run_pair();
+}
+
 uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size,
                    const std::function<void()>& alongside) {
   std::sort(jobs.begin(), jobs.end(), [](const ReadJob& a, const ReadJob& b) { return a.span.offset < b.span.offset; });
@@ -210,7 +216,7 @@ uint64_t get64(const unsigned char* p) { return get32(p) | (static_cast<uint64_t
 /// Where end-of-central-directory records start in the file's last bytes `tail` (at
 /// `tail_offset`): those whose comment ends the file, last first. More than one means a record
 /// planted in another's comment, and readers disagree on which counts.
-std::vector<uint64_t> find_end_records(const std::string& tail, uint64_t tail_offset) {
+std::vector<uint64_t> find_end_records(std::string_view tail, uint64_t tail_offset) {
   std::vector<uint64_t> out;
   auto* t = reinterpret_cast<const unsigned char*>(tail.data());
   // Each record starts with 'P': memrchr skips what lies between (a byte-by-byte scan of the
@@ -236,7 +242,9 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
   // The end record sits in the last kEndSize bytes plus its comment (up to 64 KiB), all of which
   // is searched: a second record in there is refused, not resolved.
   const uint64_t tail_size = std::min<uint64_t>(size, kEndSize + 0xffff);
-  const std::string tail = file.read_at(size - tail_size, tail_size);
+  static_assert(kKeptTail >= kEndSize + 0xffff, "the end record's search is served from the kept tail");
+  std::string tail_storage, directory_storage;
+  const std::string_view tail = file.bytes_at(size - tail_size, tail_size, tail_storage);
   const auto end_records = find_end_records(tail, size - tail_size);
   if (end_records.empty()) throw damaged("no zip end-of-directory record");
   if (end_records.size() > 1) {
@@ -268,7 +276,7 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
     throw damaged(fmt::format("its zip directory ({} records, {} bytes at {}) does not fit in {} bytes", count,
                               directory_size, directory_offset, size));
   }
-  const std::string directory = file.read_at(directory_offset, directory_size);
+  const std::string_view directory = file.bytes_at(directory_offset, directory_size, directory_storage);
   auto* bytes = reinterpret_cast<const unsigned char*>(directory.data());
   struct Entry {
     std::string_view name;  // into `directory`

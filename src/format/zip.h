@@ -131,6 +131,9 @@ Integrity checksum_mismatch(uint32_t stored, uint32_t computed);
 /// files are read after it, on the calling thread alone.
 uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size,
                    const std::function<void()>& alongside = {});
+/// A read_once of `size` bytes comes soon from this thread: the helper it reads with is woken
+/// now, while the caller still prepares (files of 2 MiB and more, which it reads on two threads).
+void expect_read_once(uint64_t size);
 
 /// Checks the structure and the whole-file checksum of `file` (read as `read_once` reads).
 Integrity check_integrity(const FileReader& file);

@@ -27,21 +27,47 @@ std::string errno_message(const std::string& what, const std::string& path, int 
 }
 
 FileReader::FileReader(std::string path) : path_(std::move(path)) {
-  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd_ < 0 && errno == ENOENT) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path_));
+  // Non-blocking, so that a FIFO in a checkpoint's place is refused rather than waited on.
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd_ < 0 && (errno == ENOENT || errno == ENOTDIR)) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path_));
   if (fd_ < 0) throw StorageError(errno_message("Failed opening checkpoint", path_, errno));
-  struct stat st {};
-  if (::fstat(fd_, &st) != 0) {
-    int error = errno;
+  try {
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0) throw StorageError(errno_message("Failed reading checkpoint", path_, errno));
+    if (S_ISDIR(st.st_mode)) throw CheckpointError(fmt::format("Checkpoint path {} is a directory, not a file", path_));
+    if (!S_ISREG(st.st_mode)) throw CheckpointError(fmt::format("Checkpoint path {} is not a regular file", path_));
+    size_ = static_cast<uint64_t>(st.st_size);
+    const uint64_t kept = std::min<uint64_t>(size_, kKeptTail);
+    tail_offset_ = size_ - kept;
+    tail_.reset(new char[kept]);
+    read_from_file(tail_offset_, tail_.get(), kept);
+  } catch (...) {
     ::close(fd_);
-    throw StorageError(errno_message("Failed reading checkpoint", path_, error));
+    throw;
   }
-  size_ = static_cast<uint64_t>(st.st_size);
 }
 
 FileReader::~FileReader() { ::close(fd_); }
 
+bool FileReader::kept(uint64_t offset, size_t n) const {
+  return offset >= tail_offset_ && offset <= size_ && n <= size_ - offset;
+}
+
 void FileReader::read_at(uint64_t offset, void* buffer, size_t n) const {
+  if (kept(offset, n)) {
+    std::memcpy(buffer, tail_.get() + (offset - tail_offset_), n);
+  } else {
+    read_from_file(offset, buffer, n);
+  }
+}
+
+std::string_view FileReader::bytes_at(uint64_t offset, size_t n, std::string& storage) const {
+  if (kept(offset, n)) return {tail_.get() + (offset - tail_offset_), n};
+  storage = read_at(offset, n);
+  return storage;
+}
+
+void FileReader::read_from_file(uint64_t offset, void* buffer, size_t n) const {
   size_t done = 0;
   while (done < n) {
     ssize_t r = ::pread(fd_, static_cast<char*>(buffer) + done, n - done, static_cast<off_t>(offset + done));

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <memory>
@@ -66,15 +67,28 @@ class KeptHelper {
   }
   void release() { in_use_ = false; }
 
-  /// Runs `job` on the helper, whose mask is `start` (nullptr: any CPU) when it wakes.
-  void start(Job& job, const cpu_set_t* start) {
-    if (start != nullptr) pthread_setaffinity_np(thread_, sizeof(cpu_set_t), start);  // asleep: nothing moves
+  /// Wakes the helper ahead of a job, on a CPU of `start`: it then waits for one spinning, for
+  /// at most kWarmSpin. Its wake-up (0.04-0.05 ms on this VM) overlaps the caller's work until
+  /// the job comes.
+  void warm(const cpu_set_t& start) {
+    if (awake_.load()) return;
+    pthread_setaffinity_np(thread_, sizeof(cpu_set_t), &start);  // asleep: nothing moves
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      job_ = &job;
-      done_ = false;
+      warm_ = true;
     }
     wake_.notify_one();
+  }
+  /// Runs `job` on the helper, whose mask is `start` (nullptr: any CPU) when it wakes. A helper
+  /// already awake (warmed) takes the job where it runs.
+  void start(Job& job, const cpu_set_t* start) {
+    if (start != nullptr && !awake_.load()) pthread_setaffinity_np(thread_, sizeof(cpu_set_t), start);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_ = false;
+      job_ = &job;
+    }
+    wake_.notify_one();  // no system call while the helper spins: nobody waits
   }
   /// Waits until the job is done. It usually ends about when the caller's part does: a short
   /// spin saves the wake-up of a sleeping caller.
@@ -85,6 +99,8 @@ class KeptHelper {
   }
 
  private:
+  static constexpr auto kWarmSpin = std::chrono::milliseconds(1);
+
   KeptHelper() : owner_(::getpid()) {
     std::thread thread([this] { loop(); });
     thread_ = thread.native_handle();
@@ -92,13 +108,19 @@ class KeptHelper {
   }
   void loop() {
     for (;;) {
-      Job* job = nullptr;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return job_ != nullptr; });
-        job = job_;
-        job_ = nullptr;
+        awake_ = false;
+        wake_.wait(lock, [&] { return job_.load() != nullptr || warm_; });
+        awake_ = true;
+        warm_ = false;
       }
+      Job* job = job_.exchange(nullptr);
+      for (auto until = std::chrono::steady_clock::now() + kWarmSpin;
+           job == nullptr && std::chrono::steady_clock::now() < until; job = job_.exchange(nullptr)) {
+        cpu_relax();
+      }
+      if (job == nullptr) continue;  // warmed for a job that did not come
       (*job)();
       {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -107,19 +129,37 @@ class KeptHelper {
       finished_.notify_one();
     }
   }
+  static void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
 
   const pid_t owner_;
   pthread_t thread_;
   std::atomic<bool> in_use_{false};  // by the run_pair call it serves
   std::mutex mutex_;
   std::condition_variable wake_, finished_;
-  Job* job_ = nullptr;
+  std::atomic<Job*> job_{nullptr};  // set under mutex_, taken by the helper spinning or woken
+  bool warm_ = false;                // under mutex_: woken ahead of a job
+  std::atomic<bool> awake_{false};   // out of its wait: runs where it is, and takes a job without a wake-up
   std::atomic<bool> done_{false};
 };
 
 }  // namespace
 
 void mark_background_thread() { background = true; }
+
+void expect_run_pair() {
+  cpu_set_t everywhere, away;
+  if (!start_away(everywhere, away)) return;
+  if (KeptHelper* helper = KeptHelper::acquire()) {
+    helper->warm(away);
+    helper->release();
+  }
+}
 
 void run_pair(const std::function<void()>& first, const std::function<void()>& second) {
   // Linux often starts a new thread on its parent's CPU, where it waits until the parent blocks

@@ -10,6 +10,11 @@ namespace torchfit::detail {
 /// run on another), unless the caller is a background thread.
 void run_pair(const std::function<void()>& first, const std::function<void()>& second);
 
+/// A run_pair call from this thread comes soon: wakes the helper now, so that its wake-up
+/// overlaps what the caller does until then. Without a call within about a millisecond, it goes
+/// back to sleep.
+void expect_run_pair();
+
 /// Marks the calling thread as one that works beside training (the async writer): its
 /// `run_pair` helpers go where the scheduler puts them, since the other CPU is training's.
 void mark_background_thread();
