@@ -157,6 +157,24 @@ TEST(ThreadsTest, RunPairServesConcurrentNestedFailingAndForkedCallers) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
 }
 
+TEST(ZipTest, RecordMapKeepsNameOrderWhateverOrderRecordsComeIn) {
+  detail::RecordMap records;
+  const std::vector<std::string> names = {"data/10", "data/2", "data.pkl", "data/0", "version", "data/1", "byteorder"};
+  for (size_t i = 0; i < names.size(); ++i) {
+    EXPECT_TRUE(records.insert(names[i], detail::RecordSpan{i, i * 10}));
+  }
+  EXPECT_FALSE(records.insert("data/2", detail::RecordSpan{99, 99})) << "a name twice is refused";
+  std::vector<std::string> listed;
+  for (const auto& [name, span] : records) listed.push_back(name);
+  // By length, then bytes.
+  EXPECT_EQ(listed, (std::vector<std::string>{"data/0", "data/1", "data/2", "data/10", "version", "data.pkl",
+                                              "byteorder"}));
+  EXPECT_EQ(records.at("data/2").offset, 1u);  // the first insertion, not the refused one
+  EXPECT_EQ(records.count("data/3"), 0u);
+  EXPECT_EQ(records.find("data/3"), records.end());
+  EXPECT_THROW_MSG(records.at("data/3"), std::out_of_range, "data/3");
+}
+
 /// Threads of this process other than the caller that are running or waiting to run, each as
 /// its /proc stat line and the system call it is in.
 std::vector<std::string> other_threads_running() {

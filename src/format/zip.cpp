@@ -15,6 +15,7 @@
 #include <exception>
 #include <limits>
 #include <new>
+#include <stdexcept>
 #include <thread>
 
 #include <fmt/format.h>
@@ -356,16 +357,47 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
       first = last + 1;
     }
   }
+  out.records.reserve(entries.size());
   for (auto& entry : entries) {
     auto slash = entry.name.find('/');
     auto name = slash == std::string_view::npos ? entry.name : entry.name.substr(slash + 1);
-    // Hinted at the end: records usually come in RecordMap's order, and each insertion is then O(1).
-    const size_t before = out.records.size();
-    out.records.emplace_hint(out.records.end(), name, entry.span);
     // Readers disagree on which copy of a repeated name counts (Python's the first): refused.
-    if (out.records.size() == before) throw damaged(fmt::format("record {} appears twice", name));
+    if (!out.records.insert(name, entry.span)) throw damaged(fmt::format("record {} appears twice", name));
   }
   return out;
+}
+
+namespace {
+
+/// The first of `records` (a RecordMap's vector) whose name is not before `name`.
+template <typename Records>
+auto first_not_before(Records& records, std::string_view name) {
+  return std::lower_bound(records.begin(), records.end(), name,
+                          [](const auto& record, std::string_view name) { return RecordNameLess()(record.first, name); });
+}
+
+}  // namespace
+
+RecordMap::const_iterator RecordMap::find(std::string_view name) const {
+  auto it = first_not_before(records_, name);
+  return it != records_.end() && it->first == name ? it : records_.end();
+}
+
+const RecordSpan& RecordMap::at(std::string_view name) const {
+  auto it = find(name);
+  if (it == end()) throw std::out_of_range(fmt::format("no zip record {}", name));
+  return it->second;
+}
+
+bool RecordMap::insert(std::string_view name, const RecordSpan& span) {
+  // Files list their records in this order (torchfit's and LibTorch's writers do): appended.
+  auto at = records_.end();
+  if (!records_.empty() && !RecordNameLess()(records_.back().first, name)) {
+    at = first_not_before(records_, name);
+    if (at->first == name) return false;
+  }
+  records_.emplace(at, std::string(name), span);
+  return true;
 }
 
 void resolve_offset(const FileReader& file, std::string_view name, RecordSpan& span, const unsigned char* header) {

@@ -6,11 +6,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "format/checksum.h"
@@ -70,8 +70,29 @@ struct RecordNameLess {
     return a.size() != b.size() ? a.size() < b.size() : a < b;
   }
 };
-/// Records by name without the archive prefix.
-using RecordMap = std::map<std::string, RecordSpan, RecordNameLess>;
+/// Records by name without the archive prefix, in RecordNameLess order. A sorted vector: a
+/// directory is built once, in order, and then only searched, and a tree node per record (2000
+/// for as many small tensors) cost more to make and free than the searches save.
+class RecordMap {
+ public:
+  using value_type = std::pair<std::string, RecordSpan>;
+  using const_iterator = std::vector<value_type>::const_iterator;
+
+  const_iterator begin() const { return records_.begin(); }
+  const_iterator end() const { return records_.end(); }
+  size_t size() const { return records_.size(); }
+  const_iterator find(std::string_view name) const;
+  size_t count(std::string_view name) const { return find(name) != end() ? 1 : 0; }
+  /// Throws std::out_of_range naming `name` if there is no such record.
+  const RecordSpan& at(std::string_view name) const;
+  /// Adds a record, O(1) when it comes after every other; false, adding nothing, if the name is
+  /// there already.
+  bool insert(std::string_view name, const RecordSpan& span);
+  void reserve(size_t n) { records_.reserve(n); }
+
+ private:
+  std::vector<value_type> records_;
+};
 
 /// A zip's records, and where its central directory starts (every record ends before it).
 struct ZipDirectory {
