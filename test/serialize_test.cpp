@@ -175,34 +175,32 @@ TEST(ZipTest, RecordMapKeepsNameOrderWhateverOrderRecordsComeIn) {
   EXPECT_THROW_MSG(records.at("data/3"), std::out_of_range, "data/3");
 }
 
-/// Threads of this process other than the caller that are running or waiting to run, each as
-/// its /proc stat line and the system call it is in.
-std::vector<std::string> other_threads_running() {
-  std::vector<std::string> running;
-  for (const auto& task : fs::directory_iterator("/proc/self/task")) {
-    if (task.path().filename() == std::to_string(::gettid())) continue;
-    const std::string stat = read_file((task.path() / "stat").string());
-    const auto state = stat.find(") ");  // the name, in parentheses, may hold spaces
-    if (state != std::string::npos && stat[state + 2] == 'R') {
-      running.push_back(stat.substr(0, 60) + " syscall " + read_file((task.path() / "syscall").string()));
-    }
-  }
-  return running;
+/// Thread `tid`'s state letter ('R' running or runnable, 'S' asleep...) and the system call it is in.
+std::string thread_state(pid_t tid) {
+  const auto task = fs::path("/proc/self/task") / std::to_string(tid);
+  const std::string stat = read_file((task / "stat").string());
+  const auto state = stat.rfind(") ");  // the name, in parentheses, may hold spaces
+  return stat.substr(state + 2, 1) + ", in system call " + read_file((task / "syscall").string());
 }
 
 TEST(ThreadsTest, AHelperWokenForACallThatNeverComesGoesBackToSleep) {
   std::atomic<int> ran{0};
-  detail::run_pair([&] { ++ran; }, [&] { ++ran; });  // the kept helper exists, asleep
+  std::atomic<pid_t> helper{0};
+  detail::run_pair([&] { ++ran; }, [&] { ++ran, helper = ::gettid(); });  // the kept helper, now asleep
+  ASSERT_NE(helper.load(), ::gettid());
   detail::expect_run_pair();
-  // It waits for the call spinning, for about a millisecond: then no thread of ours runs but this one.
+  // It waits for the call spinning, for about a millisecond, then sleeps again.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!other_threads_running().empty() && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
-  EXPECT_EQ(other_threads_running(), std::vector<std::string>()) << "a helper woken ahead of a call must not spin on";
-  // Woken twice with no call between, it still serves the next call.
+  while (thread_state(helper)[0] == 'R' && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  EXPECT_NE(thread_state(helper)[0], 'R') << "a helper woken ahead of a call must not spin on: "
+                                          << thread_state(helper);
+  // Woken twice with no call between, it still serves the next call, on the same thread.
   detail::expect_run_pair();
   detail::expect_run_pair();
-  detail::run_pair([&] { ++ran; }, [&] { ++ran; });
+  pid_t second = 0;
+  detail::run_pair([&] { ++ran; }, [&] { ++ran, second = ::gettid(); });
   EXPECT_EQ(ran, 4);
+  EXPECT_EQ(second, helper.load());
 }
 
 TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {
