@@ -372,8 +372,8 @@ namespace {
 /// The first of `records` (a RecordMap's vector) whose name is not before `name`.
 template <typename Records>
 auto first_not_before(Records& records, std::string_view name) {
-  return std::lower_bound(records.begin(), records.end(), name,
-                          [](const auto& record, std::string_view name) { return RecordNameLess()(record.first, name); });
+  auto before = [](const auto& record, std::string_view name) { return RecordNameLess()(record.first, name); };
+  return std::lower_bound(records.begin(), records.end(), name, before);
 }
 
 }  // namespace

@@ -29,7 +29,9 @@ std::string errno_message(const std::string& what, const std::string& path, int 
 FileReader::FileReader(std::string path) : path_(std::move(path)) {
   // Non-blocking, so that a FIFO in a checkpoint's place is refused rather than waited on.
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd_ < 0 && (errno == ENOENT || errno == ENOTDIR)) throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path_));
+  if (fd_ < 0 && (errno == ENOENT || errno == ENOTDIR)) {
+    throw CheckpointError(fmt::format("Checkpoint file {} does not exist", path_));
+  }
   if (fd_ < 0) throw StorageError(errno_message("Failed opening checkpoint", path_, errno));
   try {
     struct stat st {};
