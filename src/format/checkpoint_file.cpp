@@ -305,12 +305,11 @@ c10::IValue CheckpointFile::read_all_once(const Inspect& inspect, const Shortcut
   const TakeStorage take = [&](std::string_view key, size_t nbytes) {
     const auto number = storage_number(key);
     Record* found = number && *number < by_number.size() ? by_number[*number] : nullptr;
-    if (found == nullptr) {
+    if (found == nullptr) {  // `records` lists records_ in its order
       name.assign("data/").append(key);
-      auto it = std::lower_bound(records.begin(), records.end(), name,
-                                 [](const Record& record, const std::string& name) { return RecordNameLess()(*record.name, name); });
-      if (it == records.end() || *it->name != name) throw damaged(fmt::format("no record for storage {}", key));
-      found = &*it;
+      const auto it = records_.find(name);
+      if (it == records_.end()) throw damaged(fmt::format("no record for storage {}", key));
+      found = &records[static_cast<size_t>(it - records_.begin())];
     }
     auto& storage = *found;
     if (nbytes > storage.span.size) throw damaged("a tensor overruns its record");
