@@ -203,6 +203,92 @@ TEST(ThreadsTest, AHelperWokenForACallThatNeverComesGoesBackToSleep) {
   EXPECT_EQ(second, helper.load());
 }
 
+TEST(ThreadsTest, AHelperRunIsWaitedForAndItsErrorRaisedOnlyByJoin) {
+  std::atomic<bool> ran{false};
+  std::function<void()> fails = [&] {
+    ran = true;
+    throw std::runtime_error("helper failed");
+  };
+  {
+    detail::HelperRun helper(fails);  // never joined: the destructor waits and raises nothing
+  }
+  EXPECT_TRUE(ran);
+  ran = false;
+  detail::HelperRun helper(fails);
+  EXPECT_THROW_MSG(helper.join(), std::runtime_error, "helper failed");
+  EXPECT_TRUE(ran);
+  int count = 0;  // the kept helper is free again
+  detail::run_pair([&] { ++count; }, [&] { ++count; });
+  EXPECT_EQ(count, 2);
+}
+
+TEST_F(SerializeTest, ABackgroundReadChecksumsWhatItReadsAndStopsWhenDropped) {
+  std::string bytes(size_t(9) << 20, '\0');
+  std::mt19937 random(5);
+  for (auto& byte : bytes) byte = static_cast<char>(random());
+  write_file(path("bytes.bin"), bytes);
+  const auto expected = static_cast<uint32_t>(
+      crc32(0, reinterpret_cast<const Bytef*>(bytes.data()), static_cast<uInt>(bytes.size() - 100)));
+  detail::FileReader file(path("bytes.bin"));
+  std::string into(bytes.size() - 100, '\0');
+  for (int dropped = 0; dropped < 3; ++dropped) {  // begun and dropped unfinished, by the dozen
+    detail::BackgroundRead read(file, into.data(), into.size());
+  }
+  detail::BackgroundRead read(file, into.data(), into.size());
+  EXPECT_EQ(read.finish(), expected);
+  EXPECT_EQ(into, bytes.substr(0, into.size()));
+}
+
+/// A weights file of `count` tensors of `numel` floats each, and one of 64 Ki floats.
+torch::nn::ParameterDict many_small_tensors(int count, int64_t numel) {
+  torch::nn::ParameterDict params;
+  for (int i = 0; i < count; ++i) params->insert("p" + std::to_string(i), torch::randn({numel}));
+  params->insert("large", torch::randn({int64_t(64) << 10}));
+  return params;
+}
+
+TEST_F(SerializeTest, AFileOfManySmallRecordsIsReadWholeFromItsOpening) {
+  // 3.5 MiB in 400 records of 8 KiB and one of 256 KiB: read into one block from the open, while
+  // the directory and pickle are parsed.
+  torch::manual_seed(3);
+  auto saved = many_small_tensors(400, 2048);
+  save_weights(*saved, path("many.pt"));
+  const auto good = read_file(path("many.pt"));
+  ASSERT_GT(good.size(), size_t(2) << 20);
+  for (int round = 0; round < 3; ++round) {
+    auto model = many_small_tensors(400, 2048);
+    const auto blocks = detail::load_memory_stats();
+    load_weights(*model, path("many.pt"));
+    const auto after = detail::load_memory_stats();
+    EXPECT_EQ(after.allocated + after.reused - blocks.allocated - blocks.reused, 1u) << "one block for the file";
+    for (const auto& item : model->named_parameters()) {
+      EXPECT_TRUE(item.value().equal(saved[item.key()])) << item.key();
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(item.value().data_ptr()) % 64, 0u) << item.key();
+    }
+    model["p7"].data().add_(1);  // writes nothing into its neighbours
+    EXPECT_TRUE(model["p6"].equal(saved["p6"]));
+    EXPECT_TRUE(model["p8"].equal(saved["p8"]));
+  }
+  auto read = read_weights(path("many.pt"));  // the general reader, from the same block
+  ASSERT_EQ(read.size(), 401u);
+  for (const auto& [name, tensor] : read) EXPECT_TRUE(tensor.equal(saved[name])) << name;
+
+  // Damage anywhere is found by the checksum, and the model stays as it was.
+  auto model = many_small_tensors(400, 2048);
+  const auto before = state_dict(*model);
+  for (size_t at : {size_t{10}, good.size() / 3, good.size() - 2000, good.size() - 60}) {
+    auto flipped = good;
+    flipped[at] ^= 0x10;
+    write_file(path("flipped.pt"), flipped);
+    EXPECT_THROW_MSG(load_weights(*model, path("flipped.pt")), CheckpointError, "checksum mismatch");
+  }
+  // A directory cut short: the read begun at the open is stopped, and the error says why.
+  write_file(path("cut.pt"), good.substr(0, good.size() - 30000));
+  EXPECT_THROW_MSG(load_weights(*model, path("cut.pt")), CheckpointError, path("cut.pt"));
+  for (const auto& [name, tensor] : state_dict(*model)) EXPECT_TRUE(tensor.equal(before.at(name))) << name;
+  EXPECT_TRUE(verify_checkpoint(path("many.pt")).ok);
+}
+
 TEST_F(SerializeTest, LoadedStoragesOfEverySizeAreAlignedAndIntact) {
   // Small records share one block, storages under 256 KiB come from the process
   // allocator and larger ones from the load memory (fresh pages, huge from 2 MiB, or
@@ -1433,6 +1519,28 @@ TEST_F(SerializeTest, StorageRecordsAreFoundByAnyKeyAndAMissingOneIsNamed) {
   load_weights(model, path("lettered.pt"));
   EXPECT_TRUE(model.a.equal(saved.a));
   EXPECT_TRUE(model.b.equal(saved.b));
+}
+
+TEST_F(SerializeTest, AFileReadWholeFromItsOpeningThatFailsLaterStopsTheRead) {
+  // Under a valid checksum, a file with no data.pkl fails after its open began the read: the
+  // load must raise that, and the read stop, for the next load to go as usual.
+  torch::manual_seed(4);
+  auto saved = many_small_tensors(400, 2048);
+  save_weights(*saved, path("many.pt"));
+  auto bytes = read_file(path("many.pt"));
+  for (size_t at = bytes.find("data.pkl"); at != std::string::npos; at = bytes.find("data.pkl", at + 1)) {
+    bytes[at + 7] = 'X';
+  }
+  reseal(bytes);
+  write_file(path("no_pickle.pt"), bytes);
+  auto model = many_small_tensors(400, 2048);
+  const auto before = state_dict(*model);
+  for (int round = 0; round < 3; ++round) {
+    EXPECT_THROW_MSG(load_weights(*model, path("no_pickle.pt")), CheckpointError, "it has no data.pkl record");
+  }
+  for (const auto& [name, tensor] : state_dict(*model)) EXPECT_TRUE(tensor.equal(before.at(name))) << name;
+  load_weights(*model, path("many.pt"));
+  for (const auto& item : model->named_parameters()) EXPECT_TRUE(item.value().equal(saved[item.key()])) << item.key();
 }
 
 TEST_F(SerializeTest, RecordsSharingALocalHeaderUnderAValidChecksumAreRefused) {

@@ -14,6 +14,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 
 #include <ATen/core/ivalue.h>
@@ -93,6 +94,10 @@ class CheckpointFile {
   RecordMap records_;
   uint64_t directory_offset_ = 0;
   std::map<uint64_t, std::string> names_;  // record name by data offset, for messages
+  // A file of many small records is read whole from its opening, on a helper, into one block
+  // its storages share, while its directory and pickle are parsed (read_from_opening).
+  mutable at::DataPtr whole_;
+  mutable std::unique_ptr<BackgroundRead> reading_;  // until read_all or verify finishes it
 };
 
 /// Runs `read` and turns every exception that is not a torchfit::Error (LibTorch's

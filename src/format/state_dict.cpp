@@ -1,7 +1,10 @@
 #include "format/state_dict.h"
 
 #include <algorithm>
+#include <functional>
 #include <map>
+#include <optional>
+#include <string_view>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -260,35 +263,75 @@ void install_weights(TensorMap& targets, const TensorMap& weights) {
   });
 }
 
+namespace {
+
+/// The entries of an index by name: an open-addressing table of positions, built in one pass
+/// (2000 names: a sort and a binary search per name cost 0.3 ms, most of it in string compares).
+class EntriesByName {
+ public:
+  /// nullopt when a name is there twice.
+  static std::optional<EntriesByName> of(const std::vector<IndexedTensor>& entries) {
+    EntriesByName out(entries);
+    for (uint32_t i = 0; i < entries.size(); ++i) {
+      uint32_t& slot = out.slots_[out.slot_of(entries[i].name)];
+      if (slot != 0) return std::nullopt;
+      slot = i + 1;
+    }
+    return out;
+  }
+  /// The position of the entry called `name`, or entries.size() if there is none.
+  size_t find(std::string_view name) const {
+    const uint32_t slot = slots_[slot_of(name)];
+    return slot == 0 ? entries_.size() : slot - 1;
+  }
+
+ private:
+  explicit EntriesByName(const std::vector<IndexedTensor>& entries) : entries_(entries) {
+    size_t capacity = 16;
+    while (capacity < 2 * entries.size()) capacity *= 2;
+    slots_.assign(capacity, 0);
+  }
+  /// The slot holding `name`, or the empty one where it would go.
+  size_t slot_of(std::string_view name) const {
+    const size_t mask = slots_.size() - 1;
+    for (size_t i = std::hash<std::string_view>{}(name) & mask;; i = (i + 1) & mask) {
+      if (slots_[i] == 0 || entries_[slots_[i] - 1].name == name) return i;
+    }
+  }
+  const std::vector<IndexedTensor>& entries_;
+  std::vector<uint32_t> slots_;  // an entry's position + 1; 0 is empty
+};
+
+}  // namespace
+
 std::optional<DirectLoad> DirectLoad::plan(const torch::nn::Module& module, std::string_view pickle) {
   auto index = index_tensor_dict(pickle);
   if (!index) return std::nullopt;
-  auto& entries = index->tensors;
-  auto by_name = [](const IndexedTensor& a, const IndexedTensor& b) { return a.name < b.name; };
-  if (!std::is_sorted(entries.begin(), entries.end(), by_name)) std::sort(entries.begin(), entries.end(), by_name);
-  // Each of the module's tensors found by name, without a map of them: a name found twice (a
-  // repeated name in the file, a buffer named as a parameter) or left over declines.
+  const auto& entries = index->tensors;
+  // A name the file repeats, or one the module visits twice (a buffer named as a parameter),
+  // or one left over declines.
+  const auto by_name = EntriesByName::of(entries);
+  if (!by_name) return std::nullopt;
   DirectLoad out;
   out.bindings_.resize(entries.size());
   bool fits = true;
   size_t found = 0;
   std::string prefix;
   visit_module_tensors(module, prefix, [&](const std::string& name, const at::Tensor& target) {
-    auto it = std::lower_bound(entries.begin(), entries.end(), name,
-                               [](const IndexedTensor& entry, const std::string& name) { return entry.name < name; });
-    if (!fits || it == entries.end() || it->name != name) {
+    const size_t at = fits ? by_name->find(name) : entries.size();
+    if (at == entries.size()) {
       fits = false;
       return;
     }
-    auto& binding = out.bindings_[static_cast<size_t>(it - entries.begin())];
-    const bool repeated = (it + 1 != entries.end() && (it + 1)->name == name) || binding.target.defined();
+    const auto& entry = entries[at];
+    auto& binding = out.bindings_[at];
     // select_weights takes an entry of this name for a torchfit checkpoint's description.
-    if (repeated || name == kMetadataKey || it->dtype != target.scalar_type() ||
-        target.sizes() != index->sizes_of(*it) || target.layout() != at::kStrided) {
+    if (binding.target.defined() || name == kMetadataKey || entry.dtype != target.scalar_type() ||
+        target.sizes() != index->sizes_of(entry) || target.layout() != at::kStrided) {
       fits = false;
       return;
     }
-    binding = {target, it->key, static_cast<size_t>(it->numel) * target.element_size()};
+    binding = {target, entry.key, static_cast<size_t>(entry.numel) * target.element_size()};
     ++found;
   });
   if (!fits || found != entries.size()) return std::nullopt;

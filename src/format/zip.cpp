@@ -159,6 +159,43 @@ void expect_read_once(uint64_t size) {
   if (size >= kHelpedRead) expect_run_pair();
 }
 
+/// Bytes [0, size) of a file in stretches that two threads take in turn, each stretch
+/// checksummed on its own: at most 64 CRCs to combine, stretches of 256 KiB and more, so that
+/// the two threads end within about 0.05 ms of each other (with 1 MiB ones, one waited
+/// 0.1-0.2 ms for the other at 8 MiB).
+struct ReadStretches {
+  ReadStretches(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size)
+      : file(file), jobs(std::move(jobs)), size(size), stretch(std::max<uint64_t>(kStretch, (size + 63) / 64)),
+        crcs(static_cast<size_t>((size + stretch - 1) / stretch)) {}
+
+  /// Reads stretches until none is left; after an error the other thread takes no more.
+  void read() {
+    try {
+      for (size_t i; (i = next.fetch_add(1)) < crcs.size();) {
+        crcs[i] = read_range_once(file, jobs, i * stretch, std::min(size, (i + 1) * stretch));
+      }
+    } catch (...) {
+      stop();
+      throw;
+    }
+  }
+  void stop() { next = crcs.size(); }
+  uint32_t crc() const {
+    uint32_t out = crcs.empty() ? 0 : crcs[0];
+    for (size_t i = 1; i < crcs.size(); ++i) {
+      const uint64_t length = std::min(size, (i + 1) * stretch) - i * stretch;
+      out = static_cast<uint32_t>(crc32_combine(out, crcs[i], static_cast<z_off_t>(length)));
+    }
+    return out;
+  }
+
+  const FileReader& file;
+  const std::vector<ReadJob> jobs;  // sorted by offset
+  const uint64_t size, stretch;
+  std::vector<uint32_t> crcs;
+  std::atomic<size_t> next{0};
+};
+
 uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size,
                    const std::function<void()>& alongside) {
   std::sort(jobs.begin(), jobs.end(), [](const ReadJob& a, const ReadJob& b) { return a.span.offset < b.span.offset; });
@@ -166,41 +203,44 @@ uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t s
     if (alongside) alongside();
     return read_range_once(file, jobs, 0, size);
   }
-  // Stretches taken in turn: the calling thread joins as soon as `alongside` is done (a pickle of
-  // a few tensors at once, one of thousands after the helper read most of the file). At most 64
-  // CRCs to combine; stretches of 256 KiB and more, so that the two threads end within about
-  // 0.05 ms of each other (with 1 MiB ones, one waited 0.1-0.2 ms for the other at 8 MiB).
-  const uint64_t stretch = std::max<uint64_t>(kStretch, (size + 63) / 64);
-  const size_t count = static_cast<size_t>((size + stretch - 1) / stretch);
-  std::vector<uint32_t> crcs(count);
-  std::atomic<size_t> next{0};
-  auto stop_on_error = [&](auto&& work) {  // the other thread takes no more stretches
-    try {
-      work();
-    } catch (...) {
-      next = count;
-      throw;
-    }
-  };
-  auto read_stretches = [&] {
-    stop_on_error([&] {
-      for (size_t i; (i = next.fetch_add(1)) < count;) {
-        crcs[i] = read_range_once(file, jobs, i * stretch, std::min(size, (i + 1) * stretch));
-      }
-    });
-  };
+  // The calling thread joins as soon as `alongside` is done (a pickle of a few tensors at once,
+  // one of thousands after the helper read most of the file).
+  ReadStretches stretches(file, std::move(jobs), size);
   run_pair(
       [&] {
-        if (alongside) stop_on_error(alongside);
-        read_stretches();
+        if (alongside) {
+          try {
+            alongside();
+          } catch (...) {
+            stretches.stop();
+            throw;
+          }
+        }
+        stretches.read();
       },
-      read_stretches);
-  uint32_t crc = crcs[0];
-  for (size_t i = 1; i < count; ++i) {
-    const uint64_t length = std::min(size, (i + 1) * stretch) - i * stretch;
-    crc = static_cast<uint32_t>(crc32_combine(crc, crcs[i], static_cast<z_off_t>(length)));
+      [&] { stretches.read(); });
+  return stretches.crc();
+}
+
+BackgroundRead::BackgroundRead(const FileReader& file, void* destination, uint64_t size)
+    : stretches_(std::make_unique<ReadStretches>(file, std::vector<ReadJob>{{RecordSpan{0, size}, destination}}, size)),
+      helper_part_([this] { stretches_->read(); }),
+      helper_(std::make_unique<HelperRun>(helper_part_)) {}
+
+BackgroundRead::~BackgroundRead() {
+  if (helper_) stretches_->stop();
+}
+
+uint32_t BackgroundRead::finish() {
+  try {
+    stretches_->read();
+  } catch (...) {
+    helper_.reset();  // waits for the helper, which stops after its stretch
+    throw;
   }
-  return crc;
+  auto helper = std::move(helper_);
+  helper->join();
+  return stretches_->crc();
 }
 
 Integrity check_integrity(const std::string& path) { return check_integrity(FileReader(path)); }
@@ -234,7 +274,7 @@ std::vector<uint64_t> find_end_records(std::string_view tail, uint64_t tail_offs
 
 }  // namespace
 
-ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
+DirectoryLocation locate_directory(const FileReader& file) {
   const uint64_t size = file.size();
   auto damaged = [&](const std::string& what) {
     return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), what));
@@ -244,7 +284,7 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
   // is searched: a second record in there is refused, not resolved.
   const uint64_t tail_size = std::min<uint64_t>(size, kEndSize + 0xffff);
   static_assert(kKeptTail >= kEndSize + 0xffff, "the end record's search is served from the kept tail");
-  std::string tail_storage, directory_storage;
+  std::string tail_storage;
   const std::string_view tail = file.bytes_at(size - tail_size, tail_size, tail_storage);
   const auto end_records = find_end_records(tail, size - tail_size);
   if (end_records.empty()) throw damaged("no zip end-of-directory record");
@@ -277,7 +317,20 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
     throw damaged(fmt::format("its zip directory ({} records, {} bytes at {}) does not fit in {} bytes", count,
                               directory_size, directory_offset, size));
   }
-  const std::string_view directory = file.bytes_at(directory_offset, directory_size, directory_storage);
+  return {count, directory_size, directory_offset};
+}
+
+ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
+  return read_directory(file, locate_directory(file), read_local_headers);
+}
+
+ZipDirectory read_directory(const FileReader& file, const DirectoryLocation& location, bool read_local_headers) {
+  auto damaged = [&](const std::string& what) {
+    return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), what));
+  };
+  const auto [count, directory_size, directory_offset] = location;
+  ScratchBytes directory_storage;
+  const std::string_view directory = file.bytes_at(directory_offset, directory_size, directory_storage.get());
   auto* bytes = reinterpret_cast<const unsigned char*>(directory.data());
   struct Entry {
     std::string_view name;  // into `directory`

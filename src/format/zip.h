@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -107,6 +108,17 @@ struct ZipDirectory {
 /// CheckpointError naming the path and the damage.
 ZipDirectory read_directory(const FileReader& file, bool read_local_headers);
 
+/// Where a zip's central directory lies, as its end record (or zip64 end record) says,
+/// checked against the file's size: read_directory's first half.
+struct DirectoryLocation {
+  uint64_t count = 0;   // records
+  uint64_t size = 0;    // bytes
+  uint64_t offset = 0;  // where it starts
+};
+DirectoryLocation locate_directory(const FileReader& file);
+/// read_directory of the directory at `location`.
+ZipDirectory read_directory(const FileReader& file, const DirectoryLocation& location, bool read_local_headers);
+
 /// Sets `span.offset` from the record's local header: `header` holds the
 /// kLocalHeaderSize bytes at `span.local`, or, without it, they are read.
 void resolve_offset(const FileReader& file, std::string_view name, RecordSpan& span, const unsigned char* header);
@@ -152,6 +164,27 @@ Integrity checksum_mismatch(uint32_t stored, uint32_t computed);
 /// files are read after it, on the calling thread alone.
 uint32_t read_once(const FileReader& file, std::vector<ReadJob> jobs, uint64_t size,
                    const std::function<void()>& alongside = {});
+/// read_once of bytes [0, size) into `destination`, begun on a helper thread at construction
+/// while the caller does other work (a file of many small records, read from the moment it is
+/// opened while its directory and pickle are parsed). finish() takes the caller's share.
+struct ReadStretches;  // read_once's and BackgroundRead's shared state (zip.cpp)
+class BackgroundRead {
+ public:
+  BackgroundRead(const FileReader& file, void* destination, uint64_t size);
+  /// Stops the helper after the stretch it reads, and waits for it.
+  ~BackgroundRead();
+  BackgroundRead(const BackgroundRead&) = delete;
+  BackgroundRead& operator=(const BackgroundRead&) = delete;
+  /// Reads the stretches the helper has not taken, waits for it, rethrows a read error of
+  /// either thread, and returns the CRC32 of the bytes. Once only.
+  uint32_t finish();
+
+ private:
+  std::unique_ptr<ReadStretches> stretches_;
+  std::function<void()> helper_part_;
+  std::unique_ptr<HelperRun> helper_;
+};
+
 /// A read_once of `size` bytes comes soon from this thread: the helper it reads with is woken
 /// now, while the caller still prepares (files of 2 MiB and more, which it reads on two threads).
 void expect_read_once(uint64_t size);

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <system_error>
 #include <thread>
+#include <utility>
 
 namespace torchfit::detail {
 namespace {
@@ -161,41 +162,61 @@ void expect_run_pair() {
   }
 }
 
-void run_pair(const std::function<void()>& first, const std::function<void()>& second) {
+struct HelperRun::State {
+  Job job{nullptr, nullptr, nullptr};
+  cpu_set_t everywhere, away;
+  KeptHelper* kept = nullptr;
+  pthread_t thread{};
+  bool joined = false;
+
+  void wait() {
+    if (joined) return;
+    joined = true;
+    if (kept != nullptr) {
+      kept->wait();
+      kept->release();
+    } else {
+      pthread_join(thread, nullptr);
+    }
+  }
+};
+
+HelperRun::HelperRun(const std::function<void()>& second) : state_(std::make_unique<State>()) {
   // Linux often starts a new thread on its parent's CPU, where it waits until the parent blocks
   // or is preempted. A load's caller does neither: measured in save_bench, the helper of an 8 MiB
   // load began after the caller had read and checksummed the whole file alone. So the helper
   // starts elsewhere, then may go anywhere again: kept off the caller's CPU for a whole 512 MiB
   // load, it shared the other CPU with the caller whenever the scheduler moved the caller there.
-  cpu_set_t everywhere, away;
-  const bool steer = start_away(everywhere, away);
-  Job job{&second, steer ? &everywhere : nullptr, nullptr};
-  std::unique_ptr<KeptHelper, void (*)(KeptHelper*)> kept(KeptHelper::acquire(),
-                                                          [](KeptHelper* helper) { helper->release(); });
-  std::function<void()> join;
-  if (kept) {
-    kept->start(job, steer ? &away : nullptr);
-    join = [&] { kept->wait(); };
-  } else {
-    // Its first mask is set at creation: moving a thread that already runs needs the CPU's stopper.
-    pthread_attr_t attributes;
-    pthread_attr_init(&attributes);
-    if (steer) pthread_attr_setaffinity_np(&attributes, sizeof away, &away);
-    pthread_t thread;
-    const int created = pthread_create(
-        &thread, &attributes, [](void* context) -> void* { return (*static_cast<Job*>(context))(), nullptr; }, &job);
-    pthread_attr_destroy(&attributes);
-    if (created != 0) throw std::system_error(created, std::generic_category(), "starting a helper thread");
-    join = [&] { pthread_join(thread, nullptr); };
+  auto& state = *state_;
+  const bool steer = start_away(state.everywhere, state.away);
+  state.job = Job{&second, steer ? &state.everywhere : nullptr, nullptr};
+  state.kept = KeptHelper::acquire();
+  if (state.kept != nullptr) {
+    state.kept->start(state.job, steer ? &state.away : nullptr);
+    return;
   }
-  try {
-    first();
-  } catch (...) {
-    join();
-    throw;
-  }
-  join();
-  if (job.error) std::rethrow_exception(job.error);
+  // Its first mask is set at creation: moving a thread that already runs needs the CPU's stopper.
+  pthread_attr_t attributes;
+  pthread_attr_init(&attributes);
+  if (steer) pthread_attr_setaffinity_np(&attributes, sizeof state.away, &state.away);
+  const int created = pthread_create(
+      &state.thread, &attributes, [](void* context) -> void* { return (*static_cast<Job*>(context))(), nullptr; },
+      &state.job);
+  pthread_attr_destroy(&attributes);
+  if (created != 0) throw std::system_error(created, std::generic_category(), "starting a helper thread");
+}
+
+HelperRun::~HelperRun() { state_->wait(); }
+
+void HelperRun::join() {
+  state_->wait();
+  if (state_->job.error) std::rethrow_exception(std::exchange(state_->job.error, nullptr));
+}
+
+void run_pair(const std::function<void()>& first, const std::function<void()>& second) {
+  HelperRun helper(second);
+  first();  // on an error, the destructor waits for the helper
+  helper.join();
 }
 
 }  // namespace torchfit::detail

@@ -2,6 +2,7 @@
 // Running two jobs at once on two threads.
 
 #include <functional>
+#include <memory>
 
 namespace torchfit::detail {
 
@@ -9,6 +10,23 @@ namespace torchfit::detail {
 /// else the second's. The helper starts on another CPU than the caller's (when the process may
 /// run on another), unless the caller is a background thread.
 void run_pair(const std::function<void()>& first, const std::function<void()>& second);
+
+/// run_pair's helper half, for a caller whose own half spans calls: `second` starts on the
+/// helper at construction and is waited for by join() or, at the latest, the destructor.
+class HelperRun {
+ public:
+  /// `second` must live until the helper is joined.
+  explicit HelperRun(const std::function<void()>& second);
+  ~HelperRun();
+  HelperRun(const HelperRun&) = delete;
+  HelperRun& operator=(const HelperRun&) = delete;
+  /// Waits for `second`, then rethrows its error. Once only.
+  void join();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
 
 /// A run_pair call from this thread comes soon: wakes the helper now, so that its wake-up
 /// overlaps what the caller does until then. Without a call within about a millisecond, it goes
