@@ -82,10 +82,12 @@ constexpr uint64_t kSharedRecord = 64 << 10;
 
 /// Files read whole from their opening: those of 2 MiB and more (smaller ones are read on the
 /// calling thread) up to 64 MiB whose records average under 16 KiB. Most of their storages
-/// would share blocks anyway (kSharedRecord), and parsing a directory and pickle of thousands of records took as long as
-/// the read (2000 x 4 KiB: 0.8 ms before the first byte was read, in save_bench's rounds).
+/// would share blocks anyway (kSharedRecord), and parsing a directory and pickle of thousands
+/// of records took as long as the read (2000 x 4 KiB: 0.8 ms before the first byte was read,
+/// in save_bench's rounds).
 bool read_from_opening(uint64_t covered, uint64_t records) {
-  return covered >= (2u << 20) && covered <= (64u << 20) && records > 0 && covered / records < (16u << 10);
+  return covered >= (2u << 20) && covered <= (64u << 20) && records > 0 &&
+         covered / records < (16u << 10);
 }
 
 /// Refuses a foreign-file method on a file torchfit wrote (a misuse inside torchfit).

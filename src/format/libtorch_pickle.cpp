@@ -688,7 +688,8 @@ class TensorDictIndexer {
       if (__builtin_mul_overflow(numel, sizes[i], &numel)) return false;
     }
     int64_t nbytes = 0;
-    if (numel != storage_numel || __builtin_mul_overflow(numel, static_cast<int64_t>(c10::elementSize(dtype)), &nbytes)) {
+    if (numel != storage_numel ||
+        __builtin_mul_overflow(numel, static_cast<int64_t>(c10::elementSize(dtype)), &nbytes)) {
       return false;
     }
     out.key = *key;
