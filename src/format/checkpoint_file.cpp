@@ -117,7 +117,7 @@ CheckpointFile::CheckpointFile(const std::string& path) : reader_(path) {
   guard_read(path, [&] {
     trailer_ = read_trailer(reader_);
     if (trailer_.integrity.status == Integrity::Status::Corrupt) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, trailer_.integrity.reason));
+      throw damaged_checkpoint(path, trailer_.integrity.reason);
     }
     checksummed_ = trailer_.integrity.status == Integrity::Status::Intact;
     try {
@@ -153,15 +153,14 @@ void CheckpointFile::verify() const {
   if (reading_) {
     const uint32_t computed = std::exchange(reading_, nullptr)->finish();
     if (computed != trailer_.checksum) {
-      throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(),
-                                        checksum_mismatch(trailer_.checksum, computed).reason));
+      throw damaged_checkpoint(path(), checksum_mismatch(trailer_.checksum, computed).reason);
     }
     verified_ = true;
     return;
   }
   auto integrity = check_integrity(reader_);
   if (integrity.status != Integrity::Status::Intact) {
-    throw CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(), integrity.reason));
+    throw damaged_checkpoint(path(), integrity.reason);
   }
   verified_ = true;
 }
@@ -208,9 +207,7 @@ DeferredPickle CheckpointFile::unpickle(bool script_objects) const {
 }
 
 c10::IValue CheckpointFile::read_all_once(const Inspect& inspect, const Shortcut& shortcut) const {
-  auto damaged = [&](const std::string& what) {
-    return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path(), what));
-  };
+  auto damaged = [&](const std::string& what) { return damaged_checkpoint(path(), what); };
   if (!records_.count("data.pkl")) throw damaged("it has no data.pkl record");
   const bool whole = static_cast<bool>(whole_);
   if (!whole) keep_load_memory_for(trailer_.covered);  // the next load of this file reads into this one's memory

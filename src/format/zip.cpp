@@ -90,6 +90,10 @@ Trailer read_trailer(const FileReader& file) {
   return {{Status::Intact, ""}, checksum, size - kCommentSize};
 }
 
+CheckpointError damaged_checkpoint(const std::string& path, const std::string& what) {
+  return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", path, what));
+}
+
 Integrity checksum_mismatch(uint32_t stored, uint32_t computed) {
   return {Integrity::Status::Corrupt,
           fmt::format("checksum mismatch (stored {:08x}, computed {:08x}): the content is corrupt", stored, computed)};
@@ -276,9 +280,7 @@ std::vector<uint64_t> find_end_records(std::string_view tail, uint64_t tail_offs
 
 DirectoryLocation locate_directory(const FileReader& file) {
   const uint64_t size = file.size();
-  auto damaged = [&](const std::string& what) {
-    return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), what));
-  };
+  auto damaged = [&](const std::string& what) { return damaged_checkpoint(file.path(), what); };
   if (size < kEndSize) throw damaged(fmt::format("{} bytes are too few for a zip archive", size));
   // The end record sits in the last kEndSize bytes plus its comment (up to 64 KiB), all of which
   // is searched: a second record in there is refused, not resolved.
@@ -325,9 +327,7 @@ ZipDirectory read_directory(const FileReader& file, bool read_local_headers) {
 }
 
 ZipDirectory read_directory(const FileReader& file, const DirectoryLocation& location, bool read_local_headers) {
-  auto damaged = [&](const std::string& what) {
-    return CheckpointError(fmt::format("Checkpoint {} is damaged: {}", file.path(), what));
-  };
+  auto damaged = [&](const std::string& what) { return damaged_checkpoint(file.path(), what); };
   const auto [count, directory_size, directory_offset] = location;
   ScratchBytes directory_storage;
   const std::string_view directory = file.bytes_at(directory_offset, directory_size, directory_storage.get());

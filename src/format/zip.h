@@ -17,6 +17,7 @@
 #include "format/checksum.h"
 #include "sys/posix_file.h"
 #include "sys/threads.h"
+#include "torchfit/error.h"
 
 namespace torchfit::detail {
 
@@ -154,6 +155,8 @@ struct Trailer {
 Trailer read_trailer(const FileReader& file);
 /// "checksum mismatch (stored ..., computed ...)".
 Integrity checksum_mismatch(uint32_t stored, uint32_t computed);
+/// CheckpointError "Checkpoint <path> is damaged: <what>".
+CheckpointError damaged_checkpoint(const std::string& path, const std::string& what);
 
 /// Reads bytes [0, size) of `file` once: each job's span into its destination,
 /// every other byte into scratch memory, adjacent small jobs sharing one read.
