@@ -80,13 +80,13 @@ std::optional<size_t> storage_number(std::string_view key) {
 /// Storage records smaller than this are read in stretches, into shared blocks.
 constexpr uint64_t kSharedRecord = 64 << 10;
 
-/// Files read whole from their opening: those of 2 MiB and more (smaller ones are read on the
-/// calling thread) up to 64 MiB whose records average under 16 KiB. Most of their storages
+/// Files read whole from their opening: those of kHelpedRead and more (smaller ones are read on
+/// the calling thread) up to 64 MiB whose records average under 16 KiB. Most of their storages
 /// would share blocks anyway (kSharedRecord), and parsing a directory and pickle of thousands
 /// of records took as long as the read (2000 x 4 KiB: 0.8 ms before the first byte was read,
 /// in save_bench's rounds).
 bool read_from_opening(uint64_t covered, uint64_t records) {
-  return covered >= (2u << 20) && covered <= (64u << 20) && records > 0 &&
+  return covered >= kHelpedRead && covered <= (64u << 20) && records > 0 &&
          covered / records < (16u << 10);
 }
 
@@ -134,7 +134,7 @@ CheckpointFile::CheckpointFile(const std::string& path) : reader_(path) {
       auto directory = read_directory(reader_, location, /*read_local_headers=*/!checksummed_);
       // A module archive (0.1 full checkpoints) is read record by record, as another tool's file.
       if (checksummed_ && directory.records.count("constants.pkl") > 0) {
-        directory = read_directory(reader_, /*read_local_headers=*/true);
+        directory = read_directory(reader_, location, /*read_local_headers=*/true);
       }
       records_ = std::move(directory.records);
       directory_offset_ = directory.directory_offset;

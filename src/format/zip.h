@@ -184,9 +184,12 @@ class BackgroundRead {
 
  private:
   std::unique_ptr<ReadStretches> stretches_;
-  std::function<void()> helper_part_;
   std::unique_ptr<HelperRun> helper_;
 };
+
+/// Files read on two threads from this size on: smaller ones cost less than a thread (1 MiB:
+/// 0.27 ms alone, 0.39 helped).
+inline constexpr uint64_t kHelpedRead = 2 << 20;
 
 /// A read_once of `size` bytes comes soon from this thread: the helper it reads with is woken
 /// now, while the caller still prepares (files of 2 MiB and more, which it reads on two threads).

@@ -163,6 +163,7 @@ void expect_run_pair() {
 }
 
 struct HelperRun::State {
+  std::function<void()> second;
   Job job{nullptr, nullptr, nullptr};
   cpu_set_t everywhere, away;
   KeptHelper* kept = nullptr;
@@ -181,7 +182,7 @@ struct HelperRun::State {
   }
 };
 
-HelperRun::HelperRun(const std::function<void()>& second) : state_(std::make_unique<State>()) {
+HelperRun::HelperRun(std::function<void()> second) : state_(std::make_unique<State>()) {
   // Linux often starts a new thread on its parent's CPU, where it waits until the parent blocks
   // or is preempted. A load's caller does neither: measured in save_bench, the helper of an 8 MiB
   // load began after the caller had read and checksummed the whole file alone. So the helper
@@ -189,7 +190,8 @@ HelperRun::HelperRun(const std::function<void()>& second) : state_(std::make_uni
   // load, it shared the other CPU with the caller whenever the scheduler moved the caller there.
   auto& state = *state_;
   const bool steer = start_away(state.everywhere, state.away);
-  state.job = Job{&second, steer ? &state.everywhere : nullptr, nullptr};
+  state.second = std::move(second);
+  state.job = Job{&state.second, steer ? &state.everywhere : nullptr, nullptr};
   state.kept = KeptHelper::acquire();
   if (state.kept != nullptr) {
     state.kept->start(state.job, steer ? &state.away : nullptr);

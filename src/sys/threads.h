@@ -15,8 +15,7 @@ void run_pair(const std::function<void()>& first, const std::function<void()>& s
 /// helper at construction and is waited for by join() or, at the latest, the destructor.
 class HelperRun {
  public:
-  /// `second` must live until the helper is joined.
-  explicit HelperRun(const std::function<void()>& second);
+  explicit HelperRun(std::function<void()> second);
   ~HelperRun();
   HelperRun(const HelperRun&) = delete;
   HelperRun& operator=(const HelperRun&) = delete;
