@@ -3,7 +3,7 @@
 // time went; and loads of the full checkpoint against Python's.
 //
 //   fit_bench [--samples 4096] [--hidden 512] [--batch 128] [--epochs 2] [--every 10] [--rounds 7]
-//             [--dir bench_out] [--json fit_bench.json] [--python /usr/bin/python3]
+//             [--dir bench_out] [--json fit_bench.json] [--python /usr/bin/python3] [--only loads]
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -52,6 +52,7 @@ int main(int argc, char** argv) try {
   auto every = static_cast<int64_t>(args.number("every", 10));
   auto rounds = static_cast<int>(args.number("rounds", 7));
   auto python = args.get("python", "/usr/bin/python3");
+  const bool loads_only = args.get("only", "") == "loads";  // the full-checkpoint loads alone
   auto dir = fs::path(args.get("dir", "bench_out")) / "fit";
   fs::create_directories(dir);
 
@@ -78,6 +79,7 @@ int main(int argc, char** argv) try {
   const int groups = 3;
   std::vector<ProfileSum> profiles(configs.size());
 
+  bench::JsonRows json;
   double state_bytes = 0;
   auto run = [&](size_t index, int64_t run_epochs) {
     const Config& config = configs[index];
@@ -107,78 +109,79 @@ int main(int argc, char** argv) try {
     }
     return seconds;
   };
-  run(0, 1);  // warm-up
-  // Rounds in a new order each, so slow phases of the machine hit every configuration alike. The
-  // configurations of a group run back to back (in a new order each round too): their difference,
-  // taken round by round, leaves out the machine's drift over a round, which swings throughput by
-  // several percent here against about 0.1 % for a save.
-  std::vector<std::vector<double>> seconds(configs.size());
-  std::vector<int> group_order(groups);
-  for (int g = 0; g < groups; ++g) group_order[g] = g;
-  std::mt19937 shuffle(42);
-  for (int round = 0; round < rounds; ++round) {
-    std::shuffle(group_order.begin(), group_order.end(), shuffle);
-    for (int g : group_order) {
-      std::vector<size_t> members;
-      for (size_t i = 0; i < configs.size(); ++i) {
-        if (configs[i].group == g) members.push_back(i);
+  if (!loads_only) {
+    run(0, 1);  // warm-up
+    // Rounds in a new order each, so slow phases of the machine hit every configuration alike. The
+    // configurations of a group run back to back (in a new order each round too): their difference,
+    // taken round by round, leaves out the machine's drift over a round, which swings throughput by
+    // several percent here against about 0.1 % for a save.
+    std::vector<std::vector<double>> seconds(configs.size());
+    std::vector<int> group_order(groups);
+    for (int g = 0; g < groups; ++g) group_order[g] = g;
+    std::mt19937 shuffle(42);
+    for (int round = 0; round < rounds; ++round) {
+      std::shuffle(group_order.begin(), group_order.end(), shuffle);
+      for (int g : group_order) {
+        std::vector<size_t> members;
+        for (size_t i = 0; i < configs.size(); ++i) {
+          if (configs[i].group == g) members.push_back(i);
+        }
+        std::shuffle(members.begin(), members.end(), shuffle);
+        for (size_t i : members) seconds[i].push_back(run(i, epochs));
       }
-      std::shuffle(members.begin(), members.end(), shuffle);
-      for (size_t i : members) seconds[i].push_back(run(i, epochs));
     }
-  }
 
-  bench::JsonRows json;
-  fmt::print("workload: MLP 784-{}-{}-10, Adam, {} samples, batch {}, {} epochs, {} interleaved rounds; full checkpoint "
-             "{:.1f} MiB; {} intra-op threads, {} cores\n\n",
-             hidden, hidden, samples, batch, epochs, rounds, state_bytes / (1 << 20), at::get_num_threads(),
-             std::thread::hardware_concurrency());
-  fmt::print("Throughput against no checkpoint, round by round: median (min to max)\n\n"
-             "| configuration | samples/s (median) | vs no checkpoint |\n|---|---|---|\n");
-  for (size_t i = 0; i < configs.size(); ++i) {
-    std::vector<double> ratios;
-    for (int r = 0; r < rounds; ++r) ratios.push_back(seconds[0][r] / seconds[i][r]);
-    const auto ratio = bench::Spread::of(ratios);
-    const double throughput = static_cast<double>(samples * epochs) / bench::Spread::of(seconds[i]).median;
-    fmt::print("| {} | {:.0f} | {} |\n", configs[i].name, throughput, ratio.str());
-    json.add({{"samples_per_s", throughput},
-              {"ratio", ratio.median},
-              {"ratio_min", ratio.min},
-              {"ratio_max", ratio.max},
-              {"state_bytes", state_bytes}},
-             {{"configuration", configs[i].name}});
-  }
-
-  // Async against sync in the same round, back to back: the goal is async >= sync - 0.01.
-  fmt::print("\nAsync minus sync, both × no checkpoint, round by round: median (min to max)\n\n"
-             "| saves | async − sync |\n|---|---|\n");
-  for (auto [sync, async] : {std::pair<size_t, size_t>{1, 2}, {3, 4}}) {
-    std::vector<double> differences;
-    for (int r = 0; r < rounds; ++r) {
-      differences.push_back(seconds[0][r] / seconds[async][r] - seconds[0][r] / seconds[sync][r]);
+    fmt::print("workload: MLP 784-{}-{}-10, Adam, {} samples, batch {}, {} epochs, {} interleaved rounds; full checkpoint "
+               "{:.1f} MiB; {} intra-op threads, {} cores\n\n",
+               hidden, hidden, samples, batch, epochs, rounds, state_bytes / (1 << 20), at::get_num_threads(),
+               std::thread::hardware_concurrency());
+    fmt::print("Throughput against no checkpoint, round by round: median (min to max)\n\n"
+               "| configuration | samples/s (median) | vs no checkpoint |\n|---|---|---|\n");
+    for (size_t i = 0; i < configs.size(); ++i) {
+      std::vector<double> ratios;
+      for (int r = 0; r < rounds; ++r) ratios.push_back(seconds[0][r] / seconds[i][r]);
+      const auto ratio = bench::Spread::of(ratios);
+      const double throughput = static_cast<double>(samples * epochs) / bench::Spread::of(seconds[i]).median;
+      fmt::print("| {} | {:.0f} | {} |\n", configs[i].name, throughput, ratio.str());
+      json.add({{"samples_per_s", throughput},
+                {"ratio", ratio.median},
+                {"ratio_min", ratio.min},
+                {"ratio_max", ratio.max},
+                {"state_bytes", state_bytes}},
+               {{"configuration", configs[i].name}});
     }
-    const auto difference = bench::Spread::of(differences);
-    const auto saves = configs[sync].name.substr(configs[sync].name.find(", ") + 2);
-    fmt::print("| {} | {} |\n", saves, difference.str("{:+.3f}"));
-    json.add({{"async_minus_sync", difference.median},
-              {"async_minus_sync_min", difference.min},
-              {"async_minus_sync_max", difference.max}},
-             {{"configuration", saves}});
-  }
 
-  // Where the async saves' time went, per save, over all rounds.
-  fmt::print("\nAsync saves, ms per save over all rounds (caller: the training thread)\n\n"
-             "| configuration | saves (inline) | caller: save wait | capture | inline save | before_update | wait "
-             "| step excess | page faults/save | writer: copy | store | CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-  for (size_t i = 0; i < configs.size(); ++i) {
-    if (!configs[i].async) continue;
-    const auto& p = profiles[i].sum;
-    const double saves = static_cast<double>(std::max<int64_t>(1, p.background_saves + p.inline_saves));
-    auto ms = [&](double s) { return fmt::format("{:.2f}", s * 1e3 / saves); };
-    fmt::print("| {} | {} ({}) | {} | {} | {} | {} | {} | {} | {:.0f} | {} | {} | {} |\n", configs[i].name,
-               p.background_saves + p.inline_saves, p.inline_saves, ms(p.save_wait), ms(p.capture), ms(p.inline_save),
-               ms(p.before_update), ms(p.wait), ms(p.step_excess), static_cast<double>(p.caller_page_faults) / saves,
-               ms(p.writer_copy), ms(p.writer_store), ms(p.writer_cpu));
+    // Async against sync in the same round, back to back: the goal is async >= sync - 0.01.
+    fmt::print("\nAsync minus sync, both × no checkpoint, round by round: median (min to max)\n\n"
+               "| saves | async − sync |\n|---|---|\n");
+    for (auto [sync, async] : {std::pair<size_t, size_t>{1, 2}, {3, 4}}) {
+      std::vector<double> differences;
+      for (int r = 0; r < rounds; ++r) {
+        differences.push_back(seconds[0][r] / seconds[async][r] - seconds[0][r] / seconds[sync][r]);
+      }
+      const auto difference = bench::Spread::of(differences);
+      const auto saves = configs[sync].name.substr(configs[sync].name.find(", ") + 2);
+      fmt::print("| {} | {} |\n", saves, difference.str("{:+.3f}"));
+      json.add({{"async_minus_sync", difference.median},
+                {"async_minus_sync_min", difference.min},
+                {"async_minus_sync_max", difference.max}},
+               {{"configuration", saves}});
+    }
+
+    // Where the async saves' time went, per save, over all rounds.
+    fmt::print("\nAsync saves, ms per save over all rounds (caller: the training thread)\n\n"
+               "| configuration | saves (inline) | caller: save wait | capture | inline save | before_update | wait "
+               "| step excess | page faults/save | writer: copy | store | CPU |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for (size_t i = 0; i < configs.size(); ++i) {
+      if (!configs[i].async) continue;
+      const auto& p = profiles[i].sum;
+      const double saves = static_cast<double>(std::max<int64_t>(1, p.background_saves + p.inline_saves));
+      auto ms = [&](double s) { return fmt::format("{:.2f}", s * 1e3 / saves); };
+      fmt::print("| {} | {} ({}) | {} | {} | {} | {} | {} | {} | {:.0f} | {} | {} | {} |\n", configs[i].name,
+                 p.background_saves + p.inline_saves, p.inline_saves, ms(p.save_wait), ms(p.capture), ms(p.inline_save),
+                 ms(p.before_update), ms(p.wait), ms(p.step_excess), static_cast<double>(p.caller_page_faults) / saves,
+                 ms(p.writer_copy), ms(p.writer_store), ms(p.writer_cpu));
+    }
   }
 
   // Loads of the full checkpoint into a model and Adam that already hold state.

@@ -45,6 +45,17 @@ struct Pair {
   }
 };
 
+/// One more step on both from the same seed leaves them bitwise equal when their optimizers'
+/// states were.
+void expect_same_after_a_step(Pair& a, Pair& b) {
+  torch::manual_seed(5);
+  a.step();
+  torch::manual_seed(5);
+  b.step();
+  expect_same_weights(*a.generator, *b.generator);
+  expect_same_weights(*a.discriminator, *b.discriminator);
+}
+
 double lr_of(const torch::optim::Optimizer& optimizer) { return optimizer.param_groups()[0].options().get_lr(); }
 
 class EngineTest : public TorchfitTest {};
@@ -72,13 +83,7 @@ TEST_F(EngineTest, SaveLoadRoundTripRestoresModulesOptimizerOptionsRngAndValues)
   EXPECT_DOUBLE_EQ(lr_of(*b.g_opt), 0.0125);
   EXPECT_DOUBLE_EQ(static_cast<torch::optim::SGDOptions&>(b.d_opt->param_groups()[0].options()).momentum(), 0.5);
   EXPECT_TRUE(torch::equal(torch::rand({4}), expected_noise)) << "the RNG was not restored";
-  // One more step on both stays bitwise equal: the optimizer state came back too.
-  torch::manual_seed(5);
-  a.step();
-  torch::manual_seed(5);
-  b.step();
-  expect_same_weights(*a.generator, *b.generator);
-  expect_same_weights(*a.discriminator, *b.discriminator);
+  expect_same_after_a_step(a, b);  // the optimizer state came back too
 }
 
 TEST_F(EngineTest, LoadNamesMissingAndUnexpectedItemsAndChangesNothing) {
@@ -110,6 +115,80 @@ TEST_F(EngineTest, MismatchInOneItemLeavesEveryItemUntouched) {
   c.add_rng();
   EXPECT_THROW_MSG(torchfit::load(c, path("one.pt")), CheckpointError, "[discriminator]");
   EXPECT_TRUE(torch::equal(state_dict(*generator)["fc1.weight"], g_before));
+}
+
+/// The Adam state of `param`: its exp_avg and exp_avg_sq.
+std::pair<at::Tensor, at::Tensor> adam_moments(torch::optim::Adam& adam, const at::Tensor& param) {
+  const auto& state =
+      static_cast<const torch::optim::AdamParamState&>(*adam.state().at(compat::optimizer_state_key(param)));
+  return {state.exp_avg(), state.exp_avg_sq()};
+}
+
+TEST_F(EngineTest, ALoadFromAFileGivesTheModelAndOptimizerItsMemoryInsteadOfCopying) {
+  Pair a;
+  for (int i = 0; i < 3; ++i) a.step();
+  torchfit::save(a.items(), path("one.pt"));
+  Pair b;
+  b.step();  // b's optimizers hold state of their own
+  const auto weight = b.generator->fc1->weight;
+  const void* weight_memory = weight.data_ptr();
+  const auto [exp_avg, exp_avg_sq] = adam_moments(*b.g_opt, weight);
+  const void* exp_avg_memory = exp_avg.data_ptr();
+  auto items = b.items();
+  torchfit::load(items, path("one.pt"));
+  // The model's and the optimizer's tensors are the ones they were, holding the file's bytes
+  // in the file's memory: nothing was copied.
+  expect_same_weights(*a.generator, *b.generator);
+  EXPECT_TRUE(b.generator->fc1->weight.is_same(weight));
+  EXPECT_NE(weight.data_ptr(), weight_memory);
+  const auto [loaded_avg, loaded_avg_sq] = adam_moments(*b.g_opt, weight);
+  EXPECT_TRUE(loaded_avg.is_same(exp_avg));
+  EXPECT_TRUE(loaded_avg_sq.is_same(exp_avg_sq));
+  EXPECT_NE(loaded_avg.data_ptr(), exp_avg_memory);
+  const auto [saved_avg, saved_avg_sq] = adam_moments(*a.g_opt, a.generator->fc1->weight);
+  EXPECT_TRUE(torch::equal(loaded_avg, saved_avg));
+  EXPECT_TRUE(torch::equal(loaded_avg_sq, saved_avg_sq));
+  expect_same_after_a_step(a, b);
+}
+
+TEST_F(EngineTest, AStateTheCallerHoldsIsCopiedByLoadStateDict) {
+  Pair a, b;
+  a.step();
+  b.step();
+  const auto state = a.items().state_dict();  // a's live tensors
+  const void* a_memory = a.generator->fc1->weight.data_ptr();
+  auto items = b.items();
+  items.load_state_dict(state, "a's state");
+  expect_same_weights(*a.generator, *b.generator);
+  EXPECT_EQ(a.generator->fc1->weight.data_ptr(), a_memory);
+  const auto a_weights = state_dict(*a.generator)["fc1.weight"].clone();
+  b.step();  // b's training must not reach a
+  EXPECT_TRUE(torch::equal(state_dict(*a.generator)["fc1.weight"], a_weights));
+  EXPECT_FALSE(torch::equal(state_dict(*b.generator)["fc1.weight"], a_weights));
+}
+
+TEST_F(EngineTest, AFileNamingOneTensorTwiceLoadsTwoIndependentStateTensors) {
+  Pair a;
+  a.step();
+  // A hand-made file whose Adam state of parameter 0 has exp_avg and exp_avg_sq as one tensor.
+  auto state = a.items().state_dict();
+  auto moments = state.toGenericDict().at("g_opt").toGenericDict().at("state").toGenericDict().at(0).toGenericDict();
+  moments.insert_or_assign("exp_avg", moments.at("exp_avg_sq"));
+  FileCheckpointIO().save(state, path("twice.pt"));
+  const auto expected = moments.at("exp_avg_sq").toTensor().clone();
+  for (bool with_state : {true, false}) {
+    SCOPED_TRACE(with_state ? "into an optimizer with state" : "into a fresh optimizer");
+    Pair b;
+    if (with_state) b.step();
+    auto items = b.items();
+    torchfit::load(items, path("twice.pt"));
+    auto [exp_avg, exp_avg_sq] = adam_moments(*b.g_opt, b.generator->fc1->weight);
+    EXPECT_TRUE(torch::equal(exp_avg, expected));
+    EXPECT_TRUE(torch::equal(exp_avg_sq, expected));
+    EXPECT_FALSE(exp_avg.is_alias_of(exp_avg_sq));
+    exp_avg.add_(1);
+    EXPECT_TRUE(torch::equal(exp_avg_sq, expected));
+  }
 }
 
 TEST_F(EngineTest, CheckpointFilesAreTorchSaveDictsForPython) {
@@ -164,6 +243,47 @@ TEST_F(EngineTest, ManagerRunsItsScenariosOnAnotherStorage) {
   EXPECT_EQ(*from, "ckpt/004-0.30.pt");
   EXPECT_EQ(resumed.top_k(), manager.top_k());
   expect_same_weights(*a.generator, *b.generator);
+}
+
+TEST_F(EngineTest, AManagerRestoresFilesWithoutCopyingAndKeptStatesByCopy) {
+  Pair a;
+  a.step();
+  {  // files: the model takes the file's memory
+    CheckpointManager manager(CheckpointOptions(path("ckpt/{step}.pt")).monitor("step"));
+    auto state = a.items();
+    manager.save(state, {{"step", 1.0}});
+    Pair b;
+    b.step();
+    const auto weight = b.generator->fc1->weight;
+    const void* memory = weight.data_ptr();
+    auto restored = b.items();
+    ASSERT_TRUE(manager.restore_latest(restored));
+    expect_same_weights(*a.generator, *b.generator);
+    EXPECT_TRUE(b.generator->fc1->weight.is_same(weight));
+    EXPECT_NE(weight.data_ptr(), memory);
+  }
+  // A storage that hands out the state it keeps must still have it intact after a restore
+  // and more training.
+  class KeepingIO : public MemoryCheckpointIO {
+   public:
+    c10::IValue load(const std::string& path) override {
+      if (kept_.isNone()) kept_ = MemoryCheckpointIO::load(path);
+      return kept_;
+    }
+
+   private:
+    c10::IValue kept_;
+  };
+  CheckpointManager manager(CheckpointOptions("ckpt/{step}.pt").monitor("step").io(std::make_shared<KeepingIO>()));
+  auto state = a.items();
+  manager.save(state, {{"step", 1.0}});
+  for (int restore = 0; restore < 2; ++restore) {
+    Pair b;
+    auto restored = b.items();
+    ASSERT_TRUE(manager.restore_latest(restored));
+    expect_same_weights(*a.generator, *b.generator);
+    b.step();
+  }
 }
 
 TEST_F(EngineTest, ManagerSaveFreqCountsCallsAndSaveBestOnlySkipsNaN) {

@@ -191,9 +191,11 @@ TEST(ThreadsTest, AHelperWokenForACallThatNeverComesGoesBackToSleep) {
   detail::expect_run_pair();
   // It waits for the call spinning, for about a millisecond, then sleeps again.
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (thread_state(helper)[0] == 'R' && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
-  EXPECT_NE(thread_state(helper)[0], 'R') << "a helper woken ahead of a call must not spin on: "
-                                          << thread_state(helper);
+  std::string state = thread_state(helper);
+  for (; state[0] == 'R' && std::chrono::steady_clock::now() < deadline; state = thread_state(helper)) {
+    std::this_thread::yield();
+  }
+  EXPECT_NE(state[0], 'R') << "a helper woken ahead of a call must not spin on: " << state;
   // Woken twice with no call between, it still serves the next call, on the same thread.
   detail::expect_run_pair();
   detail::expect_run_pair();

@@ -28,6 +28,11 @@ class Checkpoint::Item {
   virtual const char* kind() const = 0;
   virtual c10::IValue save() const = 0;
   virtual std::function<void()> prepare(const c10::IValue& state, const std::string& where) = 0;
+  /// As prepare, for a state just read from a file and held nowhere else: its tensors may give
+  /// their memory to the item's instead of being copied into them.
+  virtual std::function<void()> prepare_taking(const c10::IValue& state, const std::string& where) {
+    return prepare(state, where);
+  }
   /// Adds the storages of the tensors only optimizer steps change in place.
   virtual void add_step_storages(std::unordered_set<const void*>& storages) const { (void)storages; }
   bool optional = false;
@@ -55,6 +60,13 @@ class ModuleItem : public Checkpoint::Item {
       detail::copy_weights(targets, weights);
     };
   }
+  Apply prepare_taking(const c10::IValue& state, const std::string& where) override {
+    auto weights = detail::weights_from_ivalue(state, where);
+    auto targets = detail::check_weights(*module_, weights, where);
+    return [targets = std::move(targets), weights = std::move(weights)]() mutable {
+      detail::install_weights(targets, weights);
+    };
+  }
   // Parameters, not buffers: forward passes write buffers (BatchNorm's running statistics).
   void add_step_storages(std::unordered_set<const void*>& storages) const override {
     for (const auto& parameter : module_->parameters()) storages.insert(parameter.storage().unsafeGetStorageImpl());
@@ -71,6 +83,9 @@ class OptimizerItem : public Checkpoint::Item {
   c10::IValue save() const override { return detail::optimizer_state_dict(*optimizer_); }
   Apply prepare(const c10::IValue& state, const std::string& where) override {
     return detail::prepare_optimizer_load(*optimizer_, state, where);
+  }
+  Apply prepare_taking(const c10::IValue& state, const std::string& where) override {
+    return detail::prepare_optimizer_load(*optimizer_, state, where, /*take=*/true);
   }
   void add_step_storages(std::unordered_set<const void*>& storages) const override {
     detail::for_each_tensor(save(), [&](const at::Tensor& tensor) {
@@ -348,6 +363,10 @@ c10::IValue Checkpoint::weights_state_dict() const {
 }
 
 void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& where) {
+  load_state_dict(state, where, /*take=*/false);
+}
+
+void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& where, bool take) {
   if (!state.isGenericDict()) {
     throw CheckpointError(fmt::format("Checkpoint {} holds a {}, not a dict of items", where, state.tagKind()));
   }
@@ -417,7 +436,8 @@ void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& wh
       if (i == item) name = n;
     }
     try {
-      apply.push_back(item->prepare(value, fmt::format("{} [{}]", where, name)));
+      const auto item_where = fmt::format("{} [{}]", where, name);
+      apply.push_back(take ? item->prepare_taking(value, item_where) : item->prepare(value, item_where));
     } catch (const CheckpointError& e) {
       // Item errors start with "<where> [name]", "Checkpoint <where> [name]" or "Failed reading
       // checkpoint <where> [name]": the message names the file once.
@@ -443,7 +463,15 @@ void save(const Checkpoint& checkpoint, const std::string& path, const SaveOptio
 void load(Checkpoint& checkpoint, const std::string& path) {
   // Files of other tools too (verified by their zip CRCs): Python's {"model": ..., "optimizer": ...}.
   auto state = detail::guard_read(path, [&] { return detail::CheckpointFile(path).read_all(); });
-  checkpoint.load_state_dict(state, path);
+  detail::load_read_state(checkpoint, std::move(state), path);
 }
+
+namespace detail {
+
+void load_read_state(Checkpoint& checkpoint, c10::IValue state, const std::string& where) {
+  checkpoint.load_state_dict(state, where, /*take=*/true);
+}
+
+}  // namespace detail
 
 }  // namespace torchfit

@@ -387,7 +387,11 @@ void CheckpointManager::restore(Checkpoint& state, const std::string& path) {
   // Files of torchfit 0.2 keyed every manager's state with its monitor.
   const std::string key_0_2 = fmt::format("{}|monitor={}", options_.filepath(), options_.monitor());
   if (key_0_2 != state_key()) with_manager.add_optional(kManagerKeyPrefix + key_0_2, manager_state);
-  with_manager.load_state_dict(data, path);
+  if (io_->loads_fresh_tensors()) {
+    detail::load_read_state(with_manager, std::move(data), path);
+  } else {
+    with_manager.load_state_dict(data, path);
+  }
   protect(path);
   trigger_.restart_clock();  // the time the run was down does not count
 }

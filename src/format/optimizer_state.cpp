@@ -19,6 +19,7 @@
 #include "compat/libtorch.h"
 #include "format/module_archive.h"
 #include "format/optimizer_archive.h"
+#include "format/state_dict.h"
 #include "torchfit/error.h"
 
 namespace torchfit::detail {
@@ -32,12 +33,57 @@ using StateMap = compat::OptimizerStateMap;
 
 Dict new_dict() { return Dict(c10::StringType::get(), c10::AnyType::get()); }
 
+/// The state tensors of a load whose file tensors nothing else holds: each is taken as it is
+/// rather than copied, or gives its memory to the optimizer's current tensor of the same
+/// name, once the load applies. A tensor is taken once: a file may name one twice.
+class TakenTensors {
+ public:
+  /// Whether `source` gives its memory to `target` when the load applies.
+  bool swap_into(const at::Tensor& target, const at::Tensor& source) {
+    if (!can_swap_memory(target, source) || taken(target) || taken(source)) return false;
+    swaps_.emplace_back(target, source);
+    return true;
+  }
+  /// Whether `source` can be kept as the optimizer's.
+  bool keep(const at::Tensor& source) {
+    if (!owns_storage_alone(source) || taken(source)) return false;
+    kept_.push_back(source);
+    return true;
+  }
+  void apply() {
+    for (auto& [target, source] : swaps_) swap_memory(target, source);
+  }
+
+ private:
+  bool taken(const at::Tensor& tensor) const {
+    const void* storage = tensor.storage().unsafeGetStorageImpl();
+    for (const auto& [target, source] : swaps_) {
+      if (target.storage().unsafeGetStorageImpl() == storage || source.storage().unsafeGetStorageImpl() == storage) {
+        return true;
+      }
+    }
+    for (const auto& source : kept_) {
+      if (source.storage().unsafeGetStorageImpl() == storage) return true;
+    }
+    return false;
+  }
+  std::vector<std::pair<at::Tensor, at::Tensor>> swaps_;
+  std::vector<at::Tensor> kept_;
+};
+
 /// Reads typed fields of one saved dict; errors name `where` and the field.
 class Fields {
  public:
   Fields(const c10::IValue& value, std::string where) : where_(std::move(where)) {
     if (!value.isGenericDict()) throw error(fmt::format("is a {}, not a dict", value.tagKind()));
     dict_ = value.toGenericDict();
+  }
+  /// A parameter's saved state whose tensors `taken` takes where it can, `current` holding
+  /// the optimizer's state of that parameter by the same names.
+  Fields(const c10::IValue& value, std::string where, TakenTensors* taken, Dict current)
+      : Fields(value, std::move(where)) {
+    taken_ = taken;
+    current_ = std::move(current);
   }
   bool has(const char* name) const {
     auto it = dict_.find(name);
@@ -117,6 +163,7 @@ class Fields {
     throw error(fmt::format("'{}' is a {}, not a pair of numbers", name, v.tagKind()));
   }
   /// A state tensor shaped like `param`, moved to its device; undefined when absent or None.
+  /// A copy, unless the tensor is taken (see TakenTensors).
   at::Tensor tensor_like(const char* name, const at::Tensor& param) const {
     if (!has(name)) return {};
     auto v = get(name);
@@ -126,6 +173,14 @@ class Fields {
       throw error(fmt::format("'{}' has shape [{}] but its parameter has shape [{}]", name,
                               fmt::join(t.sizes(), ", "), fmt::join(param.sizes(), ", ")));
     }
+    if (taken_ && t.scalar_type() == param.scalar_type() && t.device() == param.device()) {
+      auto current = current_.find(name);
+      if (current != current_.end() && current->value().isTensor() &&
+          taken_->swap_into(current->value().toTensor(), t)) {
+        return current->value().toTensor();
+      }
+      if (taken_->keep(t)) return t;
+    }
     return t.to(param.options(), /*non_blocking=*/false, /*copy=*/true);
   }
   CheckpointError error(const std::string& what) const { return CheckpointError(where_ + " " + what); }
@@ -134,6 +189,8 @@ class Fields {
  private:
   Dict dict_ = new_dict();
   std::string where_;
+  TakenTensors* taken_ = nullptr;
+  Dict current_ = new_dict();
 };
 
 at::Tensor step_tensor(int64_t step) { return at::scalar_tensor(static_cast<double>(step), at::kFloat); }
@@ -380,7 +437,8 @@ c10::IValue save_as(const Optimizer& optimizer) {
 }
 
 template <typename Codec>
-std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value, const std::string& where) {
+std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value, const std::string& where,
+                                 bool take) {
   Fields top(value, where + ":");
   if (top.has("torchfit_archive")) {
     throw CheckpointError(fmt::format("{}: the checkpoint holds the state of another optimizer type", where));
@@ -402,6 +460,7 @@ std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value,
   auto saved = top.get("state");
   if (!saved.isGenericDict()) throw top.error("'state' is not a dict");
   auto states = std::make_shared<StateMap>();
+  auto taken = take ? std::make_shared<TakenTensors>() : nullptr;
   for (const auto& entry : saved.toGenericDict()) {
     if (!entry.key().isInt() || entry.key().toInt() < 0 || entry.key().toInt() >= static_cast<int64_t>(params.size())) {
       throw CheckpointError(fmt::format("{}: state for parameter {} but the optimizer has {} parameters", where,
@@ -410,12 +469,20 @@ std::function<void()> prepare_as(Optimizer& optimizer, const c10::IValue& value,
     const auto index = static_cast<size_t>(entry.key().toInt());
     const auto& param = params[index];
     auto state = std::make_unique<typename Codec::State>();
-    Codec::load_state(*state, Fields(entry.value(), fmt::format("{}: state of parameter {}", where, index)), param,
-                      static_cast<const typename Codec::Options&>(*options[group_of[index]]));
+    Dict current = new_dict();
+    auto it = optimizer.state().find(compat::optimizer_state_key(param));
+    if (taken && it != optimizer.state().end() && dynamic_cast<const typename Codec::State*>(it->second.get())) {
+      Codec::save_state(static_cast<const typename Codec::State&>(*it->second), current);
+    }
+    Codec::load_state(*state,
+                      Fields(entry.value(), fmt::format("{}: state of parameter {}", where, index), taken.get(),
+                             std::move(current)),
+                      param, static_cast<const typename Codec::Options&>(*options[group_of[index]]));
     (*states)[compat::optimizer_state_key(param)] = std::move(state);
   }
   auto shared_options = std::make_shared<std::vector<std::unique_ptr<OptimizerOptions>>>(std::move(options));
-  return [&optimizer, states, shared_options] {
+  return [&optimizer, states, shared_options, taken] {
+    if (taken) taken->apply();
     for (size_t i = 0; i < shared_options->size(); ++i) {
       optimizer.param_groups()[i].set_options(std::move((*shared_options)[i]));
     }
@@ -486,10 +553,12 @@ c10::IValue optimizer_state_dict(const Optimizer& optimizer) {
   return save_archive(optimizer);
 }
 
-std::function<void()> prepare_optimizer_load(Optimizer& optimizer, const c10::IValue& state, const std::string& where) {
+std::function<void()> prepare_optimizer_load(Optimizer& optimizer, const c10::IValue& state, const std::string& where,
+                                             bool take) {
   // Errors name the type loaded into: a missing field usually means the file holds another optimizer.
   auto into = [&](auto codec, const char* type) {
-    return prepare_as<decltype(codec)>(optimizer, state, fmt::format("{} (into a torch::optim::{})", where, type));
+    return prepare_as<decltype(codec)>(optimizer, state, fmt::format("{} (into a torch::optim::{})", where, type),
+                                       take);
   };
   try {
     if (is<AdamWCodec>(optimizer)) return into(AdamWCodec{}, "AdamW");

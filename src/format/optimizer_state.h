@@ -17,8 +17,10 @@ namespace torchfit::detail {
 c10::IValue optimizer_state_dict(const torch::optim::Optimizer& optimizer);
 /// Checks `state` against `optimizer` completely and returns a function that
 /// applies it (options of every group and the per-parameter state) and cannot
-/// fail. Throws CheckpointError starting with `where`.
+/// fail. Throws CheckpointError starting with `where`. With `take` (a state just read from a
+/// file, held nowhere else), its tensors are not copied: the optimizer's state tensors take
+/// their memory (install_weights' swap) or, where there is none, the tensors themselves.
 std::function<void()> prepare_optimizer_load(torch::optim::Optimizer& optimizer, const c10::IValue& state,
-                                             const std::string& where);
+                                             const std::string& where, bool take = false);
 
 }  // namespace torchfit::detail

@@ -240,22 +240,38 @@ at::DataPtr take_memory(at::Tensor& target, at::DataPtr memory) {
 
 }  // namespace
 
+bool owns_storage_alone(const at::Tensor& tensor) {
+  return tensor.is_contiguous() && tensor.storage_offset() == 0 && tensor.storage().nbytes() == tensor.nbytes() &&
+         tensor.storage().use_count() == 1;
+}
+
+bool can_swap_memory(const at::Tensor& target, const at::Tensor& source) {
+  return takes_memory(target) && !target.is_quantized() && source.device() == target.device() &&
+         source.scalar_type() == target.scalar_type() && source.sizes() == target.sizes() &&
+         owns_storage_alone(source);
+}
+
+void swap_memory(at::Tensor& target, at::Tensor& source) {
+  // The source takes the target's old memory, which serves the next load once the source is freed.
+  source.storage().set_data_ptr_noswap(take_memory(target, source.storage().set_data_ptr(at::DataPtr())));
+  target.unsafeGetTensorImpl()->bump_version();
+}
+
 void install_weights(TensorMap& targets, const TensorMap& weights) {
   at::NoGradGuard no_grad;
-  // Swapping memory costs no copy; it is only safe when neither side shares its storage, and
-  // for a source read under one name only: a swap leaves the target's old memory in it.
+  // A swap is only safe for a source read under one name: it leaves the target's old memory in it.
   std::map<const void*, int> names_per_storage;
   for (const auto& [name, source] : weights) ++names_per_storage[source.storage().unsafeGetStorageImpl()];
   for_each_pair(targets, weights, [&](at::Tensor& target, const at::Tensor& source) {
-    bool swap = takes_memory(target) && source.device() == target.device() && source.is_contiguous() &&
-                source.storage_offset() == 0 && source.storage().nbytes() == source.nbytes() &&
-                source.storage().use_count() == 1 && names_per_storage[source.storage().unsafeGetStorageImpl()] == 1;
-    if (swap && !target.is_quantized()) {
-      // Same sizes, strides, dtype and device (checked). The source takes the target's old
-      // memory, which serves the next load once the source is freed.
-      source.storage().set_data_ptr_noswap(take_memory(target, source.storage().set_data_ptr(at::DataPtr())));
-    } else if (swap) {  // a quantized tensor takes the file's scales too, through set_data
-      target.set_data(source);
+    const bool read_once = names_per_storage[source.storage().unsafeGetStorageImpl()] == 1;
+    if (read_once && can_swap_memory(target, source)) {
+      at::Tensor swapped = source;
+      swap_memory(target, swapped);
+      return;
+    }
+    if (read_once && target.is_quantized() && takes_memory(target) && source.device() == target.device() &&
+        owns_storage_alone(source)) {
+      target.set_data(source);  // a quantized tensor takes the file's scales too
     } else {
       target.copy_(source);
     }

@@ -36,6 +36,14 @@ void copy_weights(TensorMap& targets, const TensorMap& weights);
 /// tensor's storage where neither shares its storage, and is copied into
 /// otherwise. Cannot fail half-way.
 void install_weights(TensorMap& targets, const TensorMap& weights);
+/// Whether `tensor` is all of a storage that no other tensor has.
+bool owns_storage_alone(const at::Tensor& tensor);
+/// Whether `source`, freshly read and held nowhere else, can give `target` its memory instead
+/// of being copied into it: the same sizes, dtype and device, each all of a storage of its own.
+bool can_swap_memory(const at::Tensor& target, const at::Tensor& source);
+/// `target` takes `source`'s memory (checked with can_swap_memory) and `source` the target's
+/// old memory, which serves the next load once `source` is freed. Cannot fail.
+void swap_memory(at::Tensor& target, at::Tensor& source);
 
 /// A load that binds a weights file's storages straight to a module's tensors, making no
 /// tensor of the file (for thousands of small tensors that costs more than reading them):

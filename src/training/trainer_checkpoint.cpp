@@ -151,7 +151,8 @@ void Trainer::restore(const std::string& path, bool with_history) {
   detail::read_checkpoint_file(
       path,
       [&](const detail::CheckpointFile& file) {
-        checkpoint(CheckpointScope().with_history(with_history)).load_state_dict(file.read_torchfit(), path);
+        auto items = checkpoint(CheckpointScope().with_history(with_history));
+        detail::load_read_state(items, file.read_torchfit(), path);
       },
       [&](const detail::CheckpointFile& file) { restore_legacy(file); });
   resumed_from_ = path;

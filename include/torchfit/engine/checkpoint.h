@@ -42,10 +42,14 @@ class Optimizer;
 namespace torchfit {
 
 class Sampler;
+class Checkpoint;
 
 namespace detail {
 template <typename T>
 T value_as(const std::string& name, const c10::IValue& value);
+/// `Checkpoint::load_state_dict` of a state just read from a file and held nowhere else: its
+/// tensors give their memory to the items' (or take their place) instead of being copied.
+void load_read_state(Checkpoint& checkpoint, c10::IValue state, const std::string& where);
 }  // namespace detail
 
 /// Anything that saves and restores its state as data (a `c10::IValue` of
@@ -164,6 +168,8 @@ class Checkpoint {
   void add_optional(const std::string& name, std::shared_ptr<Stateful> item);
 
  private:
+  friend void detail::load_read_state(Checkpoint&, c10::IValue, const std::string&);
+  void load_state_dict(const c10::IValue& state, const std::string& where, bool take);
   void add_module(const std::string& name, std::shared_ptr<torch::nn::Module> module);
   void add_optimizer(const std::string& name, std::shared_ptr<torch::optim::Optimizer> optimizer);
   void add_item(const std::string& name, std::shared_ptr<Item> item);

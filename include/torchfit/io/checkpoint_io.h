@@ -116,6 +116,10 @@ class CheckpointIO {
   /// The checkpoint at `path`, verified. Throws `CheckpointError` naming the path
   /// when it is missing, damaged or not a checkpoint.
   virtual c10::IValue load(const std::string& path) = 0;
+  /// Whether every `load` returns a state of its own, held nowhere else (read from a file just
+  /// then): a restore may hand its tensors' memory to the model and optimizer instead of
+  /// copying. False by default, as for storage that keeps the states it returns.
+  virtual bool loads_fresh_tensors() const { return false; }
   /// Removes `path` if it exists; throws `CheckpointError` when it cannot.
   virtual void remove(const std::string& path) = 0;
   /// The checkpoints stored in `directory` ("" is the current one), newest first.
@@ -161,6 +165,7 @@ class FileCheckpointIO : public CheckpointIO {
   void save_with_hints(const c10::IValue& checkpoint, const std::string& path, const SaveHints& hints,
                        const OnCommit& on_commit = {}) override;
   c10::IValue load(const std::string& path) override;
+  bool loads_fresh_tensors() const override { return true; }
   void remove(const std::string& path) override;
   /// Regular files that are not temporaries or the pointer file, by modification
   /// time, newest first.
@@ -206,6 +211,7 @@ class AsyncCheckpointIO : public CheckpointIO {
   void before_update() override;
   /// Waits for the save in flight first, so a file being written is read whole.
   c10::IValue load(const std::string& path) override;
+  bool loads_fresh_tensors() const override { return storage_->loads_fresh_tensors(); }
   void remove(const std::string& path) override;
   std::vector<std::string> list(const std::string& directory) override;
   void wait() override;
@@ -244,6 +250,7 @@ class ReadOnlyCheckpointIO : public CheckpointIO {
   /// Stores nothing, then runs `on_commit`.
   void save(const c10::IValue& checkpoint, const std::string& path, const OnCommit& on_commit = {}) override;
   c10::IValue load(const std::string& path) override;
+  bool loads_fresh_tensors() const override { return storage_->loads_fresh_tensors(); }
   /// Removes nothing.
   void remove(const std::string& path) override;
   std::vector<std::string> list(const std::string& directory) override;
