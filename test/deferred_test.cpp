@@ -307,5 +307,44 @@ TEST_F(DeferredTest, EarlyStoppingRestoringWeightsAtTrainEndDoesNotTearTheLastAs
   EXPECT_EQ(difference(a.at("model"), s.at("model"), "model"), "");
 }
 
+TEST_F(DeferredTest, ALoadFromACallbackInsideFitDoesNotTearTheAsyncSaveBeforeIt) {
+  auto data = make_data(40, 10);
+  torch::manual_seed(5);
+  Busy model;
+  auto sgd = std::make_shared<torch::optim::SGD>(model->parameters(), torch::optim::SGDOptions(0.5).momentum(0.9));
+  Trainer trainer(model, sgd, ce_loss);
+  trainer.fit(data.x_train, data.y_train, FitOptions().epochs(1).batch_size(8));
+  trainer.save_checkpoint(path("other.pt"));
+  trainer.save_weights(path("other_weights.pt"));
+  // Each epoch's end: a sync and an async save of the same state, then a load, which changes
+  // the tensors the async save is still to copy.
+  auto sync = std::make_shared<CheckpointCallback>(CheckpointOptions(path("sync_{epoch}.pt")));
+  auto async = std::make_shared<CheckpointCallback>(CheckpointOptions(path("async_{epoch}.pt")).async_save(true));
+  // Whether each load first had the late copies finished, as before an optimizer step.
+  struct Updates : Callback {
+    int count = 0;
+    void on_before_update() override { ++count; }
+  };
+  auto updates = std::make_shared<Updates>();
+  auto load = std::make_shared<LambdaCallback>();
+  std::vector<int> finished_first;
+  load->epoch_end = [&](int64_t epoch, const Logs&) {
+    const int before = updates->count;
+    if (epoch == 0) trainer.load_checkpoint(path("other.pt"));
+    if (epoch == 1) trainer.load_weights(path("other_weights.pt"));
+    finished_first.push_back(updates->count - before);
+  };
+  ASSERT_NO_THROW(trainer.fit(data.x_train, data.y_train,
+                              FitOptions().epochs(2).batch_size(8).callbacks({sync, async, updates, load})));
+  EXPECT_EQ(finished_first, (std::vector<int>{1, 1}));
+  for (int epoch : {1, 2}) {
+    SCOPED_TRACE(epoch);
+    auto a = read(path(fmt::format("async_{}.pt", epoch))).toGenericDict();
+    auto s = read(path(fmt::format("sync_{}.pt", epoch))).toGenericDict();
+    EXPECT_EQ(difference(a.at("model"), s.at("model"), "model"), "");
+    EXPECT_EQ(difference(a.at("optimizer"), s.at("optimizer"), "optimizer"), "");
+  }
+}
+
 }  // namespace
 }  // namespace torchfit::test

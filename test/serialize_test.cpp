@@ -26,6 +26,7 @@
 #include "format/state_dict.h"
 #include "format/zip.h"
 #include "io/atomic_file.h"
+#include "sys/posix_file.h"
 #include "sys/threads.h"
 #include "support.h"
 
@@ -353,8 +354,42 @@ TEST_F(SerializeTest, LoadsIntoAModelReadIntoMemoryEarlierLoadsLeft) {
   write_file(path("bad.pt"), bytes);
   EXPECT_THROW_MSG(load_weights(*model, path("bad.pt")), CheckpointError, "bad.pt");
   for (const auto& item : model->named_parameters()) EXPECT_TRUE(torch::equal(item.value(), saved[item.key()])) << item.key();
+  EXPECT_GT(detail::thread_spare_bytes(), 0u);  // the kept tail of the last file read
   release_load_memory();
   EXPECT_EQ(detail::load_memory_stats().held_bytes, 0u);
+  EXPECT_EQ(detail::thread_spare_bytes(), 0u);
+}
+
+TEST_F(SerializeTest, FullCheckpointLoadsReadIntoMemoryEarlierLoadsLeft) {
+  torch::nn::ParameterDict model;
+  model->insert("p", torch::randn({int64_t(1) << 20}));
+  auto adam = std::make_shared<torch::optim::Adam>(model->parameters(), 1e-3);
+  model["p"].mutable_grad() = torch::randn({int64_t(1) << 20});
+  adam->step();
+  Checkpoint items;
+  items.add("model", model);
+  items.add("optimizer", adam);
+  save(items, path("full.pt"));
+  const auto saved = items.state_dict().deepcopy();
+  adam->step();  // the state now differs from the file's
+  release_load_memory();
+  load(items, path("full.pt"));
+  load(items, path("full.pt"));  // keeps the first load's memory
+  const auto before = detail::load_memory_stats();
+  load(items, path("full.pt"));
+  const auto after = detail::load_memory_stats();
+  // The parameter and both of Adam's moments read into memory the earlier loads' tensors gave up.
+  EXPECT_EQ(after.allocated, before.allocated);
+  EXPECT_GE(after.reused - before.reused, 3u);
+  EXPECT_TRUE(saved.toGenericDict().at("model").toGenericDict().at("p").toTensor().equal(model["p"]));
+  const auto moments = items.state_dict().toGenericDict().at("optimizer").toGenericDict().at("state");
+  const auto saved_moments = saved.toGenericDict().at("optimizer").toGenericDict().at("state");
+  for (const char* name : {"exp_avg", "exp_avg_sq"}) {
+    EXPECT_TRUE(moments.toGenericDict().at(0).toGenericDict().at(name).toTensor().equal(
+        saved_moments.toGenericDict().at(0).toGenericDict().at(name).toTensor()))
+        << name;
+  }
+  release_load_memory();
 }
 
 TEST_F(SerializeTest, LoadMemoryMakesRoomForTheSizesOfTheLastLoad) {

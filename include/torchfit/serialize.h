@@ -88,8 +88,9 @@ void load_weights(torch::nn::Module& module, const std::string& path, const std:
 /// Loads read files into memory kept from earlier loads where its sizes fit (a model's old
 /// memory, once the file's was swapped in; a load's storages, once freed), so repeated loads into
 /// an existing model do not fault in fresh pages. A single load keeps nothing; from the second
-/// on, at most the bytes of the largest file loaded are kept. This frees them, and the count of
-/// loads starts again.
+/// on, at most the bytes of the largest file loaded are kept. This frees them, and the buffers
+/// the calling thread keeps for reading a file's end, directory and pickle (up to 4 MiB), and
+/// the count of loads starts again.
 void release_load_memory();
 
 /// Restores model and optimizer from a full checkpoint, all or nothing, and

@@ -135,7 +135,10 @@ at::DataPtr recycled_for_loads(at::DataPtr memory, size_t size) {
 }
 
 void keep_load_memory_for(size_t bytes) { Pool::instance().keep_for(bytes); }
-void release_load_memory() { Pool::instance().release(); }
+void release_load_memory() {
+  Pool::instance().release();
+  release_thread_spares();
+}
 LoadMemoryStats load_memory_stats() { return Pool::instance().stats(); }
 
 }  // namespace torchfit::detail

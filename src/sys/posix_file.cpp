@@ -44,6 +44,15 @@ ScratchBytes::~ScratchBytes() {
   }
 }
 
+size_t thread_spare_bytes() {
+  return (spare_tail ? kKeptTail : 0) + spare_scratch.capacity() - std::string().capacity();
+}
+
+void release_thread_spares() {
+  spare_tail.reset();
+  std::string().swap(spare_scratch);
+}
+
 FileReader::FileReader(std::string path) : path_(std::move(path)) {
   // Non-blocking, so that a FIFO in a checkpoint's place is refused rather than waited on.
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);

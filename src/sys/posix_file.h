@@ -77,4 +77,9 @@ class ScratchBytes {
   std::string bytes_;
 };
 
+/// Bytes this thread keeps for its next reads: the last kept tail and ScratchBytes buffer.
+size_t thread_spare_bytes();
+/// Frees them (release_load_memory calls it for the calling thread).
+void release_thread_spares();
+
 }  // namespace torchfit::detail

@@ -140,13 +140,27 @@ Checkpoint Trainer::checkpoint(const CheckpointScope& scope) {
   return out;
 }
 
-void Trainer::load_weights(const std::string& path) { torchfit::load_weights(*model_, path); }
+namespace {
+
+/// A load inside a fit (from a callback) changes tensors whose late copy a background save may
+/// still be making: those copies finish first, as before an optimizer step.
+void finish_late_copies(CallbackList* active) {
+  if (active != nullptr) active->on_before_update();
+}
+
+}  // namespace
+
+void Trainer::load_weights(const std::string& path) {
+  finish_late_copies(active_callbacks_);
+  torchfit::load_weights(*model_, path);
+}
 
 void Trainer::load_checkpoint(const std::string& path) { restore(path, /*with_history=*/false); }
 
 void Trainer::restore_backup(const std::string& path) { restore(path, /*with_history=*/true); }
 
 void Trainer::restore(const std::string& path, bool with_history) {
+  finish_late_copies(active_callbacks_);
   restored_window_ = c10::IValue();
   detail::read_checkpoint_file(
       path,
@@ -159,6 +173,7 @@ void Trainer::restore(const std::string& path, bool with_history) {
 }
 
 void Trainer::restore_backup(const c10::IValue& state, const std::string& path) {
+  finish_late_copies(active_callbacks_);
   restored_window_ = c10::IValue();
   checkpoint(CheckpointScope().with_history(true)).load_state_dict(state, path);
   resumed_from_ = path;
