@@ -191,6 +191,26 @@ TEST_F(EngineTest, AFileNamingOneTensorTwiceLoadsTwoIndependentStateTensors) {
   }
 }
 
+TEST_F(EngineTest, AFileNamingOneTensorInTwoItemsLoadsBothFromIt) {
+  Pair a;
+  a.step();
+  // A hand-made file whose generator weight is also the Adam state exp_avg of that weight.
+  auto state = a.items().state_dict();
+  const auto weight = state.toGenericDict().at("generator").toGenericDict().at("fc1.weight");
+  state.toGenericDict().at("g_opt").toGenericDict().at("state").toGenericDict().at(0).toGenericDict().insert_or_assign(
+      "exp_avg", weight);
+  FileCheckpointIO().save(state, path("shared.pt"));
+  const auto expected = weight.toTensor().clone();
+  Pair b;
+  b.step();
+  auto items = b.items();
+  torchfit::load(items, path("shared.pt"));
+  const auto [exp_avg, exp_avg_sq] = adam_moments(*b.g_opt, b.generator->fc1->weight);
+  EXPECT_TRUE(torch::equal(b.generator->fc1->weight, expected));
+  EXPECT_TRUE(torch::equal(exp_avg, expected));
+  EXPECT_FALSE(exp_avg.is_alias_of(b.generator->fc1->weight));
+}
+
 TEST_F(EngineTest, CheckpointFilesAreTorchSaveDictsForPython) {
   Pair a;
   a.step();

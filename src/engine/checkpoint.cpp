@@ -366,10 +366,27 @@ void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& wh
   load_state_dict(state, where, /*take=*/false);
 }
 
+namespace {
+
+/// Whether two of `state`'s tensors share a storage (a file may name one tensor in two items,
+/// a weight and an optimizer's state): one item taking its memory would change the other's.
+bool shares_storages(const c10::IValue& state) {
+  std::unordered_set<const void*> storages;
+  bool shared = false;
+  detail::for_each_tensor(state, [&](const at::Tensor& tensor) {
+    if (!tensor.defined() || !tensor.has_storage()) return;
+    shared |= !storages.insert(tensor.storage().unsafeGetStorageImpl()).second;
+  });
+  return shared;
+}
+
+}  // namespace
+
 void Checkpoint::load_state_dict(const c10::IValue& state, const std::string& where, bool take) {
   if (!state.isGenericDict()) {
     throw CheckpointError(fmt::format("Checkpoint {} holds a {}, not a dict of items", where, state.tagKind()));
   }
+  take = take && !shares_storages(state);
   const auto& dict = state.toGenericDict();
   auto kinds = item_kinds(dict);
   std::vector<std::pair<std::shared_ptr<Item>, c10::IValue>> found;

@@ -232,6 +232,9 @@ T Checkpoint::get(const std::string& name) const {
 void save(const Checkpoint& checkpoint, const std::string& path, const SaveOptions& options = SaveOptions());
 /// Reads `path` (verifying its checksum) into `checkpoint`, all or nothing.
 /// Throws `CheckpointError` naming the path and the missing, extra or mismatching item.
+/// Modules' and optimizers' tensors stay the objects they were; where each owns its
+/// storage whole, it takes the memory the file was read into instead of a copy
+/// (`load_state_dict` copies).
 void load(Checkpoint& checkpoint, const std::string& path);
 
 }  // namespace torchfit
