@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <sstream>
+#include <unordered_set>
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
@@ -35,19 +36,21 @@ Dict new_dict() { return Dict(c10::StringType::get(), c10::AnyType::get()); }
 
 /// The state tensors of a load whose file tensors nothing else holds: each is taken as it is
 /// rather than copied, or gives its memory to the optimizer's current tensor of the same
-/// name, once the load applies. A tensor is taken once: a file may name one twice.
+/// name, once the load applies. A storage is taken once: two fields may share one.
 class TakenTensors {
  public:
   /// Whether `source` gives its memory to `target` when the load applies.
   bool swap_into(const at::Tensor& target, const at::Tensor& source) {
     if (!can_swap_memory(target, source) || taken(target) || taken(source)) return false;
+    take(target);
+    take(source);
     swaps_.emplace_back(target, source);
     return true;
   }
   /// Whether `source` can be kept as the optimizer's.
   bool keep(const at::Tensor& source) {
     if (!owns_storage_alone(source) || taken(source)) return false;
-    kept_.push_back(source);
+    take(source);
     return true;
   }
   void apply() {
@@ -55,20 +58,10 @@ class TakenTensors {
   }
 
  private:
-  bool taken(const at::Tensor& tensor) const {
-    const void* storage = tensor.storage().unsafeGetStorageImpl();
-    for (const auto& [target, source] : swaps_) {
-      if (target.storage().unsafeGetStorageImpl() == storage || source.storage().unsafeGetStorageImpl() == storage) {
-        return true;
-      }
-    }
-    for (const auto& source : kept_) {
-      if (source.storage().unsafeGetStorageImpl() == storage) return true;
-    }
-    return false;
-  }
+  bool taken(const at::Tensor& tensor) const { return storages_.count(tensor.storage().unsafeGetStorageImpl()) > 0; }
+  void take(const at::Tensor& tensor) { storages_.insert(tensor.storage().unsafeGetStorageImpl()); }
   std::vector<std::pair<at::Tensor, at::Tensor>> swaps_;
-  std::vector<at::Tensor> kept_;
+  std::unordered_set<const void*> storages_;
 };
 
 /// Reads typed fields of one saved dict; errors name `where` and the field.
