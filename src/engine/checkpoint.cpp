@@ -54,18 +54,10 @@ class ModuleItem : public Checkpoint::Item {
     return dict;
   }
   Apply prepare(const c10::IValue& state, const std::string& where) override {
-    auto weights = detail::weights_from_ivalue(state, where);
-    auto targets = detail::check_weights(*module_, weights, where);
-    return [targets = std::move(targets), weights = std::move(weights)]() mutable {
-      detail::copy_weights(targets, weights);
-    };
+    return prepare_with(state, where, detail::copy_weights);
   }
   Apply prepare_taking(const c10::IValue& state, const std::string& where) override {
-    auto weights = detail::weights_from_ivalue(state, where);
-    auto targets = detail::check_weights(*module_, weights, where);
-    return [targets = std::move(targets), weights = std::move(weights)]() mutable {
-      detail::install_weights(targets, weights);
-    };
+    return prepare_with(state, where, detail::install_weights);
   }
   // Parameters, not buffers: forward passes write buffers (BatchNorm's running statistics).
   void add_step_storages(std::unordered_set<const void*>& storages) const override {
@@ -73,6 +65,14 @@ class ModuleItem : public Checkpoint::Item {
   }
 
  private:
+  /// Checks the weights now; `assign` puts them into the module's tensors when applied.
+  Apply prepare_with(const c10::IValue& state, const std::string& where,
+                     void (*assign)(TensorMap&, const TensorMap&)) {
+    auto weights = detail::weights_from_ivalue(state, where);
+    auto targets = detail::check_weights(*module_, weights, where);
+    return [targets = std::move(targets), weights = std::move(weights), assign]() mutable { assign(targets, weights); };
+  }
+
   std::shared_ptr<torch::nn::Module> module_;
 };
 

@@ -251,7 +251,7 @@ bool can_swap_memory(const at::Tensor& target, const at::Tensor& source) {
          owns_storage_alone(source);
 }
 
-void swap_memory(at::Tensor& target, at::Tensor& source) {
+void swap_memory(at::Tensor& target, const at::Tensor& source) {
   // The source takes the target's old memory, which serves the next load once the source is freed.
   source.storage().set_data_ptr_noswap(take_memory(target, source.storage().set_data_ptr(at::DataPtr())));
   target.unsafeGetTensorImpl()->bump_version();
@@ -265,8 +265,7 @@ void install_weights(TensorMap& targets, const TensorMap& weights) {
   for_each_pair(targets, weights, [&](at::Tensor& target, const at::Tensor& source) {
     const bool read_once = names_per_storage[source.storage().unsafeGetStorageImpl()] == 1;
     if (read_once && can_swap_memory(target, source)) {
-      at::Tensor swapped = source;
-      swap_memory(target, swapped);
+      swap_memory(target, source);
       return;
     }
     if (read_once && target.is_quantized() && takes_memory(target) && source.device() == target.device() &&

@@ -43,7 +43,7 @@ bool owns_storage_alone(const at::Tensor& tensor);
 bool can_swap_memory(const at::Tensor& target, const at::Tensor& source);
 /// `target` takes `source`'s memory (checked with can_swap_memory) and `source` the target's
 /// old memory, which serves the next load once `source` is freed. Cannot fail.
-void swap_memory(at::Tensor& target, at::Tensor& source);
+void swap_memory(at::Tensor& target, const at::Tensor& source);
 
 /// A load that binds a weights file's storages straight to a module's tensors, making no
 /// tensor of the file (for thousands of small tensors that costs more than reading them):
