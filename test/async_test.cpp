@@ -235,6 +235,15 @@ TEST(SaveCostRuleTest, AlwaysStaysInTheBackground) {
   }
 }
 
+TEST(SaveCostRuleTest, ASaveTheCallerWaitsForAtOnceRunsInlineUnlessAlways) {
+  SaveCostRule measured(AsyncPolicy::Measured);
+  EXPECT_TRUE(measured.place_inline(/*caller_waits=*/true));  // before any measurement too
+  measured.inline_saved(0.010);
+  EXPECT_FALSE(measured.place_inline());  // the others are still measured: background first
+  SaveCostRule always(AsyncPolicy::Always);
+  EXPECT_FALSE(always.place_inline(/*caller_waits=*/true));
+}
+
 TEST(SaveCostRuleTest, StepsWithNoUsualTimeLeaveASaveUncounted) {
   SaveCostRule rule(AsyncPolicy::Measured);
   for (int save = 0; save < 3; ++save) {
@@ -294,6 +303,65 @@ TEST_F(AsyncTest, MeasuredPolicyRunsSomeSavesInlineAndEverySaveHoldsItsState) {
       EXPECT_TRUE(torch::equal(saved, torch::arange(1000, torch::kFloat) + 3 * (i + 1))) << i;
     }
   }
+}
+
+/// Asks the run to stop at the end of epoch `epoch` (0-based).
+struct StopAtEpoch : Callback {
+  explicit StopAtEpoch(int64_t epoch) : epoch(epoch) {}
+  void on_epoch_end(int64_t e, const Logs&) override {
+    if (e == epoch) context()->stop_training(true);
+  }
+  int64_t epoch;
+};
+
+TEST_F(AsyncTest, TheSaveAfterWhichAFitEndsRunsOnTheTrainingThread) {
+  // Two saves: the rule alone puts both in the background (the first sizes the buffers, the
+  // second measures the background), so an inline one is the last save's own.
+  struct Case {
+    const char* name;
+    SaveFreq freq;
+    AsyncPolicy policy;
+    int64_t epochs;
+    int64_t stop_at;            // -1: no early stop
+    std::vector<bool> inline_;  // where each save ran
+  };
+  const std::vector<Case> cases = {
+      {"every epoch", SaveFreq::epoch(), AsyncPolicy::Measured, 2, -1, {false, true}},
+      {"stopped after the second of 3 epochs", SaveFreq::epoch(), AsyncPolicy::Measured, 3, 1, {false, true}},
+      {"always in the background", SaveFreq::epoch(), AsyncPolicy::Always, 2, -1, {false, false}},
+      // A batch save may be followed by validation, which it overlaps: never inline for this.
+      {"every 10 batches", SaveFreq::batches(10), AsyncPolicy::Measured, 2, -1, {false, false}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    auto storage = std::make_shared<ThreadRecordingIO>();
+    auto checkpoint = std::make_shared<CheckpointCallback>(
+        CheckpointOptions(c.freq.is_epoch() ? "e{epoch}.pt" : "e{epoch}b{batch}.pt").save_freq(c.freq).async_save(true).async_policy(c.policy).io(storage));
+    std::vector<std::shared_ptr<Callback>> callbacks{checkpoint};
+    if (c.stop_at >= 0) callbacks.insert(callbacks.begin(), std::make_shared<StopAtEpoch>(c.stop_at));
+    Mlp model;
+    auto trainer = make_trainer(model);
+    // 30 samples in batches of 3: 10 batches an epoch, the last one a save point of "every 10 batches".
+    trainer->fit(data_.x_train.slice(0, 0, 30), data_.y_train.slice(0, 0, 30),
+                 FitOptions().epochs(c.epochs).batch_size(3).callbacks(callbacks));
+    std::vector<bool> on_caller;
+    for (const auto& id : storage->threads) on_caller.push_back(id == std::this_thread::get_id());
+    EXPECT_EQ(on_caller, c.inline_);
+  }
+}
+
+TEST_F(AsyncTest, ALoopThatDoesNotSayHowLongItRunsGetsNoInlineLastSave) {
+  auto storage = std::make_shared<ThreadRecordingIO>();
+  CheckpointCallback checkpoint(CheckpointOptions("e{epoch}.pt").async_save(true).io(storage));
+  Mlp model;
+  LoopContext loop(model, std::make_shared<torch::optim::SGD>(model->parameters(), 0.1));
+  checkpoint.set_context(&loop);
+  ASSERT_FALSE(loop.params().epochs);
+  checkpoint.on_train_begin({});
+  for (int64_t epoch = 0; epoch < 2; ++epoch) checkpoint.on_epoch_end(epoch, {{"val_loss", 1.0}});
+  checkpoint.on_train_end({});
+  ASSERT_EQ(storage->threads.size(), 2u);
+  EXPECT_NE(storage->threads[1], std::this_thread::get_id());
 }
 
 }  // namespace

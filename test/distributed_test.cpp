@@ -60,11 +60,12 @@ TEST(DistChild, Train) {
     auto h = make_setup();
     h.trainer->set_process_group(group);
     auto every = std::make_shared<CheckpointCallback>(CheckpointOptions(dir + "/e{epoch}.pt").monitor("val_loss"));
-    // With TORCHFIT_DIST_FAIL, rank 0's background saves of "best" fail (a file made after the
-    // start blocks the directory).
+    // With TORCHFIT_DIST_FAIL, rank 0's saves of "best" fail (a file made after the start
+    // blocks the directory); they are async unless TORCHFIT_DIST_SYNC_BEST is set.
     auto best_path = std::getenv("TORCHFIT_DIST_FAIL") ? dir + "/blocker/best.pt" : dir + "/best.pt";
-    auto best = std::make_shared<CheckpointCallback>(
-        CheckpointOptions(best_path).monitor("val_accuracy").save_best_only(true).async_save(true));
+    auto best = std::make_shared<CheckpointCallback>(CheckpointOptions(best_path).monitor("val_accuracy")
+                                                         .save_best_only(true)
+                                                         .async_save(!std::getenv("TORCHFIT_DIST_SYNC_BEST")));
     std::vector<std::shared_ptr<Callback>> callbacks{every, best};
     if (std::getenv("TORCHFIT_DIST_FAIL") && rank == 0) {  // after rank 0's check of that directory
       callbacks.push_back(block_directory_after_start(dir + "/blocker"));
@@ -199,20 +200,35 @@ TEST_F(DistributedTest, TwoRanksTrainAndValidateOnLoaders) {
               1e-6);
 }
 
-TEST_F(DistributedTest, AFailedBackgroundSaveOfRankZeroIsRaisedOnBothRanks) {
-  fs::create_directories(dir());
-  auto pids = spawn_ranks(dir().string(), free_port(), false, {"TORCHFIT_DIST_FAIL=1"});
-  for (auto pid : pids) {
-    int status = 0;
-    waitpid(pid, &status, 0);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 3) << "status " << status;
+TEST_F(DistributedTest, AFailedSaveOfRankZeroIsRaisedOnBothRanks) {
+  struct Case {
+    const char* name;
+    std::vector<std::string> env;
+    const char* rank1_error;
+  };
+  const std::vector<Case> cases = {
+      {"async, in the background", {"TORCHFIT_DIST_FAIL=1"}, "Rank 0's async checkpoint save failed"},
+      // The fit's last save runs inline on rank 0 (the caller waits for it at once).
+      {"async, inline", {"TORCHFIT_DIST_FAIL=1", "TORCHFIT_DIST_EPOCHS=1"}, "Rank 0's async checkpoint save failed"},
+      {"sync", {"TORCHFIT_DIST_FAIL=1", "TORCHFIT_DIST_SYNC_BEST=1"}, "Rank 0's checkpoint save failed"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    fs::remove_all(dir());
+    fs::create_directories(dir());
+    auto pids = spawn_ranks(dir().string(), free_port(), false, c.env);
+    for (auto pid : pids) {
+      int status = 0;
+      waitpid(pid, &status, 0);
+      EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 3) << "status " << status;
+    }
+    auto rank0 = read_file(path("error0.txt")), rank1 = read_file(path("error1.txt"));
+    EXPECT_NE(rank0.find(path("blocker")), std::string::npos) << rank0;
+    EXPECT_NE(rank1.find(c.rank1_error), std::string::npos) << rank1;
+    EXPECT_NE(rank1.find(path("blocker")), std::string::npos) << rank1;
+    EXPECT_FALSE(fs::exists(path("rank0.txt")));  // neither rank finished the fit
+    EXPECT_FALSE(fs::exists(path("rank1.txt")));
   }
-  auto rank0 = read_file(path("error0.txt")), rank1 = read_file(path("error1.txt"));
-  EXPECT_NE(rank0.find(path("blocker")), std::string::npos) << rank0;
-  EXPECT_NE(rank1.find("Rank 0's background checkpoint save failed"), std::string::npos) << rank1;
-  EXPECT_NE(rank1.find(path("blocker")), std::string::npos) << rank1;
-  EXPECT_FALSE(fs::exists(path("rank0.txt")));  // neither rank finished the fit
-  EXPECT_FALSE(fs::exists(path("rank1.txt")));
 }
 
 TEST_F(DistributedTest, KillingOneRankFailsTheOtherWithinTheTimeout) {

@@ -153,6 +153,35 @@ TEST_F(TrainerTest, FitsDataLoaders) {
   EXPECT_EQ(more.history.at("loss").size(), 1u);
 }
 
+TEST_F(TrainerTest, ParamsTellCallbacksWhatTheFitWasAskedFor) {
+  struct Recorder : Callback {
+    void on_train_begin(const Logs&) override { seen.push_back(context()->params()); }
+    std::vector<FitParams> seen;
+  };
+  auto data = make_data(300, 100);
+  auto s = make_setup();
+  auto recorder = std::make_shared<Recorder>();
+  s.trainer->fit(data.x_train, data.y_train, FitOptions().epochs(2).batch_size(16).callbacks({recorder}));
+  s.trainer->fit(data.x_train, data.y_train,
+                 FitOptions().epochs(3).batch_size(16).validation_split(0.5).callbacks({recorder}));
+  s.trainer->fit(data.x_train, data.y_train, FitOptions().steps_per_epoch(4).verbose(2).callbacks({recorder}));
+  auto loader = torch::data::make_data_loader(
+      XYDataset(data.x_train, data.y_train).map(torch::data::transforms::Stack<>()),
+      torch::data::DataLoaderOptions().batch_size(16));
+  s.trainer->fit(loader, FitOptions().callbacks({recorder}));
+  ASSERT_EQ(recorder->seen.size(), 4u);
+  EXPECT_EQ(recorder->seen[0].epochs, 2);
+  EXPECT_EQ(recorder->seen[0].steps, 19);  // ceil(300 / 16)
+  EXPECT_EQ(recorder->seen[0].verbose, 0);
+  EXPECT_EQ(recorder->seen[1].epochs, 3);
+  EXPECT_EQ(recorder->seen[1].steps, 10);  // 150 held out
+  EXPECT_EQ(recorder->seen[2].epochs, 1);
+  EXPECT_EQ(recorder->seen[2].steps, 4);
+  EXPECT_EQ(recorder->seen[2].verbose, 2);
+  EXPECT_EQ(recorder->seen[3].steps, std::nullopt);  // a loader tells its size only by running out
+  EXPECT_EQ(s.trainer->params().epochs, 1);  // the last fit's, after it
+}
+
 TEST_F(TrainerTest, AcceptsModuleHolders) {
   auto data = make_data();
   torch::nn::Sequential seq(torch::nn::Linear(3, 8), torch::nn::ReLU(), torch::nn::Linear(8, 3));

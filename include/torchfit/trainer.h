@@ -213,6 +213,8 @@ class Trainer : public TrainingContext {
   /// "loss", each metric, and their "val_" forms.
   std::vector<std::string> log_keys() const override;
   const TrainerState& state() const override { return state_; }
+  /// The epochs, steps and verbosity of the running (or the last) `fit`.
+  FitParams params() const override { return params_; }
   /// `state()` plus the RNG state, as full checkpoints store it.
   TrainerState checkpoint_state() const;
   /// The file the last `load_checkpoint` restored (retention never deletes it); empty if none.
@@ -306,6 +308,7 @@ class Trainer : public TrainingContext {
   std::vector<Metric> metrics_;
 
   TrainerState state_;
+  FitParams params_;
   bool stop_training_ = false;
   /// Callbacks of the running fit (for full checkpoints).
   CallbackList* active_callbacks_ = nullptr;

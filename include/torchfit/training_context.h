@@ -8,6 +8,8 @@
 ///     torchfit::CallbackList callbacks({early_stopping});
 ///     callbacks.set_context(&loop);
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,6 +40,17 @@ struct CheckpointScope {
   TORCHFIT_ARG(CallbackPtr, caller) = nullptr;
 };
 
+/// What the running `fit` was asked for, as Keras's `Callback.params`.
+struct FitParams {
+  /// The epoch the run ends after, unless stopped early (`FitOptions::epochs`).
+  std::optional<int64_t> epochs;
+  /// Batches per epoch, when known at the start: `steps_per_epoch`, else a pass
+  /// over tensor inputs (unknown for a data loader without `steps_per_epoch`).
+  std::optional<int64_t> steps;
+  /// `FitOptions::verbose`.
+  int verbose = 0;
+};
+
 class TrainingContext {
  public:
   virtual ~TrainingContext();
@@ -52,6 +65,8 @@ class TrainingContext {
   virtual std::vector<std::string> log_keys() const;
   /// Progress of the run.
   virtual const TrainerState& state() const = 0;
+  /// What the run was asked for; the default (a loop that does not say) knows nothing.
+  virtual FitParams params() const;
 
   /// Asks the loop to stop; checked after each batch and each epoch.
   virtual void stop_training(bool value) = 0;

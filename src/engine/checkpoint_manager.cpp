@@ -119,7 +119,7 @@ Logs CheckpointManager::values_for(const Checkpoint& state, const Logs& logs, st
   return values;
 }
 
-bool CheckpointManager::save(const Checkpoint& state, const Logs& logs) {
+bool CheckpointManager::save(const Checkpoint& state, const Logs& logs, bool last_of_run) {
   if (!trigger_.fires(options_.save_freq(), ++record_.calls_since_last_save)) return false;
   record_.calls_since_last_save = 0;
   std::set<std::string> integers;
@@ -141,7 +141,7 @@ bool CheckpointManager::save(const Checkpoint& state, const Logs& logs) {
       return false;
     }
     record_.last_saved_path = path;  // the saved state names the file it lives in
-    write(state, path, plan_retention(path, score), point);
+    write(state, path, plan_retention(path, score), point, last_of_run);
   } catch (...) {
     restore_record(before);
     throw;
@@ -254,7 +254,7 @@ std::vector<std::string> CheckpointManager::plan_retention(const std::string& pa
 }
 
 void CheckpointManager::write(const Checkpoint& state, const std::string& path, std::vector<std::string> evict,
-                              const std::string& point) {
+                              const std::string& point, bool last_of_run) {
   c10::IValue data;
   if (options_.save_weights_only()) {
     data = state.weights_state_dict();
@@ -307,6 +307,7 @@ void CheckpointManager::write(const Checkpoint& state, const std::string& path, 
   SaveHints hints;
   hints.updated_by_step = state.updated_by_step();
   hints.defer_copy = guards_updates_;
+  hints.caller_waits = last_of_run;
   io_->save_with_hints(data, path, hints, on_commit);
 }
 

@@ -230,7 +230,7 @@ void AsyncCheckpointIO::save_with_hints(const c10::IValue& checkpoint, const std
   // Whatever happens, the time spent here is not a training step's.
   auto in_save = c10::make_scope_exit([&] { timing.saving_since_step += seconds_now() - start; });
   wait_for_writer(&AsyncSaveProfile::save_wait);  // one save in flight; its buffers are about to be reused
-  if (timing.rule.place_inline()) {
+  if (timing.rule.place_inline(hints.caller_waits)) {
     const double store_start = seconds_now();
     auto account = c10::make_scope_exit([&] {  // a failed save took its time too
       const double took = seconds_now() - store_start;

@@ -4,9 +4,10 @@
 
 namespace torchfit::detail {
 
-bool SaveCostRule::place_inline() {
+bool SaveCostRule::place_inline(bool caller_waits) {
   finish_background();
   if (policy_ == AsyncPolicy::Always) return false;
+  if (caller_waits) return true;
   if (!background_known_) return false;
   if (!inline_known_) return true;
   const bool cheaper_inline = inline_cost_ <= background_cost_;

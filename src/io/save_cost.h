@@ -25,7 +25,9 @@ class SaveCostRule {
   /// At a save: closes the account of the previous background save, then says whether this
   /// save runs inline. Background saves come first (the first one, which also sizes the
   /// buffers, is not counted), then one inline save; then the cheaper place, probing the other.
-  bool place_inline();
+  /// A save the caller waits for at once (`caller_waits`) runs inline: in the background it
+  /// would cost its whole wall time plus the snapshot's copy.
+  bool place_inline(bool caller_waits = false);
   /// An inline save took `seconds`.
   void inline_saved(double seconds);
   /// A background save was handed to the writer after `seconds` of capture in `save`.

@@ -222,9 +222,10 @@ History Trainer::fit_source(detail::BatchSource& train, std::optional<std::pair<
   for (const auto& callback : options.callbacks()) callbacks.push_back(callback);
   auto history = std::make_shared<History>();
   callbacks.push_back(history);
+  params_ = {options.epochs(), options.steps_per_epoch() ? options.steps_per_epoch() : train.batches_per_pass(),
+             options.verbose()};
   if (options.verbose() > 0 && is_main_process()) {
-    auto steps = options.steps_per_epoch() ? options.steps_per_epoch() : train.batches_per_pass();
-    callbacks.push_back(std::make_shared<ProgbarLogger>(options.verbose(), options.epochs(), steps));
+    callbacks.push_back(std::make_shared<ProgbarLogger>(options.verbose(), options.epochs(), params_.steps));
   }
 
   callbacks.load_state_dicts(pending_callback_states_);

@@ -14,6 +14,8 @@ TrainingContext::~TrainingContext() = default;
 
 std::vector<std::string> TrainingContext::log_keys() const { return {}; }
 
+FitParams TrainingContext::params() const { return {}; }
+
 std::string TrainingContext::broadcast_from_main(const std::string& message, const char*) const { return message; }
 
 void TrainingContext::restore_backup(const c10::IValue&, const std::string& path) {

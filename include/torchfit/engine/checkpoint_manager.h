@@ -60,7 +60,9 @@ class CheckpointManager {
   /// format as integers too. Returns whether a save was made (with async_save:
   /// started). Throws `ValueError` for a bad template and `CheckpointError` when
   /// writing fails; the manager's state then stays as before the call.
-  bool save(const Checkpoint& state, const Logs& logs = {});
+  /// `last_of_run`: the caller will wait for this save right away (the run ends
+  /// after it), so an async manager stores it inline, where it costs less.
+  bool save(const Checkpoint& state, const Logs& logs = {}, bool last_of_run = false);
   /// Call before the saved tensors change: before each `optimizer.step()` (and
   /// any other in-place change of parameters or optimizer state). Once it has
   /// been called, async saves return before copying parameters and optimizer
@@ -139,7 +141,7 @@ class CheckpointManager {
   bool ranks_in_top_k(const std::string& path, std::optional<double> score);
   std::vector<std::string> plan_retention(const std::string& path, std::optional<double> score);
   void write(const Checkpoint& state, const std::string& path, std::vector<std::string> evict,
-             const std::string& prefix);
+             const std::string& prefix, bool last_of_run);
   /// The files of this manager that exist now, newest first.
   std::vector<std::string> candidates();
   /// Once per manager, from restore_latest: the template's directory is writable or can be created.

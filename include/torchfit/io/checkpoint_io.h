@@ -52,6 +52,10 @@ struct SaveHints {
   /// The caller calls `before_update()` before those tensors change, so async
   /// storage may copy them after `save` returned, while training goes on.
   bool defer_copy = false;
+  /// The caller waits for this save as soon as `save` returns (a run's last save):
+  /// async storage stores it inline, as waiting for a background save costs more.
+  /// `AsyncPolicy::Always` still stores it in the background.
+  bool caller_waits = false;
   /// CRC32s of buffers whose bytes the storage may take as known, so a writer skips
   /// reading them again (async storage passes its snapshot's to the storage it wraps).
   detail::KnownCrcs* known_crcs = nullptr;

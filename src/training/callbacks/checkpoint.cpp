@@ -1,5 +1,8 @@
 #include "torchfit/callbacks/checkpoint.h"
 
+#include <exception>
+#include <utility>
+
 #include <ATen/core/ivalue.h>
 #include <fmt/format.h>
 
@@ -24,6 +27,13 @@ Logs with_position(const Logs& logs, int64_t epoch, std::optional<int64_t> batch
   values["epoch"] = static_cast<double>(epoch + 1);
   if (batch && !logs.count("batch")) values["batch"] = static_cast<double>(*batch + 1);
   return values;
+}
+
+/// Data-parallel: every rank raises the error of rank 0's save, if any (`error` from rank 0).
+void raise_on_every_rank(const TrainingContext& context, const std::string& error, const char* save) {
+  if (error.empty()) return;
+  if (context.is_main_process()) throw CheckpointError(error);
+  throw CheckpointError(fmt::format("Rank 0's {} failed: {}", save, error));
 }
 
 }  // namespace
@@ -73,33 +83,59 @@ void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch,
   if (context_ == nullptr) throw Error("CheckpointCallback: no trainer set; pass the callback to Trainer::fit");
   const int64_t every = options().save_freq().every_n_batches();
   if (every <= 0 || manager_->calls_since_last_save() + 1 >= every) settle_across_ranks();  // a save point
-  bool saved = manager_->save(context_->checkpoint(CheckpointScope().caller(this)), with_position(logs, epoch, batch));
-  if (!saved || context_->world_size() == 1) return;
-  if (async_save_) {
-    background_save_ = true;  // its outcome is shared at the next save point or the end
-  } else {
-    // Data-parallel sync saves: rank 0's file is durable before any rank runs ahead of it.
-    manager_->wait();  // ranks other than 0 store nothing
-    context_->barrier("checkpoint barrier");
+  // An epoch's save after which the run ends (its last epoch, or a stop already asked for)
+  // is waited for at once: an async manager stores it inline.
+  const FitParams params = context_->params();
+  const bool last_of_run = !batch && (context_->stop_training() || (params.epochs && epoch + 1 >= *params.epochs));
+  auto save = [&] {
+    return manager_->save(context_->checkpoint(CheckpointScope().caller(this)), with_position(logs, epoch, batch),
+                          last_of_run);
+  };
+  if (context_->world_size() == 1) {
+    save();
+    return;
   }
+  // Data-parallel: only rank 0 stores, so a save fails on rank 0 alone, and every rank must
+  // raise its error (not hang, or fail later at an unrelated collective).
+  bool saved = false;
+  std::string error;
+  std::exception_ptr failure;
+  try {
+    saved = save();
+    if (saved && !async_save_) manager_->wait();
+  } catch (const CheckpointError& e) {
+    if (!context_->is_main_process()) throw;
+    error = e.what();
+    failure = std::current_exception();
+    saved = true;  // the other ranks decided to save too
+  }
+  if (!saved) return;
+  if (async_save_) {
+    // Run inline or in the background, its outcome is shared at the next save point or the end.
+    inline_error_ = std::move(error);
+    background_save_ = true;
+    return;
+  }
+  // Sync: also the barrier, so rank 0's file is durable before any rank runs ahead of it.
+  error = context_->broadcast_from_main(error, "checkpoint barrier");
+  if (failure) std::rethrow_exception(failure);
+  raise_on_every_rank(*context_, error, "checkpoint save");
 }
 
 void CheckpointCallback::settle_across_ranks() {
   if (!background_save_) return;
   background_save_ = false;
   // Rank 0 finishes its background save; every rank learns how it went and fails alike.
-  std::string error;
-  if (context_->is_main_process()) {
+  std::string error = std::exchange(inline_error_, {});
+  if (context_->is_main_process() && error.empty()) {
     try {
       manager_->wait();
     } catch (const std::exception& e) {
       error = e.what();
     }
   }
-  error = context_->broadcast_from_main(error, "checkpoint status broadcast");
-  if (error.empty()) return;
-  if (context_->is_main_process()) throw CheckpointError(error);
-  throw CheckpointError(fmt::format("Rank 0's background checkpoint save failed: {}", error));
+  raise_on_every_rank(*context_, context_->broadcast_from_main(error, "checkpoint status broadcast"),
+                      "async checkpoint save");
 }
 
 void CheckpointCallback::wait() { manager_->wait(); }
