@@ -70,8 +70,20 @@ TEST(DistChild, Train) {
     if (std::getenv("TORCHFIT_DIST_FAIL") && rank == 0) {  // after rank 0's check of that directory
       callbacks.push_back(block_directory_after_start(dir + "/blocker"));
     }
-    auto backup = std::make_shared<BackupAndRestore>(BackupOptions(dir + "/backup").save_freq(SaveFreq::batches(2)));
-    if (with_backup) callbacks.insert(callbacks.begin(), backup);
+    // With TORCHFIT_DIST_FAIL_BACKUP, rank 0's backups fail: a file replaces their directory
+    // once it has been checked.
+    const bool fail_backup = std::getenv("TORCHFIT_DIST_FAIL_BACKUP") != nullptr;
+    const std::string backup_dir = dir + (fail_backup ? "/blocker" : "/backup");
+    auto backup = std::make_shared<BackupAndRestore>(BackupOptions(backup_dir).save_freq(SaveFreq::batches(2)));
+    if (with_backup || fail_backup) callbacks.insert(callbacks.begin(), backup);
+    if (fail_backup && rank == 0) {
+      auto replace = std::make_shared<LambdaCallback>();
+      replace->train_begin = [backup_dir](const Logs&) {
+        fs::remove_all(backup_dir);
+        std::ofstream(backup_dir) << "a file where a directory should be";
+      };
+      callbacks.push_back(replace);
+    }
     if (slow) callbacks.push_back(std::make_shared<SlowBatches>(fmt::format("{}/batches{}.txt", dir, rank)));
     History history;
     if (std::getenv("TORCHFIT_DIST_LOADERS") != nullptr) {
@@ -211,6 +223,7 @@ TEST_F(DistributedTest, AFailedSaveOfRankZeroIsRaisedOnBothRanks) {
       // The fit's last save runs inline on rank 0 (the caller waits for it at once).
       {"async, inline", {"TORCHFIT_DIST_FAIL=1", "TORCHFIT_DIST_EPOCHS=1"}, "Rank 0's async checkpoint save failed"},
       {"sync", {"TORCHFIT_DIST_FAIL=1", "TORCHFIT_DIST_SYNC_BEST=1"}, "Rank 0's checkpoint save failed"},
+      {"backup", {"TORCHFIT_DIST_FAIL_BACKUP=1"}, "Rank 0's backup failed"},
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.name);

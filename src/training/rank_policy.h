@@ -2,6 +2,7 @@
 // What each rank of a data-parallel run does at the start of a fit: rank 0 checks and writes,
 // every rank decides alike and fails alike.
 
+#include <exception>
 #include <functional>
 #include <string>
 
@@ -13,9 +14,19 @@ class TrainingContext;
 
 namespace torchfit::detail {
 
+/// Every rank runs `run`. On rank 0, which alone writes files, a `CheckpointError` (a write
+/// failed) is returned instead of thrown, for `raise_main_failure` to share; any other error,
+/// and every error on the other ranks, is thrown (those arise alike on every rank).
+std::exception_ptr catch_on_main(const TrainingContext& context, const std::function<void()>& run);
+
+/// Every rank calls it, after `catch_on_main`: rank 0 broadcasts how its write went (so no
+/// rank returns before rank 0's write is done), then every rank raises its `failure`: rank 0
+/// rethrows it, the others throw `CheckpointError` "Rank 0's <what> failed: ...". So a
+/// data-parallel run stops alike instead of breaking at its next collective.
+void raise_main_failure(const TrainingContext& context, const std::exception_ptr& failure, const char* what);
+
 /// Rank 0 runs `check` (a storage's `prepare`, say), which throws CheckpointError; every
-/// rank then raises rank 0's error, so a data-parallel run stops alike instead of hanging
-/// at its next collective. Every rank calls it.
+/// rank then raises rank 0's error. Every rank calls it.
 void check_on_main(const TrainingContext& context, const std::function<void()>& check);
 
 /// Every writer's policy: on ranks other than 0, `manager` goes on deciding each save as

@@ -27,18 +27,40 @@ const TrainingContext* context_of(const Trainer* trainer) { return trainer; }
 
 namespace detail {
 
-void check_on_main(const TrainingContext& context, const std::function<void()>& check) {
+std::exception_ptr catch_on_main(const TrainingContext& context, const std::function<void()>& run) {
+  if (!context.is_main_process()) {
+    run();
+    return nullptr;
+  }
+  try {
+    run();
+  } catch (const CheckpointError&) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
+void raise_main_failure(const TrainingContext& context, const std::exception_ptr& failure, const char* what) {
   std::string error;
-  if (context.is_main_process()) {
+  if (failure) {
     try {
-      check();
-    } catch (const CheckpointError& e) {
+      std::rethrow_exception(failure);
+    } catch (const std::exception& e) {
       error = e.what();
+    } catch (...) {
+      error = "an exception that is not a std::exception";
     }
   }
-  error = context.broadcast_from_main(error, "directory check");
-  if (error.empty()) return;
-  throw CheckpointError(context.is_main_process() ? error : fmt::format("Rank 0: {}", error));
+  error = context.broadcast_from_main(error, what);
+  if (failure) std::rethrow_exception(failure);
+  if (!error.empty()) throw CheckpointError(fmt::format("Rank 0's {} failed: {}", what, error));
+}
+
+void check_on_main(const TrainingContext& context, const std::function<void()>& check) {
+  raise_main_failure(context, catch_on_main(context, [&] {
+                       if (context.is_main_process()) check();
+                     }),
+                     "directory check");
 }
 
 void write_on_main_only(CheckpointManager& manager, const TrainingContext& context) {

@@ -10,6 +10,7 @@
 ///     spdlog::info("best {} in {}", *checkpoint->best(), checkpoint->last_saved_path());
 
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <string>
@@ -67,7 +68,7 @@ class CheckpointCallback : public MonitorCallback {
   int64_t current_epoch_ = 0;
   bool async_save_ = false;       // as configured (ranks other than 0 write nothing, so save synchronously)
   bool background_save_ = false;  // data-parallel: an async save whose outcome the ranks have not shared
-  std::string inline_error_;      // data-parallel, rank 0: that save ran inline and failed with this
+  std::exception_ptr inline_failure_;  // data-parallel, rank 0: that save ran inline and failed
 };
 
 }  // namespace torchfit

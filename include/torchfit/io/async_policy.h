@@ -12,6 +12,7 @@ enum class AsyncPolicy {
   /// (the default). A background save costs the caller its time in `save` and in waits plus
   /// how much slower its steps ran meanwhile; an inline save costs its wall time. Both are
   /// measured as the saves run; every 8th save runs in the other place to follow changes.
+  /// A save the caller waits for at once (`SaveHints::caller_waits`, a fit's last) runs inline.
   Measured,
   /// Always in the background.
   Always,

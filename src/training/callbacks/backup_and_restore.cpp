@@ -73,10 +73,13 @@ void BackupAndRestore::backup() {
   if (state.global_step == last_backup_step_) return;  // nothing new since the last backup or restore
   last_backup_step_ = state.global_step;
   batches_since_backup_ = 0;
-  write_backup();  // ranks other than 0 store nothing
-  // Data-parallel: rank 0's backup is durable before any rank runs ahead of it.
-  if (context_->world_size() > 1) manager_->wait();
-  context_->barrier("backup barrier");
+  // Ranks other than 0 store nothing. Data-parallel: rank 0's backup is durable before any
+  // rank runs ahead of it, and its failure is raised on every rank.
+  auto failure = detail::catch_on_main(*context_, [&] {
+    write_backup();
+    if (context_->world_size() > 1) manager_->wait();
+  });
+  detail::raise_main_failure(*context_, failure, "backup");
 }
 
 void BackupAndRestore::write_backup() {

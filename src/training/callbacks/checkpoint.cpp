@@ -29,13 +29,6 @@ Logs with_position(const Logs& logs, int64_t epoch, std::optional<int64_t> batch
   return values;
 }
 
-/// Data-parallel: every rank raises the error of rank 0's save, if any (`error` from rank 0).
-void raise_on_every_rank(const TrainingContext& context, const std::string& error, const char* save) {
-  if (error.empty()) return;
-  if (context.is_main_process()) throw CheckpointError(error);
-  throw CheckpointError(fmt::format("Rank 0's {} failed: {}", save, error));
-}
-
 }  // namespace
 
 CheckpointCallback::CheckpointCallback(CheckpointOptions options) : MonitorCallback("CheckpointCallback", monitor_for(options)) {
@@ -96,46 +89,36 @@ void CheckpointCallback::save_model(int64_t epoch, std::optional<int64_t> batch,
     return;
   }
   // Data-parallel: only rank 0 stores, so a save fails on rank 0 alone, and every rank must
-  // raise its error (not hang, or fail later at an unrelated collective).
+  // raise its error (not break at an unrelated collective later).
   bool saved = false;
-  std::string error;
-  std::exception_ptr failure;
-  try {
+  std::exception_ptr failure = detail::catch_on_main(*context_, [&] {
     saved = save();
     if (saved && !async_save_) manager_->wait();
-  } catch (const CheckpointError& e) {
-    if (!context_->is_main_process()) throw;
-    error = e.what();
-    failure = std::current_exception();
-    saved = true;  // the other ranks decided to save too
-  }
-  if (!saved) return;
+  });
+  if (!saved && !failure) return;  // the other ranks decided alike
   if (async_save_) {
     // Run inline or in the background, its outcome is shared at the next save point or the end.
-    inline_error_ = std::move(error);
+    inline_failure_ = failure;
     background_save_ = true;
     return;
   }
   // Sync: also the barrier, so rank 0's file is durable before any rank runs ahead of it.
-  error = context_->broadcast_from_main(error, "checkpoint barrier");
-  if (failure) std::rethrow_exception(failure);
-  raise_on_every_rank(*context_, error, "checkpoint save");
+  detail::raise_main_failure(*context_, failure, "checkpoint save");
 }
 
 void CheckpointCallback::settle_across_ranks() {
   if (!background_save_) return;
   background_save_ = false;
   // Rank 0 finishes its background save; every rank learns how it went and fails alike.
-  std::string error = std::exchange(inline_error_, {});
-  if (context_->is_main_process() && error.empty()) {
+  std::exception_ptr failure = std::exchange(inline_failure_, nullptr);
+  if (!failure && context_->is_main_process()) {
     try {
       manager_->wait();
-    } catch (const std::exception& e) {
-      error = e.what();
+    } catch (...) {
+      failure = std::current_exception();
     }
   }
-  raise_on_every_rank(*context_, context_->broadcast_from_main(error, "checkpoint status broadcast"),
-                      "async checkpoint save");
+  detail::raise_main_failure(*context_, failure, "async checkpoint save");
 }
 
 void CheckpointCallback::wait() { manager_->wait(); }
