@@ -1,6 +1,6 @@
 #pragma once
-// What each rank of a data-parallel run does at the start of a fit: rank 0 checks and writes,
-// every rank decides alike and fails alike.
+// What each rank of a data-parallel run does around writes: rank 0 checks and writes, every
+// rank decides alike and fails alike.
 
 #include <exception>
 #include <functional>
