@@ -414,6 +414,26 @@ TEST_F(OwnLoopTest, CommitHookRunsOnceTheFileIsDurable) {
   }
 }
 
+TEST_F(OwnLoopTest, AnAsyncManagersLastSaveOfARunIsStoredOnTheLoopsThread) {
+  int64_t step = 0;
+  Checkpoint state;
+  auto model = Mlp();
+  state.add("model", model);
+  state.track("step", step);
+  const auto loop_thread = std::this_thread::get_id();
+  std::vector<std::thread::id> hook_threads;
+  CheckpointManager recorded(CheckpointOptions(path("rk/{step}.pt")).async_save(true).on_commit([&](const std::string&) {
+    hook_threads.push_back(std::this_thread::get_id());
+  }));
+  // Unmarked, the rule would put both in the background (the first sizes the buffers, the
+  // second measures a background save).
+  for (step = 1; step <= 2; ++step) recorded.save(state, {}, /*last_of_run=*/step == 2);
+  EXPECT_TRUE(verify_checkpoint(path("rk/2.pt")).ok);  // durable when save returns, before any wait
+  recorded.wait();
+  EXPECT_EQ(hook_threads, (std::vector<std::thread::id>{hook_threads.at(0), loop_thread}));
+  EXPECT_NE(hook_threads[0], loop_thread);
+}
+
 TEST_F(OwnLoopTest, AFailingHookIsRaisedAfterRetentionAndTheFileStays) {
   for (bool async : {false, true}) {
     SCOPED_TRACE(async ? "async" : "sync");
