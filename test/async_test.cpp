@@ -336,7 +336,11 @@ TEST_F(AsyncTest, TheSaveAfterWhichAFitEndsRunsOnTheTrainingThread) {
     SCOPED_TRACE(c.name);
     auto storage = std::make_shared<ThreadRecordingIO>();
     auto checkpoint = std::make_shared<CheckpointCallback>(
-        CheckpointOptions(c.freq.is_epoch() ? "e{epoch}.pt" : "e{epoch}b{batch}.pt").save_freq(c.freq).async_save(true).async_policy(c.policy).io(storage));
+        CheckpointOptions(c.freq.is_epoch() ? "e{epoch}.pt" : "e{epoch}b{batch}.pt")
+            .save_freq(c.freq)
+            .async_save(true)
+            .async_policy(c.policy)
+            .io(storage));
     std::vector<std::shared_ptr<Callback>> callbacks{checkpoint};
     if (c.stop_at >= 0) callbacks.insert(callbacks.begin(), std::make_shared<StopAtEpoch>(c.stop_at));
     Mlp model;
